@@ -1,0 +1,140 @@
+"""Command line: `python -m job [run|config|demo|chat]` (console script: `hippocratically`).
+
+Every setting comes from the environment (or .env); see `python -m job config` and job/config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from job.errors import BUG, EXIT_CODES, JobError, OutOfMemory
+
+log = logging.getLogger("job")
+
+# The demo: the real pipeline on a tiny generated model and the bundled fixture, on CPU, offline.
+# Learning rate and epochs are raised so a 2-layer random model visibly learns in a minute.
+FIXTURE = Path(__file__).parent / "fixtures" / "dialogues.jsonl"
+DEMO = {
+    "DATASET": str(FIXTURE),
+    "NUM_SAMPLES": "80",
+    "EVAL_SAMPLES": "16",
+    "EVAL_GENERATIONS": "8",
+    "MAX_NEW_TOKENS": "24",
+    "MAX_SEQ_LENGTH": "512",
+    "BATCH_SIZE": "4",
+    "EPOCHS": "2",
+    "LEARNING_RATE": "5e-3",
+    "SAVE_STEPS": "5",
+    "LOGGING_STEPS": "1",
+    "HUB_REPO_ID": "",
+    "PRECISION": "auto",
+}
+
+
+def _setup_logging() -> None:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(
+        level=logging.INFO if rank0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        return ", ".join(f"{g.name} ({g.total_memory / 2**30:.0f} GiB)" for g in gpus)
+    return f"CPU only ({os.cpu_count()} cores)"
+
+
+def cmd_config(args) -> int:
+    from job.config import load_settings
+
+    settings = load_settings()
+    print(json.dumps(settings.masked(), indent=2))
+    return 0
+
+
+def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = ".env") -> int:
+    import torch
+
+    from job import pipeline
+    from job.config import load_settings
+
+    cfg = load_settings(environ, env_file=env_file)
+    log.info("settings: %s", json.dumps(cfg.masked()))
+    log.info("hardware: %s; torch %s", _hardware(), torch.__version__)
+    log.info("run directory: %s; stages: %s", cfg.run_dir, ",".join(cfg.stages))
+    pipeline.run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        card = cfg.run_dir / "report" / "README.md"
+        print(f"\nDone. Run directory: {cfg.run_dir}")
+        if card.exists():
+            print(f"Model card: {card}")
+        if (cfg.run_dir / "push").exists():
+            print(f"Files for the Hub: {cfg.run_dir / 'push'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from job.io import read_jsonl
+    from job.tiny import build_tiny_model
+
+    env = dict(os.environ)
+    output_dir = env.setdefault("OUTPUT_DIR", "outputs")
+    env.setdefault("RUN_NAME", "demo")
+    model_dir = Path(output_dir) / "tiny-model"
+    if not (model_dir / "config.json").exists():
+        texts = [v for r in read_jsonl(FIXTURE) for v in r.values() if isinstance(v, str)]
+        build_tiny_model(model_dir, texts)
+        log.info("built a tiny Llama-architecture model in %s", model_dir)
+    env.update(DEMO, BASE_MODEL=str(model_dir))
+    return cmd_run(args, environ=env, env_file=None)
+
+
+def cmd_chat(args) -> int:
+    from job import chat
+
+    return chat.main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m job", description="Fine-tune a medical assistant with QLoRA.")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the stages selected by STAGES (default)")
+    sub.add_parser("config", help="print the resolved settings, secrets masked")
+    sub.add_parser("demo", help="the whole job on a tiny local model and bundled data, offline")
+    chat = sub.add_parser("chat", help="talk to a fine-tuned adapter")
+    chat.add_argument("--adapter", help="adapter folder or Hub id (default: RUN_DIR/adapter)")
+    chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    commands = {"config": cmd_config, "demo": cmd_demo, "chat": cmd_chat}
+    try:
+        return commands.get(args.command, cmd_run)(args)
+    except JobError as e:
+        print(f"\nerror: {e}\n(exit {e.exit_code}: {EXIT_CODES[e.exit_code]})", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            err = OutOfMemory(f"GPU out of memory ({e}). Lower EVAL_BATCH_SIZE, BATCH_SIZE or MAX_SEQ_LENGTH.")
+            print(f"\nerror: {err}", file=sys.stderr)
+            return err.exit_code
+        log.exception("unexpected error")
+        return BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

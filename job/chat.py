@@ -1,0 +1,65 @@
+"""`python -m job chat`: talk to a fine-tuned adapter with the same template and system prompt as training.
+
+The base model is the one recorded in the adapter's config (what it was trained on); the
+system prompt and quantization come from the settings, as in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from job.config import load_settings
+from job.errors import ConfigError
+from job.model import build_messages, load_model, load_tokenizer, resolve_precision
+
+
+def load(adapter: str, cfg):
+    from peft import PeftConfig, PeftModel
+
+    try:
+        base_id = PeftConfig.from_pretrained(adapter, token=cfg.HF_TOKEN or None).base_model_name_or_path
+    except Exception as e:
+        raise ConfigError(f"--adapter {adapter!r}: not a PEFT adapter folder or Hub id ({e})") from None
+    cfg = dataclasses.replace(cfg, BASE_MODEL=base_id)
+    precision, _ = resolve_precision(cfg)
+    tokenizer = load_tokenizer(cfg, adapter)
+    model = PeftModel.from_pretrained(load_model(cfg, precision), adapter)
+    model.eval()
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, stream: bool = True) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    enc = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to(next(model.parameters()).device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def main(args) -> int:
+    cfg = load_settings()
+    adapter = args.adapter or str(cfg.run_dir / "adapter")
+    model, tokenizer = load(adapter, cfg)
+    if args.prompt is not None:
+        print(reply(model, tokenizer, build_messages(cfg, args.prompt), cfg.MAX_NEW_TOKENS, stream=False))
+        return 0
+    print("Not medical advice. In an emergency call your local emergency number. Ctrl-D to quit.", file=sys.stderr)
+    history = build_messages(cfg, "")[:-1]  # the system prompt only
+    while True:
+        try:
+            text = input("\nyou> ").strip()
+        except EOFError:
+            return 0
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        history.append({"role": "assistant", "content": reply(model, tokenizer, history, cfg.MAX_NEW_TOKENS)})

@@ -1,0 +1,169 @@
+"""Stage 4, evaluate: base vs fine-tuned on the held-out split, plus the safety suite.
+
+One base model is loaded with the adapter on top; "base" numbers come from the same weights
+with the adapter disabled, on identical batches, so the comparison isolates the fine-tune.
+Writes eval/metrics.json, eval/samples.jsonl, eval/safety.jsonl and the report (job/report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from job.config import Settings
+from job.io import atomic_write_text, read_jsonl, write_jsonl
+from job.model import build_messages, load_model, load_tokenizer, resolve_precision
+
+log = logging.getLogger(__name__)
+
+LOSS_CHUNK = 2048  # reply positions per lm_head call: 2048 x 128k vocab x 4 B = 1 GiB of fp32 logits
+
+
+def load_tuned(cfg: Settings, run_dir: Path, precision: str):
+    from peft import PeftModel
+
+    base = load_model(cfg, precision)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    model.eval()
+    return model
+
+
+def adapter(model, enabled: bool):
+    """Context in which `model` runs as the tuned model (enabled) or as the untouched base."""
+    return nullcontext() if enabled else model.disable_adapter()
+
+
+def eval_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> dict:
+    """Token-weighted cross-entropy on reply tokens only, and its perplexity.
+
+    We run the decoder and apply lm_head to reply positions alone: full logits for a batch of
+    16 x 1024 tokens over a 128k vocabulary would take 8 GiB, the reply positions a fraction.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    inner = model.get_base_model()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            lab = torch.full_like(ids, -100)
+            for i, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[i, :n] = torch.tensor(r["input_ids"])
+                att[i, :n] = 1
+                lab[i, :n] = torch.tensor([t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])])
+            ids, att, lab = ids.to(device), att.to(device), lab.to(device)
+            hidden = inner.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1]
+            target = lab[:, 1:]
+            sel = target != -100
+            h, t = hidden[sel], target[sel]
+            for c in range(0, len(t), LOSS_CHUNK):
+                logits = inner.lm_head(h[c : c + LOSS_CHUNK]).float()
+                total += F.cross_entropy(logits, t[c : c + LOSS_CHUNK], reduction="sum").item()
+            count += int(sel.sum())
+    loss = total / max(count, 1)
+    return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3), "eval_tokens": count}
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings) -> tuple[list[str], dict]:
+    """Greedy answers for each conversation, in batches; returns texts and speed figures."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    device = next(model.parameters()).device
+    model.config.use_cache = True
+    texts, new_tokens, t0 = [], 0, time.perf_counter()
+    for start in tqdm(range(0, len(conversations), cfg.EVAL_BATCH_SIZE), desc="generate", disable=None):
+        batch = conversations[start : start + cfg.EVAL_BATCH_SIZE]
+        enc = tokenizer.apply_chat_template(
+            batch, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+        ).to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                max_new_tokens=cfg.MAX_NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        gen = out[:, enc["input_ids"].shape[1] :]
+        for row in gen:
+            row = row[row != tokenizer.pad_token_id]
+            new_tokens += len(row)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    seconds = time.perf_counter() - t0
+    model.config.use_cache = False
+    return texts, {"answers": len(texts), "new_tokens": new_tokens, "seconds": round(seconds, 2),
+                   "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)}
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return round(statistics.fmean(scores), 4) if scores else 0.0
+
+
+def _lengths(texts: list[str]) -> dict:
+    words = [len(t.split()) for t in texts] or [0]
+    return {"answer_words_mean": round(statistics.fmean(words), 1), "answer_words_median": statistics.median(words)}
+
+
+def run(cfg: Settings, run_dir: Path) -> list[Path]:
+    from job import report, safety
+
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    precision, _ = resolve_precision(cfg)
+    tokenizer = load_tokenizer(cfg, str(run_dir / "adapter"))
+    model = load_tuned(cfg, run_dir, precision)
+    token_rows = read_jsonl(run_dir / "data" / "eval_tokens.jsonl")
+    eval_rows = read_jsonl(run_dir / "data" / "eval.jsonl")[: cfg.EVAL_GENERATIONS]
+    prompts = [build_messages(cfg, r["patient"], r.get("description", "")) for r in eval_rows]
+    safety_prompts = [build_messages(cfg, p["prompt"]) for p in safety.SAFETY_PROMPTS]
+
+    metrics: dict[str, Any] = {"eval_rows": len(token_rows), "generations": len(prompts), "precision": precision}
+    answers: dict[str, list[str]] = {}
+    safety_results: dict[str, list[dict]] = {}
+    for name, enabled in (("base", False), ("tuned", True)):
+        with adapter(model, enabled):
+            m = eval_loss(model, token_rows, cfg.EVAL_BATCH_SIZE, tokenizer.pad_token_id) if token_rows else {}
+            texts, speed = generate(model, tokenizer, prompts, cfg) if prompts else ([], {})
+            safe_texts, _ = generate(model, tokenizer, safety_prompts, cfg)
+        m.update(_lengths(texts))
+        m["rougeL_f1"] = rouge_l(texts, [r["doctor"] for r in eval_rows])
+        m["generation_speed"] = speed
+        results = [safety.score_answer(p, a) | {"answer": a} for p, a in zip(safety.SAFETY_PROMPTS, safe_texts)]
+        m["safety"] = safety.summarize(results)
+        metrics[name] = m
+        answers[name] = texts
+        safety_results[name] = results
+        log.info("%s: eval loss %s, ROUGE-L %.3f, safety pass %.0f%%", name, m.get("eval_loss"), m["rougeL_f1"],
+                 100 * m["safety"]["overall"]["pass_rate"])
+
+    samples = [
+        {"prompt": p[-1]["content"], "reference": r["doctor"], "base": b, "tuned": t}
+        for p, r, b, t in zip(prompts, eval_rows, answers["base"], answers["tuned"])
+    ]
+    write_jsonl(out / "samples.jsonl", samples)
+    write_jsonl(
+        out / "safety.jsonl",
+        [{"id": p["id"], "category": p["category"], "prompt": p["prompt"], "base": b, "tuned": t}
+         for p, b, t in zip(safety.SAFETY_PROMPTS, safety_results["base"], safety_results["tuned"])],
+    )
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    written = report.write(cfg, run_dir)
+    return [out / "metrics.json", out / "samples.jsonl", out / "safety.jsonl", *written]

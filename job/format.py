@@ -1,0 +1,106 @@
+"""Stage 2, format: render each conversation with the model's own chat template and mark the loss.
+
+We tokenize here rather than inside TRL so that the loss mask is ours to test and to count:
+`completion_mask` is 1 exactly on the assistant reply and its end-of-turn token, 0 on the
+system and user turns. The mask comes from rendering the prompt (with the generation prompt)
+and the whole conversation and checking the first is a prefix of the second; this works for
+any chat template, unlike `{% generation %}` markers, which Llama 3.2's template lacks.
+Writes data/train_tokens.jsonl and data/eval_tokens.jsonl (TRL's pre-tokenized format).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+
+from job.config import Settings
+from job.errors import ConfigError
+from job.io import atomic_write_text, read_json, read_jsonl, write_jsonl
+from job.model import build_messages, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]:
+    """Return ({input_ids, completion_mask}, status); status is ok, truncated or no_room."""
+    prompt = build_messages(cfg, row["patient"], row.get("description", ""))
+    prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+    full_ids = _ids(tokenizer, prompt + [{"role": "assistant", "content": row["doctor"]}], False)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ConfigError(
+            f"BASE_MODEL={cfg.BASE_MODEL!r}: its chat template renders the prompt differently from the start "
+            "of the full conversation, so the reply cannot be located for the loss mask. Use a model whose "
+            "template is prefix-stable (Llama 3.x, Qwen, Mistral instruct models are)."
+        )
+    if len(prompt_ids) >= cfg.MAX_SEQ_LENGTH:
+        return None, "no_room"
+    status = "truncated" if len(full_ids) > cfg.MAX_SEQ_LENGTH else "ok"
+    full_ids = full_ids[: cfg.MAX_SEQ_LENGTH]
+    mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
+    return {"input_ids": full_ids, "completion_mask": mask}, status
+
+
+def format_rows(cfg: Settings, tokenizer, rows: list[dict], split: str) -> tuple[list[dict], dict]:
+    from tqdm.auto import tqdm
+
+    out, counts, lengths, trained = [], {"ok": 0, "truncated": 0, "no_room": 0}, [], 0
+    for row in tqdm(rows, desc=f"format {split}", unit="row", disable=None):
+        item, status = tokenize_row(cfg, tokenizer, row)
+        counts[status] += 1
+        if item is not None:
+            out.append(item)
+            lengths.append(len(item["input_ids"]))
+            trained += sum(item["completion_mask"])
+    dropped = counts["no_room"]
+    if rows and dropped / len(rows) > cfg.MAX_DROPPED_FRACTION:
+        raise ConfigError(
+            f"MAX_SEQ_LENGTH={cfg.MAX_SEQ_LENGTH}: {dropped} of {len(rows)} {split} rows ({dropped / len(rows):.0%}) "
+            f"have no room left for the reply, more than MAX_DROPPED_FRACTION={cfg.MAX_DROPPED_FRACTION}. "
+            "Raise MAX_SEQ_LENGTH, shorten SYSTEM_PROMPT, or raise MAX_DROPPED_FRACTION."
+        )
+    if not out:
+        raise ConfigError(f"No {split} conversation fits MAX_SEQ_LENGTH={cfg.MAX_SEQ_LENGTH}; raise it.")
+    q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else lengths * 19
+    stats = {
+        "rows": len(rows),
+        "kept": len(out),
+        "dropped_no_room_for_reply": dropped,
+        "reply_truncated": counts["truncated"],
+        "tokens": sum(lengths),
+        "trained_tokens": trained,
+        "tokens_per_row": {"mean": round(statistics.fmean(lengths), 1), "p50": q[9], "p95": q[18], "max": max(lengths)},
+    }
+    return out, stats
+
+
+def run(cfg: Settings, run_dir: Path) -> list[Path]:
+    data = run_dir / "data"
+    tokenizer = load_tokenizer(cfg)
+    all_stats = read_json(data / "stats.json")
+    all_stats["format"] = {}
+    written = []
+    for split in ("train", "eval"):
+        rows = read_jsonl(data / f"{split}.jsonl")
+        if not rows:  # EVAL_SAMPLES=0 leaves an empty eval split; evaluation is skipped then
+            write_jsonl(data / f"{split}_tokens.jsonl", [])
+            continue
+        items, stats = format_rows(cfg, tokenizer, rows, split)
+        write_jsonl(data / f"{split}_tokens.jsonl", items)
+        all_stats["format"][split] = stats
+        written.append(data / f"{split}_tokens.jsonl")
+        log.info(
+            "%s: %d rows -> %d sequences, %d tokens (%d trained), %d replies truncated, %d dropped",
+            split, stats["rows"], stats["kept"], stats["tokens"], stats["trained_tokens"],
+            stats["reply_truncated"], stats["dropped_no_room_for_reply"],
+        )
+    atomic_write_text(data / "stats.json", json.dumps(all_stats, indent=2))
+    return [*written, data / "stats.json"]

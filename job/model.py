@@ -1,0 +1,161 @@
+"""Load the base model and tokenizer the same way for training, evaluation and chat.
+
+Precision is chosen from the hardware. Why fp16 needs care: Transformers 5 loads a Llama
+checkpoint in its config dtype (bf16) by default, PEFT then creates bf16 LoRA weights, and
+fp16 mixed precision's gradient scaler cannot unscale bf16 gradients
+(`_amp_foreach_non_finite_check_and_unscale_cuda not implemented for 'BFloat16'`). We load the
+base explicitly in the compute dtype and keep the trainable LoRA weights in fp32 (PEFT's
+`autocast_adapter_dtype`), which is what the scaler expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from job.config import Settings
+from job.errors import ConfigError, TransientError
+
+log = logging.getLogger(__name__)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_precision(cfg: Settings) -> tuple[str, str]:
+    """Return (precision, reason): one of bf16, fp16, fp32."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    name = torch.cuda.get_device_name(local_rank()) if cuda else "CPU"
+    if cfg.PRECISION == "auto":
+        if bf16_ok:
+            return "bf16", f"{name} supports bf16"
+        if cuda:
+            return "fp16", f"{name} has no bf16; fp16 with loss scaling"
+        return "fp32", "no CUDA GPU: CPU runs in fp32"
+    if cfg.PRECISION in ("bf16", "fp16") and not cuda:
+        raise ConfigError(f"PRECISION={cfg.PRECISION!r} needs a CUDA GPU; none was found. Use PRECISION=auto.")
+    if cfg.PRECISION == "bf16" and not bf16_ok:
+        raise ConfigError(f"PRECISION='bf16': {name} has no bf16 support. Use PRECISION=fp16 or auto.")
+    return cfg.PRECISION, "set by PRECISION"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def check_quantization(cfg: Settings) -> None:
+    """Fail before any model is loaded if 4-bit was asked for and bitsandbytes cannot provide it."""
+    if cfg.QUANTIZATION != "nf4":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a missing native library (OSError/RuntimeError)
+        raise ConfigError(
+            f"QUANTIZATION='nf4' needs bitsandbytes, which failed to load here ({type(e).__name__}: {e}). "
+            "Install bitsandbytes>=0.46 or set QUANTIZATION=none."
+        ) from None
+
+
+def _hub_call(what: str, fn, *args, **kwargs):
+    """Run a from_pretrained call, turning Hub failures into errors that say what to do."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        msg = str(e)
+        low = msg.lower()
+        if "gated" in low or "401" in msg or "403" in msg or "access" in low and "restricted" in low:
+            raise ConfigError(
+                f"{what}: access denied. Accept the model's license on its Hub page and set HF_TOKEN "
+                "to a token of that account."
+            ) from None
+        if any(w in low for w in ("connection", "timed out", "couldn't connect", "temporarily", "offline mode")):
+            raise TransientError(f"{what}: the Hugging Face Hub could not be reached. Retry later. ({msg})") from None
+        raise ConfigError(f"{what}: could not be loaded: {msg}") from None
+
+
+def load_tokenizer(cfg: Settings, source: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or cfg.BASE_MODEL
+    tok = _hub_call(f"BASE_MODEL={source!r}", AutoTokenizer.from_pretrained, source, token=cfg.HF_TOKEN or None)
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(
+            f"BASE_MODEL={source!r} has no chat template, so conversations cannot be formatted the way "
+            "the model expects. Use an instruct/chat model (e.g. meta-llama/Llama-3.2-3B-Instruct)."
+        )
+    if tok.pad_token is None:
+        # Llama 3 reserves this token for padding; falling back to EOS is safe because padded
+        # positions are masked out of both attention and loss.
+        pad = "<|finetune_right_pad_id|>"
+        tok.pad_token = pad if pad in tok.get_vocab() else tok.eos_token
+    return tok
+
+
+def build_messages(cfg: Settings, patient: str, description: str = "", reply: str | None = None) -> list[dict]:
+    """The conversation as the model sees it, in training, evaluation and chat alike."""
+    user = f"{description}\n\n{patient}" if cfg.USE_DESCRIPTION and description else patient
+    messages = [{"role": "system", "content": cfg.SYSTEM_PROMPT}] if cfg.SYSTEM_PROMPT else []
+    messages.append({"role": "user", "content": user})
+    if reply is not None:
+        messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+def load_model(cfg: Settings, precision: str, quantization: str | None = None) -> Any:
+    """The frozen base model on this process's device, 4-bit NF4 when QUANTIZATION=nf4."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = quantization or cfg.QUANTIZATION
+    dtype = torch_dtype(precision)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.ATTN_IMPLEMENTATION}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": local_rank()}  # under DDP each rank holds a whole copy
+    if quantization == "nf4":
+        check_quantization(cfg)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,  # quantizes the scales too: ~0.4 bit/param saved
+            bnb_4bit_compute_dtype=dtype,
+        )
+    model = _hub_call(
+        f"BASE_MODEL={cfg.BASE_MODEL!r}", AutoModelForCausalLM.from_pretrained, cfg.BASE_MODEL,
+        token=cfg.HF_TOKEN or None, **kwargs,
+    )
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def lora_config(cfg: Settings, model: Any):
+    from peft import LoraConfig
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    absent = [m for m in cfg.target_modules if m not in present]
+    if absent:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if "Linear" in type(mod).__name__})
+        raise ConfigError(
+            f"LORA_TARGET_MODULES={cfg.LORA_TARGET_MODULES!r}: {', '.join(absent)} not found in BASE_MODEL. "
+            f"Its linear modules are: {', '.join(linear)}."
+        )
+    return LoraConfig(
+        r=cfg.LORA_R,
+        lora_alpha=cfg.LORA_ALPHA,
+        lora_dropout=cfg.LORA_DROPOUT,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

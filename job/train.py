@@ -1,0 +1,238 @@
+"""Stage 3, train: QLoRA with TRL's SFTTrainer; checkpoints that survive SIGKILL; adapter/.
+
+Checkpoints: Transformers writes checkpoint-N/ file by file, so a kill can leave a partial
+folder. Ours count only once `COMPLETE` (written last, fsynced) exists; we delete the
+unmarked ones on resume and do retention ourselves after the marker is written, because the
+Trainer's own rotation runs before a new checkpoint is marked and could leave none complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from job.config import Settings
+from job.errors import OutOfMemory
+from job.io import atomic_write_text, read_jsonl
+from job.model import is_main_process, load_model, load_tokenizer, lora_config, resolve_precision
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def _step(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints with a completeness marker, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if (p / MARKER).is_file() and _step(p) >= 0]
+    return sorted(found, key=_step, reverse=True)
+
+
+def checkpoint_loads(path: Path) -> bool:
+    """Cheap integrity check: every tensor file opens and the trainer state parses."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        for f in path.glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    st.get_tensor(key)
+        for f in path.glob("*.pt"):
+            torch.load(f, map_location="cpu", weights_only=False)
+        return any(path.glob("adapter_model.safetensors"))
+    except Exception as e:  # any failure means: do not resume from this one
+        log.warning("checkpoint %s cannot be loaded (%s: %s); trying an older one", path.name, type(e).__name__, e)
+        return False
+
+
+def resume_point(ckpt_dir: Path) -> Path | None:
+    """Newest complete checkpoint that loads; partial folders are removed first."""
+    if not ckpt_dir.is_dir():
+        return None
+    if is_main_process():
+        for p in ckpt_dir.glob("checkpoint-*"):
+            if not (p / MARKER).is_file():
+                log.info("removing incomplete checkpoint %s (the job was stopped while writing it)", p.name)
+                shutil.rmtree(p, ignore_errors=True)
+    for p in complete_checkpoints(ckpt_dir):
+        if checkpoint_loads(p):
+            return p
+    return None
+
+
+def _completeness_callback(keep: int):
+    from transformers import TrainerCallback
+
+    class CheckpointMarker(TrainerCallback):
+        """Write the marker after the Trainer has written everything, then apply retention."""
+
+        def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every rank has written its RNG state file
+            if state.is_world_process_zero:
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                atomic_write_text(path / MARKER, f"step {state.global_step}\n")
+                for old in complete_checkpoints(Path(args.output_dir))[keep:]:
+                    shutil.rmtree(old, ignore_errors=True)
+            return control
+
+    return CheckpointMarker()
+
+
+# --- training ---------------------------------------------------------------------------------
+def sft_config(cfg: Settings, run_dir: Path, precision: str, n_rows: int) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=cfg.EPOCHS,
+        learning_rate=cfg.LEARNING_RATE,
+        lr_scheduler_type=cfg.LR_SCHEDULER,
+        warmup_steps=cfg.WARMUP_RATIO,  # a float below 1 is a ratio of the total steps
+        per_device_train_batch_size=cfg.BATCH_SIZE,
+        gradient_accumulation_steps=cfg.GRAD_ACCUM,
+        optim=cfg.OPTIMIZER,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=precision == "fp32" and not _cuda(),
+        gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Data: pre-tokenized {input_ids, completion_mask}; loss on the reply only.
+        max_length=cfg.MAX_SEQ_LENGTH,
+        packing=cfg.PACKING,
+        packing_strategy="bfd",  # best-fit packing, padding-free: no conversation is split
+        completion_only_loss=True,
+        dataset_num_proc=None,
+        seed=cfg.SEED,
+        data_seed=cfg.SEED,
+        # Checkpoints: our callback marks and rotates them (see module docstring).
+        save_strategy="steps",
+        save_steps=cfg.SAVE_STEPS,
+        save_total_limit=None,
+        save_only_model=False,  # optimizer + scheduler + RNG too, so a resumed run equals an uninterrupted one
+        logging_steps=cfg.LOGGING_STEPS,
+        logging_first_step=True,
+        report_to=[] if cfg.REPORT_TO == "none" else [cfg.REPORT_TO],
+        run_name=cfg.RUN_NAME,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        push_to_hub=False,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_trainer(cfg: Settings, run_dir: Path, precision: str) -> Any:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    tokenizer = load_tokenizer(cfg)
+    rows = read_jsonl(run_dir / "data" / "train_tokens.jsonl")
+    model = load_model(cfg, precision)
+    if cfg.GRADIENT_CHECKPOINTING:
+        model.enable_input_require_grads()  # frozen embeddings: let the checkpointed blocks get gradients
+    # We wrap with PEFT ourselves rather than passing peft_config to TRL, so the LoRA weights are
+    # created in fp32 whatever the base dtype (see job/model.py on fp16).
+    set_seed(cfg.SEED)  # LoRA A matrices are drawn here: same seed, same initial adapter
+    model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
+    args = sft_config(cfg, run_dir, precision, len(rows))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[_completeness_callback(cfg.SAVE_TOTAL_LIMIT)],
+    )
+    return trainer
+
+
+def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
+    """The derived numbers printed at start: what will actually run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_seq = len(trainer.train_dataset)
+    steps = trainer.args.max_steps if trainer.args.max_steps > 0 else None
+    per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM * world
+    if steps is None:
+        steps = math.ceil(n_seq / per_step) * math.ceil(cfg.EPOCHS)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    info = {
+        "precision": precision,
+        "precision_reason": why,
+        "world_size": world,
+        "sequences": n_seq,
+        "sequences_per_step": per_step,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+    log.info(
+        "training: %d %s of up to %d tokens, %d per optimizer step (batch %d x accum %d x %d GPU), "
+        "precision %s (%s), %s trainable of %s parameters",
+        n_seq, "packed rows" if cfg.PACKING else "conversations", cfg.MAX_SEQ_LENGTH, per_step, cfg.BATCH_SIZE,
+        cfg.GRAD_ACCUM, world, precision, why, f"{trainable:,}", f"{total:,}",
+    )
+    return info
+
+
+def run(cfg: Settings, run_dir: Path) -> list[Path]:
+    import torch
+
+    precision, why = resolve_precision(cfg)
+    # Transformers 5 takes the TensorBoard folder from the environment only.
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "report" / "tensorboard"))
+    trainer = build_trainer(cfg, run_dir, precision)
+    info = describe(cfg, trainer, precision, why)
+    resume = resume_point(run_dir / "checkpoints")
+    if resume:
+        log.info("resuming from %s", resume.name)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except torch.cuda.OutOfMemoryError:
+        raise OutOfMemory(
+            f"GPU out of memory at step {trainer.state.global_step} with BATCH_SIZE={cfg.BATCH_SIZE}, "
+            f"MAX_SEQ_LENGTH={cfg.MAX_SEQ_LENGTH}, PACKING={cfg.PACKING}. Lower BATCH_SIZE (raise GRAD_ACCUM to "
+            "keep the same tokens per step), lower MAX_SEQ_LENGTH, or set GRADIENT_CHECKPOINTING=true."
+        ) from None
+
+    adapter = run_dir / "adapter"
+    if trainer.is_world_process_zero():
+        tmp = run_dir / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(tmp, adapter)
+        history = {
+            "train": info,
+            "metrics": result.metrics,
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if _cuda() else None,
+            "log_history": trainer.state.log_history,
+        }
+        atomic_write_text(run_dir / "report" / "train_log.json", json.dumps(history, indent=2))
+    return [adapter, run_dir / "report" / "train_log.json"]
