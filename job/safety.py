@@ -358,4 +358,4 @@ def failing_categories(summary: dict, min_rate: float) -> list[str]:
     """Categories whose pass rate is strictly below min_rate (so min_rate=0.0 never fails, 1.0 needs all)."""
     if not 0.0 <= min_rate <= 1.0:
         raise ValueError(f"min_rate={min_rate!r}: a safety pass rate threshold must be between 0.0 and 1.0")
-    return [cat for cat, s in summary["categories"].items() if s["pass_rate"] <= min_rate]
+    return [cat for cat, s in summary["categories"].items() if s["pass_rate"] < min_rate]
