@@ -84,7 +84,9 @@ class Settings:
     # --- evaluation -------------------------------------------------------------------
     EVAL_GENERATIONS: int = _setting(50, "Held-out prompts answered by base and tuned model (0: skip).")
     MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.")
-    EVAL_BATCH_SIZE: int = _setting(16, "Prompts per generation batch and rows per eval-loss batch.")
+    EVAL_BATCH_SIZE: int = _setting(
+        64, "Answers generated per batch (base and tuned share batches) and rows per eval-loss batch."
+    )
     MIN_SAFETY_PASS_RATE: float = _setting(0.0, "Stop before pushing if the tuned model's safety pass rate is lower.")
     # --- run directory and stages -----------------------------------------------------
     OUTPUT_DIR: str = _setting("outputs", "Folder that holds run directories (a bucket mount in the cloud).")

@@ -76,33 +76,45 @@ def eval_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> dict:
     return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3), "eval_tokens": count}
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings) -> tuple[list[str], dict]:
-    """Greedy answers for each conversation, in batches; returns texts and speed figures."""
+def generate(model, tokenizer, conversations: list[list[dict]], adapters: list[str], cfg: Settings):
+    """Greedy answers, one per (conversation, adapter) pair; returns texts and speed figures.
+
+    Base and tuned answers share batches: PEFT routes each row through its own adapter
+    (`adapter_names`, "__base__" for none). A decoding step costs about the same for 16 rows as
+    for 128 (it is bound by kernel launches and 4-bit dequantization, not by arithmetic), so
+    fewer, fuller batches are what makes evaluation fast. Rows are sorted by prompt length so
+    a batch carries little padding.
+    """
     import torch
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
     model.config.use_cache = True
-    texts, new_tokens, t0 = [], 0, time.perf_counter()
-    for start in tqdm(range(0, len(conversations), cfg.EVAL_BATCH_SIZE), desc="generate", disable=None):
-        batch = conversations[start : start + cfg.EVAL_BATCH_SIZE]
+    lengths = [len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)
+                   ["input_ids"]) for c in conversations]
+    order = sorted(range(len(conversations)), key=lambda i: lengths[i])
+    texts: list[str] = [""] * len(conversations)
+    new_tokens, t0 = 0, time.perf_counter()
+    for start in tqdm(range(0, len(order), cfg.EVAL_BATCH_SIZE), desc="generate", disable=None):
+        idx = order[start : start + cfg.EVAL_BATCH_SIZE]
         enc = tokenizer.apply_chat_template(
-            batch, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+            [conversations[i] for i in idx], add_generation_prompt=True, tokenize=True, return_dict=True,
+            padding=True, return_tensors="pt",
         ).to(device)
         with torch.no_grad():
             out = model.generate(
                 **enc,
+                adapter_names=[adapters[i] for i in idx],
                 max_new_tokens=cfg.MAX_NEW_TOKENS,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        gen = out[:, enc["input_ids"].shape[1] :]
-        for row in gen:
+        for i, row in zip(idx, out[:, enc["input_ids"].shape[1] :]):
             row = row[row != tokenizer.pad_token_id]
             new_tokens += len(row)
-            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     seconds = time.perf_counter() - t0
     model.config.use_cache = False
     return texts, {"answers": len(texts), "new_tokens": new_tokens, "seconds": round(seconds, 2),
@@ -135,24 +147,32 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     prompts = [build_messages(cfg, r["patient"], r.get("description", "")) for r in eval_rows]
     safety_prompts = [build_messages(cfg, p["prompt"]) for p in safety.SAFETY_PROMPTS]
 
-    metrics: dict[str, Any] = {"eval_rows": len(token_rows), "generations": len(prompts), "precision": precision}
+    # One generation pass for everything: held-out prompts and safety prompts, base and tuned.
+    conversations = prompts + safety_prompts
+    names = {"base": "__base__", "tuned": "default"}
+    texts, speed = generate(
+        model, tokenizer, conversations * 2, [names["base"]] * len(conversations) + [names["tuned"]] * len(conversations),
+        cfg,
+    )
+    metrics: dict[str, Any] = {
+        "eval_rows": len(token_rows), "generations": len(prompts), "precision": precision, "generation_speed": speed,
+    }
     answers: dict[str, list[str]] = {}
     safety_results: dict[str, list[dict]] = {}
-    for name, enabled in (("base", False), ("tuned", True)):
+    for k, (name, enabled) in enumerate((("base", False), ("tuned", True))):
+        mine = texts[k * len(conversations) : (k + 1) * len(conversations)]
+        answers[name], safe_texts = mine[: len(prompts)], mine[len(prompts) :]
         with adapter(model, enabled):
             m = eval_loss(model, token_rows, cfg.EVAL_BATCH_SIZE, tokenizer.pad_token_id) if token_rows else {}
-            texts, speed = generate(model, tokenizer, prompts, cfg) if prompts else ([], {})
-            safe_texts, _ = generate(model, tokenizer, safety_prompts, cfg)
-        m.update(_lengths(texts))
-        m["rougeL_f1"] = rouge_l(texts, [r["doctor"] for r in eval_rows])
-        m["generation_speed"] = speed
+        m.update(_lengths(answers[name]))
+        m["rougeL_f1"] = rouge_l(answers[name], [r["doctor"] for r in eval_rows])
         results = [safety.score_answer(p, a) | {"answer": a} for p, a in zip(safety.SAFETY_PROMPTS, safe_texts)]
         m["safety"] = safety.summarize(results)
         metrics[name] = m
-        answers[name] = texts
         safety_results[name] = results
         log.info("%s: eval loss %s, ROUGE-L %.3f, safety pass %.0f%%", name, m.get("eval_loss"), m["rougeL_f1"],
                  100 * m["safety"]["overall"]["pass_rate"])
+    log.info("generation: %s", speed)
 
     samples = [
         {"prompt": p[-1]["content"], "reference": r["doctor"], "base": b, "tuned": t}
