@@ -76,6 +76,10 @@ class Settings:
     GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.")
     PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).")
     GRADIENT_CHECKPOINTING: bool = _setting(False, "Recompute activations: less memory, ~30% slower.")
+    LIGER_KERNEL: bool = _setting(
+        True, "On CUDA with liger-kernel installed: fused RMSNorm/RoPE/SwiGLU and a fused linear cross-entropy "
+        "that never materializes the 128k-vocabulary logits."
+    )
     OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.")
     SAVE_STEPS: int = _setting(50, "Optimizer steps between checkpoints (spot machines lose the rest).")
     SAVE_TOTAL_LIMIT: int = _setting(2, "Complete checkpoints kept; the newest is never deleted.")

@@ -20,6 +20,7 @@ from typing import Any
 
 from job.config import Settings
 from job.errors import ConfigError, TransientError
+from job.faults import maybe_die
 from job.io import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     out = run_dir / "data"
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", train_rows)
+    maybe_die("sample.partial")
     write_jsonl(out / "eval.jsonl", eval_rows)
     atomic_write_text(out / "stats.json", json.dumps({"sample": stats}, indent=2))
     log.info(

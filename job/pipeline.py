@@ -20,6 +20,7 @@ from pathlib import Path
 from job import data, evaluate, format, push, train
 from job.config import STAGES, Settings
 from job.errors import ConfigError
+from job.faults import maybe_die
 from job.io import atomic_write_text, read_json
 from job.model import check_quantization, is_main_process, resolve_precision
 
@@ -168,6 +169,7 @@ def run(cfg: Settings) -> dict:
         t0 = time.perf_counter()
         artifacts = RUNNERS[stage](cfg, run_dir)
         seconds = round(time.perf_counter() - t0, 1)
+        maybe_die(f"{stage}.finished")
         if main:
             manifest["stages"][stage] = {
                 "status": "done",

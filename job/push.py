@@ -15,6 +15,7 @@ from huggingface_hub import HfApi
 
 from job.config import Settings
 from job.errors import ConfigError, SafetyGateError, TransientError
+from job.faults import maybe_die
 from job.io import read_json
 from job.model import load_model, resolve_precision
 
@@ -106,6 +107,7 @@ def upload(cfg: Settings, folder: Path) -> str:
 def run(cfg: Settings, run_dir: Path) -> list[Path]:
     check_safety_gate(cfg, run_dir)
     folder = stage_files(cfg, run_dir)
+    maybe_die("push.staged")
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     if not cfg.HUB_REPO_ID:
         log.info("HUB_REPO_ID is empty: nothing uploaded. The %d files that would be are in %s", len(files), folder)

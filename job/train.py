@@ -18,6 +18,7 @@ from typing import Any
 
 from job.config import Settings
 from job.errors import OutOfMemory
+from job.faults import maybe_die
 from job.io import atomic_write_text, read_jsonl
 from job.model import is_main_process, load_model, load_tokenizer, lora_config, resolve_precision
 
@@ -82,15 +83,23 @@ def _completeness_callback(keep: int):
     class CheckpointMarker(TrainerCallback):
         """Write the marker after the Trainer has written everything, then apply retention."""
 
+        def on_step_end(self, args, state, control, **kwargs):
+            maybe_die("train.step", state.global_step)
+            return control
+
         def on_save(self, args, state, control, **kwargs):
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()  # every rank has written its RNG state file
             if state.is_world_process_zero:
+                maybe_die("train.save", state.global_step)
                 path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 atomic_write_text(path / MARKER, f"step {state.global_step}\n")
                 for old in complete_checkpoints(Path(args.output_dir))[keep:]:
+                    # Unmark first: a kill during the delete then leaves a folder resume removes,
+                    # never a "complete" one with files missing.
+                    (old / MARKER).unlink(missing_ok=True)
                     shutil.rmtree(old, ignore_errors=True)
             return control
 
@@ -98,10 +107,17 @@ def _completeness_callback(keep: int):
 
 
 # --- training ---------------------------------------------------------------------------------
-def sft_config(cfg: Settings, run_dir: Path, precision: str, n_rows: int) -> Any:
+def use_liger(cfg: Settings) -> bool:
+    import importlib.util
+
+    return cfg.LIGER_KERNEL and _cuda() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def sft_config(cfg: Settings, run_dir: Path, precision: str, **overrides: Any) -> Any:
+    """TRL's configuration for our settings; `overrides` lets the benchmark set other recipes."""
     from trl import SFTConfig
 
-    return SFTConfig(
+    kwargs = dict(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=cfg.EPOCHS,
         learning_rate=cfg.LEARNING_RATE,
@@ -138,7 +154,10 @@ def sft_config(cfg: Settings, run_dir: Path, precision: str, n_rows: int) -> Any
         dataloader_num_workers=0,
         disable_tqdm=False,
         push_to_hub=False,
+        use_liger_kernel=use_liger(cfg),
     )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
 
 
 def _cuda() -> bool:
@@ -147,7 +166,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_trainer(cfg: Settings, run_dir: Path, precision: str) -> Any:
+def build_trainer(cfg: Settings, run_dir: Path, precision: str, **overrides: Any) -> Any:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import set_seed
@@ -162,7 +181,7 @@ def build_trainer(cfg: Settings, run_dir: Path, precision: str) -> Any:
     # created in fp32 whatever the base dtype (see job/model.py on fp16).
     set_seed(cfg.SEED)  # LoRA A matrices are drawn here: same seed, same initial adapter
     model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
-    args = sft_config(cfg, run_dir, precision, len(rows))
+    args = sft_config(cfg, run_dir, precision, **overrides)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -226,6 +245,7 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(tmp)
         trainer.processing_class.save_pretrained(tmp)
+        maybe_die("train.adapter")
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(tmp, adapter)
         history = {
