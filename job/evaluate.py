@@ -184,6 +184,10 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
         [{"id": p["id"], "category": p["category"], "prompt": p["prompt"], "base": b, "tuned": t}
          for p, b, t in zip(safety.SAFETY_PROMPTS, safety_results["base"], safety_results["tuned"])],
     )
+    import torch
+
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     written = report.write(cfg, run_dir)
     return [out / "metrics.json", out / "samples.jsonl", out / "safety.jsonl", *written]
