@@ -1,0 +1,86 @@
+# Hippocratically: QLoRA-fine-tune Llama-3.2-3B-Instruct into a medical assistant. `make` lists the targets.
+# Settings live in .env (copy .env.example); job/config.py is the schema and `make config` shows what resolved.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+IMAGE ?= hippocratically:latest
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# `make install` puts exactly this torch in first: on the project's machines pip finds a small CPU build of
+# it on local disk, while a bare `torch` requirement would pull the multi-GB CUDA build. The image's
+# CUDA build is the same version (docker/lock.sh; tests/test_container.py checks they agree).
+TORCH_VERSION := 2.13.0
+# `make install` is a no-op while this stamp is newer than everything that decides what gets installed.
+STAMP := $(VENV)/.hippocratically-installed
+# The host's Hugging Face cache, mounted into the container so the 6 GB base model downloads once.
+HF_CACHE := $${HF_HOME:-$$HOME/.cache/huggingface}
+
+.PHONY: help install demo test lint config image train chat bench lock sky-launch sky-logs sky-down
+
+help: ## List the targets
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2 }' \
+		$(MAKEFILE_LIST)
+
+install: ## Create .venv if missing; install torch (CPU here), the job and its dev tools
+	@if [[ -f $(STAMP) && $(STAMP) -nt pyproject.toml && $(STAMP) -nt docker/dev-requirements.txt \
+		&& $(STAMP) -nt Makefile ]]; then exit 0; fi; \
+	set -x; \
+	[[ -x $(PY) ]] || python3 -m venv $(VENV); \
+	$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
+	$(PY) -m pip install -e '.[dev]' -r docker/dev-requirements.txt; \
+	touch $(STAMP)
+
+demo: install ## The whole pipeline on a tiny local model and bundled data, CPU, offline (outputs/demo)
+	$(PY) -m job demo
+
+test: install ## Run the tests (the container build test skips unless root with buildah and debootstrap)
+	$(PY) -m pytest -q
+
+lint: install ## ruff check, ruff format --check, hadolint on docker/Dockerfile
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+config: install ## Print the resolved settings (environment, then .env), secrets masked
+	$(PY) -m job config
+
+image: ## Build the GPU image (IMAGE=hippocratically:latest; CUDA torch from docker/*.lock)
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+# The container runs as you (-u) so outputs/ and the cache stay yours; both are created first, or Docker
+# would create them owned by root. .env is mounted read-only where the job looks for it, not passed with
+# --env-file: Docker's env-file keeps quotes as part of the value (SYSTEM_PROMPT="..." in .env.example)
+# and shows every value, HF_TOKEN included, in `docker inspect`. The image fixes OUTPUT_DIR=/outputs and
+# HF_HOME=/cache (the environment wins over .env). --init reaps data-loader workers and forwards signals.
+# Re-running resumes: RUN_NAME is stable, so the job finds its run directory and newest checkpoint.
+train: image ## Fine-tune on this machine's GPUs in the container; outputs/$RUN_NAME
+	@[[ -f .env ]] || { echo "No .env: cp .env.example .env, then set HF_TOKEN (the base model is gated)." >&2; exit 2; }
+	mkdir -p outputs "$(HF_CACHE)"
+	docker run --rm --init --gpus all --shm-size=8g \
+		-u "$$(id -u):$$(id -g)" \
+		-v "$(CURDIR)/.env:/app/.env:ro" \
+		-v "$(CURDIR)/outputs:/outputs" \
+		-v "$(HF_CACHE):/cache" \
+		$(IMAGE)
+
+chat: install ## Talk to the fine-tuned adapter in outputs/$RUN_NAME/adapter
+	$(PY) -m job chat
+
+bench: install ## GPU training-throughput benchmark (tokens/s, MFU)
+	$(PY) -m job.bench
+
+lock: install ## Re-resolve docker/torch-cuda.lock and docker/requirements.lock from pyproject.toml
+	UV=$(VENV)/bin/uv docker/lock.sh
+
+# --- SkyPilot managed jobs (spot GPUs on any cloud); sky/ holds the task YAMLs. ---------------------------
+sky-launch: ## Launch the training job on cloud spot GPUs (sky/train.yaml)
+	sky jobs launch sky/train.yaml --env-file .env -y
+
+sky-logs: ## Stream the managed job's logs
+	sky jobs logs
+
+sky-down: ## Cancel all managed jobs
+	sky jobs cancel -a
