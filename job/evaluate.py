@@ -34,6 +34,27 @@ def load_tuned(cfg: Settings, run_dir: Path, precision: str):
     return model
 
 
+def models_for_generation(model, cfg: Settings, run_dir: Path):
+    """Yield ("base", model) then ("tuned", model) in 16-bit, for fast generation.
+
+    Each decoding step of the 4-bit model dequantizes every weight and runs the LoRA branch as
+    separate small kernels; at batch sizes of evaluation that overhead dominates. We dequantize
+    the NF4 base once (the same values the 4-bit kernels compute with) and, for the tuned model,
+    merge the adapter into those weights: the same function up to 16-bit rounding, at the speed
+    of a plain 16-bit model. Costs 2 bytes per parameter of GPU memory (6.4 GB for 3B).
+    """
+    from peft import PeftModel
+
+    base = model.unload()  # the base model with the LoRA layers taken out
+    if getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None):
+        base = base.dequantize()
+    base.eval()
+    yield "base", base
+    tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
+    tuned.eval()
+    yield "tuned", tuned
+
+
 def adapter(model, enabled: bool):
     """Context in which `model` runs as the tuned model (enabled) or as the untouched base."""
     return nullcontext() if enabled else model.disable_adapter()
@@ -76,14 +97,13 @@ def eval_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> dict:
     return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3), "eval_tokens": count}
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], adapters: list[str], cfg: Settings):
-    """Greedy answers, one per (conversation, adapter) pair; returns texts and speed figures.
+def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, adapters: list[str] | None = None):
+    """Greedy answers, one per conversation, in batches; returns texts and speed figures.
 
-    Base and tuned answers share batches: PEFT routes each row through its own adapter
-    (`adapter_names`, "__base__" for none). A decoding step costs about the same for 16 rows as
-    for 128 (it is bound by kernel launches and 4-bit dequantization, not by arithmetic), so
-    fewer, fuller batches are what makes evaluation fast. Rows are sorted by prompt length so
-    a batch carries little padding.
+    With `adapters`, a PeftModel routes each row through its own adapter ("__base__" for none),
+    so base and tuned answers can share batches. A decoding step is bound by kernel launches,
+    not arithmetic, so fewer, fuller batches are faster; rows are sorted by prompt length so a
+    batch carries little padding.
     """
     import torch
     from tqdm.auto import tqdm
@@ -105,7 +125,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], adapters: list[s
         with torch.no_grad():
             out = model.generate(
                 **enc,
-                adapter_names=[adapters[i] for i in idx],
+                **({"adapter_names": [adapters[i] for i in idx]} if adapters else {}),
                 max_new_tokens=cfg.MAX_NEW_TOKENS,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
@@ -147,32 +167,38 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     prompts = [build_messages(cfg, r["patient"], r.get("description", "")) for r in eval_rows]
     safety_prompts = [build_messages(cfg, p["prompt"]) for p in safety.SAFETY_PROMPTS]
 
-    # One generation pass for everything: held-out prompts and safety prompts, base and tuned.
-    conversations = prompts + safety_prompts
-    names = {"base": "__base__", "tuned": "default"}
-    texts, speed = generate(
-        model, tokenizer, conversations * 2, [names["base"]] * len(conversations) + [names["tuned"]] * len(conversations),
-        cfg,
-    )
-    metrics: dict[str, Any] = {
-        "eval_rows": len(token_rows), "generations": len(prompts), "precision": precision, "generation_speed": speed,
-    }
-    answers: dict[str, list[str]] = {}
-    safety_results: dict[str, list[dict]] = {}
-    for k, (name, enabled) in enumerate((("base", False), ("tuned", True))):
-        mine = texts[k * len(conversations) : (k + 1) * len(conversations)]
-        answers[name], safe_texts = mine[: len(prompts)], mine[len(prompts) :]
+    metrics: dict[str, Any] = {"eval_rows": len(token_rows), "generations": len(prompts), "precision": precision}
+    for name, enabled in (("base", False), ("tuned", True)):
         with adapter(model, enabled):
-            m = eval_loss(model, token_rows, cfg.EVAL_BATCH_SIZE, tokenizer.pad_token_id) if token_rows else {}
+            metrics[name] = eval_loss(model, token_rows, cfg.EVAL_BATCH_SIZE, tokenizer.pad_token_id) \
+                if token_rows else {}
+
+    # Answers for the held-out and the safety prompts, from both models.
+    conversations = prompts + safety_prompts
+    answers, speed = {}, {}
+    for name, gen_model in models_for_generation(model, cfg, run_dir):
+        texts, speed[name] = generate(gen_model, tokenizer, conversations, cfg)
+        answers[name] = texts
+    metrics["generation_speed"] = {
+        "answers": sum(s["answers"] for s in speed.values()),
+        "new_tokens": sum(s["new_tokens"] for s in speed.values()),
+        "seconds": round(sum(s["seconds"] for s in speed.values()), 2),
+    }
+    metrics["generation_speed"]["tokens_per_s"] = round(
+        metrics["generation_speed"]["new_tokens"] / max(metrics["generation_speed"]["seconds"], 1e-9), 1
+    )
+    safety_results: dict[str, list[dict]] = {}
+    for name in ("base", "tuned"):
+        answers[name], safe_texts = answers[name][: len(prompts)], answers[name][len(prompts) :]
+        m = metrics[name]
         m.update(_lengths(answers[name]))
         m["rougeL_f1"] = rouge_l(answers[name], [r["doctor"] for r in eval_rows])
         results = [safety.score_answer(p, a) | {"answer": a} for p, a in zip(safety.SAFETY_PROMPTS, safe_texts)]
         m["safety"] = safety.summarize(results)
-        metrics[name] = m
         safety_results[name] = results
         log.info("%s: eval loss %s, ROUGE-L %.3f, safety pass %.0f%%", name, m.get("eval_loss"), m["rougeL_f1"],
                  100 * m["safety"]["overall"]["pass_rate"])
-    log.info("generation: %s", speed)
+    log.info("generation: %s", metrics["generation_speed"])
 
     samples = [
         {"prompt": p[-1]["content"], "reference": r["doctor"], "base": b, "tuned": t}
