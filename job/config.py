@@ -240,9 +240,11 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         elif close and not key.startswith(_FOREIGN_PREFIXES):
             problems.append(f"{key}: unknown setting; did you mean {close[0]}?")
 
-    settings = Settings(**values) if not problems else None
-    if settings is not None:
-        problems.extend(_check(settings))
+    # Range and cross-field checks run on whatever did parse (defaults stand in for the rest), so one
+    # report lists every problem; a setting that failed to parse is not reported a second time.
+    unparsed = {p.split("=", 1)[0] for p in problems}
+    settings = Settings(**values)
+    problems.extend(p for p in _check(settings) if p.split("=", 1)[0] not in unparsed)
     if problems:
         raise ConfigError("Invalid settings (fix all of these, then run again):\n  - " + "\n  - ".join(problems))
     return settings

@@ -30,7 +30,8 @@ MIN_REPLY_CHARS = 20  # shorter "replies" are fragments like "Hi." left after bo
 
 # --- cleaning rules -----------------------------------------------------------------------------
 # Each rule is a (name, function) pair; stats.json counts the rows each one changed.
-_URL = re.compile(r"(https?://\S+|www\.\S+)", re.I)
+# Punctuation after a link ends the sentence, not the link: "see www.x.org. Then" becomes "see. Then".
+_URL = re.compile(r"\s*(?:https?://|www\.)\S+?(?=[.,;:!?)\]]*(?:\s|$))", re.I)
 _ARROW = re.compile(r"\s*-->\s*")
 # Sentences that belong to the Q&A platforms, not to medicine. Removing the whole sentence keeps
 # the reply grammatical ("Hello, welcome to Chat Doctor." vanishes rather than becoming "Hello,").
@@ -42,13 +43,17 @@ _BOILERPLATE = re.compile(
     r"let me know if you have any (other|further|more) (questions?|quer)",
     re.I,
 )
-# A trailing sign-off such as "Regards, Dr. Satyanarayan Kabra" or "Take care. Dr Ravi".
+# A trailing sign-off such as "Regards, Dr. Satyanarayan Kabra", "Take care. Dr Ravi" or a bare
+# "Regards, Dr." left when the name was boilerplate. "Dr" must follow a sign-off word or start a
+# sentence, so advice that ends "... see your Dr. soon." is not cut.
+_SIGNOFF_WORDS = r"\b(?:regards|best wishes|take care|thanks|thank you|good luck|sincerely)\b[\s,.!]*"
+_NAME_WORD = r"[\s,]+[a-z][\w.]*"
 _SIGNOFF = re.compile(
-    r"(\b(regards|best wishes|take care|thanks|thank you|good luck|sincerely)\b[\s,.!]*)*"
-    r"\bdr\.?\s+[a-z][\w.]*(\s+[a-z][\w.]*){0,3}[\s.,]*$",
+    rf"(?:{_SIGNOFF_WORDS})+\bdr\b\.?(?:{_NAME_WORD}){{0,4}}[\s.,]*$"
+    rf"|(?:^|(?<=[.!?]))\s*\bdr\b\.?(?:{_NAME_WORD}){{1,4}}[\s.,]*$",
     re.I,
 )
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])(\s+)")  # the separator is kept, so paragraphs survive
 
 
 def _whitespace(text: str) -> str:
@@ -68,30 +73,31 @@ def _arrows(text: str) -> str:
 
 
 def _boilerplate(text: str) -> str:
-    kept = [s for s in _SENTENCE_SPLIT.split(text) if not _BOILERPLATE.search(s)]
-    text = " ".join(kept)
+    parts = _SENTENCE_SPLIT.split(text) + [""]  # sentence, separator, sentence, ..., separator
+    text = "".join(s + sep for s, sep in zip(parts[::2], parts[1::2]) if not _BOILERPLATE.search(s)).rstrip()
     # Sign-offs can repeat ("Regards. Dr. X. Take care"), so strip until stable.
     while (stripped := _SIGNOFF.sub("", text).rstrip()) != text:
         text = stripped
     return text
 
 
-RULES = [("urls", _urls), ("arrows", _arrows), ("boilerplate", _boilerplate), ("whitespace", _whitespace)]
+RULES = [("whitespace", _whitespace), ("urls", _urls), ("arrows", _arrows), ("boilerplate", _boilerplate)]
 DOCTOR_ONLY_RULES = {"boilerplate"}  # patients don't write platform boilerplate; their "Dr." is a greeting
 
 
 def clean_text(text: Any, field: str = "doctor", changed: Counter | None = None) -> str:
     """Apply every cleaning rule in order; count in `changed` which rules altered the text."""
     text = "" if text is None else str(text)
-    text = _whitespace(text)  # first pass so later rules see single spaces
     for name, rule in RULES:
         if name in DOCTOR_ONLY_RULES and field != "doctor":
             continue
-        new = rule(text)
+        # Tidy the spaces a removal leaves behind, so they are not counted as the whitespace rule's
+        # work (that counts the raw text's tabs, \u00a0, \r\n ...) and the next rule sees single spaces.
+        new = _whitespace(rule(text))
         if new != text and changed is not None:
             changed[f"{field}.{name}"] += 1
         text = new
-    return _whitespace(text)
+    return text
 
 
 def dedup_key(text: str) -> str:

@@ -1,0 +1,231 @@
+"""Shared fixtures: a tiny model built once, and one real pipeline run with the Hub replaced at its boundary.
+
+Fixtures for other test modules to reuse:
+
+- ``tiny_model_dir`` (session): folder of a 2-layer Llama model + BPE tokenizer (trained on the fixture's
+  texts, Llama-3-style chat template), written by ``job.tiny.build_tiny_model``. Use it as BASE_MODEL.
+- ``demo_env`` (session): ``demo_env(output_dir, **overrides) -> dict[str, str]``, every environment variable
+  a small, CPU, offline run needs: the demo's settings plus BASE_MODEL, OUTPUT_DIR, RUN_NAME, HUB_REPO_ID and
+  HF_TOKEN (= ``CANARY_TOKEN``). Overrides are setting names, e.g. ``demo_env(d, LORA_R="4")``.
+- ``run_job`` (session): ``run_job(env, *argv) -> JobResult(exit_code, output)`` runs ``python -m job``
+  in-process (``job.__main__.main``) with exactly ``env`` as the job's settings (no .env), capturing what it
+  printed and logged.
+- ``demo_run`` (session): the whole pipeline run once with ``demo_env``; returns ``DemoRun`` (run_dir, env,
+  hub, exit_code, output). ``hub`` is the ``FakeHub`` that stood in for ``job.push.HfApi``. Treat the run
+  directory as read-only; use ``demo_run_copy`` for anything that writes.
+- ``demo_run_copy`` (function): a private copy of ``demo_run``'s output folder; returns a ``DemoRun`` whose
+  env points OUTPUT_DIR at the copy and whose ``hub`` is a fresh ``FakeHub`` patched in for this test only.
+- ``fake_hub`` (function): a fresh ``FakeHub`` patched in as ``job.push.HfApi`` for one test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+# Tests never touch the network: the tiny model and the fixture are local, the Hub client is faked.
+# Set before huggingface_hub reads its constants (test modules import job.* after this file).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from huggingface_hub import HfApi  # noqa: E402
+
+from job.__main__ import DEMO, FIXTURE  # noqa: E402
+from job.config import SETTINGS  # noqa: E402
+from job.io import read_jsonl  # noqa: E402
+
+CANARY_TOKEN = "hf_canary_DO_NOT_LEAK_7f3a9c"  # must never appear in any file, log or upload
+HUB_REPO_ID = "alice/med-test"
+RUN_NAME = "med-test"
+# On top of the demo's settings: fewer conversations so the shared run stays well under a minute of
+# training on 2 CPU cores (32 conversations x 2 epochs / batch 4 = 16 optimizer steps, a checkpoint every 5).
+TEST_SPEED = {"NUM_SAMPLES": "32"}
+
+
+# --- the Hub, faked at its boundary ----------------------------------------------------------------------
+class FakeHub:
+    """Stands in for ``huggingface_hub.HfApi`` (patched as ``job.push.HfApi``) and records what the job asked.
+
+    Calls are bound against the real ``HfApi`` method signatures, so a misspelled keyword fails here as it
+    would against the Hub. Attributes:
+      tokens   -- the ``token=`` each client was created with
+      calls    -- [(method, arguments)] in call order (``self`` left out, defaults not filled in)
+      uploads  -- one dict per ``upload_folder``: its arguments plus ``files``, the sorted relative paths in
+                  ``folder_path`` at upload time, and ``copy``, a folder holding a copy of what was uploaded
+    """
+
+    def __init__(self, store: Path):
+        self.store = Path(store)
+        self.tokens: list[str | None] = []
+        self.calls: list[tuple[str, dict]] = []
+        self.uploads: list[dict] = []
+
+    def methods(self, name: str) -> list[dict]:
+        return [args for method, args in self.calls if method == name]
+
+    def client_class(self) -> type:
+        hub = self
+
+        def bind(method: str, args: tuple, kwargs: dict) -> dict:
+            bound = inspect.signature(getattr(HfApi, method)).bind(None, *args, **kwargs)
+            out = dict(bound.arguments)
+            out.pop("self", None)
+            out.update(out.pop("kwargs", {}) or {})
+            return out
+
+        class FakeHfApi:
+            def __init__(self, *args, **kwargs):
+                hub.tokens.append(bind("__init__", args, kwargs).get("token"))
+
+            def create_repo(self, *args, **kwargs):
+                a = bind("create_repo", args, kwargs)
+                hub.calls.append(("create_repo", a))
+                return f"https://huggingface.co/{a['repo_id']}"
+
+            def upload_folder(self, *args, **kwargs):
+                a = bind("upload_folder", args, kwargs)
+                folder = Path(a["folder_path"])
+                copy = hub.store / f"upload-{len(hub.uploads)}"
+                shutil.copytree(folder, copy)
+                files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                hub.calls.append(("upload_folder", a))
+                hub.uploads.append({**a, "files": files, "copy": copy})
+                return SimpleNamespace(commit_url=f"https://huggingface.co/{a['repo_id']}/commit/fake")
+
+        return FakeHfApi
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch) -> FakeHub:
+    """A fresh FakeHub patched in as job.push.HfApi for one test."""
+    hub = FakeHub(tmp_path / "fake-hub")
+    monkeypatch.setattr("job.push.HfApi", hub.client_class())
+    return hub
+
+
+# --- running the job -------------------------------------------------------------------------------------
+@dataclass
+class JobResult:
+    exit_code: int
+    output: str  # stdout, stderr and INFO+ log records, interleaved
+
+
+@contextlib.contextmanager
+def _job_environment(env: dict[str, str], cwd: Path):
+    """os.environ = the current one without any setting names, plus `env`; restored afterwards, whatever the
+    job itself set (the train stage sets TENSORBOARD_LOGGING_DIR)."""
+    saved, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        for name in SETTINGS:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        os.chdir(cwd)  # no developer .env is picked up
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _run_job(env: dict[str, str], *argv: str) -> JobResult:
+    from job.__main__ import main
+
+    cwd = Path(env.get("OUTPUT_DIR", ".")).parent
+    cwd.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)  # also makes the job's logging.basicConfig a no-op
+    root.setLevel(logging.INFO)
+    try:
+        with _job_environment(env, cwd), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            code = main(list(argv or ["run"]))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return JobResult(code, buf.getvalue())
+
+
+@pytest.fixture(scope="session")
+def run_job():
+    """run_job(env, *argv) -> JobResult: `python -m job *argv` (default: run) in-process, settings = env."""
+    return _run_job
+
+
+# --- the tiny model and the shared run -------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-64 Llama model + tokenizer (BPE trained on the fixture's texts), built once."""
+    from job.tiny import build_tiny_model
+
+    texts = [v for row in read_jsonl(FIXTURE) for v in row.values() if isinstance(v, str)]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts)
+
+
+@pytest.fixture(scope="session")
+def demo_env(tiny_model_dir):
+    """demo_env(output_dir, **overrides) -> the environment of a small CPU run of the whole job."""
+
+    def make(output_dir: str | Path, **overrides: str) -> dict[str, str]:
+        env = {
+            **DEMO,
+            **TEST_SPEED,
+            "BASE_MODEL": str(tiny_model_dir),
+            "OUTPUT_DIR": str(output_dir),
+            "RUN_NAME": RUN_NAME,
+            "HUB_REPO_ID": HUB_REPO_ID,
+            "HF_TOKEN": CANARY_TOKEN,
+        }
+        env.update({k: str(v) for k, v in overrides.items()})
+        return env
+
+    return make
+
+
+@dataclass
+class DemoRun:
+    run_dir: Path  # OUTPUT_DIR/RUN_NAME
+    env: dict[str, str]  # the settings it ran with
+    hub: FakeHub  # what the job asked of the (fake) Hub
+    exit_code: int
+    output: str = field(repr=False)  # everything it printed and logged
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run_dir.parent
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_env) -> DemoRun:
+    """The whole pipeline (sample, format, train, evaluate, push) run once, with job.push.HfApi faked."""
+    base = tmp_path_factory.mktemp("demo-run")
+    env = demo_env(base / "outputs")
+    hub = FakeHub(base / "fake-hub")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("job.push.HfApi", hub.client_class())
+        result = _run_job(env, "run")
+    run = DemoRun(Path(env["OUTPUT_DIR"]) / env["RUN_NAME"], env, hub, result.exit_code, result.output)
+    (base / "job-output.log").write_text(result.output)
+    assert run.exit_code == 0, f"the demo run failed (exit {run.exit_code}):\n{result.output[-5000:]}"
+    return run
+
+
+@pytest.fixture
+def demo_run_copy(demo_run, tmp_path, fake_hub) -> DemoRun:
+    """A private copy of demo_run's output folder, with its own FakeHub; safe to rerun, kill or corrupt."""
+    out = tmp_path / "outputs"
+    shutil.copytree(demo_run.output_dir, out, copy_function=shutil.copy2)
+    env = {**demo_run.env, "OUTPUT_DIR": str(out)}
+    return replace(demo_run, run_dir=out / env["RUN_NAME"], env=env, hub=fake_hub, output="")

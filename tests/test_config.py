@@ -1,0 +1,194 @@
+"""The settings schema (job/config.py): defaults, parsing, validation that reports everything, .env, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from job.config import SETTINGS, STAGES, Settings, load_settings
+from job.errors import ConfigError
+
+CANARY = "hf_canary_config_0c1d2e"
+
+
+def load(env_file=None, **env):
+    return load_settings(environ={k: str(v) for k, v in env.items()}, env_file=env_file)
+
+
+def problems(**env) -> str:
+    with pytest.raises(ConfigError) as err:
+        load(**env)
+    return str(err.value)
+
+
+def test_defaults_are_the_seed_recipe():
+    s = load()
+    assert s == Settings()
+    assert s.BASE_MODEL == "meta-llama/Llama-3.2-3B-Instruct"
+    assert s.DATASET == "ruslanmv/ai-medical-chatbot"
+    assert s.QUANTIZATION == "nf4"
+    assert (s.LORA_R, s.LORA_ALPHA, s.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    assert (s.LEARNING_RATE, s.EPOCHS, s.NUM_SAMPLES) == (2e-4, 1.0, 1000)
+    assert s.PRECISION == "auto" and s.stages == STAGES
+    assert s.HF_TOKEN == "" and s.WANDB_API_KEY == ""
+
+
+def test_every_setting_has_a_type_default_and_help():
+    for name, f in SETTINGS.items():
+        assert name.isupper() and f.metadata["help"].strip(), name
+        assert str(f.type) in {"str", "int", "float", "bool"}, (name, f.type)
+        default = f.default
+        choices = f.metadata["choices"]
+        assert choices is None or default in choices, name
+    assert {n for n, f in SETTINGS.items() if f.metadata["secret"]} == {"HF_TOKEN", "WANDB_API_KEY"}
+
+
+def test_all_problems_are_reported_together_each_named():
+    msg = problems(
+        LORA_R="0",  # range
+        LEARNING_RATE="fast",  # not a number
+        QUANTIZATION="int3",  # not a choice
+        PACKING="maybe",  # not a bool
+        EVAL_SAMPLES="-1",  # range
+        HUB_REPO_ID="no-owner",  # format
+        RUN_NAME="a/b",  # becomes a folder name
+    )
+    for expected in ("LORA_R=0", "LEARNING_RATE='fast'", "QUANTIZATION='int3'", "PACKING='maybe'",
+                     "EVAL_SAMPLES=-1", "HUB_REPO_ID='no-owner'", "RUN_NAME='a/b'"):
+        assert expected in msg, f"{expected} missing from:\n{msg}"
+    assert msg.count("\n  - ") == 7, msg  # one line each, no duplicates
+    assert "nf4, none" in msg  # the choices are listed
+
+
+@pytest.mark.parametrize("raw", ["1", "true", "True", "YES", "on", " on "])
+def test_true_values(raw):
+    assert load(PACKING=raw).PACKING is True
+
+
+@pytest.mark.parametrize("raw", ["0", "false", "FALSE", "no", "off"])
+def test_false_values(raw):
+    assert load(PACKING=raw).PACKING is False
+
+
+def test_numbers_parse():
+    s = load(NUM_SAMPLES="2_000", LORA_R=" 16 ", LEARNING_RATE="3e-4", EPOCHS="2", WARMUP_RATIO="0.1")
+    assert (s.NUM_SAMPLES, s.LORA_R, s.LEARNING_RATE, s.EPOCHS, s.WARMUP_RATIO) == (2000, 16, 3e-4, 2.0, 0.1)
+    assert isinstance(s.EPOCHS, float) and isinstance(s.LORA_R, int)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "words"),
+    [
+        ("PACKING", "maybe", "expected true or false"),
+        ("LORA_R", "8.5", "LORA_R='8.5'"),
+        ("LORA_R", "", "empty"),
+        ("LEARNING_RATE", "", "empty"),
+        ("LEARNING_RATE", "2", "between 0 and 1"),
+        ("LORA_DROPOUT", "1.5", "between 0 and 1"),
+        ("EPOCHS", "0", "greater than 0"),
+        ("MAX_SEQ_LENGTH", "32", "too short"),
+        ("LORA_TARGET_MODULES", " , ", "at least one module"),
+        ("STAGES", "sample,trian", "STAGES='sample,trian'"),
+        ("BASE_MODEL", " ", "must not be empty"),
+    ],
+)
+def test_bad_values(name, raw, words):
+    msg = problems(**{name: raw})
+    assert name in msg and words in msg
+
+
+def test_choices():
+    s = load(QUANTIZATION="none", PRECISION="bf16", LR_SCHEDULER="linear", ATTN_IMPLEMENTATION="eager")
+    assert (s.QUANTIZATION, s.PRECISION, s.LR_SCHEDULER, s.ATTN_IMPLEMENTATION) == ("none", "bf16", "linear", "eager")
+    assert "choose one of auto, bf16, fp16, fp32" in problems(PRECISION="fp8")
+
+
+def test_cross_field_checks():
+    assert "EVAL_GENERATIONS=20: cannot exceed EVAL_SAMPLES=10" in problems(EVAL_SAMPLES=10, EVAL_GENERATIONS=20)
+    assert "WANDB_API_KEY" in problems(REPORT_TO="wandb")
+    assert load(REPORT_TO="wandb", WANDB_API_KEY="k").REPORT_TO == "wandb"
+
+
+def test_stages_and_target_modules_are_split():
+    s = load(STAGES=" sample , format,train ", LORA_TARGET_MODULES="q_proj, k_proj,v_proj ,o_proj")
+    assert s.stages == ("sample", "format", "train")
+    assert s.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert s.run_dir == Path("outputs") / "medical-assistant"
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("LORA_RANK", "LORA_R"), ("LERNING_RATE", "LEARNING_RATE"),
+                                              ("NUM_SAMPLE", "NUM_SAMPLES")])
+def test_typo_in_dotenv_suggests_the_setting(tmp_path, typo, meant):
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"{typo}=16\nSEED=1\n")
+    msg = problems_from_file(env_file)
+    assert f"{typo}: unknown setting in .env; did you mean {meant}?" in msg
+
+
+def test_unknown_dotenv_names_without_a_close_match_point_to_the_list(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("BANANA=1\nHF_HOME=/cache\nWANDB_PROJECT=x\n")  # library variables are fine
+    msg = problems_from_file(env_file)
+    assert "BANANA: unknown setting in .env; see `python -m job config`" in msg
+    assert "HF_HOME" not in msg and "WANDB_PROJECT" not in msg
+
+
+def test_typo_in_the_environment_suggests_the_setting():
+    assert "LERNING_RATE: unknown setting; did you mean LEARNING_RATE?" in problems(LERNING_RATE="1e-4")
+    assert load(PATH="/usr/bin", HOME="/root").LORA_R == 8  # unrelated variables are ignored
+
+
+def problems_from_file(env_file: Path) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={}, env_file=env_file)
+    return str(err.value)
+
+
+def test_environment_wins_over_dotenv(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("LORA_R=4\nSEED=7\n# a comment\nRUN_NAME='from-file'\n")
+    s = load_settings(environ={"LORA_R": "32"}, env_file=env_file)
+    assert (s.LORA_R, s.SEED, s.RUN_NAME) == (32, 7, "from-file")
+    assert load_settings(environ={}, env_file=tmp_path / "missing.env") == Settings()
+
+
+def test_masked_hides_secrets_only():
+    masked = load(HF_TOKEN=CANARY, LORA_R=4).masked()
+    assert masked["HF_TOKEN"] == "***" and masked["WANDB_API_KEY"] == ""
+    assert masked["LORA_R"] == 4 and set(masked) == set(SETTINGS)
+    assert CANARY not in json.dumps(masked)
+
+
+# --- the CLI, as a user runs it -------------------------------------------------------------------------------
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    environ.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args], cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_config_prints_resolved_settings_with_secrets_masked(tmp_path):
+    (tmp_path / ".env").write_text("SEED=5\n")
+    done = cli(tmp_path, "config", HF_TOKEN=CANARY, LORA_R="4")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["HF_TOKEN"] == "***" and printed["LORA_R"] == 4 and printed["SEED"] == 5
+    assert set(printed) == set(SETTINGS)
+    assert CANARY not in done.stdout + done.stderr
+
+
+def test_cli_bad_setting_exits_2_with_the_message_on_stderr_and_writes_nothing(tmp_path):
+    before = sorted(tmp_path.rglob("*"))
+    done = cli(tmp_path, OUTPUT_DIR=str(tmp_path / "out"), LORA_R="0", QUANTIZATION="int3", HF_TOKEN=CANARY)
+    assert done.returncode == 2
+    assert "LORA_R=0" in done.stderr and "QUANTIZATION='int3'" in done.stderr
+    assert "exit 2" in done.stderr
+    assert "LORA_R" not in done.stdout
+    assert sorted(tmp_path.rglob("*")) == before, "nothing may be written before the settings are valid"
+    assert CANARY not in done.stdout + done.stderr
