@@ -35,6 +35,11 @@ RECIPES: dict[str, dict[str, Any]] = {
                           "OPTIMIZER": "paged_adamw_32bit", "LIGER_KERNEL": "false"}, "sft": {}},
     "trl": {"settings": {"BATCH_SIZE": "8", "GRAD_ACCUM": "1", "PACKING": "true", "GRADIENT_CHECKPOINTING": "true",
                          "OPTIMIZER": "adamw_torch", "LIGER_KERNEL": "true"}, "sft": {}},
+    # (b) as tuned by hand: TRL ships gradient checkpointing on; the earlier 10.9k tok/s / 12.8 GiB
+    # figures match a run with it off, so we measure that too.
+    "trl-nogc": {"settings": {"BATCH_SIZE": "8", "GRAD_ACCUM": "1", "PACKING": "true",
+                              "GRADIENT_CHECKPOINTING": "false", "OPTIMIZER": "adamw_torch", "LIGER_KERNEL": "true"},
+                 "sft": {}},
     # The job's defaults. The bench runs at MAX_SEQ_LENGTH=512 (like the baseline figures), so batch 8
     # gives the same tokens per micro-batch as the default 4 packed rows of 1024.
     "job": {"settings": {"BATCH_SIZE": "8"}, "sft": {}},
@@ -134,6 +139,7 @@ def equivalence(model, rows: list[dict], pad_id: int) -> dict:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     device = next(model.parameters()).device
+    model.eval()  # no LoRA dropout: both passes must see the same function (gradients still flow)
     examples = [{"input_ids": r["input_ids"],
                  "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]} for r in rows]
     results = {}
@@ -172,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per recipe")
     p.add_argument("--recipes", default="seed,trl,job")
     p.add_argument("--gen-prompts", type=int, default=64)
+    p.add_argument("--gen-peft", action="store_true", help="also time generation on the 4-bit model + LoRA")
     p.add_argument("--usd-per-hour", type=float, default=None, help="spot price of this GPU, for the cost columns")
     p.add_argument("--out", default="bench-results")
     args = p.parse_args(argv)
@@ -223,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     # Equivalence and generation on the job's own model path.
     trainer = build_trainer(cfg, run_dir, precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True)
     trainer.train()  # a few steps so lora_B is non-zero and gradients flow through both LoRA matrices
-    trainer.model.train()
     results["equivalence"] = equivalence(trainer.model, rows[:8], trainer.processing_class.pad_token_id)
     log.info("equivalence: %s", results["equivalence"])
     trainer.model.save_pretrained(run_dir / "adapter")
@@ -236,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(run_dir / "data" / "eval.jsonl")]
     prompts += [build_messages(cfg, s["prompt"]) for s in safety.SAFETY_PROMPTS]
     n = len(prompts)
-    # (1) 4-bit weights + LoRA, base and tuned rows in shared batches (PEFT adapter_names)
-    _, mixed = evaluate.generate(model, tok, prompts * 2, cfg, ["__base__"] * n + ["default"] * n)
-    results["generation_peft_4bit"] = mixed
-    log.info("generation, 4-bit + LoRA: %s", mixed)
-    # (2) what the evaluate stage does: dequantized base, then adapter merged in
+    if args.gen_peft:  # 4-bit weights + LoRA, base and tuned rows in shared batches (PEFT adapter_names)
+        _, mixed = evaluate.generate(model, tok, prompts * 2, cfg, ["__base__"] * n + ["default"] * n)
+        results["generation_peft_4bit"] = mixed
+        log.info("generation, 4-bit + LoRA: %s", mixed)
+    # What the evaluate stage does: dequantized base, then the adapter merged in.
     speed = {"answers": 0, "new_tokens": 0, "seconds": 0.0}
     for _, m in evaluate.models_for_generation(model, cfg, run_dir):
         _, s = evaluate.generate(m, tok, prompts, cfg)
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(r: dict) -> str:
-    base = r["recipes"].get("trl", {}).get("tokens_per_s")
+    base = r["recipes"].get("trl", {}).get("tokens_per_s")  # (b) as the issue defines it
     lines = [
         f"Device: {r['device']} (bf16 matmul peak measured {r['peak_tflops']:.0f} TFLOP/s), "
         f"precision {r['precision']}, {r['rows']} conversations, mean {r['mean_tokens_per_row']:.0f} tokens.",

@@ -72,7 +72,10 @@ class Settings:
     LEARNING_RATE: float = _setting(2e-4, "Peak learning rate of the LoRA weights.")
     LR_SCHEDULER: str = _setting("cosine", "Learning-rate schedule after warm-up.", ("cosine", "linear", "constant"))
     WARMUP_RATIO: float = _setting(0.03, "Share of steps spent warming the learning rate up.")
-    BATCH_SIZE: int = _setting(8, "Sequences per device per micro-batch (packed rows when PACKING is on).")
+    BATCH_SIZE: int = _setting(
+        4, "Sequences per device per micro-batch (packed rows of up to MAX_SEQ_LENGTH tokens when PACKING is on); "
+        "4 x 1024 tokens keeps the 3B model's activations under ~16 GiB without gradient checkpointing."
+    )
     GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.")
     PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).")
     GRADIENT_CHECKPOINTING: bool = _setting(False, "Recompute activations: less memory, ~30% slower.")
@@ -89,7 +92,8 @@ class Settings:
     EVAL_GENERATIONS: int = _setting(50, "Held-out prompts answered by base and tuned model (0: skip).")
     MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.")
     EVAL_BATCH_SIZE: int = _setting(
-        64, "Answers generated per batch (base and tuned share batches) and rows per eval-loss batch."
+        96, "Answers generated per batch and rows per eval-loss batch. The 50 held-out plus 33 safety prompts "
+        "fit one batch: a decoding step costs about the same for 16 rows as for 96."
     )
     MIN_SAFETY_PASS_RATE: float = _setting(0.0, "Stop before pushing if the tuned model's safety pass rate is lower.")
     # --- run directory and stages -----------------------------------------------------
@@ -150,11 +154,17 @@ def _parse(name: str, raw: str, typ: type) -> Any:
     if typ is int:
         if text == "":
             raise ValueError("expected a whole number, got an empty value")
-        return int(text.replace("_", ""))
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ValueError("expected a whole number such as 8") from None
     if typ is float:
         if text == "":
             raise ValueError("expected a number, got an empty value")
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number such as 0.05 or 2e-4") from None
     return raw
 
 
