@@ -128,6 +128,14 @@ def _check_local_file(path: Path) -> None:
                         f"DATASET={str(path)!r}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start}). "
                         "Re-save the file as UTF-8."
                     ) from None
+                if path.suffix.lower() == ".jsonl" and line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(
+                            f"DATASET={str(path)!r}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}). "
+                            "Fix or delete that line: each line must be one JSON object."
+                        ) from None
 
 
 def load_rows(cfg: Settings):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from job.config import Settings
@@ -140,9 +142,7 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
     return model
 
 
-def lora_config(cfg: Settings, model: Any):
-    from peft import LoraConfig
-
+def _check_targets(cfg: Settings, model: Any) -> None:
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     absent = [m for m in cfg.target_modules if m not in present]
     if absent:
@@ -151,6 +151,41 @@ def lora_config(cfg: Settings, model: Any):
             f"LORA_TARGET_MODULES={cfg.LORA_TARGET_MODULES!r}: {', '.join(absent)} not found in BASE_MODEL. "
             f"Its linear modules are: {', '.join(linear)}."
         )
+
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def check_base_model(cfg: Settings, lora: bool) -> None:
+    """Before any weights load: BASE_MODEL exists, has a chat template, and (when training) has the
+    LORA_TARGET_MODULES. The architecture is built from config.json on the meta device: no memory used."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(cfg.BASE_MODEL).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise ConfigError(
+            f"BASE_MODEL={cfg.BASE_MODEL!r}: {path} has no config.json. Give a folder written by "
+            "save_pretrained, or a Hub id such as meta-llama/Llama-3.2-3B-Instruct."
+        )
+    if not path.exists() and (cfg.BASE_MODEL.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(cfg.BASE_MODEL)):
+        raise ConfigError(
+            f"BASE_MODEL={cfg.BASE_MODEL!r}: no such folder, and not a Hub id (owner/name). Fix the path, "
+            "or use a Hub id such as meta-llama/Llama-3.2-3B-Instruct."
+        )
+    load_tokenizer(cfg)  # raises when there is no chat template
+    if lora:
+        config = _hub_call(
+            f"BASE_MODEL={cfg.BASE_MODEL!r}", AutoConfig.from_pretrained, cfg.BASE_MODEL, token=cfg.HF_TOKEN or None
+        )
+        with torch.device("meta"):
+            _check_targets(cfg, AutoModelForCausalLM.from_config(config))
+
+
+def lora_config(cfg: Settings, model: Any):
+    from peft import LoraConfig
+
+    _check_targets(cfg, model)
     return LoraConfig(
         r=cfg.LORA_R,
         lora_alpha=cfg.LORA_ALPHA,

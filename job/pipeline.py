@@ -22,7 +22,7 @@ from job.config import STAGES, Settings
 from job.errors import ConfigError
 from job.faults import maybe_die
 from job.io import atomic_write_text, read_json
-from job.model import check_quantization, is_main_process, resolve_precision
+from job.model import check_base_model, check_quantization, is_main_process, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ def preflight(cfg: Settings, run_dir: Path, manifest: dict) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        problems.append(f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}: cannot write {run_dir} ({e.strerror}); choose a writable folder")
+        problems.append(
+            f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}: cannot write {run_dir} ({e.strerror}); choose a writable folder"
+        )
     selected = cfg.stages
     if "push" in selected and cfg.HUB_REPO_ID and not cfg.HF_TOKEN:
         problems.append(
@@ -103,6 +105,13 @@ def preflight(cfg: Settings, run_dir: Path, manifest: dict) -> None:
             except ConfigError as e:
                 problems.append(str(e))
     done = manifest["stages"]
+    # The model's own files (tokenizer, config.json), checked only for stages that will run.
+    pending = {s for s in selected if cfg.REDO or done.get(s, {}).get("status") != "done"}
+    if pending & {"format", "train", "evaluate"}:
+        try:
+            check_base_model(cfg, lora="train" in pending)
+        except ConfigError as e:
+            problems.append(str(e))
     for i, stage in enumerate(STAGES):
         rec = done.get(stage, {})
         if stage in selected and rec.get("status") == "done" and not cfg.REDO:

@@ -25,6 +25,8 @@ from job.model import is_main_process, load_model, load_tokenizer, lora_config, 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+# What resuming reads: without any of these the Trainer would crash or silently restart the schedule.
+REQUIRED = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -48,6 +50,10 @@ def checkpoint_loads(path: Path) -> bool:
     import torch
     from safetensors import safe_open
 
+    missing = [n for n in REQUIRED if not (path / n).is_file()]
+    if missing:
+        log.warning("checkpoint %s lacks %s; trying an older one", path.name, ", ".join(missing))
+        return False
     try:
         json.loads((path / "trainer_state.json").read_text())
         for f in path.glob("*.safetensors"):
@@ -74,6 +80,11 @@ def resume_point(ckpt_dir: Path) -> Path | None:
     for p in complete_checkpoints(ckpt_dir):
         if checkpoint_loads(p):
             return p
+        if is_main_process():
+            # Training redoes this step and writes its checkpoint here again: unmark it first, so a kill
+            # during that write cannot leave new files behind an old marker.
+            (p / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True)
     return None
 
 
@@ -189,6 +200,12 @@ def build_trainer(cfg: Settings, run_dir: Path, precision: str, **overrides: Any
         processing_class=tokenizer,
         callbacks=[_completeness_callback(cfg.SAVE_TOTAL_LIMIT)],
     )
+    # TRL casts LoRA weights of a quantized model to bf16. We keep them in fp32: fp16's gradient
+    # scaler cannot unscale bf16 gradients, and a resumed run loads the adapter back in fp32
+    # (PEFT's load_adapter), so bf16 here would make a resumed run differ from an uninterrupted one.
+    for p in trainer.model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     return trainer
 
 

@@ -1,0 +1,312 @@
+"""The bad-input catalog: every mistake a user can make up front gets one clear message and the right exit code.
+
+Each case runs `python -m job` in-process (`job.__main__.main`) with its own settings, and checks:
+the exit code (2, bad setting or input, unless the table says otherwise); that the message names the
+item and the fix (the `expect` fragments); that nothing is marked done in the manifest (beyond what the
+case allows); and, for problems knowable before loading a model, that `AutoModelForCausalLM.from_pretrained`
+was never called. Two cases also run as real subprocesses for the true exit status and stderr.
+
+The messages are collected into a catalog (markdown), written to pytest's temporary folder and, when
+HIPPO_CATALOG names a file, there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from job.__main__ import FIXTURE
+from job.config import SETTINGS
+from job.errors import BAD_CONFIG, OUT_OF_MEMORY
+from job.io import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {
+    "DATASET": str(FIXTURE), "NUM_SAMPLES": "24", "EVAL_SAMPLES": "4", "EVAL_GENERATIONS": "2", "MAX_NEW_TOKENS": "4",
+    "MAX_SEQ_LENGTH": "256", "BATCH_SIZE": "2", "PACKING": "false", "SAVE_STEPS": "2", "HUB_REPO_ID": "",
+    "HF_TOKEN": "", "RUN_NAME": "bad",
+}
+CATALOG: list[tuple[str, int, str]] = []
+
+
+@dataclass
+class Case:
+    id: str
+    env: dict[str, str]
+    expect: tuple[str, ...]  # fragments the message must contain: the item, the bad value, the fix
+    setup: Callable[[SimpleNamespace], None] | None = None  # may write files, edit ctx.env, monkeypatch
+    code: int = BAD_CONFIG
+    may_be_done: tuple[str, ...] = ()  # stages that legitimately finished before the problem showed
+    model_may_load: bool = False
+
+
+# --- setups ----------------------------------------------------------------------------------------------
+def _dotenv(ctx):
+    (ctx.cwd / ".env").write_text("BATCHSIZE=4\n")
+
+
+def _dataset(name: str, content: bytes | str):
+    def setup(ctx):
+        path = ctx.tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        ctx.env["DATASET"] = str(path)
+
+    return setup
+
+
+_GOOD_LINE = json.dumps({"Description": "Q", "Patient": "I have had a headache for a week.",
+                         "Doctor": "Please rest, drink water and see your doctor if it persists."})
+_BOILERPLATE_ONLY = "\n".join(
+    json.dumps({"Description": "Q", "Patient": f"Question number {i} about my knee pain.",
+                "Doctor": "Thanks for the query. Regards, Dr. Smith"})
+    for i in range(40)
+) + "\n"
+
+
+def _model_without_chat_template(ctx):
+    model = ctx.tmp / "no-template-model"
+    shutil.copytree(ctx.model_dir, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_path = model / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(tok_cfg))
+    ctx.env["BASE_MODEL"] = str(model)
+
+
+def _output_dir_under_a_file(ctx):
+    blocker = ctx.tmp / "a-file"
+    blocker.write_text("not a folder")
+    ctx.env["OUTPUT_DIR"] = str(blocker / "outputs")
+
+
+def _empty_folder_as_model(ctx):
+    (ctx.tmp / "empty-model").mkdir()
+    ctx.env["BASE_MODEL"] = str(ctx.tmp / "empty-model")
+
+
+def _no_bitsandbytes(ctx):
+    ctx.monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+
+
+def _gpu_without_bf16(ctx):
+    import torch
+
+    props = SimpleNamespace(name="Tesla T4", total_memory=16 * 2**30)
+    for name, value in {"is_available": lambda: True, "is_bf16_supported": lambda *a, **k: False,
+                        "device_count": lambda: 1, "get_device_name": lambda *a: "Tesla T4",
+                        "get_device_properties": lambda *a: props}.items():
+        ctx.monkeypatch.setattr(torch.cuda, name, value)
+
+
+def _finished_sample_with_other_settings(ctx):
+    from job.pipeline import DEPENDS
+
+    run_dir = Path(ctx.env["OUTPUT_DIR"]) / ctx.env["RUN_NAME"]
+    run_dir.mkdir(parents=True)
+    from job.config import load_settings
+
+    old = load_settings({**ctx.env, "NUM_SAMPLES": "30"}, env_file=None)
+    manifest = {"stages": {"sample": {"status": "done", "fingerprint": old.fingerprint_for(DEPENDS["sample"])}}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _oom_in_training(ctx):
+    import torch
+    from trl import SFTTrainer
+
+    def train(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    ctx.monkeypatch.setattr(SFTTrainer, "train", train)
+
+
+CASES = [
+    # --- settings ---
+    Case("unknown setting, typo", {"NUM_SAMPLE": "10"}, ("NUM_SAMPLE", "did you mean NUM_SAMPLES")),
+    Case("unknown setting in .env", {}, ("BATCHSIZE", ".env", "did you mean BATCH_SIZE"), setup=_dotenv),
+    Case("whole number expected", {"BATCH_SIZE": "eight"}, ("BATCH_SIZE='eight'", "whole number")),
+    Case("number expected", {"LEARNING_RATE": "fast"}, ("LEARNING_RATE='fast'", "number such as")),
+    Case("true/false expected", {"PACKING": "maybe"}, ("PACKING='maybe'", "true or false")),
+    Case("empty number", {"NUM_SAMPLES": ""}, ("NUM_SAMPLES=''", "empty value")),
+    Case("empty text setting", {"BASE_MODEL": " "}, ("BASE_MODEL", "must not be empty")),
+    Case("value not among the choices", {"QUANTIZATION": "int8"}, ("QUANTIZATION='int8'", "nf4, none")),
+    Case("out of range", {"LORA_DROPOUT": "1.5"}, ("LORA_DROPOUT=1.5", "between 0 and 1")),
+    Case("zero batch", {"BATCH_SIZE": "0"}, ("BATCH_SIZE=0", "at least 1")),
+    Case("MAX_SEQ_LENGTH too short", {"MAX_SEQ_LENGTH": "32"}, ("MAX_SEQ_LENGTH=32", "256 or more")),
+    Case("more generations than eval rows", {"EVAL_GENERATIONS": "10"},
+         ("EVAL_GENERATIONS=10", "EVAL_SAMPLES=4", "raise EVAL_SAMPLES")),
+    Case("several problems reported together", {"NUM_SAMPLES": "many", "LORA_R": "0", "STAGES": "sample,trian"},
+         ("NUM_SAMPLES='many'", "LORA_R=0", "STAGES='sample,trian'")),
+    Case("RUN_NAME with a slash", {"RUN_NAME": "runs/one"}, ("RUN_NAME='runs/one'", "letters, digits")),
+    Case("malformed HUB_REPO_ID", {"HUB_REPO_ID": "my model", "HF_TOKEN": "hf_x"},
+         ("HUB_REPO_ID='my model'", "owner/name")),
+    Case("push without a token", {"HUB_REPO_ID": "alice/med"}, ("HUB_REPO_ID='alice/med'", "HF_TOKEN", "write access")),
+    Case("wandb without a key", {"REPORT_TO": "wandb"}, ("WANDB_API_KEY", "REPORT_TO=tensorboard")),
+    Case("unwritable OUTPUT_DIR", {}, ("OUTPUT_DIR=", "cannot write", "writable folder"),
+         setup=_output_dir_under_a_file),
+    Case("stage whose upstream never ran", {"STAGES": "evaluate"}, ("STAGES='evaluate'", "needs 'sample' finished")),
+    Case("changed settings on a finished stage", {}, ("stage 'sample' already finished", "NUM_SAMPLES: 30 -> 24",
+                                                      "REDO=true"),
+         setup=_finished_sample_with_other_settings, may_be_done=("sample",)),
+    # --- hardware ---
+    Case("4-bit without bitsandbytes", {}, ("QUANTIZATION='nf4'", "bitsandbytes", "QUANTIZATION=none"),
+         setup=_no_bitsandbytes),
+    Case("bf16 on a GPU without bf16", {"PRECISION": "bf16", "QUANTIZATION": "none"},
+         ("PRECISION='bf16'", "Tesla T4", "PRECISION=fp16 or auto"), setup=_gpu_without_bf16),
+    Case("fp16 without a GPU", {"PRECISION": "fp16"}, ("PRECISION='fp16'", "CUDA GPU", "PRECISION=auto")),
+    # --- data ---
+    Case("dataset file missing", {"DATASET": "/nonexistent/dialogues.jsonl"}, ("DATASET=", "no such file")),
+    Case("dataset file empty", {}, ("DATASET=", "empty"), setup=_dataset("empty.jsonl", b"")),
+    Case("dataset not UTF-8", {}, ("DATASET=", "line 2 is not UTF-8", "Re-save the file as UTF-8"),
+         setup=_dataset("latin1.jsonl", (_GOOD_LINE + "\n").encode() + b'{"Patient": "caf\xe9"}\n')),
+    Case("dataset of an unsupported type", {}, ("DATASET=", "unsupported file type", ".jsonl"),
+         setup=_dataset("dialogues.txt", "Patient: hello\n")),
+    Case("dataset with a broken JSON line", {}, ("DATASET=", "line 2 is not valid JSON", "Fix or delete that line"),
+         setup=_dataset("broken.jsonl", _GOOD_LINE + '\n{"Patient": "unterminated\n' + _GOOD_LINE + "\n")),
+    Case("missing column", {"DOCTOR_COLUMN": "Answer"}, ("DOCTOR_COLUMN='Answer'", "'Doctor'", "*_COLUMN")),
+    Case("more samples than the data has", {"NUM_SAMPLES": "500"},
+         ("NUM_SAMPLES=500", "after cleaning", "Lower NUM_SAMPLES")),
+    Case("every row empty after cleaning", {}, ("has only 0 after cleaning", "empty_doctor", "Lower NUM_SAMPLES"),
+         setup=_dataset("boilerplate.jsonl", _BOILERPLATE_ONLY)),
+    Case("rows too long for MAX_SEQ_LENGTH", {"MAX_SEQ_LENGTH": "64"},
+         ("MAX_SEQ_LENGTH=64", "no room left for the reply", "Raise MAX_SEQ_LENGTH"), may_be_done=("sample",)),
+    # --- model ---
+    Case("BASE_MODEL folder missing", {"BASE_MODEL": "/nonexistent/llama"}, ("BASE_MODEL='/nonexistent/llama'",
+                                                                             "no such folder")),
+    Case("BASE_MODEL folder is not a model", {}, ("BASE_MODEL=", "has no config.json"), setup=_empty_folder_as_model),
+    Case("model without a chat template", {}, ("BASE_MODEL=", "no chat template", "instruct"),
+         setup=_model_without_chat_template),
+    Case("LoRA target modules absent", {"LORA_TARGET_MODULES": "q_proj,query_key_value"},
+         ("LORA_TARGET_MODULES='q_proj,query_key_value'", "query_key_value not found", "linear modules are")),
+    # --- at run time ---
+    Case("out of GPU memory in training", {}, ("out of memory at step 0", "BATCH_SIZE=2", "MAX_SEQ_LENGTH=256",
+                                               "Lower BATCH_SIZE", "GRADIENT_CHECKPOINTING"),
+         setup=_oom_in_training, code=OUT_OF_MEMORY, may_be_done=("sample", "format"), model_may_load=True),
+]
+
+
+# --- running a case --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory) -> Path:
+    try:  # the shared session fixture, when tests/conftest.py provides it
+        return request.getfixturevalue("tiny_model_dir")
+    except pytest.FixtureLookupError:
+        from job.tiny import build_tiny_model
+
+        texts = [v for r in read_jsonl(FIXTURE) for v in r.values() if isinstance(v, str)]
+        return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def catalog(tmp_path_factory):
+    yield CATALOG
+    lines = ["| case | exit | message |", "|---|---|---|"]
+    for case_id, code, message in CATALOG:
+        lines.append(f"| {case_id} | {code} | {message.replace(chr(10), '<br>').replace('|', '&#124;')} |")
+    text = "\n".join(lines) + "\n"
+    (tmp_path_factory.getbasetemp() / "bad_inputs_catalog.md").write_text(text)
+    if os.environ.get("HIPPO_CATALOG"):
+        Path(os.environ["HIPPO_CATALOG"]).write_text(text)
+
+
+def _run_main(env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    """job.__main__.main(["run"]) with exactly `env` as settings, in `cwd`; returns (code, stderr, everything)."""
+    from job.__main__ import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    err, everything = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(everything)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        for name in SETTINGS:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(everything), contextlib.redirect_stderr(err):
+            code = main(["run"])
+    finally:
+        root.removeHandler(handler)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return code, err.getvalue(), everything.getvalue() + err.getvalue()
+
+
+def _message(stderr: str) -> str:
+    """The job's error message: from 'error: ' up to the exit-code line."""
+    assert "error: " in stderr, stderr[-2000:]
+    text = stderr[stderr.rindex("error: ") + len("error: "):]
+    return text.split("\n(exit ")[0].strip()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**BASE, "BASE_MODEL": str(model_dir), "OUTPUT_DIR": str(tmp_path / "outputs"), **case.env}
+    ctx = SimpleNamespace(env=env, tmp=tmp_path, cwd=cwd, model_dir=model_dir, monkeypatch=monkeypatch)
+    if case.setup:
+        case.setup(ctx)
+    loads = []
+    real_from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        loads.append(args)
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # train.run sets it if unset
+
+    code, stderr, everything = _run_main(env, cwd)
+
+    message = _message(stderr)
+    CATALOG.append((case.id, code, message))
+    assert code == case.code, everything[-3000:]
+    for fragment in case.expect:
+        assert fragment in message, f"{fragment!r} not in the message:\n{message}"
+    assert "Traceback" not in stderr
+    run_dir = Path(env["OUTPUT_DIR"]) / env["RUN_NAME"]
+    manifest = run_dir / "manifest.json"
+    done = []
+    if manifest.is_file():
+        stages = json.loads(manifest.read_text())["stages"]
+        done = [s for s, r in stages.items() if r.get("status") == "done"]
+    assert set(done) <= set(case.may_be_done), f"marked done: {done}"
+    if not case.model_may_load:
+        assert loads == [], "the model was loaded although the problem was knowable up front"
+    if not case.may_be_done:
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "adapter").exists()
+
+
+# --- the same, as real processes -------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, expect", [
+    ({"NUM_SAMPLE": "10", "BATCH_SIZE": "eight"}, ("did you mean NUM_SAMPLES", "BATCH_SIZE='eight'")),
+    ({"DATASET": "latin1.jsonl"}, ("DATASET='latin1.jsonl'", "line 1 is not UTF-8")),
+], ids=["settings", "non-utf8-data"])
+def test_bad_input_exit_status_and_stderr_of_a_real_process(extra, expect, model_dir, tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"Patient": "caf\xe9", "Doctor": "ok"}\n')
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(BASE, BASE_MODEL=str(model_dir), OUTPUT_DIR=str(tmp_path / "outputs"), HF_HUB_OFFLINE="1", **extra)
+    proc = subprocess.run([sys.executable, "-m", "job"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == BAD_CONFIG, proc.stderr[-3000:]
+    for fragment in expect:
+        assert fragment in proc.stderr
+    assert "(exit 2: bad setting or input" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs" / "bad" / "manifest.json").exists()

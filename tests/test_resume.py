@@ -1,0 +1,346 @@
+"""Lose nothing: SIGKILL the job anywhere, run it again, and it finishes as if never interrupted.
+
+- `test_kill_anywhere_then_rerun` (slow): one chain of `python -m job` processes on the tiny model. Each
+  run is SIGKILLed at the next instant (job/faults.py's HIPPO_KILL_AT points, plus one kill triggered by
+  evaluation's first log line), then the same command runs again. After every kill nothing is marked
+  done on partial files; at the end the adapter equals an uninterrupted run's, the data splits are
+  byte-identical, and a further rerun does no work. It prints the optimizer steps each kill cost.
+- The other tests build checkpoint folders by hand and check resume_point's choice and the retention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from job import train
+from job.config import SETTINGS, STAGES
+from job.train import MARKER, checkpoint_loads, complete_checkpoints, resume_point
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "job" / "fixtures" / "dialogues.jsonl"
+CANARY = "hf_canary_kill_test_5d21e0"  # the kill runs carry a token too: real stdout/stderr must not show it
+
+# 24 conversations / batch 2 = 12 optimizer steps, a checkpoint every 2; padded batches (PACKING=false)
+# so the step count is exact. LORA_DROPOUT stays at its default (0.05): the Trainer restores the RNG.
+SMALL = {
+    "DATASET": str(FIXTURE), "NUM_SAMPLES": "24", "EVAL_SAMPLES": "4", "EVAL_GENERATIONS": "2",
+    "MAX_NEW_TOKENS": "4", "MAX_SEQ_LENGTH": "256", "BATCH_SIZE": "2", "PACKING": "false", "EPOCHS": "1",
+    "LEARNING_RATE": "5e-3", "SAVE_STEPS": "2", "SAVE_TOTAL_LIMIT": "2", "LOGGING_STEPS": "1",
+    "HUB_REPO_ID": "", "REPORT_TO": "none", "HF_TOKEN": CANARY,
+}
+TOTAL_STEPS = 12
+EVAL_LOG = re.compile(r" job\.evaluate: ")  # evaluation's first log line: generation done, metrics not written
+
+# The chain, in pipeline order. "corrupt" truncates the newest complete checkpoint after that kill, so
+# the next run must fall back to the one before it.
+KILLS = [
+    "sample.partial:1",  # train.jsonl written, eval.jsonl and manifest not
+    "format.finished:1",  # token files written, manifest not
+    "train.save:2",  # checkpoint-2 written, marker not: nothing to resume from yet
+    "train.step:5",  # after checkpoint-4 ...
+    "corrupt",  # ... which is then truncated: the next run resumes from checkpoint-2
+    "train.save:8",
+    "train.step:11",
+    "train.adapter:1",  # training done, adapter.tmp written, adapter/ not yet replaced
+    "train.finished:1",  # adapter written, manifest not
+    "evaluate.log",  # killed when evaluation logs its first line
+    "evaluate.finished:1",
+    "push.staged:1",  # push/ staged, upload not done
+    "push.finished:1",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory) -> Path:
+    try:  # the shared session fixture, when tests/conftest.py provides it
+        return request.getfixturevalue("tiny_model_dir")
+    except pytest.FixtureLookupError:
+        from job.io import read_jsonl
+        from job.tiny import build_tiny_model
+
+        texts = [v for r in read_jsonl(FIXTURE) for v in r.values() if isinstance(v, str)]
+        return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts)
+
+
+# --- the kill test ------------------------------------------------------------------------------------------
+def _env(out: Path, model: Path, run_name: str, kill: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and k != "HIPPO_KILL_AT"}
+    env.update(SMALL, BASE_MODEL=str(model), OUTPUT_DIR=str(out), RUN_NAME=run_name, WANDB_API_KEY=CANARY + "_wandb",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    if kill:
+        env["HIPPO_KILL_AT"] = kill
+    return env
+
+
+def _job(cwd: Path, env: dict[str, str], kill_on_line: re.Pattern | None = None) -> SimpleNamespace:
+    """Run `python -m job` to its end, or SIGKILL it when a stderr line matches `kill_on_line`."""
+    t0 = time.perf_counter()
+    stdout_path = cwd / f"stdout-{time.monotonic_ns()}.txt"
+    with stdout_path.open("w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "job"], cwd=cwd, env=env, stdout=stdout,
+                                stderr=subprocess.PIPE, text=True, errors="replace")
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if kill_on_line is not None and kill_on_line.search(line):
+                proc.send_signal(signal.SIGKILL)
+                kill_on_line = None
+        proc.wait()
+    stdout_text = stdout_path.read_text()
+    stdout_path.unlink()
+    stderr = "".join(lines)
+    resumed = re.search(r"resuming from checkpoint-(\d+)", stderr)
+    trained = "stage train    starting" in stderr
+    return SimpleNamespace(
+        code=proc.returncode, stdout=stdout_text, stderr=stderr, seconds=time.perf_counter() - t0,
+        start=(int(resumed.group(1)) if resumed else 0) if trained else None,
+        steps=len(re.findall(r"^\{'loss': ", stdout_text, re.M)),  # LOGGING_STEPS=1: one line per step
+    )
+
+
+def _manifest(run_dir: Path) -> dict:
+    path = run_dir / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    return max((ta[k] - tb[k]).abs().max().item() for k in ta)
+
+
+def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[str]:
+    """Whatever the manifest calls done is complete and equals the uninterrupted run's. Returns done stages."""
+    stages = _manifest(run_dir)["stages"]
+    done = [s for s in STAGES if stages.get(s, {}).get("status") == "done"]
+    assert done == list(STAGES[: len(done)]), f"done stages are not a prefix of the pipeline: {stages}"
+    for s in done:
+        for artifact in stages[s]["artifacts"]:
+            assert (run_dir / artifact).exists(), f"stage {s} is done but {artifact} is missing"
+    same = {"sample": ["data/train.jsonl", "data/eval.jsonl"],
+            "format": ["data/train_tokens.jsonl", "data/eval_tokens.jsonl"],
+            "evaluate": ["eval/samples.jsonl"]}
+    for s in done:
+        for name in same.get(s, []):
+            assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the reference"
+    if "train" in done:
+        assert _max_diff(run_dir / "adapter", ref / "adapter") <= 1e-6
+    if "evaluate" in done:
+        json.loads((run_dir / "eval" / "metrics.json").read_text())
+        assert (run_dir / "report" / "README.md").is_file()
+    if "push" in done:
+        files = sorted(p.name for p in (run_dir / "push").iterdir())
+        assert files == sorted(p.name for p in (ref / "push").iterdir())
+        assert _max_diff(run_dir / "push", ref / "push") <= 1e-6
+    for ckpt in complete_checkpoints(run_dir / "checkpoints"):
+        assert ckpt == corrupted or checkpoint_loads(ckpt), f"{ckpt.name} is marked complete but does not load"
+    return done
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_kill_anywhere_then_rerun(model_dir, tmp_path):
+    out = tmp_path / "outputs"
+    ref_dir, run_dir = out / "reference", out / "killed"
+
+    reference = _job(tmp_path, _env(out, model_dir, "reference"))
+    assert reference.code == 0, reference.stderr[-3000:]
+    assert reference.steps == TOTAL_STEPS
+
+    runs, rows, corrupted = [], [], None
+    for kill in KILLS:
+        if kill == "corrupt":
+            corrupted = complete_checkpoints(run_dir / "checkpoints")[0]
+            weights = corrupted / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
+            rows[-1]["note"] = f"then truncated {corrupted.name}/adapter_model.safetensors"
+            continue
+        if kill == "evaluate.log":
+            r = _job(tmp_path, _env(out, model_dir, "killed"), kill_on_line=EVAL_LOG)
+        else:
+            r = _job(tmp_path, _env(out, model_dir, "killed", kill))
+        assert r.code == -signal.SIGKILL, f"{kill}: expected a SIGKILL, got exit {r.code}\n{r.stderr[-3000:]}"
+        if corrupted is not None and r.start is not None and not rows[-1].get("fallback_checked"):
+            # The run after the truncation: it must have skipped the torn checkpoint for the one before.
+            assert f"checkpoint {corrupted.name} cannot be loaded" in r.stderr, r.stderr[-3000:]
+            assert r.start < int(corrupted.name.split("-")[1])
+            assert not corrupted.exists() or checkpoint_loads(corrupted), "the torn checkpoint was not replaced"
+            rows[-1]["fallback_checked"] = True
+            corrupted = None
+        running = [s for s, v in _manifest(run_dir)["stages"].items() if v.get("status") == "running"]
+        done = _check_consistent(run_dir, ref_dir, corrupted)
+        runs.append(r)
+        reached = int(kill.split(":")[1]) if kill.startswith("train.step:") else None
+        if r.start is not None:
+            reached = reached or r.start + r.steps
+            assert r.start + r.steps == (reached - 1 if kill.startswith("train.step:") else reached)
+        rows.append({"kill": kill, "stage": ",".join(running), "done": done, "resumed_at": r.start,
+                     "reached": reached, "seconds": round(r.seconds, 1)})
+
+    final = _job(tmp_path, _env(out, model_dir, "killed"))
+    assert final.code == 0, final.stderr[-3000:]
+    runs.append(final)
+
+    # Steps each kill cost: how far the killed run got minus where the next run resumed (nothing where
+    # the killed run never trained, or finished training and recorded it).
+    for row, nxt in zip(rows, runs[1:]):
+        row["steps_lost"] = row["reached"] - nxt.start if None not in (row["reached"], nxt.start) else 0
+    executed = sum(r.steps for r in runs) + sum(1 for row in rows if row["kill"].startswith("train.step:"))
+    assert executed == TOTAL_STEPS + sum(row["steps_lost"] for row in rows)
+    for row in rows:
+        limit = 2 * 2 if row.get("note") else 2  # SAVE_STEPS, twice that where a checkpoint was torn
+        assert 0 <= row["steps_lost"] <= limit, row
+
+    # The interrupted job ends where the uninterrupted one did.
+    diff = _max_diff(run_dir / "adapter", ref_dir / "adapter")
+    assert diff <= 1e-6, f"adapter differs from the uninterrupted run by {diff}"
+    assert _check_consistent(run_dir, ref_dir, None) == list(STAGES)
+
+    # Re-running a finished job does no work: every stage skipped, not one file touched.
+    before = _snapshot(out)
+    again = _job(tmp_path, _env(out, model_dir, "killed"))
+    assert again.code == 0, again.stderr[-3000:]
+    assert again.stderr.count("already done") == len(STAGES) and "starting" not in again.stderr
+    assert _snapshot(out) == before
+
+    for r in [reference, *runs, again]:
+        assert CANARY not in r.stdout + r.stderr
+    leaks = [p for p in out.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    assert leaks == []
+
+    seconds = f"reference run {reference.seconds:.0f} s, chain {sum(r.seconds for r in runs):.0f} s"
+    lines = [f"adapter max |difference| vs uninterrupted run: {diff:.2e}; {len(rows)} kills, {seconds}, "
+             f"{sum(r['steps_lost'] for r in rows)} optimizer steps redone in total ({TOTAL_STEPS} in the run)",
+             f"{'kill point':<20} {'stage running':<14} {'resumed at':>10} {'reached':>8} {'steps lost':>10} "
+             f"{'seconds':>7}  note"]
+    for row in rows:
+        lines.append(f"{row['kill']:<20} {row['stage']:<14} {str(row['resumed_at']):>10} {str(row['reached']):>8} "
+                     f"{row['steps_lost']:>10} {row['seconds']:>7}  {row.get('note', '')}")
+    report = "\n".join(lines)
+    print("\n" + report)
+    (tmp_path / "kill_report.txt").write_text(report + "\n")
+    if os.environ.get("HIPPO_KILL_REPORT"):
+        Path(os.environ["HIPPO_KILL_REPORT"]).write_text(report + "\n")
+
+
+# --- resume_point and retention on hand-made checkpoints -----------------------------------------------------
+def _checkpoint(ckpt_dir: Path, step: int, complete: bool = True) -> Path:
+    """A checkpoint folder with the files the Trainer writes (small contents)."""
+    p = ckpt_dir / f"checkpoint-{step}"
+    p.mkdir(parents=True)
+    save_file({"lora_A": torch.full((4, 4), float(step))}, str(p / "adapter_model.safetensors"))
+    (p / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torch.save({"state": {0: {"exp_avg": torch.ones(4, 4)}}, "param_groups": []}, p / "optimizer.pt")
+    torch.save({"last_epoch": step}, p / "scheduler.pt")
+    torch.save({"cpu": torch.get_rng_state()}, p / "rng_state.pth")
+    if complete:
+        (p / MARKER).write_text(f"step {step}\n")
+    return p
+
+
+def test_only_marked_checkpoints_count_and_partial_ones_are_removed(tmp_path):
+    for step in (2, 4):
+        _checkpoint(tmp_path, step)
+    partial = _checkpoint(tmp_path, 6, complete=False)  # killed before the marker: every file there, no marker
+
+    assert resume_point(tmp_path) == tmp_path / "checkpoint-4"
+    assert not partial.exists()
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda p: _truncate(p / "adapter_model.safetensors"), id="truncated-weights"),
+    pytest.param(lambda p: (p / "adapter_model.safetensors").write_bytes(b""), id="empty-weights"),
+    pytest.param(lambda p: _truncate(p / "optimizer.pt"), id="truncated-optimizer"),
+    pytest.param(lambda p: (p / "trainer_state.json").write_text('{"global_step": 4, "log_hi'), id="torn-state"),
+    pytest.param(lambda p: (p / "scheduler.pt").unlink(), id="missing-scheduler"),
+])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+    _checkpoint(tmp_path, 2)
+    newest = _checkpoint(tmp_path, 4)
+    damage(newest)
+
+    assert resume_point(tmp_path) == tmp_path / "checkpoint-2"
+    # Unmarked and removed, so the step-4 checkpoint the resumed run writes can never mix with it.
+    assert not newest.exists()
+
+
+def test_no_loadable_checkpoint_means_start_from_scratch(tmp_path):
+    _truncate(_checkpoint(tmp_path, 2) / "adapter_model.safetensors")
+    assert resume_point(tmp_path) is None
+    assert resume_point(tmp_path / "absent") is None
+
+
+def _save(ckpt_dir: Path, step: int, keep: int) -> None:
+    """What the Trainer does at a save step: write checkpoint-N, then call our callback's on_save."""
+    _checkpoint(ckpt_dir, step, complete=False)
+    callback = train._completeness_callback(keep)
+    args = SimpleNamespace(output_dir=str(ckpt_dir))
+    state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+    callback.on_save(args, state, control=None)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_retention_keeps_the_newest_complete_checkpoints(tmp_path, keep):
+    for step in (2, 4, 6, 8):
+        _save(tmp_path, step, keep)
+        assert complete_checkpoints(tmp_path)[0].name == f"checkpoint-{step}"
+    kept = [p.name for p in complete_checkpoints(tmp_path)]
+    assert kept == [f"checkpoint-{s}" for s in (8, 6, 4)][:keep]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_retention_counts_only_complete_checkpoints(tmp_path):
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 3, complete=False)  # a partial leftover must not push a complete one out
+    _save(tmp_path, 4, keep=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-2"]
+
+
+def test_kill_during_retention_leaves_no_half_deleted_complete_checkpoint(tmp_path, monkeypatch):
+    _checkpoint(tmp_path, 2)
+    _save(tmp_path, 4, keep=2)
+
+    def killed(path, *args, **kwargs):  # the process dies as the delete starts
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 6, keep=2)
+    monkeypatch.undo()
+    # checkpoint-2 may be half deleted: it is no longer marked, so it can never be chosen
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-4"]
+    assert resume_point(tmp_path) == tmp_path / "checkpoint-6"
+    assert not (tmp_path / "checkpoint-2").exists()
+
+
+def test_save_before_the_marker_keeps_the_previous_checkpoints(tmp_path):
+    """Killed after the Trainer wrote checkpoint-6 but before our marker: retention has not run either."""
+    for step in (2, 4):
+        _save(tmp_path, step, keep=1)
+    _checkpoint(tmp_path, 6, complete=False)
+    assert resume_point(tmp_path) == tmp_path / "checkpoint-4"

@@ -1,0 +1,116 @@
+"""No token leaks: a full run with canary HF_TOKEN and WANDB_API_KEY, TensorBoard on, pushing through a fake Hub.
+
+The canaries must reach the Hub client and nothing else: not stdout or stderr (file-descriptor level too),
+not the log, not any file under the output folder (checkpoints and the pickled training_args.bin included;
+searched as raw bytes, UTF-16 and base64), not the model card, not the uploaded files, not the TensorBoard
+event files. The push also fails first (token refused, then Hub down), which is where tokens like to end
+up in messages; then it succeeds once, and a rerun of the finished job pushes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import FakeHub
+from huggingface_hub.errors import HfHubHTTPError
+
+from job.config import STAGES
+from job.errors import BAD_CONFIG, OK, TRANSIENT
+from job.io import read_json
+
+HF_CANARY = "hf_secretsTestCanary0c9e1d"
+WANDB_CANARY = "wandbSecretsTestCanary4b7a02"
+CANARIES = (HF_CANARY, WANDB_CANARY)
+
+
+def _encodings(secret: str) -> list[bytes]:
+    raw = secret.encode()
+    return [raw, secret.encode("utf-16-le"), base64.b64encode(raw), base64.urlsafe_b64encode(raw)]
+
+
+def _leaks(folder: Path) -> list[str]:
+    found = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            found += [f"{p.relative_to(folder)}: {s[:8]}..." for s in CANARIES if any(e in data for e in _encodings(s))]
+    return found
+
+
+def _refusing_client(hub: FakeHub, status: int) -> type:
+    """The fake Hub client, except that upload_folder fails with `status` as the real one would."""
+
+    class Refusing(hub.client_class()):
+        def upload_folder(self, *args, **kwargs):
+            hub.calls.append(("upload_folder", kwargs))
+            request = httpx.Request("POST", "https://huggingface.co/api/models/alice/med-test/commit/main")
+            raise HfHubHTTPError(f"{status} error from the fake Hub", response=httpx.Response(status, request=request))
+
+    return Refusing
+
+
+@pytest.fixture
+def env(demo_env, tmp_path):
+    out = tmp_path / "outputs"
+    return demo_env(
+        out, HF_TOKEN=HF_CANARY, WANDB_API_KEY=WANDB_CANARY, REPORT_TO="tensorboard",
+        NUM_SAMPLES="16", EVAL_SAMPLES="4", EVAL_GENERATIONS="2", MAX_NEW_TOKENS="8", EPOCHS="1", SAVE_STEPS="2",
+        # train.run points TensorBoard here only if unset: pin it inside the run directory we search.
+        TENSORBOARD_LOGGING_DIR=str(out / "med-test" / "report" / "tensorboard"),
+    )
+
+
+def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, monkeypatch, capfd):
+    out = Path(env["OUTPUT_DIR"])
+    run_dir = out / env["RUN_NAME"]
+    hub = FakeHub(tmp_path / "fake-hub")
+    outputs = []
+
+    # 1. Everything runs; the Hub refuses the token: a configuration error, nothing marked pushed.
+    monkeypatch.setattr("job.push.HfApi", _refusing_client(hub, 401))
+    first = run_job(env, "run")
+    outputs.append(first.output)
+    assert first.exit_code == BAD_CONFIG, first.output[-3000:]
+    assert "refused HF_TOKEN (401)" in first.output
+    stages = read_json(run_dir / "manifest.json")["stages"]
+    assert [s for s in STAGES if stages[s]["status"] == "done"] == list(STAGES[:-1])
+
+    # 2. The Hub is down: worth a retry (exit 4), still not marked pushed.
+    monkeypatch.setattr("job.push.HfApi", _refusing_client(hub, 503))
+    second = run_job(env, "run")
+    outputs.append(second.output)
+    assert second.exit_code == TRANSIENT, second.output[-3000:]
+    assert read_json(run_dir / "manifest.json")["stages"]["push"]["status"] == "running"
+
+    # 3. The upload goes through, once, with the token handed to the client.
+    monkeypatch.setattr("job.push.HfApi", hub.client_class())
+    third = run_job(env, "run")
+    outputs.append(third.output)
+    assert third.exit_code == OK, third.output[-3000:]
+    assert len(hub.uploads) == 1 and set(hub.tokens) == {HF_CANARY}
+    assert read_json(run_dir / "manifest.json")["stages"]["push"]["status"] == "done"
+
+    # 4. A finished job run again pushes nothing (does not even create a client).
+    calls, clients = len(hub.calls), len(hub.tokens)
+    fourth = run_job(env, "run")
+    outputs.append(fourth.output)
+    assert fourth.exit_code == OK and len(hub.calls) == calls and len(hub.tokens) == clients
+    outputs.append(run_job(env, "config").output)
+
+    # What was searched exists, so "not found" means something.
+    assert list((run_dir / "report" / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert list((run_dir / "checkpoints").glob("checkpoint-*/training_args.bin")), "no pickled training args"
+    card = (run_dir / "report" / "README.md").read_text()
+    assert card and (hub.uploads[0]["copy"] / "README.md").read_text() == card
+    upload = hub.uploads[0]["copy"]
+    assert sorted(p.name for p in upload.iterdir()) == sorted(p.name for p in (run_dir / "push").iterdir())
+
+    fd = capfd.readouterr()
+    text = "\n".join([*outputs, fd.out, fd.err])
+    for secret in CANARIES:
+        assert secret not in text, f"{secret[:8]}... appeared in the job's output"
+    assert _leaks(out) == []
+    assert _leaks(upload) == []
