@@ -77,14 +77,6 @@ def _same_default(name: str, cell: str) -> bool:
     return value == default if typ is not float else abs(value - default) <= 1e-12 * max(1.0, abs(default))
 
 
-# README.md is being written while this test is; remove this mark once it has the settings table.
-pending_readme = pytest.mark.xfail(
-    not (Path(__file__).resolve().parents[1] / "README.md").is_file(),
-    reason="README.md (with its settings table) not written yet",
-    strict=False,
-)
-
-
 def readme_table() -> list[tuple[str, str | None]]:
     assert README.is_file(), "README.md is missing"
     rows = settings_table(README.read_text(encoding="utf-8"))
@@ -92,7 +84,6 @@ def readme_table() -> list[tuple[str, str | None]]:
     return rows
 
 
-@pending_readme
 def test_readme_settings_table_lists_exactly_the_schema():
     table = readme_table()
     names = [n for n, _ in table]
@@ -103,7 +94,6 @@ def test_readme_settings_table_lists_exactly_the_schema():
     )
 
 
-@pending_readme
 def test_readme_settings_table_defaults_are_the_schemas():
     table = readme_table()
     without = [n for n, d in table if d is None]
