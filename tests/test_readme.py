@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from job.config import SETTINGS, _parse
 
 README = Path(__file__).resolve().parents[1] / "README.md"
