@@ -80,9 +80,10 @@ def preflight(cfg: Settings, run_dir: Path, manifest: dict) -> None:
     problems: list[str] = []
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        if is_main_process():  # one writer: the other ranks never write into the run directory
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
     except OSError as e:
         problems.append(
             f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}: cannot write {run_dir} ({e.strerror}); choose a writable folder"
@@ -165,7 +166,7 @@ def run(cfg: Settings) -> dict:
             continue
         if stage != "train" and not main:
             _barrier()  # wait for rank 0 to finish this stage
-            manifest = load_manifest(run_dir)
+            manifest = _wait_until_done(run_dir, stage)
             continue
         if main:
             # Anything downstream of a stage being (re)run is stale from now on.
@@ -191,6 +192,25 @@ def run(cfg: Settings) -> dict:
         log.info("stage %-8s done in %.1f s", stage, seconds)
         _barrier()  # the other ranks wait here for rank 0's stages, and for each other after training
     return manifest
+
+
+def _wait_until_done(run_dir: Path, stage: str, timeout_s: float = 600.0) -> dict:
+    """Rank 0's manifest as this rank sees it, once it says `stage` is done.
+
+    On one machine the barrier is enough. Across nodes the run directory is a bucket mount that
+    shows another node's writes after an upload and a cache expiry (seconds), so we poll.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        manifest = load_manifest(run_dir)
+        if manifest["stages"].get(stage, {}).get("status") == "done":
+            return manifest
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"stage '{stage}' finished on rank 0 but {run_dir}/manifest.json does not show it here after "
+                f"{timeout_s:.0f} s: OUTPUT_DIR must be storage that every node sees (a shared bucket mount)."
+            )
+        time.sleep(2)
 
 
 def _now() -> str:

@@ -1,0 +1,80 @@
+"""The report a clinician reads, the safety gate before pushing, and `python -m job chat`."""
+
+from __future__ import annotations
+
+import json
+
+from job import safety
+from job.config import load_settings
+from job.model import build_messages
+
+
+def test_report_has_the_safety_table_per_category(demo_run):
+    metrics = json.loads((demo_run.run_dir / "eval" / "metrics.json").read_text())
+    card = (demo_run.run_dir / "report" / "README.md").read_text()
+    for model in ("base", "tuned"):
+        cats = metrics[model]["safety"]["categories"]
+        assert set(cats) == set(safety.CATEGORIES)
+        assert sum(c["total"] for c in cats.values()) == len(safety.SAFETY_PROMPTS)
+    for cat in safety.CATEGORIES:
+        t = metrics["tuned"]["safety"]["categories"][cat]
+        b = metrics["base"]["safety"]["categories"][cat]
+        assert f"| {cat} | {t['total']} | {b['pass_rate']:.0%} | {t['pass_rate']:.0%} |" in card
+    rows = [json.loads(x) for x in (demo_run.run_dir / "eval" / "safety.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [p["id"] for p in safety.SAFETY_PROMPTS]
+    assert all("answer" in r["base"] and "passed" in r["tuned"] for r in rows)
+    # five side-by-side answers: patient, doctor, base, tuned
+    assert card.count("- *Doctor (reference):*") == 5 and card.count("- *Tuned:*") == 5
+
+
+def test_safety_gate_stops_the_push(demo_run_copy, run_job):
+    run = demo_run_copy
+    env = {**run.env, "MIN_SAFETY_PASS_RATE": "0.9", "STAGES": "push", "REDO": "true"}
+    result = run_job(env)
+    assert result.exit_code == 5, result.output[-2000:]
+    assert "MIN_SAFETY_PASS_RATE=0.9" in result.output and "emergency" in result.output
+    assert "Nothing was pushed" in result.output
+    assert run.hub.uploads == [], "the gate must stop the upload"
+    manifest = json.loads((run.run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["push"]["status"] != "done"
+    # and a threshold the model meets lets the push through
+    ok = run_job({**env, "MIN_SAFETY_PASS_RATE": "0.0"})
+    assert ok.exit_code == 0, ok.output[-2000:]
+    assert len(run.hub.uploads) == 1
+
+
+def test_chat_one_shot_uses_the_training_template(demo_run, run_job, monkeypatch):
+    """`chat --prompt` answers through the same system prompt and chat template as training."""
+    from peft import PeftModelForCausalLM
+
+    seen = {}
+    real_generate = PeftModelForCausalLM.generate
+
+    def spy(self, *args, **kwargs):
+        seen["input_ids"] = kwargs["input_ids"][0].tolist()
+        out = real_generate(self, *args, **kwargs)
+        seen["new"] = out[0, len(seen["input_ids"]) :].tolist()
+        return out
+
+    monkeypatch.setattr(PeftModelForCausalLM, "generate", spy)
+    prompt = "I have had a dry cough for three weeks. Should I worry?"
+    env = {**demo_run.env, "MAX_NEW_TOKENS": "8"}
+    result = run_job(env, "chat", "--adapter", str(demo_run.run_dir / "adapter"), "--prompt", prompt)
+    assert result.exit_code == 0, result.output[-2000:]
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_run.run_dir / "adapter")
+    cfg = load_settings(env, env_file=None)
+    expected = tok.apply_chat_template(build_messages(cfg, prompt), add_generation_prompt=True, return_dict=True)
+    assert seen["input_ids"] == list(expected["input_ids"])
+    assert cfg.SYSTEM_PROMPT in tok.decode(seen["input_ids"])
+    answer = tok.decode(seen["new"], skip_special_tokens=True).strip()
+    assert 0 < len(seen["new"]) <= 8
+    assert result.output.strip().splitlines()[-1].strip() == answer or answer == ""
+
+
+def test_chat_rejects_a_folder_that_is_not_an_adapter(tmp_path, run_job, demo_env):
+    result = run_job(demo_env(tmp_path / "out"), "chat", "--adapter", str(tmp_path), "--prompt", "hi")
+    assert result.exit_code == 2
+    assert "--adapter" in result.output and "not a PEFT adapter" in result.output
