@@ -60,7 +60,7 @@ def checkpoint_loads(path: Path) -> bool:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     st.get_tensor(key)
-        for f in path.glob("*.pt"):
+        for f in [*path.glob("*.pt"), *path.glob("*.pth")]:  # optimizer, scheduler, scaler, RNG states
             torch.load(f, map_location="cpu", weights_only=False)
         return any(path.glob("adapter_model.safetensors"))
     except Exception as e:  # any failure means: do not resume from this one

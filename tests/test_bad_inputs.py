@@ -288,7 +288,9 @@ def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch):
         stages = json.loads(manifest.read_text())["stages"]
         done = [s for s, r in stages.items() if r.get("status") == "done"]
     assert set(done) <= set(case.may_be_done), f"marked done: {done}"
-    if not case.model_may_load:
+    if case.model_may_load:
+        assert loads, "the spy saw no model load (so its silence elsewhere would prove nothing)"
+    else:
         assert loads == [], "the model was loaded although the problem was knowable up front"
     if not case.may_be_done:
         assert not (run_dir / "checkpoints").exists() and not (run_dir / "adapter").exists()

@@ -278,6 +278,7 @@ def _truncate(p: Path) -> None:
     pytest.param(lambda p: _truncate(p / "optimizer.pt"), id="truncated-optimizer"),
     pytest.param(lambda p: (p / "trainer_state.json").write_text('{"global_step": 4, "log_hi'), id="torn-state"),
     pytest.param(lambda p: (p / "scheduler.pt").unlink(), id="missing-scheduler"),
+    pytest.param(lambda p: _truncate(p / "rng_state.pth"), id="truncated-rng-state"),
 ])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     _checkpoint(tmp_path, 2)
