@@ -133,7 +133,7 @@ def _check_local_file(path: Path) -> None:
                         json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ConfigError(
-                            f"DATASET={str(path)!r}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}). "
+                            f"DATASET={str(path)!r}: line {lineno} is not valid JSON ({e.msg}, column {e.colno}). "
                             "Fix or delete that line: each line must be one JSON object."
                         ) from None
 
