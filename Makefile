@@ -75,12 +75,20 @@ bench: install ## GPU training-throughput benchmark (tokens/s, MFU)
 lock: install ## Re-resolve docker/torch-cuda.lock and docker/requirements.lock from pyproject.toml
 	UV=$(VENV)/bin/uv docker/lock.sh
 
-# --- SkyPilot managed jobs (spot GPUs on any cloud); sky/ holds the task YAMLs. ---------------------------
-sky-launch: ## Launch the training job on cloud spot GPUs (sky/train.yaml)
-	sky jobs launch sky/train.yaml --env-file .env -y
+# --- SkyPilot managed jobs (spot GPUs on any cloud); sky/train.yaml says what each option does. -----------
+# IMAGE must be pushed to a registry the cloud can pull from. Settings go with --env, HF_TOKEN with --secret
+# (read from your shell): never --env-file .env, which SkyPilot prints unredacted.
+SKY_JOB ?= hippocratically
+OUTPUT_BUCKET ?=
+
+sky-launch: ## Launch on cloud spot GPUs: make sky-launch IMAGE=registry/you/img:tag OUTPUT_BUCKET=s3://b/dir
+	@[[ -n "$(OUTPUT_BUCKET)" ]] || { echo "Set OUTPUT_BUCKET=s3://bucket/folder (run directories live there)." >&2; exit 2; }
+	@[[ -n "$${HF_TOKEN:-}" ]] || { echo "export HF_TOKEN=hf_... first (sent as a SkyPilot secret)." >&2; exit 2; }
+	sky jobs launch sky/train.yaml -y -d --name $(SKY_JOB) --image-id docker:$(IMAGE) \
+		--env OUTPUT_BUCKET=$(OUTPUT_BUCKET) --secret HF_TOKEN
 
 sky-logs: ## Stream the managed job's logs
-	sky jobs logs
+	sky jobs logs --name $(SKY_JOB)
 
-sky-down: ## Cancel all managed jobs
-	sky jobs cancel -a
+sky-down: ## Cancel the managed job
+	sky jobs cancel -y --name $(SKY_JOB)
