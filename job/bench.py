@@ -150,7 +150,7 @@ def equivalence(model, rows: list[dict], pad_id: int) -> dict:
         loss = model(**batch).loss
         loss.backward()
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
-        results[name] = (float(loss), grads)
+        results[name] = (loss.item(), grads)
     (l1, g1), (l2, g2) = results["padded"], results["packed"]
     cos = float(torch.nn.functional.cosine_similarity(g1, g2, dim=0))
     model.zero_grad(set_to_none=True)
