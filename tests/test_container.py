@@ -227,7 +227,7 @@ def test_makefile_is_strict_self_documenting_and_runs_the_image_entrypoint():
 # --- the real build -----------------------------------------------------------------------------------------
 CACHE = Path(os.environ.get("HIPPOCRATICALLY_CACHE", Path.home() / ".cache" / "hippocratically"))
 BASE_IMAGE = "localhost/hippocratically-test-base:bookworm"
-TEST_IMAGE = "localhost/hippocratically:container-test"
+TEST_IMAGE = f"localhost/hippocratically:container-test-{os.getpid()}"  # one per run: runs may overlap
 # debootstrap's bookworm has Python 3.11, so the CPU torch wheel must be cp311.
 BASE_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 
