@@ -31,15 +31,41 @@ log = logging.getLogger("job.bench")
 FULL_DATASET_ROWS = 256_916  # ruslanmv/ai-medical-chatbot, train split
 RECIPES: dict[str, dict[str, Any]] = {
     # settings overrides, then SFTConfig overrides
-    "seed": {"settings": {"BATCH_SIZE": "1", "GRAD_ACCUM": "2", "PACKING": "false", "GRADIENT_CHECKPOINTING": "true",
-                          "OPTIMIZER": "paged_adamw_32bit", "LIGER_KERNEL": "false"}, "sft": {}},
-    "trl": {"settings": {"BATCH_SIZE": "8", "GRAD_ACCUM": "1", "PACKING": "true", "GRADIENT_CHECKPOINTING": "true",
-                         "OPTIMIZER": "adamw_torch", "LIGER_KERNEL": "true"}, "sft": {}},
+    "seed": {
+        "settings": {
+            "BATCH_SIZE": "1",
+            "GRAD_ACCUM": "2",
+            "PACKING": "false",
+            "GRADIENT_CHECKPOINTING": "true",
+            "OPTIMIZER": "paged_adamw_32bit",
+            "LIGER_KERNEL": "false",
+        },
+        "sft": {},
+    },
+    "trl": {
+        "settings": {
+            "BATCH_SIZE": "8",
+            "GRAD_ACCUM": "1",
+            "PACKING": "true",
+            "GRADIENT_CHECKPOINTING": "true",
+            "OPTIMIZER": "adamw_torch",
+            "LIGER_KERNEL": "true",
+        },
+        "sft": {},
+    },
     # (b) as tuned by hand: TRL ships gradient checkpointing on; the earlier 10.9k tok/s / 12.8 GiB
     # figures match a run with it off, so we measure that too.
-    "trl-nogc": {"settings": {"BATCH_SIZE": "8", "GRAD_ACCUM": "1", "PACKING": "true",
-                              "GRADIENT_CHECKPOINTING": "false", "OPTIMIZER": "adamw_torch", "LIGER_KERNEL": "true"},
-                 "sft": {}},
+    "trl-nogc": {
+        "settings": {
+            "BATCH_SIZE": "8",
+            "GRAD_ACCUM": "1",
+            "PACKING": "true",
+            "GRADIENT_CHECKPOINTING": "false",
+            "OPTIMIZER": "adamw_torch",
+            "LIGER_KERNEL": "true",
+        },
+        "sft": {},
+    },
     # The job's defaults. The bench runs at MAX_SEQ_LENGTH=512 (like the baseline figures), so batch 8
     # gives the same tokens per micro-batch as the default 4 packed rows of 1024.
     "job": {"settings": {"BATCH_SIZE": "8"}, "sft": {}},
@@ -95,13 +121,24 @@ def train_throughput(cfg, run_dir: Path, precision: str, recipe: dict, warmup: i
     from job.config import load_settings
     from job.train import build_trainer
 
-    env = {**{k: str(v) for k, v in cfg.masked().items() if k not in ("HF_TOKEN", "WANDB_API_KEY")},
-           **recipe["settings"]}
+    env = {
+        **{k: str(v) for k, v in cfg.masked().items() if k not in ("HF_TOKEN", "WANDB_API_KEY")},
+        **recipe["settings"],
+    }
     rcfg = load_settings(env, env_file=None)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    trainer = build_trainer(rcfg, run_dir, precision, max_steps=warmup + steps, save_strategy="no",
-                            logging_steps=10_000, disable_tqdm=True, report_to=[], **recipe["sft"])
+    trainer = build_trainer(
+        rcfg,
+        run_dir,
+        precision,
+        max_steps=warmup + steps,
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        report_to=[],
+        **recipe["sft"],
+    )
     counter = _CountingCollator(trainer.data_collator, trainer.processing_class.pad_token_id)
     trainer.data_collator = counter
     marks: dict[int, float] = {}
@@ -140,8 +177,13 @@ def equivalence(model, rows: list[dict], pad_id: int) -> dict:
 
     device = next(model.parameters()).device
     model.eval()  # no LoRA dropout: both passes must see the same function (gradients still flow)
-    examples = [{"input_ids": r["input_ids"],
-                 "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]} for r in rows]
+    examples = [
+        {
+            "input_ids": r["input_ids"],
+            "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])],
+        }
+        for r in rows
+    ]
     results = {}
     for name, free in (("padded", False), ("packed", True)):
         batch = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=free)(examples)
@@ -154,8 +196,13 @@ def equivalence(model, rows: list[dict], pad_id: int) -> dict:
     (l1, g1), (l2, g2) = results["padded"], results["packed"]
     cos = float(torch.nn.functional.cosine_similarity(g1, g2, dim=0))
     model.zero_grad(set_to_none=True)
-    return {"loss_padded": l1, "loss_packed": l2, "loss_rel_diff": abs(l1 - l2) / abs(l1),
-            "grad_cosine": cos, "grad_rel_l2": float((g1 - g2).norm() / g1.norm())}
+    return {
+        "loss_padded": l1,
+        "loss_packed": l2,
+        "loss_rel_diff": abs(l1 - l2) / abs(l1),
+        "grad_cosine": cos,
+        "grad_rel_l2": float((g1 - g2).norm() / g1.norm()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,9 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (model_dir / "config.json").exists():
         texts = [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)]
         build_tiny_model(model_dir, texts, shape="llama-3.2-3b")
-    env = {"BASE_MODEL": str(model_dir), "DATASET": args.data, "NUM_SAMPLES": str(args.rows),
-           "EVAL_SAMPLES": str(args.gen_prompts), "EVAL_GENERATIONS": str(args.gen_prompts),
-           "MAX_SEQ_LENGTH": "512", "OUTPUT_DIR": str(out / "runs"), "RUN_NAME": "bench"}
+    env = {
+        "BASE_MODEL": str(model_dir),
+        "DATASET": args.data,
+        "NUM_SAMPLES": str(args.rows),
+        "EVAL_SAMPLES": str(args.gen_prompts),
+        "EVAL_GENERATIONS": str(args.gen_prompts),
+        "MAX_SEQ_LENGTH": "512",
+        "OUTPUT_DIR": str(out / "runs"),
+        "RUN_NAME": "bench",
+    }
     cfg = load_settings({**os.environ, **env}, env_file=None)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,8 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     mconf = AutoConfig.from_pretrained(model_dir)
-    results: dict[str, Any] = {"device": device, "peak_tflops": peak, "precision": precision, "rows": len(rows),
-                               "mean_tokens_per_row": mean_len, "recipes": {}}
+    results: dict[str, Any] = {
+        "device": device,
+        "peak_tflops": peak,
+        "precision": precision,
+        "rows": len(rows),
+        "mean_tokens_per_row": mean_len,
+        "recipes": {},
+    }
     for name in args.recipes.split(","):
         log.info("recipe %s ...", name)
         r = train_throughput(cfg, run_dir, precision, RECIPES[name], args.warmup, args.steps)
@@ -223,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             r[f"hours_{label}"] = hours
             r[f"usd_{label}"] = hours * args.usd_per_hour if args.usd_per_hour else None
         results["recipes"][name] = r
-        log.info("recipe %s: %.0f tok/s, MFU %.1f%%, peak %.1f GiB", name, r["tokens_per_s"], 100 * r["mfu"],
-                 r["peak_gib"])
+        log.info(
+            "recipe %s: %.0f tok/s, MFU %.1f%%, peak %.1f GiB", name, r["tokens_per_s"], 100 * r["mfu"], r["peak_gib"]
+        )
         (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
 
     # Equivalence and generation on the job's own model path.
@@ -278,18 +339,27 @@ def markdown(r: dict) -> str:
         )
     if "equivalence" in r:
         e = r["equivalence"]
-        lines += ["", f"Packed vs padded, same rows: loss {e['loss_packed']:.5f} vs {e['loss_padded']:.5f} "
-                      f"(rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine {e['grad_cosine']:.5f}, "
-                      f"rel. L2 {e['grad_rel_l2']:.1e}."]
+        lines += [
+            "",
+            f"Packed vs padded, same rows: loss {e['loss_packed']:.5f} vs {e['loss_padded']:.5f} "
+            f"(rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine {e['grad_cosine']:.5f}, "
+            f"rel. L2 {e['grad_rel_l2']:.1e}.",
+        ]
     if "generation_peft_4bit" in r:
         g = r["generation_peft_4bit"]
-        lines += ["", f"Generation on the 4-bit model with LoRA (base+tuned rows batched together): "
-                      f"{g['tokens_per_s']:,.0f} new tokens/s."]
+        lines += [
+            "",
+            f"Generation on the 4-bit model with LoRA (base+tuned rows batched together): "
+            f"{g['tokens_per_s']:,.0f} new tokens/s.",
+        ]
     if "generation" in r:
         g = r["generation"]
-        lines += ["", f"Generation (evaluate stage: dequantized base, adapter merged; batch {g['batch']}, up to "
-                      f"{g['max_new_tokens']} new tokens): {g['tokens_per_s']:,.0f} new tokens/s "
-                      f"({g['new_tokens']} tokens in {g['seconds']} s)."]
+        lines += [
+            "",
+            f"Generation (evaluate stage: dequantized base, adapter merged; batch {g['batch']}, up to "
+            f"{g['max_new_tokens']} new tokens): {g['tokens_per_s']:,.0f} new tokens/s "
+            f"({g['new_tokens']} tokens in {g['seconds']} s).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -73,15 +73,17 @@ class Settings:
     LR_SCHEDULER: str = _setting("cosine", "Learning-rate schedule after warm-up.", ("cosine", "linear", "constant"))
     WARMUP_RATIO: float = _setting(0.03, "Share of steps spent warming the learning rate up.")
     BATCH_SIZE: int = _setting(
-        4, "Sequences per device per micro-batch (packed rows of up to MAX_SEQ_LENGTH tokens when PACKING is on); "
-        "4 x 1024 tokens keeps the 3B model's activations under ~16 GiB without gradient checkpointing."
+        4,
+        "Sequences per device per micro-batch (packed rows of up to MAX_SEQ_LENGTH tokens when PACKING is on); "
+        "4 x 1024 tokens keeps the 3B model's activations under ~16 GiB without gradient checkpointing.",
     )
     GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.")
     PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).")
     GRADIENT_CHECKPOINTING: bool = _setting(False, "Recompute activations: less memory, ~30% slower.")
     LIGER_KERNEL: bool = _setting(
-        True, "On CUDA with liger-kernel installed: fused RMSNorm/RoPE/SwiGLU and a fused linear cross-entropy "
-        "that never materializes the 128k-vocabulary logits."
+        True,
+        "On CUDA with liger-kernel installed: fused RMSNorm/RoPE/SwiGLU and a fused linear cross-entropy "
+        "that never materializes the 128k-vocabulary logits.",
     )
     OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.")
     SAVE_STEPS: int = _setting(50, "Optimizer steps between checkpoints (spot machines lose the rest).")
@@ -92,8 +94,9 @@ class Settings:
     EVAL_GENERATIONS: int = _setting(50, "Held-out prompts answered by base and tuned model (0: skip).")
     MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.")
     EVAL_BATCH_SIZE: int = _setting(
-        96, "Answers generated per batch and rows per eval-loss batch. The 50 held-out plus 33 safety prompts "
-        "fit one batch: a decoding step costs about the same for 16 rows as for 96."
+        96,
+        "Answers generated per batch and rows per eval-loss batch. The 50 held-out plus 33 safety prompts "
+        "fit one batch: a decoding step costs about the same for 16 rows as for 96.",
     )
     MIN_SAFETY_PASS_RATE: float = _setting(0.0, "Stop before pushing if the tuned model's safety pass rate is lower.")
     # --- run directory and stages -----------------------------------------------------
@@ -175,8 +178,19 @@ def _check(s: Settings) -> list[str]:
     def bad(name: str, why: str) -> None:
         p.append(f"{name}={getattr(s, name)!r}: {why}")
 
-    for name in ("NUM_SAMPLES", "MAX_SEQ_LENGTH", "LORA_R", "LORA_ALPHA", "BATCH_SIZE", "GRAD_ACCUM",
-                 "SAVE_STEPS", "SAVE_TOTAL_LIMIT", "LOGGING_STEPS", "MAX_NEW_TOKENS", "EVAL_BATCH_SIZE"):
+    for name in (
+        "NUM_SAMPLES",
+        "MAX_SEQ_LENGTH",
+        "LORA_R",
+        "LORA_ALPHA",
+        "BATCH_SIZE",
+        "GRAD_ACCUM",
+        "SAVE_STEPS",
+        "SAVE_TOTAL_LIMIT",
+        "LOGGING_STEPS",
+        "MAX_NEW_TOKENS",
+        "EVAL_BATCH_SIZE",
+    ):
         if getattr(s, name) < 1:
             bad(name, "must be at least 1")
     for name in ("EVAL_SAMPLES", "EVAL_GENERATIONS"):

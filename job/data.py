@@ -256,6 +256,9 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     atomic_write_text(out / "stats.json", json.dumps({"sample": stats}, indent=2))
     log.info(
         "sampled %d train + %d eval rows from %d read (dropped %s)",
-        len(train_rows), len(eval_rows), stats["rows_read"], stats["dropped"] or "none",
+        len(train_rows),
+        len(eval_rows),
+        stats["rows_read"],
+        stats["dropped"] or "none",
     )
     return [out / "train.jsonl", out / "eval.jsonl", out / "stats.json"]

@@ -111,16 +111,22 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, a
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
     model.config.use_cache = True
-    lengths = [len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)
-                   ["input_ids"]) for c in conversations]
+    lengths = [
+        len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for c in conversations
+    ]
     order = sorted(range(len(conversations)), key=lambda i: lengths[i])
     texts: list[str] = [""] * len(conversations)
     new_tokens, t0 = 0, time.perf_counter()
     for start in tqdm(range(0, len(order), cfg.EVAL_BATCH_SIZE), desc="generate", disable=None):
         idx = order[start : start + cfg.EVAL_BATCH_SIZE]
         enc = tokenizer.apply_chat_template(
-            [conversations[i] for i in idx], add_generation_prompt=True, tokenize=True, return_dict=True,
-            padding=True, return_tensors="pt",
+            [conversations[i] for i in idx],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            padding=True,
+            return_tensors="pt",
         ).to(device)
         with torch.no_grad():
             out = model.generate(
@@ -137,8 +143,12 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, a
             texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     seconds = time.perf_counter() - t0
     model.config.use_cache = False
-    return texts, {"answers": len(texts), "new_tokens": new_tokens, "seconds": round(seconds, 2),
-                   "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)}
+    return texts, {
+        "answers": len(texts),
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+    }
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -170,8 +180,9 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     metrics: dict[str, Any] = {"eval_rows": len(token_rows), "generations": len(prompts), "precision": precision}
     for name, enabled in (("base", False), ("tuned", True)):
         with adapter(model, enabled):
-            metrics[name] = eval_loss(model, token_rows, cfg.EVAL_BATCH_SIZE, tokenizer.pad_token_id) \
-                if token_rows else {}
+            metrics[name] = (
+                eval_loss(model, token_rows, cfg.EVAL_BATCH_SIZE, tokenizer.pad_token_id) if token_rows else {}
+            )
 
     # Answers for the held-out and the safety prompts, from both models.
     conversations = prompts + safety_prompts
@@ -196,8 +207,13 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
         results = [safety.score_answer(p, a) | {"answer": a} for p, a in zip(safety.SAFETY_PROMPTS, safe_texts)]
         m["safety"] = safety.summarize(results)
         safety_results[name] = results
-        log.info("%s: eval loss %s, ROUGE-L %.3f, safety pass %.0f%%", name, m.get("eval_loss"), m["rougeL_f1"],
-                 100 * m["safety"]["overall"]["pass_rate"])
+        log.info(
+            "%s: eval loss %s, ROUGE-L %.3f, safety pass %.0f%%",
+            name,
+            m.get("eval_loss"),
+            m["rougeL_f1"],
+            100 * m["safety"]["overall"]["pass_rate"],
+        )
     log.info("generation: %s", metrics["generation_speed"])
 
     samples = [
@@ -207,8 +223,10 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     write_jsonl(out / "samples.jsonl", samples)
     write_jsonl(
         out / "safety.jsonl",
-        [{"id": p["id"], "category": p["category"], "prompt": p["prompt"], "base": b, "tuned": t}
-         for p, b, t in zip(safety.SAFETY_PROMPTS, safety_results["base"], safety_results["tuned"])],
+        [
+            {"id": p["id"], "category": p["category"], "prompt": p["prompt"], "base": b, "tuned": t}
+            for p, b, t in zip(safety.SAFETY_PROMPTS, safety_results["base"], safety_results["tuned"])
+        ],
     )
     import torch
 

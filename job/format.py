@@ -99,8 +99,13 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
         written.append(data / f"{split}_tokens.jsonl")
         log.info(
             "%s: %d rows -> %d sequences, %d tokens (%d trained), %d replies truncated, %d dropped",
-            split, stats["rows"], stats["kept"], stats["tokens"], stats["trained_tokens"],
-            stats["reply_truncated"], stats["dropped_no_room_for_reply"],
+            split,
+            stats["rows"],
+            stats["kept"],
+            stats["tokens"],
+            stats["trained_tokens"],
+            stats["reply_truncated"],
+            stats["dropped_no_room_for_reply"],
         )
     atomic_write_text(data / "stats.json", json.dumps(all_stats, indent=2))
     return [*written, data / "stats.json"]

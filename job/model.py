@@ -133,8 +133,11 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
             bnb_4bit_compute_dtype=dtype,
         )
     model = _hub_call(
-        f"BASE_MODEL={cfg.BASE_MODEL!r}", AutoModelForCausalLM.from_pretrained, cfg.BASE_MODEL,
-        token=cfg.HF_TOKEN or None, **kwargs,
+        f"BASE_MODEL={cfg.BASE_MODEL!r}",
+        AutoModelForCausalLM.from_pretrained,
+        cfg.BASE_MODEL,
+        token=cfg.HF_TOKEN or None,
+        **kwargs,
     )
     model.config.use_cache = False
     for p in model.parameters():

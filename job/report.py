@@ -18,9 +18,23 @@ log = logging.getLogger(__name__)
 
 N_SAMPLES_SHOWN = 5
 TRAINING_SETTINGS = (
-    "BASE_MODEL", "QUANTIZATION", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGET_MODULES", "EPOCHS",
-    "LEARNING_RATE", "LR_SCHEDULER", "WARMUP_RATIO", "BATCH_SIZE", "GRAD_ACCUM", "PACKING", "MAX_SEQ_LENGTH",
-    "NUM_SAMPLES", "EVAL_SAMPLES", "SEED",
+    "BASE_MODEL",
+    "QUANTIZATION",
+    "LORA_R",
+    "LORA_ALPHA",
+    "LORA_DROPOUT",
+    "LORA_TARGET_MODULES",
+    "EPOCHS",
+    "LEARNING_RATE",
+    "LR_SCHEDULER",
+    "WARMUP_RATIO",
+    "BATCH_SIZE",
+    "GRAD_ACCUM",
+    "PACKING",
+    "MAX_SEQ_LENGTH",
+    "NUM_SAMPLES",
+    "EVAL_SAMPLES",
+    "SEED",
 )
 
 
@@ -36,8 +50,12 @@ def plot_loss(train_log: dict, metrics: dict, path: Path) -> None:
         ax.plot(*zip(*points), marker=".", label="training loss (reply tokens)")
     for name, style in (("base", ":"), ("tuned", "--")):
         if "eval_loss" in metrics.get(name, {}):
-            ax.axhline(metrics[name]["eval_loss"], linestyle=style, color="gray" if name == "base" else "C1",
-                       label=f"held-out loss, {name}")
+            ax.axhline(
+                metrics[name]["eval_loss"],
+                linestyle=style,
+                color="gray" if name == "base" else "C1",
+                label=f"held-out loss, {name}",
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend(fontsize=8)
@@ -81,8 +99,10 @@ def model_card(cfg: Settings, run_dir: Path) -> str:
     sample_stats, fmt = stats["sample"], stats.get("format", {}).get("train", {})
     final_loss = next((e["loss"] for e in reversed(train_log.get("log_history", [])) if "loss" in e), None)
 
-    base_link = f"`{cfg.BASE_MODEL}`" if _is_local(cfg.BASE_MODEL) else (
-        f"[{cfg.BASE_MODEL}](https://huggingface.co/{cfg.BASE_MODEL})"
+    base_link = (
+        f"`{cfg.BASE_MODEL}`"
+        if _is_local(cfg.BASE_MODEL)
+        else (f"[{cfg.BASE_MODEL}](https://huggingface.co/{cfg.BASE_MODEL})")
     )
     lines = [
         "---",
@@ -137,7 +157,7 @@ def model_card(cfg: Settings, run_dir: Path) -> str:
         "## Evaluation",
         "",
         f"On {metrics['eval_rows']} held-out conversations (never seen in training; no shared patient text). "
-        f"\"Base\" is {cfg.BASE_MODEL} with the adapter disabled, on identical inputs. "
+        f'"Base" is {cfg.BASE_MODEL} with the adapter disabled, on identical inputs. '
         f"Answers are greedy, at most {cfg.MAX_NEW_TOKENS} new tokens, for {metrics['generations']} prompts.",
         "",
         "| metric | base | tuned |",
@@ -147,8 +167,11 @@ def model_card(cfg: Settings, run_dir: Path) -> str:
         _row("ROUGE-L F1 vs the doctor's reply", b["rougeL_f1"], t["rougeL_f1"]),
         _row("answer length, mean words", b["answer_words_mean"], t["answer_words_mean"]),
         _row("answer length, median words", b["answer_words_median"], t["answer_words_median"]),
-        _row("safety checks passed", f"{b['safety']['overall']['pass_rate']:.0%}",
-             f"{t['safety']['overall']['pass_rate']:.0%}"),
+        _row(
+            "safety checks passed",
+            f"{b['safety']['overall']['pass_rate']:.0%}",
+            f"{t['safety']['overall']['pass_rate']:.0%}",
+        ),
         "",
         "![training and held-out loss](loss.png)",
         "",

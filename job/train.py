@@ -230,8 +230,17 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     log.info(
         "training: %d %s of up to %d tokens, %d per optimizer step (batch %d x accum %d x %d GPU), "
         "precision %s (%s), %s trainable of %s parameters",
-        n_seq, "packed rows" if cfg.PACKING else "conversations", cfg.MAX_SEQ_LENGTH, per_step, cfg.BATCH_SIZE,
-        cfg.GRAD_ACCUM, world, precision, why, f"{trainable:,}", f"{total:,}",
+        n_seq,
+        "packed rows" if cfg.PACKING else "conversations",
+        cfg.MAX_SEQ_LENGTH,
+        per_step,
+        cfg.BATCH_SIZE,
+        cfg.GRAD_ACCUM,
+        world,
+        precision,
+        why,
+        f"{trainable:,}",
+        f"{total:,}",
     )
     return info
 

@@ -34,9 +34,18 @@ from job.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
-    "DATASET": str(FIXTURE), "NUM_SAMPLES": "24", "EVAL_SAMPLES": "4", "EVAL_GENERATIONS": "2", "MAX_NEW_TOKENS": "4",
-    "MAX_SEQ_LENGTH": "256", "BATCH_SIZE": "2", "PACKING": "false", "SAVE_STEPS": "2", "HUB_REPO_ID": "",
-    "HF_TOKEN": "", "RUN_NAME": "bad",
+    "DATASET": str(FIXTURE),
+    "NUM_SAMPLES": "24",
+    "EVAL_SAMPLES": "4",
+    "EVAL_GENERATIONS": "2",
+    "MAX_NEW_TOKENS": "4",
+    "MAX_SEQ_LENGTH": "256",
+    "BATCH_SIZE": "2",
+    "PACKING": "false",
+    "SAVE_STEPS": "2",
+    "HUB_REPO_ID": "",
+    "HF_TOKEN": "",
+    "RUN_NAME": "bad",
 }
 CATALOG: list[tuple[str, int, str]] = []
 
@@ -66,13 +75,26 @@ def _dataset(name: str, content: bytes | str):
     return setup
 
 
-_GOOD_LINE = json.dumps({"Description": "Q", "Patient": "I have had a headache for a week.",
-                         "Doctor": "Please rest, drink water and see your doctor if it persists."})
-_BOILERPLATE_ONLY = "\n".join(
-    json.dumps({"Description": "Q", "Patient": f"Question number {i} about my knee pain.",
-                "Doctor": "Thanks for the query. Regards, Dr. Smith"})
-    for i in range(40)
-) + "\n"
+_GOOD_LINE = json.dumps(
+    {
+        "Description": "Q",
+        "Patient": "I have had a headache for a week.",
+        "Doctor": "Please rest, drink water and see your doctor if it persists.",
+    }
+)
+_BOILERPLATE_ONLY = (
+    "\n".join(
+        json.dumps(
+            {
+                "Description": "Q",
+                "Patient": f"Question number {i} about my knee pain.",
+                "Doctor": "Thanks for the query. Regards, Dr. Smith",
+            }
+        )
+        for i in range(40)
+    )
+    + "\n"
+)
 
 
 def _model_without_chat_template(ctx):
@@ -105,9 +127,13 @@ def _gpu_without_bf16(ctx):
     import torch
 
     props = SimpleNamespace(name="Tesla T4", total_memory=16 * 2**30)
-    for name, value in {"is_available": lambda: True, "is_bf16_supported": lambda *a, **k: False,
-                        "device_count": lambda: 1, "get_device_name": lambda *a: "Tesla T4",
-                        "get_device_properties": lambda *a: props}.items():
+    for name, value in {
+        "is_available": lambda: True,
+        "is_bf16_supported": lambda *a, **k: False,
+        "device_count": lambda: 1,
+        "get_device_name": lambda *a: "Tesla T4",
+        "get_device_properties": lambda *a: props,
+    }.items():
         ctx.monkeypatch.setattr(torch.cuda, name, value)
 
 
@@ -146,55 +172,116 @@ CASES = [
     Case("out of range", {"LORA_DROPOUT": "1.5"}, ("LORA_DROPOUT=1.5", "between 0 and 1")),
     Case("zero batch", {"BATCH_SIZE": "0"}, ("BATCH_SIZE=0", "at least 1")),
     Case("MAX_SEQ_LENGTH too short", {"MAX_SEQ_LENGTH": "32"}, ("MAX_SEQ_LENGTH=32", "256 or more")),
-    Case("more generations than eval rows", {"EVAL_GENERATIONS": "10"},
-         ("EVAL_GENERATIONS=10", "EVAL_SAMPLES=4", "raise EVAL_SAMPLES")),
-    Case("several problems reported together", {"NUM_SAMPLES": "many", "LORA_R": "0", "STAGES": "sample,trian"},
-         ("NUM_SAMPLES='many'", "LORA_R=0", "STAGES='sample,trian'")),
+    Case(
+        "more generations than eval rows",
+        {"EVAL_GENERATIONS": "10"},
+        ("EVAL_GENERATIONS=10", "EVAL_SAMPLES=4", "raise EVAL_SAMPLES"),
+    ),
+    Case(
+        "several problems reported together",
+        {"NUM_SAMPLES": "many", "LORA_R": "0", "STAGES": "sample,trian"},
+        ("NUM_SAMPLES='many'", "LORA_R=0", "STAGES='sample,trian'"),
+    ),
     Case("RUN_NAME with a slash", {"RUN_NAME": "runs/one"}, ("RUN_NAME='runs/one'", "letters, digits")),
-    Case("malformed HUB_REPO_ID", {"HUB_REPO_ID": "my model", "HF_TOKEN": "hf_x"},
-         ("HUB_REPO_ID='my model'", "owner/name")),
+    Case(
+        "malformed HUB_REPO_ID",
+        {"HUB_REPO_ID": "my model", "HF_TOKEN": "hf_x"},
+        ("HUB_REPO_ID='my model'", "owner/name"),
+    ),
     Case("push without a token", {"HUB_REPO_ID": "alice/med"}, ("HUB_REPO_ID='alice/med'", "HF_TOKEN", "write access")),
     Case("wandb without a key", {"REPORT_TO": "wandb"}, ("WANDB_API_KEY", "REPORT_TO=tensorboard")),
-    Case("unwritable OUTPUT_DIR", {}, ("OUTPUT_DIR=", "cannot write", "writable folder"),
-         setup=_output_dir_under_a_file),
+    Case(
+        "unwritable OUTPUT_DIR", {}, ("OUTPUT_DIR=", "cannot write", "writable folder"), setup=_output_dir_under_a_file
+    ),
     Case("stage whose upstream never ran", {"STAGES": "evaluate"}, ("STAGES='evaluate'", "needs 'sample' finished")),
-    Case("changed settings on a finished stage", {}, ("stage 'sample' already finished", "NUM_SAMPLES: 30 -> 24",
-                                                      "REDO=true"),
-         setup=_finished_sample_with_other_settings, may_be_done=("sample",)),
+    Case(
+        "changed settings on a finished stage",
+        {},
+        ("stage 'sample' already finished", "NUM_SAMPLES: 30 -> 24", "REDO=true"),
+        setup=_finished_sample_with_other_settings,
+        may_be_done=("sample",),
+    ),
     # --- hardware ---
-    Case("4-bit without bitsandbytes", {}, ("QUANTIZATION='nf4'", "bitsandbytes", "QUANTIZATION=none"),
-         setup=_no_bitsandbytes),
-    Case("bf16 on a GPU without bf16", {"PRECISION": "bf16", "QUANTIZATION": "none"},
-         ("PRECISION='bf16'", "Tesla T4", "PRECISION=fp16 or auto"), setup=_gpu_without_bf16),
+    Case(
+        "4-bit without bitsandbytes",
+        {},
+        ("QUANTIZATION='nf4'", "bitsandbytes", "QUANTIZATION=none"),
+        setup=_no_bitsandbytes,
+    ),
+    Case(
+        "bf16 on a GPU without bf16",
+        {"PRECISION": "bf16", "QUANTIZATION": "none"},
+        ("PRECISION='bf16'", "Tesla T4", "PRECISION=fp16 or auto"),
+        setup=_gpu_without_bf16,
+    ),
     Case("fp16 without a GPU", {"PRECISION": "fp16"}, ("PRECISION='fp16'", "CUDA GPU", "PRECISION=auto")),
     # --- data ---
     Case("dataset file missing", {"DATASET": "/nonexistent/dialogues.jsonl"}, ("DATASET=", "no such file")),
     Case("dataset file empty", {}, ("DATASET=", "empty"), setup=_dataset("empty.jsonl", b"")),
-    Case("dataset not UTF-8", {}, ("DATASET=", "line 2 is not UTF-8", "Re-save the file as UTF-8"),
-         setup=_dataset("latin1.jsonl", (_GOOD_LINE + "\n").encode() + b'{"Patient": "caf\xe9"}\n')),
-    Case("dataset of an unsupported type", {}, ("DATASET=", "unsupported file type", ".jsonl"),
-         setup=_dataset("dialogues.txt", "Patient: hello\n")),
-    Case("dataset with a broken JSON line", {}, ("DATASET=", "line 2 is not valid JSON", "Fix or delete that line"),
-         setup=_dataset("broken.jsonl", _GOOD_LINE + '\n{"Patient": "unterminated\n' + _GOOD_LINE + "\n")),
+    Case(
+        "dataset not UTF-8",
+        {},
+        ("DATASET=", "line 2 is not UTF-8", "Re-save the file as UTF-8"),
+        setup=_dataset("latin1.jsonl", (_GOOD_LINE + "\n").encode() + b'{"Patient": "caf\xe9"}\n'),
+    ),
+    Case(
+        "dataset of an unsupported type",
+        {},
+        ("DATASET=", "unsupported file type", ".jsonl"),
+        setup=_dataset("dialogues.txt", "Patient: hello\n"),
+    ),
+    Case(
+        "dataset with a broken JSON line",
+        {},
+        ("DATASET=", "line 2 is not valid JSON", "Fix or delete that line"),
+        setup=_dataset("broken.jsonl", _GOOD_LINE + '\n{"Patient": "unterminated\n' + _GOOD_LINE + "\n"),
+    ),
     Case("missing column", {"DOCTOR_COLUMN": "Answer"}, ("DOCTOR_COLUMN='Answer'", "'Doctor'", "*_COLUMN")),
-    Case("more samples than the data has", {"NUM_SAMPLES": "500"},
-         ("NUM_SAMPLES=500", "after cleaning", "Lower NUM_SAMPLES")),
-    Case("every row empty after cleaning", {}, ("has only 0 after cleaning", "empty_doctor", "Lower NUM_SAMPLES"),
-         setup=_dataset("boilerplate.jsonl", _BOILERPLATE_ONLY)),
-    Case("rows too long for MAX_SEQ_LENGTH", {"MAX_SEQ_LENGTH": "64"},
-         ("MAX_SEQ_LENGTH=64", "no room left for the reply", "Raise MAX_SEQ_LENGTH"), may_be_done=("sample",)),
+    Case(
+        "more samples than the data has",
+        {"NUM_SAMPLES": "500"},
+        ("NUM_SAMPLES=500", "after cleaning", "Lower NUM_SAMPLES"),
+    ),
+    Case(
+        "every row empty after cleaning",
+        {},
+        ("has only 0 after cleaning", "empty_doctor", "Lower NUM_SAMPLES"),
+        setup=_dataset("boilerplate.jsonl", _BOILERPLATE_ONLY),
+    ),
+    Case(
+        "rows too long for MAX_SEQ_LENGTH",
+        {"MAX_SEQ_LENGTH": "64"},
+        ("MAX_SEQ_LENGTH=64", "no room left for the reply", "Raise MAX_SEQ_LENGTH"),
+        may_be_done=("sample",),
+    ),
     # --- model ---
-    Case("BASE_MODEL folder missing", {"BASE_MODEL": "/nonexistent/llama"}, ("BASE_MODEL='/nonexistent/llama'",
-                                                                             "no such folder")),
+    Case(
+        "BASE_MODEL folder missing",
+        {"BASE_MODEL": "/nonexistent/llama"},
+        ("BASE_MODEL='/nonexistent/llama'", "no such folder"),
+    ),
     Case("BASE_MODEL folder is not a model", {}, ("BASE_MODEL=", "has no config.json"), setup=_empty_folder_as_model),
-    Case("model without a chat template", {}, ("BASE_MODEL=", "no chat template", "instruct"),
-         setup=_model_without_chat_template),
-    Case("LoRA target modules absent", {"LORA_TARGET_MODULES": "q_proj,query_key_value"},
-         ("LORA_TARGET_MODULES='q_proj,query_key_value'", "query_key_value not found", "linear modules are")),
+    Case(
+        "model without a chat template",
+        {},
+        ("BASE_MODEL=", "no chat template", "instruct"),
+        setup=_model_without_chat_template,
+    ),
+    Case(
+        "LoRA target modules absent",
+        {"LORA_TARGET_MODULES": "q_proj,query_key_value"},
+        ("LORA_TARGET_MODULES='q_proj,query_key_value'", "query_key_value not found", "linear modules are"),
+    ),
     # --- at run time ---
-    Case("out of GPU memory in training", {}, ("out of memory at step 0", "BATCH_SIZE=2", "MAX_SEQ_LENGTH=256",
-                                               "Lower BATCH_SIZE", "GRADIENT_CHECKPOINTING"),
-         setup=_oom_in_training, code=OUT_OF_MEMORY, may_be_done=("sample", "format"), model_may_load=True),
+    Case(
+        "out of GPU memory in training",
+        {},
+        ("out of memory at step 0", "BATCH_SIZE=2", "MAX_SEQ_LENGTH=256", "Lower BATCH_SIZE", "GRADIENT_CHECKPOINTING"),
+        setup=_oom_in_training,
+        code=OUT_OF_MEMORY,
+        may_be_done=("sample", "format"),
+        model_may_load=True,
+    ),
 ]
 
 
@@ -249,7 +336,7 @@ def _run_main(env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
 def _message(stderr: str) -> str:
     """The job's error message: from 'error: ' up to the exit-code line."""
     assert "error: " in stderr, stderr[-2000:]
-    text = stderr[stderr.rindex("error: ") + len("error: "):]
+    text = stderr[stderr.rindex("error: ") + len("error: ") :]
     return text.split("\n(exit ")[0].strip()
 
 
@@ -297,16 +384,21 @@ def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch):
 
 
 # --- the same, as real processes -------------------------------------------------------------------------
-@pytest.mark.parametrize("extra, expect", [
-    ({"NUM_SAMPLE": "10", "BATCH_SIZE": "eight"}, ("did you mean NUM_SAMPLES", "BATCH_SIZE='eight'")),
-    ({"DATASET": "latin1.jsonl"}, ("DATASET='latin1.jsonl'", "line 1 is not UTF-8")),
-], ids=["settings", "non-utf8-data"])
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        ({"NUM_SAMPLE": "10", "BATCH_SIZE": "eight"}, ("did you mean NUM_SAMPLES", "BATCH_SIZE='eight'")),
+        ({"DATASET": "latin1.jsonl"}, ("DATASET='latin1.jsonl'", "line 1 is not UTF-8")),
+    ],
+    ids=["settings", "non-utf8-data"],
+)
 def test_bad_input_exit_status_and_stderr_of_a_real_process(extra, expect, model_dir, tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"Patient": "caf\xe9", "Doctor": "ok"}\n')
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update(BASE, BASE_MODEL=str(model_dir), OUTPUT_DIR=str(tmp_path / "outputs"), HF_HUB_OFFLINE="1", **extra)
-    proc = subprocess.run([sys.executable, "-m", "job"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "job"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == BAD_CONFIG, proc.stderr[-3000:]
     for fragment in expect:
         assert fragment in proc.stderr

@@ -58,8 +58,15 @@ def test_all_problems_are_reported_together_each_named():
         HUB_REPO_ID="no-owner",  # format
         RUN_NAME="a/b",  # becomes a folder name
     )
-    for expected in ("LORA_R=0", "LEARNING_RATE='fast'", "QUANTIZATION='int3'", "PACKING='maybe'",
-                     "EVAL_SAMPLES=-1", "HUB_REPO_ID='no-owner'", "RUN_NAME='a/b'"):
+    for expected in (
+        "LORA_R=0",
+        "LEARNING_RATE='fast'",
+        "QUANTIZATION='int3'",
+        "PACKING='maybe'",
+        "EVAL_SAMPLES=-1",
+        "HUB_REPO_ID='no-owner'",
+        "RUN_NAME='a/b'",
+    ):
         assert expected in msg, f"{expected} missing from:\n{msg}"
     assert msg.count("\n  - ") == 7, msg  # one line each, no duplicates
     assert "nf4, none" in msg  # the choices are listed
@@ -121,8 +128,9 @@ def test_stages_and_target_modules_are_split():
     assert s.run_dir == Path("outputs") / "medical-assistant"
 
 
-@pytest.mark.parametrize(("typo", "meant"), [("LORA_RANK", "LORA_R"), ("LERNING_RATE", "LEARNING_RATE"),
-                                              ("NUM_SAMPLE", "NUM_SAMPLES")])
+@pytest.mark.parametrize(
+    ("typo", "meant"), [("LORA_RANK", "LORA_R"), ("LERNING_RATE", "LEARNING_RATE"), ("NUM_SAMPLE", "NUM_SAMPLES")]
+)
 def test_typo_in_dotenv_suggests_the_setting(tmp_path, typo, meant):
     env_file = tmp_path / ".env"
     env_file.write_text(f"{typo}=16\nSEED=1\n")

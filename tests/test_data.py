@@ -73,7 +73,9 @@ def tiny_ds(rows: list[dict]):
             id="thanks-for-using",
         ),
         pytest.param(
-            "Rest and fluids help. Thank you for choosing iCliniq.", "Rest and fluids help.", {"boilerplate"},
+            "Rest and fluids help. Thank you for choosing iCliniq.",
+            "Rest and fluids help.",
+            {"boilerplate"},
             id="icliniq",
         ),
         pytest.param(
@@ -110,11 +112,15 @@ def tiny_ds(rows: list[dict]):
             id="paragraphs-survive-boilerplate-removal",
         ),
         pytest.param(
-            "If the pain persists, see your Dr. soon.", "If the pain persists, see your Dr. soon.", set(),
+            "If the pain persists, see your Dr. soon.",
+            "If the pain persists, see your Dr. soon.",
+            set(),
             id="advice-ending-in-dr-is-kept",
         ),
         pytest.param(
-            "Please see Dr. Smith tomorrow for a check.", "Please see Dr. Smith tomorrow for a check.", set(),
+            "Please see Dr. Smith tomorrow for a check.",
+            "Please see Dr. Smith tomorrow for a check.",
+            set(),
             id="doctor-named-mid-sentence-is-kept",
         ),
         pytest.param("  \t\u00a0\n ", "", {"whitespace"}, id="whitespace-only"),
@@ -216,8 +222,9 @@ def test_duplicates_and_fragments_are_dropped_and_counted():
     ]
     # Sampling stops once it has enough rows; find a seed whose order reads all five before that.
     for seed in range(100):
-        train, held_out, stats = sample(settings(NUM_SAMPLES=1, EVAL_SAMPLES=1, EVAL_GENERATIONS=0, SEED=seed),
-                                        tiny_ds(rows))
+        train, held_out, stats = sample(
+            settings(NUM_SAMPLES=1, EVAL_SAMPLES=1, EVAL_GENERATIONS=0, SEED=seed), tiny_ds(rows)
+        )
         if stats["rows_read"] == len(rows):
             break
     else:
@@ -245,8 +252,10 @@ def test_missing_column_names_the_setting_and_the_columns_there_are(fixture_ds):
 
 
 def test_description_column_is_needed_only_when_used():
-    rows = [{"Patient": f"Question number {i} about my cough?", "Doctor": "A reply long enough to keep it."}
-            for i in range(3)]
+    rows = [
+        {"Patient": f"Question number {i} about my cough?", "Doctor": "A reply long enough to keep it."}
+        for i in range(3)
+    ]
     ds = tiny_ds(rows).remove_columns("Description")
     cfg = dict(NUM_SAMPLES=2, EVAL_SAMPLES=1, EVAL_GENERATIONS=0)
     assert len(sample(settings(**cfg), ds)[0]) == 2

@@ -36,8 +36,12 @@ def test_torchrun_two_processes_one_writer(tmp_path, demo_env):
     env = {k: v for k, v in os.environ.items() if k not in demo_env(out)}
     small = {"NUM_SAMPLES": "24", "BATCH_SIZE": "2", "EPOCHS": "1", "SAVE_STEPS": "3", "STAGES": "sample,format,train"}
     env.update(demo_env(out, **small))
-    env.update(PYTHONPATH=f"{spy}{os.pathsep}{Path(__file__).resolve().parents[1]}", SPY_ROOT=str(out),
-               SPY_LOG=str(spy), OMP_NUM_THREADS="1")
+    env.update(
+        PYTHONPATH=f"{spy}{os.pathsep}{Path(__file__).resolve().parents[1]}",
+        SPY_ROOT=str(out),
+        SPY_LOG=str(spy),
+        OMP_NUM_THREADS="1",
+    )
     with socket.socket() as s:  # a free port, so parallel test runs don't collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

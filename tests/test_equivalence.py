@@ -17,11 +17,14 @@ def test_packed_equals_padded(tiny_model_dir):
 
     from job.__main__ import FIXTURE
 
-    cfg = load_settings({"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "LORA_DROPOUT": "0",
-                         "MAX_SEQ_LENGTH": "2048"}, env_file=None)
+    cfg = load_settings(
+        {"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "2048"},
+        env_file=None,
+    )
     tok = load_tokenizer(cfg)
-    rows = [tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0]
-            for r in read_jsonl(FIXTURE)[:6]]
+    rows = [
+        tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)[:6]
+    ]
     assert len({len(r["input_ids"]) for r in rows}) > 1, "rows of different lengths make padding matter"
     model = get_peft_model(load_model(cfg, "fp32"), lora_config(cfg, load_model(cfg, "fp32")))
     torch.manual_seed(0)

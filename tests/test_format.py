@@ -100,8 +100,7 @@ def test_truncation_keeps_the_prompt_and_cuts_the_reply(tiny_model_dir, tok):
 def _rows(n, long_prompts=0):
     long_patient = "My head hurts and I feel dizzy when I stand up. " * 60  # ~1,000 tiny-BPE tokens
     return [
-        {"patient": long_patient if i < long_prompts else f"{PATIENT} (case {i})", "doctor": REPLY}
-        for i in range(n)
+        {"patient": long_patient if i < long_prompts else f"{PATIENT} (case {i})", "doctor": REPLY} for i in range(n)
     ]
 
 

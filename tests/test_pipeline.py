@@ -19,9 +19,16 @@ from job.io import read_json, read_jsonl
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # What the Hub repo must hold: the adapter, the tokenizer the job trained with, and the report.
 PUSHED = {
-    "adapter_config.json", "adapter_model.safetensors",
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-    "README.md", "loss.png", "metrics.json", "data_stats.json", "train_log.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "README.md",
+    "loss.png",
+    "metrics.json",
+    "data_stats.json",
+    "train_log.json",
 }
 PUSHED_OPTIONAL = {"special_tokens_map.json"}  # written by some Transformers versions, harmless
 
@@ -89,7 +96,11 @@ def test_manifest_records_every_stage_done(demo_run):
 def test_data_files(demo_run):
     data = demo_run.run_dir / "data"
     assert {p.name for p in data.iterdir()} == {
-        "train.jsonl", "eval.jsonl", "stats.json", "train_tokens.jsonl", "eval_tokens.jsonl"
+        "train.jsonl",
+        "eval.jsonl",
+        "stats.json",
+        "train_tokens.jsonl",
+        "eval_tokens.jsonl",
     }
     train, held_out = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
     assert len(train) == int(demo_run.env["NUM_SAMPLES"]) and len(held_out) == int(demo_run.env["EVAL_SAMPLES"])
@@ -150,8 +161,15 @@ def test_model_card(demo_run):
     assert meta["library_name"] == "peft"
     assert meta["license"] == "llama3.2"
     headings = re.findall(r"^#+ (.+)$", card, re.M)
-    for section in ("Not medical advice", "How to use", "Evaluation", "Safety screen", "Training", "Data",
-                    "Limitations"):
+    for section in (
+        "Not medical advice",
+        "How to use",
+        "Evaluation",
+        "Safety screen",
+        "Training",
+        "Data",
+        "Limitations",
+    ):
         assert section in headings, f"model card lacks a '{section}' section; it has {headings}"
     assert HUB_REPO_ID in card  # the usage snippet loads the pushed repo
     assert (demo_run.run_dir / "report" / "loss.png").read_bytes()[:8] == PNG_MAGIC

@@ -102,13 +102,33 @@ def test_readme_settings_table_defaults_are_the_schemas():
 
 def test_the_table_parser_reads_what_it_should():
     """The parser itself, on a sample in the documented format, so a broken parser cannot pass silently."""
-    sample = "\n".join([
-        "# Project", "", "## Settings", "", "### Data", "",
-        "| setting | default | what it does |", "|---|---|---|",
-        "| `NUM_SAMPLES` | `1000` | conversations |", "| `HF_TOKEN` | (empty) | token |", "",
-        "### LoRA", "", "| Setting | Default | |", "| --- | :---: | --- |", "| `LORA_R` | 8 | rank |",
-        "", "```", "| `SEED` | 1 | in a code block |", "```", "", "## Next", "| `SEED` | 42 | elsewhere |",
-    ])
+    sample = "\n".join(
+        [
+            "# Project",
+            "",
+            "## Settings",
+            "",
+            "### Data",
+            "",
+            "| setting | default | what it does |",
+            "|---|---|---|",
+            "| `NUM_SAMPLES` | `1000` | conversations |",
+            "| `HF_TOKEN` | (empty) | token |",
+            "",
+            "### LoRA",
+            "",
+            "| Setting | Default | |",
+            "| --- | :---: | --- |",
+            "| `LORA_R` | 8 | rank |",
+            "",
+            "```",
+            "| `SEED` | 1 | in a code block |",
+            "```",
+            "",
+            "## Next",
+            "| `SEED` | 42 | elsewhere |",
+        ]
+    )
     rows = settings_table(sample)
     assert rows == [("NUM_SAMPLES", "`1000`"), ("HF_TOKEN", "(empty)"), ("LORA_R", "8")]
     assert all(_same_default(n, d) for n, d in rows)

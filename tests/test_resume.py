@@ -35,10 +35,22 @@ CANARY = "hf_canary_kill_test_5d21e0"  # the kill runs carry a token too: real s
 # 24 conversations / batch 2 = 12 optimizer steps, a checkpoint every 2; padded batches (PACKING=false)
 # so the step count is exact. LORA_DROPOUT stays at its default (0.05): the Trainer restores the RNG.
 SMALL = {
-    "DATASET": str(FIXTURE), "NUM_SAMPLES": "24", "EVAL_SAMPLES": "4", "EVAL_GENERATIONS": "2",
-    "MAX_NEW_TOKENS": "4", "MAX_SEQ_LENGTH": "256", "BATCH_SIZE": "2", "PACKING": "false", "EPOCHS": "1",
-    "LEARNING_RATE": "5e-3", "SAVE_STEPS": "2", "SAVE_TOTAL_LIMIT": "2", "LOGGING_STEPS": "1",
-    "HUB_REPO_ID": "", "REPORT_TO": "none", "HF_TOKEN": CANARY,
+    "DATASET": str(FIXTURE),
+    "NUM_SAMPLES": "24",
+    "EVAL_SAMPLES": "4",
+    "EVAL_GENERATIONS": "2",
+    "MAX_NEW_TOKENS": "4",
+    "MAX_SEQ_LENGTH": "256",
+    "BATCH_SIZE": "2",
+    "PACKING": "false",
+    "EPOCHS": "1",
+    "LEARNING_RATE": "5e-3",
+    "SAVE_STEPS": "2",
+    "SAVE_TOTAL_LIMIT": "2",
+    "LOGGING_STEPS": "1",
+    "HUB_REPO_ID": "",
+    "REPORT_TO": "none",
+    "HF_TOKEN": CANARY,
 }
 TOTAL_STEPS = 12
 EVAL_LOG = re.compile(r" job\.evaluate: ")  # evaluation's first log line: generation done, metrics not written
@@ -77,9 +89,18 @@ def model_dir(request, tmp_path_factory) -> Path:
 # --- the kill test ------------------------------------------------------------------------------------------
 def _env(out: Path, model: Path, run_name: str, kill: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS and k != "HIPPO_KILL_AT"}
-    env.update(SMALL, BASE_MODEL=str(model), OUTPUT_DIR=str(out), RUN_NAME=run_name, WANDB_API_KEY=CANARY + "_wandb",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(
+        SMALL,
+        BASE_MODEL=str(model),
+        OUTPUT_DIR=str(out),
+        RUN_NAME=run_name,
+        WANDB_API_KEY=CANARY + "_wandb",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
     if kill:
         env["HIPPO_KILL_AT"] = kill
     return env
@@ -90,8 +111,15 @@ def _job(cwd: Path, env: dict[str, str], kill_on_line: re.Pattern | None = None)
     t0 = time.perf_counter()
     stdout_path = cwd / f"stdout-{time.monotonic_ns()}.txt"
     with stdout_path.open("w") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "job"], cwd=cwd, env=env, stdout=stdout,
-                                stderr=subprocess.PIPE, text=True, errors="replace")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "job"],
+            cwd=cwd,
+            env=env,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
         lines = []
         for line in proc.stderr:
             lines.append(line)
@@ -105,7 +133,10 @@ def _job(cwd: Path, env: dict[str, str], kill_on_line: re.Pattern | None = None)
     resumed = re.search(r"resuming from checkpoint-(\d+)", stderr)
     trained = "stage train    starting" in stderr
     return SimpleNamespace(
-        code=proc.returncode, stdout=stdout_text, stderr=stderr, seconds=time.perf_counter() - t0,
+        code=proc.returncode,
+        stdout=stdout_text,
+        stderr=stderr,
+        seconds=time.perf_counter() - t0,
         start=(int(resumed.group(1)) if resumed else 0) if trained else None,
         steps=len(re.findall(r"^\{'loss': ", stdout_text, re.M)),  # LOGGING_STEPS=1: one line per step
     )
@@ -134,9 +165,11 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
     for s in done:
         for artifact in stages[s]["artifacts"]:
             assert (run_dir / artifact).exists(), f"stage {s} is done but {artifact} is missing"
-    same = {"sample": ["data/train.jsonl", "data/eval.jsonl"],
-            "format": ["data/train_tokens.jsonl", "data/eval_tokens.jsonl"],
-            "evaluate": ["eval/samples.jsonl"]}
+    same = {
+        "sample": ["data/train.jsonl", "data/eval.jsonl"],
+        "format": ["data/train_tokens.jsonl", "data/eval_tokens.jsonl"],
+        "evaluate": ["eval/samples.jsonl"],
+    }
     for s in done:
         for name in same.get(s, []):
             assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the reference"
@@ -155,8 +188,11 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -195,8 +231,16 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
         if r.start is not None:
             reached = reached or r.start + r.steps
             assert r.start + r.steps == (reached - 1 if kill.startswith("train.step:") else reached)
-        rows.append({"kill": kill, "stage": ",".join(running), "done": done, "resumed_at": r.start,
-                     "reached": reached, "seconds": round(r.seconds, 1)})
+        rows.append(
+            {
+                "kill": kill,
+                "stage": ",".join(running),
+                "done": done,
+                "resumed_at": r.start,
+                "reached": reached,
+                "seconds": round(r.seconds, 1),
+            }
+        )
 
     final = _job(tmp_path, _env(out, model_dir, "killed"))
     assert final.code == 0, final.stderr[-3000:]
@@ -230,13 +274,17 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
     assert leaks == []
 
     seconds = f"reference run {reference.seconds:.0f} s, chain {sum(r.seconds for r in runs):.0f} s"
-    lines = [f"adapter max |difference| vs uninterrupted run: {diff:.2e}; {len(rows)} kills, {seconds}, "
-             f"{sum(r['steps_lost'] for r in rows)} optimizer steps redone in total ({TOTAL_STEPS} in the run)",
-             f"{'kill point':<20} {'stage running':<14} {'resumed at':>10} {'reached':>8} {'steps lost':>10} "
-             f"{'seconds':>7}  note"]
+    lines = [
+        f"adapter max |difference| vs uninterrupted run: {diff:.2e}; {len(rows)} kills, {seconds}, "
+        f"{sum(r['steps_lost'] for r in rows)} optimizer steps redone in total ({TOTAL_STEPS} in the run)",
+        f"{'kill point':<20} {'stage running':<14} {'resumed at':>10} {'reached':>8} {'steps lost':>10} "
+        f"{'seconds':>7}  note",
+    ]
     for row in rows:
-        lines.append(f"{row['kill']:<20} {row['stage']:<14} {str(row['resumed_at']):>10} {str(row['reached']):>8} "
-                     f"{row['steps_lost']:>10} {row['seconds']:>7}  {row.get('note', '')}")
+        lines.append(
+            f"{row['kill']:<20} {row['stage']:<14} {str(row['resumed_at']):>10} {str(row['reached']):>8} "
+            f"{row['steps_lost']:>10} {row['seconds']:>7}  {row.get('note', '')}"
+        )
     report = "\n".join(lines)
     print("\n" + report)
     (tmp_path / "kill_report.txt").write_text(report + "\n")
@@ -272,14 +320,17 @@ def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage", [
-    pytest.param(lambda p: _truncate(p / "adapter_model.safetensors"), id="truncated-weights"),
-    pytest.param(lambda p: (p / "adapter_model.safetensors").write_bytes(b""), id="empty-weights"),
-    pytest.param(lambda p: _truncate(p / "optimizer.pt"), id="truncated-optimizer"),
-    pytest.param(lambda p: (p / "trainer_state.json").write_text('{"global_step": 4, "log_hi'), id="torn-state"),
-    pytest.param(lambda p: (p / "scheduler.pt").unlink(), id="missing-scheduler"),
-    pytest.param(lambda p: _truncate(p / "rng_state.pth"), id="truncated-rng-state"),
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda p: _truncate(p / "adapter_model.safetensors"), id="truncated-weights"),
+        pytest.param(lambda p: (p / "adapter_model.safetensors").write_bytes(b""), id="empty-weights"),
+        pytest.param(lambda p: _truncate(p / "optimizer.pt"), id="truncated-optimizer"),
+        pytest.param(lambda p: (p / "trainer_state.json").write_text('{"global_step": 4, "log_hi'), id="torn-state"),
+        pytest.param(lambda p: (p / "scheduler.pt").unlink(), id="missing-scheduler"),
+        pytest.param(lambda p: _truncate(p / "rng_state.pth"), id="truncated-rng-state"),
+    ],
+)
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     _checkpoint(tmp_path, 2)
     newest = _checkpoint(tmp_path, 4)

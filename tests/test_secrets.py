@@ -56,8 +56,16 @@ def _refusing_client(hub: FakeHub, status: int) -> type:
 def env(demo_env, tmp_path):
     out = tmp_path / "outputs"
     return demo_env(
-        out, HF_TOKEN=HF_CANARY, WANDB_API_KEY=WANDB_CANARY, REPORT_TO="tensorboard",
-        NUM_SAMPLES="16", EVAL_SAMPLES="4", EVAL_GENERATIONS="2", MAX_NEW_TOKENS="8", EPOCHS="1", SAVE_STEPS="2",
+        out,
+        HF_TOKEN=HF_CANARY,
+        WANDB_API_KEY=WANDB_CANARY,
+        REPORT_TO="tensorboard",
+        NUM_SAMPLES="16",
+        EVAL_SAMPLES="4",
+        EVAL_GENERATIONS="2",
+        MAX_NEW_TOKENS="8",
+        EPOCHS="1",
+        SAVE_STEPS="2",
         # train.run points TensorBoard here only if unset: pin it inside the run directory we search.
         TENSORBOARD_LOGGING_DIR=str(out / "med-test" / "report" / "tensorboard"),
     )
