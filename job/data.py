@@ -106,12 +106,12 @@ def dedup_key(text: str) -> str:
 
 
 # --- loading ------------------------------------------------------------------------------------
-def _is_local(name: str) -> bool:
+def is_local_path(name: str) -> bool:
     p = Path(name)
     return p.suffix.lower() in LOCAL_SUFFIXES or p.exists() or name.startswith((".", "/", "~"))
 
 
-def _check_local_file(path: Path) -> None:
+def check_local_file(path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"DATASET={str(path)!r}: no such file. Give a .jsonl/.json/.csv/.parquet path or a Hub id.")
     if path.suffix.lower() not in LOCAL_SUFFIXES:
@@ -144,9 +144,9 @@ def load_rows(cfg: Settings):
 
     name = cfg.DATASET
     try:
-        if _is_local(name):
+        if is_local_path(name):
             path = Path(name).expanduser()
-            _check_local_file(path)
+            check_local_file(path)
             builder = LOCAL_SUFFIXES[path.suffix.lower()]
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         return datasets.load_dataset(name, split=cfg.DATASET_SPLIT, token=cfg.HF_TOKEN or None)

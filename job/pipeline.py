@@ -115,9 +115,9 @@ def preflight(cfg: Settings, run_dir: Path, manifest: dict) -> None:
             f"HUB_REPO_ID={cfg.HUB_REPO_ID!r} needs HF_TOKEN in the environment (a token with write access); "
             "or leave HUB_REPO_ID empty to stage the files without uploading"
         )
-    if "sample" in selected and data._is_local(cfg.DATASET):
+    if "sample" in selected and data.is_local_path(cfg.DATASET):
         try:
-            data._check_local_file(Path(cfg.DATASET).expanduser())
+            data.check_local_file(Path(cfg.DATASET).expanduser())
         except ConfigError as e:
             problems.append(str(e))
     for check in (lambda: resolve_precision(cfg), lambda: check_quantization(cfg)):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config import Settings
-from job.data import _is_local
+from job.data import is_local_path
 from job.io import atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,14 @@ def model_card(cfg: Settings, run_dir: Path) -> str:
     train_log = read_json(run_dir / "report" / "train_log.json")
     samples = read_jsonl(run_dir / "eval" / "samples.jsonl")[:N_SAMPLES_SHOWN]
     repo = cfg.HUB_REPO_ID or f"<your-name>/{cfg.RUN_NAME}"
-    datasets_meta = [] if _is_local(cfg.DATASET) else [f"  - {cfg.DATASET}"]
+    datasets_meta = [] if is_local_path(cfg.DATASET) else [f"  - {cfg.DATASET}"]
     b, t = metrics["base"], metrics["tuned"]
     sample_stats, fmt = stats["sample"], stats.get("format", {}).get("train", {})
     final_loss = next((e["loss"] for e in reversed(train_log.get("log_history", [])) if "loss" in e), None)
 
     base_link = (
         f"`{cfg.BASE_MODEL}`"
-        if _is_local(cfg.BASE_MODEL)
+        if is_local_path(cfg.BASE_MODEL)
         else (f"[{cfg.BASE_MODEL}](https://huggingface.co/{cfg.BASE_MODEL})")
     )
     lines = [
