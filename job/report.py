@@ -17,25 +17,6 @@ from job.io import atomic_write_text, read_json, read_jsonl
 log = logging.getLogger(__name__)
 
 N_SAMPLES_SHOWN = 5
-TRAINING_SETTINGS = (
-    "BASE_MODEL",
-    "QUANTIZATION",
-    "LORA_R",
-    "LORA_ALPHA",
-    "LORA_DROPOUT",
-    "LORA_TARGET_MODULES",
-    "EPOCHS",
-    "LEARNING_RATE",
-    "LR_SCHEDULER",
-    "WARMUP_RATIO",
-    "BATCH_SIZE",
-    "GRAD_ACCUM",
-    "PACKING",
-    "MAX_SEQ_LENGTH",
-    "NUM_SAMPLES",
-    "EVAL_SAMPLES",
-    "SEED",
-)
 
 
 def plot_loss(train_log: dict, metrics: dict, path: Path) -> None:
@@ -89,6 +70,8 @@ def _quote(text: str, limit: int = 600) -> str:
 
 
 def model_card(cfg: Settings, run_dir: Path) -> str:
+    from job.pipeline import DEPENDS  # here, not at the top: pipeline imports the stages, which import us
+
     metrics = read_json(run_dir / "eval" / "metrics.json")
     stats = read_json(run_dir / "data" / "stats.json")
     train_log = read_json(run_dir / "report" / "train_log.json")
@@ -201,7 +184,8 @@ def model_card(cfg: Settings, run_dir: Path) -> str:
         "",
         "| setting | value |",
         "|---|---|",
-        *[f"| {n} | {getattr(cfg, n)} |" for n in TRAINING_SETTINGS],
+        # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.
+        *[f"| {n} | {getattr(cfg, n)} |" for n in DEPENDS["train"] if n != "SYSTEM_PROMPT"],
         f"| precision | {metrics.get('precision')} |",
         f"| final training loss | {final_loss} |",
         "",
