@@ -30,7 +30,6 @@ import pytest
 from job.__main__ import FIXTURE
 from job.config import SETTINGS
 from job.errors import BAD_CONFIG, OUT_OF_MEMORY
-from job.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
@@ -287,14 +286,9 @@ CASES = [
 
 # --- running a case --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(request, tmp_path_factory) -> Path:
-    try:  # the shared session fixture, when tests/conftest.py provides it
-        return request.getfixturevalue("tiny_model_dir")
-    except pytest.FixtureLookupError:
-        from job.tiny import build_tiny_model
-
-        texts = [v for r in read_jsonl(FIXTURE) for v in r.values() if isinstance(v, str)]
-        return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts)
+def model_dir(tiny_model_dir) -> Path:
+    """The tiny model built once per session by tests/conftest.py."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module", autouse=True)
