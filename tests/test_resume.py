@@ -168,14 +168,16 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
         for name in same.get(s, []):
             assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the reference"
     if "train" in done:
-        assert _max_diff(run_dir / "adapter", ref / "adapter") <= 1e-6
+        # Equal up to float summation order: CPU kernels split reductions by thread count, which varies with
+        # load (2.3e-5 seen once in CI-like conditions). One lost or repeated step moves weights by ~1e-3.
+        assert _max_diff(run_dir / "adapter", ref / "adapter") <= 1e-4
     if "evaluate" in done:
         json.loads((run_dir / "eval" / "metrics.json").read_text())
         assert (run_dir / "report" / "README.md").is_file()
     if "push" in done:
         files = sorted(p.name for p in (run_dir / "push").iterdir())
         assert files == sorted(p.name for p in (ref / "push").iterdir())
-        assert _max_diff(run_dir / "push", ref / "push") <= 1e-6
+        assert _max_diff(run_dir / "push", ref / "push") <= 1e-4
     for ckpt in complete_checkpoints(run_dir / "checkpoints"):
         assert ckpt == corrupted or checkpoint_loads(ckpt), f"{ckpt.name} is marked complete but does not load"
     return done
@@ -252,7 +254,7 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
 
     # The interrupted job ends where the uninterrupted one did.
     diff = _max_diff(run_dir / "adapter", ref_dir / "adapter")
-    assert diff <= 1e-6, f"adapter differs from the uninterrupted run by {diff}"
+    assert diff <= 1e-4, f"adapter differs from the uninterrupted run by {diff}"
     assert _check_consistent(run_dir, ref_dir, None) == list(STAGES)
 
     # Re-running a finished job does no work: every stage skipped, not one file touched.
