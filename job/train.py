@@ -25,6 +25,8 @@ from job.model import is_main_process, load_model, load_tokenizer, lora_config, 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+# The CPU thread count a checkpoint was trained with (see pin_cpu_threads), written before the marker.
+THREADS = "cpu_threads.json"
 # What resuming reads: without any of these the Trainer would crash or silently restart the schedule.
 REQUIRED = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 
@@ -104,8 +106,11 @@ def _completeness_callback(keep: int):
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()  # every rank has written its RNG state file
             if state.is_world_process_zero:
+                import torch
+
                 maybe_die("train.save", state.global_step)
                 path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                atomic_write_text(path / THREADS, json.dumps({"torch_threads": torch.get_num_threads()}) + "\n")
                 atomic_write_text(path / MARKER, f"step {state.global_step}\n")
                 for old in complete_checkpoints(Path(args.output_dir))[keep:]:
                     # Unmark first: a kill during the delete then leaves a folder resume removes,
@@ -115,6 +120,33 @@ def _completeness_callback(keep: int):
             return control
 
     return CheckpointMarker()
+
+
+def pin_cpu_threads(resume: Path | None) -> int:
+    """Use the intra-op thread count the checkpoint was trained with; return the count in use.
+
+    CPU kernels (MKL/oneDNN matmuls, ATen reductions) split their float sums by thread count, and
+    PyTorch takes its default count from the process's CPU affinity or OMP_NUM_THREADS, which can
+    differ between the first process and a resumed one (another machine after a preemption, a
+    different cpuset). One resumed stretch at another count changes the last bits of the gradients;
+    Adam magnifies that to ~2e-5 in the weights after 12 steps, so the resumed run is no longer
+    the uninterrupted one. Checkpoints from before this file existed keep the process's default.
+    """
+    import torch
+
+    try:
+        saved = int(json.loads((resume / THREADS).read_text())["torch_threads"]) if resume else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = 0
+    if saved > 0 and saved != torch.get_num_threads():
+        log.info(
+            "using %d CPU threads as the checkpoint did (this process defaulted to %d), so the resumed run "
+            "sums floats in the same order as the uninterrupted one",
+            saved,
+            torch.get_num_threads(),
+        )
+        torch.set_num_threads(saved)
+    return torch.get_num_threads()
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -251,9 +283,10 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     precision, why = resolve_precision(cfg)
     # Transformers 5 takes the TensorBoard folder from the environment only.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "report" / "tensorboard"))
+    resume = resume_point(run_dir / "checkpoints")
+    pin_cpu_threads(resume)  # before any computation: model load, quantization, every step
     trainer = build_trainer(cfg, run_dir, precision)
     info = describe(cfg, trainer, precision, why)
-    resume = resume_point(run_dir / "checkpoints")
     if resume:
         log.info("resuming from %s", resume.name)
     try:
