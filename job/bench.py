@@ -1,27 +1,33 @@
 """`make bench` / `python -m job.bench`: training and generation throughput, side by side, on one GPU.
 
 Runs the job's own data, training and generation code on the Llama-3.2-3B shape (random
-weights built locally: the compute per token equals the real model's) and compares, in one
-process on one card:
+weights built locally: the compute per token equals the real model's) and compares, on one
+card, each recipe in a process of its own (Liger patches Transformers' classes process-wide):
   (a) seed   the seed recipe as published: batch 1 x accumulation 2, paged AdamW 32-bit,
              gradient checkpointing, no packing
   (b) trl    the best plain TRL setup measured before: packing + Liger kernels, batch 8
              (TRL's own defaults otherwise, which include gradient checkpointing)
   (c) job    this job's defaults (job/config.py)
-For each: tokens/s (non-padding tokens through forward+backward), MFU by DESIGN.md's formula
-against the bf16 matmul peak measured on this card, peak GiB, and projected wall time and cost
-for 1,000 samples and for the full 257k-row dataset. Also: an equivalence check (packed vs
-padded loss and LoRA gradients on the same rows) and generation tokens/s of the evaluate stage.
+plus trl-nogc ((b) without gradient checkpointing) and one-lever variants of (c): job-compile,
+job-noliger, job-sdpa. For each: tokens/s (non-padding tokens through forward+backward), MFU by
+DESIGN.md's formula against the bf16 matmul peak measured on this card, peak GiB, and projected
+wall time and cost for 1,000 samples and for the full 257k-row dataset. Also: an equivalence check
+(packed vs padded loss and LoRA gradients on the same rows) and generation tokens/s of the
+evaluate stage, eager and with EVAL_COMPILE's static cache.
 Writes bench.json and bench.md to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
 import os
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,8 @@ RECIPES: dict[str, dict[str, Any]] = {
             "GRADIENT_CHECKPOINTING": "true",
             "OPTIMIZER": "paged_adamw_32bit",
             "LIGER_KERNEL": "false",
+            "ATTN_IMPLEMENTATION": "sdpa",
+            "TORCH_COMPILE": "false",
         },
         "sft": {},
     },
@@ -50,6 +58,8 @@ RECIPES: dict[str, dict[str, Any]] = {
             "GRADIENT_CHECKPOINTING": "true",
             "OPTIMIZER": "adamw_torch",
             "LIGER_KERNEL": "true",
+            "ATTN_IMPLEMENTATION": "sdpa",
+            "TORCH_COMPILE": "false",
         },
         "sft": {},
     },
@@ -63,12 +73,20 @@ RECIPES: dict[str, dict[str, Any]] = {
             "GRADIENT_CHECKPOINTING": "false",
             "OPTIMIZER": "adamw_torch",
             "LIGER_KERNEL": "true",
+            "ATTN_IMPLEMENTATION": "sdpa",
+            "TORCH_COMPILE": "false",
         },
         "sft": {},
     },
     # The job's defaults. The bench runs at MAX_SEQ_LENGTH=512 (like the baseline figures), so batch 8
     # gives the same tokens per micro-batch as the default 4 packed rows of 1024.
     "job": {"settings": {"BATCH_SIZE": "8"}, "sft": {}},
+    # Levers, one at a time against the job's defaults: regional compilation; Liger's kernels.
+    "job-compile": {"settings": {"BATCH_SIZE": "8", "TORCH_COMPILE": "true"}, "sft": {}},
+    "job-noliger": {"settings": {"BATCH_SIZE": "8", "LIGER_KERNEL": "false"}, "sft": {}},
+    # The job's defaults with Transformers' stock sdpa: packed rows then attend through a dense
+    # block-diagonal mask. Shows what job/attention.py's varlen kernel buys.
+    "job-sdpa": {"settings": {"BATCH_SIZE": "8", "ATTN_IMPLEMENTATION": "sdpa"}, "sft": {}},
 }
 
 
@@ -161,6 +179,7 @@ def train_throughput(cfg, run_dir: Path, precision: str, recipe: dict, warmup: i
         "seconds_per_step": seconds / steps,
         "lora_params": trainer.model.get_nb_trainable_parameters()[0],
         "liger": bool(trainer.args.use_liger_kernel),
+        "compiled": rcfg.TORCH_COMPILE,
         "settings": recipe["settings"] or "defaults",
         "final_loss": losses[-1] if losses else None,
     }
@@ -223,11 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=5, help="steps not timed (compilation, autotuning, allocator)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per recipe")
-    p.add_argument("--recipes", default="seed,trl,job")
+    p.add_argument("--recipes", default="seed,trl,trl-nogc,job,job-compile,job-sdpa")
     p.add_argument("--gen-prompts", type=int, default=64)
     p.add_argument("--gen-peft", action="store_true", help="also time generation on the 4-bit model + LoRA")
     p.add_argument("--usd-per-hour", type=float, default=None, help="spot price of this GPU, for the cost columns")
     p.add_argument("--out", default="bench-results")
+    p.add_argument("--gen-modes", default="static,eager", help="generation paths to time: static, eager")
+    p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: run one recipe in this process
+    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not torch.cuda.is_available():
@@ -252,11 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_settings({**os.environ, **env}, env_file=None)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    precision, why = resolve_precision(cfg)
+    if args.recipe_only:  # the child process of one recipe (see below)
+        r = train_throughput(cfg, run_dir, precision, RECIPES[args.recipe_only], args.warmup, args.steps)
+        Path(args.result).write_text(json.dumps(r, default=str))
+        return 0
     data.run(cfg, run_dir)
     format.run(cfg, run_dir)
     rows = read_jsonl(run_dir / "data" / "train_tokens.jsonl")
     mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    precision, why = resolve_precision(cfg)
     peak = measure_peak_tflops()
     device = torch.cuda.get_device_name(0)
     log.info("%s: measured bf16 matmul peak %.0f TFLOP/s; %d rows, mean %.0f tokens", device, peak, len(rows), mean_len)
@@ -274,7 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.recipes.split(","):
         log.info("recipe %s ...", name)
-        r = train_throughput(cfg, run_dir, precision, RECIPES[name], args.warmup, args.steps)
+        # Each recipe in a process of its own: Liger patches Transformers' Llama classes process-wide,
+        # and compiled code, allocator state and autotuning must not carry from one recipe to the next.
+        result = out / f"recipe-{name}.json"
+        result.unlink(missing_ok=True)
+        child = [sys.executable, "-m", "job.bench", *(argv if argv is not None else sys.argv[1:])]
+        proc = subprocess.run([*child, "--recipe-only", name, "--result", str(result)], env=os.environ)
+        if proc.returncode != 0 or not result.exists():  # one broken recipe must not cost the others' figures
+            log.error("recipe %s failed (exit %d); its log is above", name, proc.returncode)
+            results["failed"] = {**results.get("failed", {}), name: f"exit {proc.returncode}"}
+            continue
+        r = json.loads(result.read_text())
         f = flops_per_token(mconf, mean_len, r["lora_params"])
         r["gflops_per_token"] = f / 1e9
         r["mfu"] = r["tokens_per_s"] * f / (peak * 1e12)
@@ -289,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
 
     # Equivalence and generation on the job's own model path.
-    trainer = build_trainer(cfg, run_dir, precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True)
+    # With static-cache generation timed below, train here as the job does with EVAL_COMPILE=true: without
+    # Liger, whose process-wide patches would reach the generation model and break its compile.
+    eq_cfg = dataclasses.replace(cfg, EVAL_COMPILE="static" in args.gen_modes)
+    trainer = build_trainer(
+        eq_cfg, run_dir, precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
+    )
     trainer.train()  # a few steps so lora_B is non-zero and gradients flow through both LoRA matrices
     results["equivalence"] = equivalence(trainer.model, rows[:8], trainer.processing_class.pad_token_id)
     log.info("equivalence: %s", results["equivalence"])
@@ -307,18 +348,58 @@ def main(argv: list[str] | None = None) -> int:
         _, mixed = evaluate.generate(model, tok, prompts * 2, cfg, ["__base__"] * n + ["default"] * n)
         results["generation_peft_4bit"] = mixed
         log.info("generation, 4-bit + LoRA: %s", mixed)
-    # What the evaluate stage does: dequantized base, then the adapter merged in.
-    speed = {"answers": 0, "new_tokens": 0, "seconds": 0.0}
-    for _, m in evaluate.models_for_generation(model, cfg, run_dir):
-        _, s = evaluate.generate(m, tok, prompts, cfg)
-        speed = {k: speed[k] + s[k] for k in speed}
-    speed["tokens_per_s"] = speed["new_tokens"] / speed["seconds"]
-    results["generation"] = speed | {"batch": cfg.EVAL_BATCH_SIZE, "max_new_tokens": cfg.MAX_NEW_TOKENS}
-    log.info("generation: %s", results["generation"])
+    # What the evaluate stage does: dequantized base, then the adapter merged in; each model
+    # answers with the static cache (compiled decoding step; the first pass pays the compile)
+    # and, for comparison, with the plain dynamic cache in eager mode.
+    passes, texts = {}, {}
+    for name, m in evaluate.models_for_generation(model, cfg, run_dir):
+        for mode in args.gen_modes.split(","):
+            texts[name, mode], passes[f"{name}-{mode}"] = evaluate.generate(
+                m, tok, prompts, cfg, static_cache=mode == "static"
+            )
+            log.info("generation %s %s: %s", name, mode, passes[f"{name}-{mode}"])
+
+    def rate(*keys):
+        return sum(passes[k]["new_tokens"] for k in keys) / sum(passes[k]["seconds"] for k in keys)
+
+    results["generation"] = {
+        "batch": cfg.EVAL_BATCH_SIZE,
+        "max_new_tokens": cfg.MAX_NEW_TOKENS,
+        "prompts": n,
+        "passes": passes,
+        "tokens_per_s_eager": rate("base-eager", "tuned-eager"),
+    }
+    if "static" in args.gen_modes:
+        results["generation"] |= _static_figures(passes, texts, rate)
+    log.info("generation: %s", {k: v for k, v in results["generation"].items() if k != "passes"})
     (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "bench.md").write_text(markdown(results))
     print(markdown(results))
     return 0
+
+
+def _static_figures(passes: dict, texts: dict, rate) -> dict:
+    return {
+        "tokens_per_s_stage": rate("base-static", "tuned-static"),  # what evaluate does, compile included
+        "tokens_per_s_steady": rate("tuned-static"),  # compiled step reused
+        "compile_s": passes["base-static"]["seconds"] - passes["tuned-static"]["seconds"],
+        # the compiled graph must see the merged weights: tuned answers differ from base ones
+        "static_tuned_differs_from_base": sum(
+            a != b for a, b in zip(texts["tuned", "static"], texts["base", "static"])
+        ),
+        "static_equals_eager": {
+            name: sum(a == b for a, b in zip(texts[name, "static"], texts[name, "eager"])) for name in ("base", "tuned")
+        },
+        # greedy decoding of a random-weight model sits on near-ties, so bf16 rounding differences
+        # (compiled vs eager) change later tokens; the shared prefix shows where they part
+        "static_eager_common_prefix_chars": {
+            name: statistics.fmean(
+                len(os.path.commonprefix([a, b])) for a, b in zip(texts[name, "static"], texts[name, "eager"])
+            )
+            for name in ("base", "tuned")
+        },
+        "mean_answer_chars": statistics.fmean(len(t) for t in texts["tuned", "eager"]),
+    }
 
 
 def markdown(r: dict) -> str:
@@ -356,10 +437,28 @@ def markdown(r: dict) -> str:
         g = r["generation"]
         lines += [
             "",
-            f"Generation (evaluate stage: dequantized base, adapter merged; batch {g['batch']}, up to "
-            f"{g['max_new_tokens']} new tokens): {g['tokens_per_s']:,.0f} new tokens/s "
-            f"({g['new_tokens']} tokens in {g['seconds']} s).",
+            f"Generation (evaluate stage: dequantized base, adapter merged; {g['prompts']} prompts, batch "
+            f"{g['batch']}, up to {g['max_new_tokens']} new tokens), new tokens/s:",
+            "",
+            "| path | tokens/s |",
+            "|---|---|",
+            f"| eager, dynamic cache | {g['tokens_per_s_eager']:,.0f} |",
         ]
+    if "generation" in r and "tokens_per_s_steady" in r["generation"]:
+        g = r["generation"]
+        lines += [
+            f"| static cache + compiled step, both passes, {g['compile_s']:.0f} s compile included | "
+            f"{g['tokens_per_s_stage']:,.0f} |",
+            f"| static cache + compiled step, steady (tuned pass) | {g['tokens_per_s_steady']:,.0f} |",
+            "",
+            f"Static vs eager answers identical: base {g['static_equals_eager']['base']}/{g['prompts']}, tuned "
+            f"{g['static_equals_eager']['tuned']}/{g['prompts']}; tuned differs from base in "
+            f"{g['static_tuned_differs_from_base']}/{g['prompts']}. Mean shared prefix of static and eager "
+            f"answers: base {g['static_eager_common_prefix_chars']['base']:.0f}, tuned "
+            f"{g['static_eager_common_prefix_chars']['tuned']:.0f} of {g['mean_answer_chars']:.0f} characters.",
+        ]
+    for name, err in r.get("failed", {}).items():
+        lines += ["", f"Recipe {name} failed: {err}"]
     return "\n".join(lines) + "\n"
 
 

@@ -60,7 +60,10 @@ class Settings:
         "auto", "auto: bf16 if the GPU has it, else fp16; fp32 on CPU.", ("auto", "bf16", "fp16", "fp32")
     )
     ATTN_IMPLEMENTATION: str = _setting(
-        "sdpa", "Attention kernel passed to Transformers.", ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+        "sdpa_varlen",
+        "Attention kernel. sdpa_varlen: packed rows through PyTorch's varlen flash kernel, all else through sdpa "
+        "(job/attention.py); or one of Transformers' own.",
+        ("sdpa_varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
     )
     # --- LoRA -------------------------------------------------------------------------
     LORA_R: int = _setting(8, "LoRA rank.")
@@ -80,10 +83,15 @@ class Settings:
     GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.")
     PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).")
     GRADIENT_CHECKPOINTING: bool = _setting(False, "Recompute activations: less memory, ~30% slower.")
+    TORCH_COMPILE: bool = _setting(
+        False,
+        "On CUDA: compile each decoder layer with torch.compile (regional compilation). Measured 1.18x the "
+        "eager tokens/s on an H200 for ~75 s of compile once per run: worth it on the full dataset, not 1,000 rows.",
+    )
     LIGER_KERNEL: bool = _setting(
         True,
-        "On CUDA with liger-kernel installed: fused RMSNorm/RoPE/SwiGLU and a fused linear cross-entropy "
-        "that never materializes the 128k-vocabulary logits.",
+        "On CUDA with liger-kernel installed, and TORCH_COMPILE and EVAL_COMPILE off: Liger's fused RMSNorm, "
+        "RoPE and SwiGLU (peak training memory 11.8 vs 14.9 GiB measured at 8 x 512 tokens per micro-batch).",
     )
     OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.")
     SAVE_STEPS: int = _setting(50, "Optimizer steps between checkpoints (spot machines lose the rest).")
@@ -93,6 +101,11 @@ class Settings:
     # --- evaluation -------------------------------------------------------------------
     EVAL_GENERATIONS: int = _setting(50, "Held-out prompts answered by base and tuned model (0: skip).")
     MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.")
+    EVAL_COMPILE: bool = _setting(
+        False,
+        "On CUDA: static KV cache and a compiled decoding step for evaluation answers. Measured 3,502 vs "
+        "1,432 new tokens/s on an H200, after a one-off compile (112 s measured): worth it from a few hundred prompts.",
+    )
     EVAL_BATCH_SIZE: int = _setting(
         96,
         "Answers generated per batch and rows per eval-loss batch. The 50 held-out plus 33 safety prompts "

@@ -119,6 +119,9 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from job import attention
+
+    attention.register()  # ATTN_IMPLEMENTATION="sdpa_varlen"
     quantization = quantization or cfg.QUANTIZATION
     dtype = torch_dtype(precision)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.ATTN_IMPLEMENTATION}

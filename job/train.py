@@ -153,7 +153,37 @@ def pin_cpu_threads(resume: Path | None) -> int:
 def use_liger(cfg: Settings) -> bool:
     import importlib.util
 
-    return cfg.LIGER_KERNEL and _cuda() and importlib.util.find_spec("liger_kernel") is not None
+    # Liger patches Transformers' Llama classes for the whole process, evaluation's model included, and
+    # torch.compile cannot trace its kernels; Inductor fuses the same operations anyway.
+    return (
+        cfg.LIGER_KERNEL
+        and not use_compile(cfg)
+        and not cfg.EVAL_COMPILE
+        and _cuda()
+        and importlib.util.find_spec("liger_kernel") is not None
+    )
+
+
+def use_compile(cfg: Settings) -> bool:
+    return cfg.TORCH_COMPILE and _cuda()
+
+
+def compile_layers(model: Any) -> int:
+    """Regional compilation (https://pytorch.org/tutorials/recipes/regional_compilation.html).
+
+    A QLoRA step in eager mode is bound by Python: ~4,300 kernel launches through PEFT, bitsandbytes,
+    Liger and Transformers' modules, while the GPU work of a ~3,900-token micro-batch takes ~105 ms of
+    a ~250 ms step (profiled on an H200). We compile each decoder layer in place: the layers share one
+    compiled graph, so the cost is one layer's compile, and Inductor fuses the norms, RoPE and SwiGLU.
+    Accelerate's compile_regions would wrap the layers and rename their state-dict keys, which
+    PEFT's checkpoints depend on; Module.compile() keeps them. dynamic=True: packed rows differ in
+    length every step, and one graph serves them all.
+    """
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def sft_config(cfg: Settings, run_dir: Path, precision: str, **overrides: Any) -> Any:
@@ -224,6 +254,8 @@ def build_trainer(cfg: Settings, run_dir: Path, precision: str, **overrides: Any
     # created in fp32 whatever the base dtype (see job/model.py on fp16).
     set_seed(cfg.SEED)  # LoRA A matrices are drawn here: same seed, same initial adapter
     model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
+    if use_compile(cfg):
+        log.info("compiling %d decoder layers (one compile, in the first steps)", compile_layers(model))
     args = sft_config(cfg, run_dir, precision, **overrides)
     trainer = SFTTrainer(
         model=model,

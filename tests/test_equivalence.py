@@ -1,8 +1,10 @@
 """The optimized training path (padding-free packing) computes the same loss and gradients as
 the plain padded path on the same rows. The GPU benchmark repeats this check in bf16."""
 
+import pytest
 import torch
 
+from job import attention
 from job.bench import equivalence, flops_per_token
 from job.config import load_settings
 from job.format import tokenize_row
@@ -11,16 +13,26 @@ from job.model import load_model, load_tokenizer, lora_config
 from job.tiny import LLAMA_3_2_3B
 
 
-def test_packed_equals_padded(tiny_model_dir):
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa"])
+def test_packed_equals_padded(tiny_model_dir, attn, monkeypatch):
     from peft import get_peft_model
     from transformers import LlamaConfig
 
     from job.__main__ import FIXTURE
 
     cfg = load_settings(
-        {"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "2048"},
+        {
+            "BASE_MODEL": str(tiny_model_dir),
+            "QUANTIZATION": "none",
+            "LORA_DROPOUT": "0",
+            "MAX_SEQ_LENGTH": "2048",
+            "ATTN_IMPLEMENTATION": attn,
+        },
         env_file=None,
     )
+    calls = []
+    reference = attention._per_conversation
+    monkeypatch.setattr(attention, "_per_conversation", lambda *a: calls.append(a[3]) or reference(*a))
     tok = load_tokenizer(cfg)
     rows = [
         tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)[:6]
@@ -32,6 +44,10 @@ def test_packed_equals_padded(tiny_model_dir):
         if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
             p.data.normal_(0, 0.02)
     e = equivalence(model, rows, tok.pad_token_id)
+    if attn == "sdpa_varlen":  # the packed pass went through our varlen path, once per layer, with all 6 rows
+        assert len(calls) == model.config.num_hidden_layers and all(len(cu) == 7 for cu in calls), calls
+    else:
+        assert not calls
     assert e["loss_rel_diff"] < 1e-5, e
     assert e["grad_cosine"] > 0.99999, e
     assert e["grad_rel_l2"] < 1e-3, e
@@ -42,3 +58,45 @@ def test_packed_equals_padded(tiny_model_dir):
     # DESIGN.md: about 13.3 GFLOP per trained token for Llama-3.2-3B
     f = flops_per_token(LlamaConfig(**LLAMA_3_2_3B), mean_seq_len=300, lora_params=2_293_760)
     assert 12.8e9 < f < 13.8e9, f
+
+
+def test_static_cache_generation_answers_like_the_dynamic_cache(tiny_model_dir):
+    """EVAL_COMPILE's path (static cache; every batch padded to the same rows and width so the compiled
+    step is built once) gives the same greedy answers, in the same order, as the plain path."""
+    from job.evaluate import generate
+    from job.model import build_messages
+
+    cfg = load_settings(
+        {"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "EVAL_BATCH_SIZE": "3", "MAX_NEW_TOKENS": "12"},
+        env_file=None,
+    )
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, "fp32").eval()
+    torch.manual_seed(0)
+    for p in model.parameters():  # the tiny model repeats one blank token; larger random weights vary
+        if p.ndim == 2:
+            p.data.normal_(0, 0.2)
+    prompts = ["I have a headache.", "My child has a fever of 39 degrees since yesterday evening, what now?", "Hi"]
+    prompts += ["Can I take ibuprofen with paracetamol?", "Rash on arm", "I feel dizzy when I stand up quickly."]
+    prompts += ["My knee hurts after running five kilometres."]  # 7 prompts: batches of 3, 2 and 2
+    conversations = [build_messages(cfg, p) for p in prompts]
+    plain, s1 = generate(model, tok, conversations, cfg, static_cache=False)
+    static, s2 = generate(model, tok, conversations, cfg, static_cache=True)
+    assert (s1["static_cache"], s2["static_cache"]) == (False, True)
+    assert static == plain
+    assert len(set(plain)) > 1 and all(plain), plain  # real, distinct answers: the comparison means something
+    assert s1["new_tokens"] == s2["new_tokens"] > 0
+
+
+def test_regional_compile_covers_every_decoder_layer(tiny_model_dir):
+    from job.train import compile_layers, use_compile, use_liger
+
+    cfg = load_settings({"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none"}, env_file=None)
+    model = load_model(cfg, "fp32")
+    names = [n for n, _ in model.named_parameters()]
+    assert compile_layers(model) == model.config.num_hidden_layers
+    assert [n for n, _ in model.named_parameters()] == names  # in place: PEFT's state-dict keys unchanged
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    # CPU: neither compile nor Liger is used, whatever the settings say
+    on = load_settings({"TORCH_COMPILE": "true", "LIGER_KERNEL": "true"}, env_file=None)
+    assert not use_compile(on) and not use_liger(on)
