@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-peft", action="store_true", help="also time generation on the 4-bit model + LoRA")
     p.add_argument("--usd-per-hour", type=float, default=None, help="spot price of this GPU, for the cost columns")
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--gen-modes", default="static,eager", help="generation paths to time: static, eager")
+    p.add_argument("--skip-static", action="store_true", help="time eager generation only (no compile)")
     p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: run one recipe in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     # Equivalence and generation on the job's own model path.
     # With static-cache generation timed below, train here as the job does with EVAL_COMPILE=true: without
     # Liger, whose process-wide patches would reach the generation model and break its compile.
-    eq_cfg = dataclasses.replace(cfg, EVAL_COMPILE="static" in args.gen_modes)
+    eq_cfg = dataclasses.replace(cfg, EVAL_COMPILE=not args.skip_static)
     trainer = build_trainer(
         eq_cfg, run_dir, precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
     )
@@ -353,24 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     # and, for comparison, with the plain dynamic cache in eager mode.
     passes, texts = {}, {}
     for name, m in evaluate.models_for_generation(model, cfg, run_dir):
-        for mode in args.gen_modes.split(","):
+        for mode in ("eager",) if args.skip_static else ("static", "eager"):
             texts[name, mode], passes[f"{name}-{mode}"] = evaluate.generate(
                 m, tok, prompts, cfg, static_cache=mode == "static"
             )
             log.info("generation %s %s: %s", name, mode, passes[f"{name}-{mode}"])
-
-    def rate(*keys):
-        return sum(passes[k]["new_tokens"] for k in keys) / sum(passes[k]["seconds"] for k in keys)
 
     results["generation"] = {
         "batch": cfg.EVAL_BATCH_SIZE,
         "max_new_tokens": cfg.MAX_NEW_TOKENS,
         "prompts": n,
         "passes": passes,
-        "tokens_per_s_eager": rate("base-eager", "tuned-eager"),
+        "tokens_per_s_eager": _rate(passes, "base-eager", "tuned-eager"),
     }
-    if "static" in args.gen_modes:
-        results["generation"] |= _static_figures(passes, texts, rate)
+    if not args.skip_static:
+        results["generation"] |= _static_figures(passes, texts)
     log.info("generation: %s", {k: v for k, v in results["generation"].items() if k != "passes"})
     (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "bench.md").write_text(markdown(results))
@@ -378,10 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _static_figures(passes: dict, texts: dict, rate) -> dict:
+def _rate(passes: dict, *keys: str) -> float:
+    """New tokens per second over the given generation passes together."""
+    return sum(passes[k]["new_tokens"] for k in keys) / sum(passes[k]["seconds"] for k in keys)
+
+
+def _static_figures(passes: dict, texts: dict) -> dict:
     return {
-        "tokens_per_s_stage": rate("base-static", "tuned-static"),  # what evaluate does, compile included
-        "tokens_per_s_steady": rate("tuned-static"),  # compiled step reused
+        "tokens_per_s_stage": _rate(passes, "base-static", "tuned-static"),  # what evaluate does, compile included
+        "tokens_per_s_steady": _rate(passes, "tuned-static"),  # compiled step reused
         "compile_s": passes["base-static"]["seconds"] - passes["tuned-static"]["seconds"],
         # the compiled graph must see the merged weights: tuned answers differ from base ones
         "static_tuned_differs_from_base": sum(

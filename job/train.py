@@ -122,8 +122,8 @@ def _completeness_callback(keep: int):
     return CheckpointMarker()
 
 
-def pin_cpu_threads(resume: Path | None) -> int:
-    """Use the intra-op thread count the checkpoint was trained with; return the count in use.
+def pin_cpu_threads(resume: Path | None) -> None:
+    """Use the intra-op thread count the checkpoint was trained with.
 
     CPU kernels (MKL/oneDNN matmuls, ATen reductions) split their float sums by thread count, and
     PyTorch takes its default count from the process's CPU affinity or OMP_NUM_THREADS, which can
@@ -146,7 +146,6 @@ def pin_cpu_threads(resume: Path | None) -> int:
             torch.get_num_threads(),
         )
         torch.set_num_threads(saved)
-    return torch.get_num_threads()
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -173,8 +172,9 @@ def compile_layers(model: Any) -> int:
 
     A QLoRA step in eager mode is bound by Python: ~4,300 kernel launches through PEFT, bitsandbytes,
     Liger and Transformers' modules, while the GPU work of a ~3,900-token micro-batch takes ~105 ms of
-    a ~250 ms step (profiled on an H200). We compile each decoder layer in place: the layers share one
-    compiled graph, so the cost is one layer's compile, and Inductor fuses the norms, RoPE and SwiGLU.
+    a ~250 ms step (profiled on an H200). We compile each decoder layer in place: the layers share compiled
+    code, so the cost is about one layer's compile (layer 0, whose input carries no gradient, gets a
+    graph of its own: seen on an H200), and Inductor fuses the norms, RoPE and SwiGLU.
     Accelerate's compile_regions would wrap the layers and rename their state-dict keys, which
     PEFT's checkpoints depend on; Module.compile() keeps them. dynamic=True: packed rows differ in
     length every step, and one graph serves them all.

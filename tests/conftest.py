@@ -50,6 +50,20 @@ RUN_NAME = "med-test"
 # On top of the demo's settings: fewer conversations so the shared run stays well under a minute of
 # training on 2 CPU cores (32 conversations x 2 epochs / batch 4 = 16 optimizer steps, a checkpoint every 5).
 TEST_SPEED = {"NUM_SAMPLES": "32"}
+# A run small and exact enough to stop, kill and rerun many times: 24 conversations / batch 2 = 12 optimizer
+# steps, padded batches (PACKING=false) so the step count is exact, a checkpoint every 2 steps.
+SMALL_RUN = {
+    "DATASET": str(FIXTURE),
+    "NUM_SAMPLES": "24",
+    "EVAL_SAMPLES": "4",
+    "EVAL_GENERATIONS": "2",
+    "MAX_NEW_TOKENS": "4",
+    "MAX_SEQ_LENGTH": "256",
+    "BATCH_SIZE": "2",
+    "PACKING": "false",
+    "SAVE_STEPS": "2",
+    "HUB_REPO_ID": "",
+}
 
 
 # --- the Hub, faked at its boundary ----------------------------------------------------------------------

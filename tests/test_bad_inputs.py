@@ -26,26 +26,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import SMALL_RUN
 
-from job.__main__ import FIXTURE
 from job.config import SETTINGS
 from job.errors import BAD_CONFIG, OUT_OF_MEMORY
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = {
-    "DATASET": str(FIXTURE),
-    "NUM_SAMPLES": "24",
-    "EVAL_SAMPLES": "4",
-    "EVAL_GENERATIONS": "2",
-    "MAX_NEW_TOKENS": "4",
-    "MAX_SEQ_LENGTH": "256",
-    "BATCH_SIZE": "2",
-    "PACKING": "false",
-    "SAVE_STEPS": "2",
-    "HUB_REPO_ID": "",
-    "HF_TOKEN": "",
-    "RUN_NAME": "bad",
-}
+BASE = {**SMALL_RUN, "HF_TOKEN": "", "RUN_NAME": "bad"}
 CATALOG: list[tuple[str, int, str]] = []
 
 

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SMALL_RUN
 from safetensors.torch import load_file, save_file
 
 from job import train
@@ -29,26 +30,16 @@ from job.config import SETTINGS, STAGES
 from job.train import MARKER, checkpoint_loads, complete_checkpoints, resume_point
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "job" / "fixtures" / "dialogues.jsonl"
 CANARY = "hf_canary_kill_test_5d21e0"  # the kill runs carry a token too: real stdout/stderr must not show it
 
-# 24 conversations / batch 2 = 12 optimizer steps, a checkpoint every 2; padded batches (PACKING=false)
-# so the step count is exact. LORA_DROPOUT stays at its default (0.05): the Trainer restores the RNG.
+# conftest's SMALL_RUN: 12 optimizer steps, a checkpoint every 2. LORA_DROPOUT stays at its default (0.05):
+# the Trainer restores the RNG.
 SMALL = {
-    "DATASET": str(FIXTURE),
-    "NUM_SAMPLES": "24",
-    "EVAL_SAMPLES": "4",
-    "EVAL_GENERATIONS": "2",
-    "MAX_NEW_TOKENS": "4",
-    "MAX_SEQ_LENGTH": "256",
-    "BATCH_SIZE": "2",
-    "PACKING": "false",
+    **SMALL_RUN,
     "EPOCHS": "1",
     "LEARNING_RATE": "5e-3",
-    "SAVE_STEPS": "2",
     "SAVE_TOTAL_LIMIT": "2",
     "LOGGING_STEPS": "1",
-    "HUB_REPO_ID": "",
     "REPORT_TO": "none",
     "HF_TOKEN": CANARY,
 }
