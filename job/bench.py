@@ -8,12 +8,13 @@ card, each recipe in a process of its own (Liger patches Transformers' classes p
   (b) trl    the best plain TRL setup measured before: packing + Liger kernels, batch 8
              (TRL's own defaults otherwise, which include gradient checkpointing)
   (c) job    this job's defaults (job/config.py)
-plus trl-nogc ((b) without gradient checkpointing) and one-lever variants of (c): job-compile,
-job-noliger, job-sdpa. For each: tokens/s (non-padding tokens through forward+backward), MFU by
-DESIGN.md's formula against the bf16 matmul peak measured on this card, peak GiB, and projected
-wall time and cost for 1,000 samples and for the full 257k-row dataset. Also: an equivalence check
-(packed vs padded loss and LoRA gradients on the same rows) and generation tokens/s of the
-evaluate stage, eager and with EVAL_COMPILE's static cache.
+plus trl-nogc ((b) without gradient checkpointing) and one-lever variants of (c): job-nf4 (4-bit
+kernels kept), job-compile, job-noliger, job-sdpa. For each: tokens/s (non-padding tokens through
+forward+backward), MFU by DESIGN.md's formula against the bf16 matmul peak measured on this card,
+peak GiB, and projected wall time and cost for 1,000 samples and for the full 257k-row dataset.
+Also: an equivalence check (loss and LoRA gradients of the job's path, packed rows on its base
+weights, vs the plain path, padded rows through bitsandbytes' 4-bit layers, same rows and adapter)
+and generation tokens/s of the evaluate stage, eager and with EVAL_COMPILE's static cache.
 Writes bench.json and bench.md to --out.
 """
 
@@ -47,6 +48,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "LIGER_KERNEL": "false",
             "ATTN_IMPLEMENTATION": "sdpa",
             "TORCH_COMPILE": "false",
+            "DEQUANTIZE_BASE": "false",
         },
         "sft": {},
     },
@@ -60,6 +62,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "LIGER_KERNEL": "true",
             "ATTN_IMPLEMENTATION": "sdpa",
             "TORCH_COMPILE": "false",
+            "DEQUANTIZE_BASE": "false",
         },
         "sft": {},
     },
@@ -75,13 +78,16 @@ RECIPES: dict[str, dict[str, Any]] = {
             "LIGER_KERNEL": "true",
             "ATTN_IMPLEMENTATION": "sdpa",
             "TORCH_COMPILE": "false",
+            "DEQUANTIZE_BASE": "false",
         },
         "sft": {},
     },
     # The job's defaults. The bench runs at MAX_SEQ_LENGTH=512 (like the baseline figures), so batch 8
     # gives the same tokens per micro-batch as the default 4 packed rows of 1024.
     "job": {"settings": {"BATCH_SIZE": "8"}, "sft": {}},
-    # Levers, one at a time against the job's defaults: regional compilation; Liger's kernels.
+    # Levers, one at a time against the job's defaults: the 4-bit kernels kept (DEQUANTIZE_BASE off);
+    # regional compilation; Liger's kernels.
+    "job-nf4": {"settings": {"BATCH_SIZE": "8", "DEQUANTIZE_BASE": "false"}, "sft": {}},
     "job-compile": {"settings": {"BATCH_SIZE": "8", "TORCH_COMPILE": "true"}, "sft": {}},
     "job-noliger": {"settings": {"BATCH_SIZE": "8", "LIGER_KERNEL": "false"}, "sft": {}},
     # The job's defaults with Transformers' stock sdpa: packed rows then attend through a dense
@@ -189,13 +195,17 @@ def train_throughput(cfg, run_dir: Path, precision: str, recipe: dict, warmup: i
     return out
 
 
-def equivalence(model, rows: list[dict], pad_id: int) -> dict:
-    """Loss and LoRA gradients of the packed (padding-free) path vs the padded path on the same rows."""
+def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
+    """Loss and LoRA gradients of the job's path (packed, padding-free, on `model`) vs the plain padded
+    path on the same rows, on `plain_model` when given (the 4-bit base with the same adapter), else on
+    `model` itself."""
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    plain_model = plain_model or model
     device = next(model.parameters()).device
     model.eval()  # no LoRA dropout: both passes must see the same function (gradients still flow)
+    plain_model.eval()
     examples = [
         {
             "input_ids": r["input_ids"],
@@ -204,17 +214,17 @@ def equivalence(model, rows: list[dict], pad_id: int) -> dict:
         for r in rows
     ]
     results = {}
-    for name, free in (("padded", False), ("packed", True)):
+    for name, free, m in (("padded", False, plain_model), ("packed", True, model)):
         batch = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=free)(examples)
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        m.zero_grad(set_to_none=True)
+        loss = m(**batch).loss
         loss.backward()
-        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+        grads = torch.cat([p.grad.float().flatten() for p in m.parameters() if p.requires_grad])
+        m.zero_grad(set_to_none=True)
         results[name] = (loss.item(), grads)
     (l1, g1), (l2, g2) = results["padded"], results["packed"]
     cos = float(torch.nn.functional.cosine_similarity(g1, g2, dim=0))
-    model.zero_grad(set_to_none=True)
     return {
         "loss_padded": l1,
         "loss_packed": l2,
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     from job.io import read_jsonl
     from job.model import build_messages, resolve_precision
     from job.tiny import build_tiny_model
-    from job.train import build_trainer
+    from job.train import base_weights, build_trainer
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_dialogues_sample.jsonl"
     p = argparse.ArgumentParser(description="Side-by-side GPU benchmark of the training recipes.")
@@ -242,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=5, help="steps not timed (compilation, autotuning, allocator)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per recipe")
-    p.add_argument("--recipes", default="seed,trl,trl-nogc,job,job-compile,job-sdpa")
-    p.add_argument("--gen-prompts", type=int, default=64)
+    p.add_argument("--recipes", default="seed,trl,trl-nogc,job,job-nf4,job-compile")
+    p.add_argument("--gen-prompts", type=int, default=50, help="held-out prompts (plus the safety suite)")
     p.add_argument("--gen-peft", action="store_true", help="also time generation on the 4-bit model + LoRA")
     p.add_argument("--usd-per-hour", type=float, default=None, help="spot price of this GPU, for the cost columns")
     p.add_argument("--out", default="bench-results")
@@ -332,11 +342,20 @@ def main(argv: list[str] | None = None) -> int:
         eq_cfg, run_dir, precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
     )
     trainer.train()  # a few steps so lora_B is non-zero and gradients flow through both LoRA matrices
-    results["equivalence"] = equivalence(trainer.model, rows[:8], trainer.processing_class.pad_token_id)
-    log.info("equivalence: %s", results["equivalence"])
     trainer.model.save_pretrained(run_dir / "adapter")
     trainer.processing_class.save_pretrained(run_dir / "adapter")
-    del trainer
+    # The plain path: the base packed in 4 bits (bitsandbytes' kernels), the same adapter, padded rows.
+    from peft import PeftModel
+
+    from job.model import load_model
+
+    plain = PeftModel.from_pretrained(load_model(cfg, precision), str(run_dir / "adapter"), is_trainable=True)
+    results["equivalence"] = equivalence(
+        trainer.model, rows[:8], trainer.processing_class.pad_token_id, plain_model=plain
+    )
+    results["equivalence"]["job_base_weights"] = base_weights(cfg, trainer.model)
+    log.info("equivalence: %s", results["equivalence"])
+    del trainer, plain
     gc.collect()
     torch.cuda.empty_cache()
     model = evaluate.load_tuned(cfg, run_dir, precision)
@@ -424,7 +443,9 @@ def markdown(r: dict) -> str:
         e = r["equivalence"]
         lines += [
             "",
-            f"Packed vs padded, same rows: loss {e['loss_packed']:.5f} vs {e['loss_padded']:.5f} "
+            f"Job path (packed rows, base weights {e.get('job_base_weights', 'as configured')}) vs plain path "
+            f"(padded rows, bitsandbytes' 4-bit layers), same rows and adapter: loss {e['loss_packed']:.5f} vs "
+            f"{e['loss_padded']:.5f} "
             f"(rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine {e['grad_cosine']:.5f}, "
             f"rel. L2 {e['grad_rel_l2']:.1e}.",
         ]

@@ -187,6 +187,7 @@ def model_card(cfg: Settings, run_dir: Path) -> str:
         # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.
         *[f"| {n} | {getattr(cfg, n)} |" for n in DEPENDS["train"] if n != "SYSTEM_PROMPT"],
         f"| precision | {metrics.get('precision')} |",
+        f"| base weights in training | {train_log.get('train', {}).get('base_weights', 'not recorded')} |",
         f"| final training loss | {final_loss} |",
         "",
         "Loss is computed on the doctor's reply and its end-of-turn token only.",

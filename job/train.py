@@ -20,7 +20,14 @@ from job.config import Settings
 from job.errors import OutOfMemory
 from job.faults import maybe_die
 from job.io import atomic_write_text, read_jsonl
-from job.model import is_main_process, load_model, load_tokenizer, lora_config, resolve_precision
+from job.model import (
+    dequantize_for_training,
+    is_main_process,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +255,7 @@ def build_trainer(cfg: Settings, run_dir: Path, precision: str, **overrides: Any
     tokenizer = load_tokenizer(cfg)
     rows = read_jsonl(run_dir / "data" / "train_tokens.jsonl")
     model = load_model(cfg, precision)
+    dequantize_for_training(cfg, model)  # DEQUANTIZE_BASE: same weights, no 4-bit kernels in the step
     if cfg.GRADIENT_CHECKPOINTING:
         model.enable_input_require_grads()  # frozen embeddings: let the checkpointed blocks get gradients
     # We wrap with PEFT ourselves rather than passing peft_config to TRL, so the LoRA weights are
@@ -273,6 +281,14 @@ def build_trainer(cfg: Settings, run_dir: Path, precision: str, **overrides: Any
     return trainer
 
 
+def base_weights(cfg: Settings, model: Any) -> str:
+    if cfg.QUANTIZATION != "nf4":
+        return "16-bit"
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return "nf4, packed in 4 bits"
+    return "nf4-rounded, held in 16-bit (DEQUANTIZE_BASE)"
+
+
 def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     """The derived numbers printed at start: what will actually run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -290,6 +306,7 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
         "sequences_per_step": per_step,
         "trainable_params": trainable,
         "total_params": total,
+        "base_weights": base_weights(cfg, trainer.model),
     }
     log.info(
         "training: %d %s of up to %d tokens, %d per optimizer step (batch %d x accum %d x %d GPU), "

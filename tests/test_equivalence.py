@@ -60,6 +60,73 @@ def test_packed_equals_padded(tiny_model_dir, attn, monkeypatch):
     assert 12.8e9 < f < 13.8e9, f
 
 
+def _lora_with_weights(cfg, base, weights=None):
+    from peft import get_peft_model
+
+    model = get_peft_model(base, lora_config(cfg, base))
+    if weights is None:
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
+                p.data.normal_(0, 0.02)
+    else:
+        assert not model.load_state_dict(weights, strict=False).unexpected_keys
+    return model
+
+
+def test_dequantized_base_trains_like_the_4bit_kernels(tiny_model_dir):
+    """DEQUANTIZE_BASE: the NF4 base held in 16-bit (here fp32, on CPU) gives the loss and LoRA gradients
+    of bitsandbytes' 4-bit layers; the unquantized base, with other weights, does not."""
+    from job.__main__ import FIXTURE
+    from job.model import dequantize_for_training
+
+    env = {"BASE_MODEL": str(tiny_model_dir), "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "2048"}
+    cfg = load_settings({**env, "DEQUANTIZE_BASE": "true"}, env_file=None)
+    tok = load_tokenizer(cfg)
+    rows = [
+        tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)[:6]
+    ]
+    plain = _lora_with_weights(cfg, load_model(cfg, "fp32"))
+    assert any(type(m).__name__ == "Linear4bit" for m in plain.modules())
+    lora = {k: v for k, v in plain.state_dict().items() if "lora_" in k}
+
+    base = load_model(cfg, "fp32")
+    assert dequantize_for_training(cfg, base)
+    assert not any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    e = equivalence(_lora_with_weights(cfg, base, lora), rows, tok.pad_token_id, plain_model=plain)
+    assert e["loss_rel_diff"] < 1e-6, e
+    assert e["grad_cosine"] > 0.99999, e
+    assert e["grad_rel_l2"] < 1e-4, e
+
+    unquantized = load_model(load_settings({**env, "QUANTIZATION": "none"}, env_file=None), "fp32")
+    other = equivalence(_lora_with_weights(cfg, unquantized, lora), rows, tok.pad_token_id, plain_model=plain)
+    assert other["loss_rel_diff"] > 1e-4, other
+
+
+def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch):
+    """auto: never on CPU; on a GPU only where the 16-bit copy takes at most a quarter of its memory."""
+    import types
+
+    from job.model import dequantize_for_training
+
+    env = {"BASE_MODEL": str(tiny_model_dir)}
+    auto = load_settings(env, env_file=None)
+    assert auto.DEQUANTIZE_BASE == "auto"
+    assert not dequantize_for_training(auto, load_model(auto, "fp32"))  # CPU
+    assert not dequantize_for_training(load_settings({**env, "DEQUANTIZE_BASE": "false"}, env_file=None), None)
+    assert not dequantize_for_training(load_settings({**env, "QUANTIZATION": "none"}, env_file=None), None)
+
+    model = load_model(auto, "fp32")
+    packed = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    size = sum(m.in_features * m.out_features for m in packed) * 4  # fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for total, expected in ((4 * size - 1, False), (4 * size, True)):
+        gpu = types.SimpleNamespace(total_memory=total)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, gpu=gpu: gpu)
+        assert dequantize_for_training(auto, model) is expected, total
+        assert any(type(m).__name__ == "Linear4bit" for m in model.modules()) is not expected
+
+
 def test_static_cache_generation_answers_like_the_dynamic_cache(tiny_model_dir):
     """EVAL_COMPILE's path (static cache; every batch padded to the same rows and width so the compiled
     step is built once) gives the same greedy answers, in the same order, as the plain path."""
