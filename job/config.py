@@ -114,7 +114,7 @@ class Settings:
     EVAL_COMPILE: bool = _setting(
         False,
         "On CUDA: static KV cache and a compiled decoding step for evaluation answers. Measured 3,502 new "
-        "tokens/s on an H200 after a one-off compile (112 s), where eager decoding measured 1,650-2,300: worth it "
+        "tokens/s on an H200 after a one-off compile (112 s), where eager decoding measured 1,645-2,488: worth it "
         "from a few hundred prompts.",
     )
     EVAL_BATCH_SIZE: int = _setting(

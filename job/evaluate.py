@@ -123,7 +123,7 @@ def generate(
     A decoding step in eager PyTorch is bound by Python launching kernels, not by the GPU. With
     static_cache (default: EVAL_COMPILE, on CUDA) the KV cache is static, and Transformers then
     compiles the decoding step on CUDA and replays it as a CUDA graph: a one-off compile (112 s
-    measured on an H200), then 3,502 new tokens/s, where eager decoding measured 1,650-2,300 (83
+    measured on an H200), then 3,502 new tokens/s, where eager decoding measured 1,645-2,488 (83
     prompts in one batch). The compiled step is kept on the model object, so the tuned pass (the same
     modules, adapter merged in place) reuses it.
     """
