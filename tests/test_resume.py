@@ -3,8 +3,8 @@
 - `test_kill_anywhere_then_rerun` (slow): one chain of `python -m job` processes on the tiny model. Each
   run is SIGKILLed at the next instant (job/faults.py's HIPPO_KILL_AT points, plus one kill triggered by
   evaluation's first log line), then the same command runs again. After every kill nothing is marked
-  done on partial files; at the end the adapter equals an uninterrupted run's, the data splits are
-  byte-identical, and a further rerun does no work. It prints the optimizer steps each kill cost.
+  done on partial files; at the end the adapter matches an uninterrupted run's (RESUME_TOLERANCE), the
+  data splits are byte-identical, and a further rerun does no work. It prints the optimizer steps each kill cost.
 - The other tests build checkpoint folders by hand and check resume_point's choice and the retention.
 """
 
@@ -66,7 +66,12 @@ KILLS = [
 # These runs get another CPU thread count than the rest (as a resumed spot job on another machine would):
 # float sums split by thread count, so the job must train on with the count its checkpoint recorded.
 OTHER_THREADS = ("train.save:8", "train.step:11")
-RESUME_TOLERANCE = 1e-5  # largest adapter difference allowed vs the uninterrupted run (see _check_consistent)
+# Largest adapter difference allowed vs the uninterrupted run. Uninterrupted runs of this job on a 2-core
+# CPU are not bit-reproducible: in 70 runs, 8 ended 2.32e-5 away from the others (their gradients part at
+# step 3, the step after the first checkpoint, with the same loss; MKL_CBWR=AUTO,STRICT and MKL_DYNAMIC=FALSE
+# did not change that; cause not found). The last step alone moves the adapter ~2.5e-4, and the step
+# counts below catch a lost or repeated step anywhere.
+RESUME_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +170,8 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
         for name in same.get(s, []):
             assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the reference"
     if "train" in done:
-        # Same steps, same RNG, same CPU thread count. One lost or repeated step moves weights ~1e-3; one
-        # resumed stretch at another thread count, ~2e-5 (both fail here). Alone this test gives exactly 0.0;
-        # once, in a whole-suite run on a fresh clone, 5.1e-7, cause not found yet: hence RESUME_TOLERANCE.
+        # Same steps, same RNG, same CPU thread count (a resumed stretch at another count moves weights
+        # ~2e-5: the kill test checks the pin's log line). See RESUME_TOLERANCE for the run-to-run noise.
         assert _max_diff(run_dir / "adapter", ref / "adapter") <= RESUME_TOLERANCE
     if "evaluate" in done:
         json.loads((run_dir / "eval" / "metrics.json").read_text())
