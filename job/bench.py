@@ -202,7 +202,7 @@ def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    plain_model = plain_model or model
+    plain_model = model if plain_model is None else plain_model
     device = next(model.parameters()).device
     model.eval()  # no LoRA dropout: both passes must see the same function (gradients still flow)
     plain_model.eval()

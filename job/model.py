@@ -148,6 +148,11 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
     return model
 
 
+def four_bit_layers(model: Any) -> list:
+    """bitsandbytes' 4-bit linear layers in `model` (none once dequantized)."""
+    return [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+
+
 def dequantize_for_training(cfg: Settings, model: Any) -> bool:
     """Swap the 4-bit linear layers for 16-bit ones holding the same NF4-rounded weights (DEQUANTIZE_BASE).
 
@@ -165,8 +170,7 @@ def dequantize_for_training(cfg: Settings, model: Any) -> bool:
 
     if cfg.QUANTIZATION != "nf4" or cfg.DEQUANTIZE_BASE == "false":
         return False
-    packed = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
-    size = sum(m.in_features * m.out_features for m in packed) * model.dtype.itemsize
+    size = sum(m.in_features * m.out_features for m in four_bit_layers(model)) * model.dtype.itemsize
     if cfg.DEQUANTIZE_BASE == "auto":
         if not torch.cuda.is_available():
             return False

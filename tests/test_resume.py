@@ -170,8 +170,8 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
         for name in same.get(s, []):
             assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the reference"
     if "train" in done:
-        # Same steps, same RNG, same CPU thread count (a resumed stretch at another count moves weights
-        # ~2e-5: the kill test checks the pin's log line). See RESUME_TOLERANCE for the run-to-run noise.
+        # Same steps, same RNG, same CPU thread count (the kill test checks the pin's log line). See
+        # RESUME_TOLERANCE for the run-to-run noise.
         assert _max_diff(run_dir / "adapter", ref / "adapter") <= RESUME_TOLERANCE
     if "evaluate" in done:
         json.loads((run_dir / "eval" / "metrics.json").read_text())
