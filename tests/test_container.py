@@ -135,7 +135,8 @@ def test_locks_are_fully_pinned_with_hashes_and_agree_with_pyproject_and_makefil
             pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
     # The image installs with --no-deps, so every dependency of the project must itself be pinned.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for spec in project["dependencies"]:
+    # The `speed` extra too: LIGER_KERNEL defaults to on, and the image is where the job meets a GPU.
+    for spec in project["dependencies"] + project["optional-dependencies"]["speed"]:
         req = Requirement(spec)
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         assert name in pins, f"pyproject dependency {req.name} is not in docker/*.lock: run `make lock`"
