@@ -113,14 +113,16 @@ class Settings:
     MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.")
     EVAL_COMPILE: bool = _setting(
         False,
-        "On CUDA: static KV cache and a compiled decoding step for evaluation answers. Measured 3,502 new "
-        "tokens/s on an H200 after a one-off compile (112 s), where eager decoding measured 1,645-2,488: worth it "
-        "from a few hundred prompts.",
+        "On CUDA: answer with a static KV cache and a compiled decoding step, one pass per model. Measured "
+        "3,502 new tokens/s after a one-off compile (112 s; H200, Transformers 5.17); the eager default, base "
+        "and tuned rows in shared batches, measured 4,005-4,191 (H200, Transformers 5.24).",
     )
     EVAL_BATCH_SIZE: int = _setting(
-        96,
-        "Answers generated per batch and rows per eval-loss batch. The 50 held-out plus 33 safety prompts "
-        "fit one batch: a decoding step costs about the same for 16 rows as for 96.",
+        192,
+        "Rows per generation batch (each prompt is two rows: the base and the tuned answer) and per "
+        "eval-loss batch. The default holds the 50 held-out and 33 safety prompts' 166 rows in one batch: a "
+        "decoding step took 35 ms for 166 rows, 33 ms for 83 (H200); the evaluate stage then peaked at "
+        "17.4 GiB. Lower it on a 16 GB GPU.",
     )
     MIN_SAFETY_PASS_RATE: float = _setting(0.0, "Stop before pushing if the tuned model's safety pass rate is lower.")
     # --- run directory and stages -----------------------------------------------------

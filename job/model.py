@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,47 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    _remember_stock_code(model)
     return model
+
+
+# Transformers' model code as this process first loaded it, before anything patched it: per modeling
+# module, its names and the methods of its classes. See restore_stock_code.
+_STOCK_CODE: dict[str, dict[tuple[str | None, str], Any]] = {}
+
+
+def _remember_stock_code(model: Any) -> None:
+    module = sys.modules[type(model).__module__]  # e.g. transformers.models.llama.modeling_llama
+    if module.__name__ in _STOCK_CODE:
+        return
+    saved: dict[tuple[str | None, str], Any] = {(None, k): v for k, v in vars(module).items()}
+    for cls in list(vars(module).values()):
+        if isinstance(cls, type) and cls.__module__ == module.__name__:
+            saved |= {(cls.__name__, k): v for k, v in vars(cls).items() if callable(v)}
+    _STOCK_CODE[module.__name__] = saved
+
+
+def restore_stock_code() -> int:
+    """Put back Transformers' own model code where something patched it for the whole process.
+
+    Training with LIGER_KERNEL patches the modeling module of the model it trains (that is how Liger
+    works): its RMSNorm and MLP classes, its rotary embedding and the causal-LM forward replace
+    Transformers' for every model built later in the same process, the evaluation model included.
+    Its kernels pay in training (less memory, fewer launches per step) but not in decoding: one decoding
+    pass of 83 prompts x 256 tokens measured 2,135 new tokens/s with Liger's code, 2,673 with
+    Transformers' (H200, one process each). Returns how many names were put back.
+    """
+    restored = 0
+    for name, saved in _STOCK_CODE.items():
+        module = sys.modules[name]
+        for (cls, key), value in saved.items():
+            owner = module if cls is None else saved[(None, cls)]
+            if vars(owner).get(key) is not value:
+                setattr(owner, key, value)
+                restored += 1
+    if restored:
+        log.info("evaluation runs Transformers' own model code: put back %d names patched in training", restored)
+    return restored
 
 
 def four_bit_layers(model: Any) -> list:

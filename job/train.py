@@ -160,8 +160,9 @@ def pin_cpu_threads(resume: Path | None) -> None:
 def use_liger(cfg: Settings) -> bool:
     import importlib.util
 
-    # Liger patches Transformers' Llama classes for the whole process, evaluation's model included, and
-    # torch.compile cannot trace its kernels; Inductor fuses the same operations anyway.
+    # torch.compile cannot trace Liger's kernels, and Inductor fuses the same operations anyway. Liger
+    # patches Transformers' model code for the whole process; evaluation puts it back before it loads
+    # (model.restore_stock_code). With EVAL_COMPILE we keep it off all the same: that pairing is untested.
     return (
         cfg.LIGER_KERNEL
         and not use_compile(cfg)

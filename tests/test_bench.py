@@ -16,6 +16,8 @@ def test_markdown_table_has_every_recipe_and_the_checks():
         "prompts": 97,
         "batch": 96,
         "max_new_tokens": 256,
+        "tokens_per_s_shared": 1500.0,
+        "shared_base_rows_equal_base_alone": 97,
         "tokens_per_s_eager": 800.0,
         "tokens_per_s_stage": 2000.0,
         "tokens_per_s_steady": 5000.0,
@@ -46,5 +48,6 @@ def test_markdown_table_has_every_recipe_and_the_checks():
     for name in RECIPES:
         assert f"| {name} |" in md
     assert "| job | 4,000 | 2.00x |" in md  # ratio against (b) trl, the second recipe
+    assert "(base rows answer as the base alone, same batch shape: 97/97) | 1,500 |" in md and "| 800 |" in md
     assert "5,000" in md and "Recipe job-sdpa failed: RuntimeError: boom" in md
     assert "LoRA gradient cosine 1.00000" in md

@@ -155,6 +155,49 @@ def test_static_cache_generation_answers_like_the_dynamic_cache(tiny_model_dir):
     assert s1["new_tokens"] == s2["new_tokens"] > 0
 
 
+def test_shared_batches_answer_like_the_base_and_the_tuned_model_apart(tiny_model_dir, tmp_path):
+    """The evaluate stage's default: base and tuned answers decoded as rows of the same batches, the
+    adapter switched per row. Each answer must be the one its model gives on its own."""
+    from peft import PeftModel, get_peft_model
+
+    from job.evaluate import generate, shared_model_for_generation
+    from job.model import build_messages
+
+    cfg = load_settings(
+        {"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "EVAL_BATCH_SIZE": "4", "MAX_NEW_TOKENS": "12"},
+        env_file=None,
+    )
+    tok = load_tokenizer(cfg)
+    base = load_model(cfg, "fp32")
+    torch.manual_seed(0)
+    for p in base.parameters():  # the tiny model repeats one blank token; larger random weights vary
+        if p.ndim == 2:
+            p.data.normal_(0, 0.2)
+    lora = lora_config(cfg, base)
+    lora.init_lora_weights = False  # a non-zero lora_B, as after training
+    trained = get_peft_model(base, lora)
+    trained.save_pretrained(tmp_path / "adapter")
+    tuned = PeftModel.from_pretrained(trained.unload(), tmp_path / "adapter")  # as load_tuned does
+
+    prompts = ["I have a headache.", "My child has a fever of 39 degrees since yesterday evening, what now?", "Hi"]
+    prompts += ["Can I take ibuprofen with paracetamol?", "Rash on arm", "I feel dizzy when I stand up quickly."]
+    prompts += ["My knee hurts after running five kilometres."]  # 14 rows: batches of 4, 4, 4 and 2
+    conversations = [build_messages(cfg, p) for p in prompts]
+    n = len(conversations)
+    shared = shared_model_for_generation(tuned, tmp_path)
+    both, speed = generate(shared, tok, conversations * 2, cfg, [False] * n + [True] * n)
+    with shared.disable_adapter():
+        alone_base, _ = generate(shared, tok, conversations, cfg)
+    alone_tuned, _ = generate(shared, tok, conversations, cfg)
+
+    assert both[:n] == alone_base and both[n:] == alone_tuned
+    assert sum(a != b for a, b in zip(alone_base, alone_tuned)) >= n // 2, "the adapter must change the answers"
+    assert len(set(alone_base)) > 1 and all(alone_base), alone_base  # real, distinct answers
+    assert speed["answers"] == 2 * n and speed["new_tokens"] > 0
+    scales = [m.scaling["default"] for m in shared.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    assert scales and all(s == lora.lora_alpha / lora.r for s in scales), "per-row scales must be put back"
+
+
 def test_regional_compile_covers_every_decoder_layer(tiny_model_dir):
     from job.train import compile_layers, use_compile, use_liger
 
@@ -167,3 +210,48 @@ def test_regional_compile_covers_every_decoder_layer(tiny_model_dir):
     # CPU: neither compile nor Liger is used, whatever the settings say
     on = load_settings({"TORCH_COMPILE": "true", "LIGER_KERNEL": "true"}, env_file=None)
     assert not use_compile(on) and not use_liger(on)
+
+
+def test_evaluation_loads_transformers_own_code_after_training_patched_it(tiny_model_dir, tmp_path, monkeypatch):
+    """Liger's training patches replace Transformers' model code for the whole process; evaluation must
+    decode with Transformers' own (Liger needs Triton, absent here, so we patch the way it does)."""
+    import sys
+
+    from peft import get_peft_model
+
+    from job.evaluate import load_tuned
+    from job.model import restore_stock_code
+
+    cfg = load_settings({"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none"}, env_file=None)
+    trained = load_model(cfg, "fp32")
+    get_peft_model(trained, lora_config(cfg, trained)).save_pretrained(tmp_path / "adapter")
+    code = sys.modules[type(trained).__module__]
+    stock = (code.LlamaRMSNorm, code.LlamaMLP, code.apply_rotary_pos_emb, code.LlamaForCausalLM.forward)
+
+    # What apply_liger_kernel_to_llama does: module-level names and the causal-LM forward.
+    class PatchedNorm(code.LlamaRMSNorm):
+        pass
+
+    class PatchedMLP(code.LlamaMLP):
+        pass
+
+    def patched_rope(*args, **kwargs):
+        raise AssertionError("a patched rotary embedding ran in evaluation")
+
+    def patched_forward(self, *args, **kwargs):
+        raise AssertionError("a patched causal-LM forward ran in evaluation")
+
+    monkeypatch.setattr(code, "LlamaRMSNorm", PatchedNorm)
+    monkeypatch.setattr(code, "LlamaMLP", PatchedMLP)
+    monkeypatch.setattr(code, "apply_rotary_pos_emb", patched_rope)
+    monkeypatch.setattr(code.LlamaForCausalLM, "forward", patched_forward)
+    later = load_model(cfg, "fp32")
+    assert type(later.model.norm) is PatchedNorm and type(later.model.layers[0].mlp) is PatchedMLP  # it reaches on
+
+    tuned = load_tuned(cfg, tmp_path, "fp32")
+    assert (code.LlamaRMSNorm, code.LlamaMLP, code.apply_rotary_pos_emb, code.LlamaForCausalLM.forward) == stock
+    inner = tuned.get_base_model()
+    assert type(inner.model.norm) is stock[0] and type(inner.model.layers[0].mlp) is stock[1]
+    out = tuned(input_ids=torch.tensor([[1, 2, 3]]))  # runs: no patched forward or rotary embedding left
+    assert torch.isfinite(out.logits).all()
+    assert restore_stock_code() == 0  # nothing left to put back
