@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
 
     # Equivalence and generation on the job's own model path.
-    # With static-cache generation timed below, train here as the job does with EVAL_COMPILE=true: without
-    # Liger, whose process-wide patches would reach the generation model and break its compile.
+    # With static-cache generation timed below, train here as the job does with EVAL_COMPILE=true (which
+    # keeps Liger off: job/train.py, use_liger).
     eq_cfg = dataclasses.replace(cfg, EVAL_COMPILE=not args.skip_static)
     trainer = build_trainer(
         eq_cfg, run_dir, precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     # For comparison, one model per pass (what EVAL_COMPILE does): dequantized base, then the adapter
     # merged in; each with the static cache (compiled decoding step; the first pass pays the compile)
     # and with the plain dynamic cache in eager mode.
-    for name, m in evaluate.models_for_generation(evaluate.load_tuned(cfg, run_dir, precision), cfg, run_dir):
+    for name, m in evaluate.models_for_generation(evaluate.load_tuned(cfg, run_dir, precision), run_dir):
         for mode in ("eager",) if args.skip_static else ("static", "eager"):
             texts[name, mode], passes[f"{name}-{mode}"] = evaluate.generate(
                 m, tok, prompts, cfg, static_cache=mode == "static"

@@ -72,7 +72,7 @@ def shared_model_for_generation(model, run_dir: Path):
     ).eval()
 
 
-def models_for_generation(model, cfg: Settings, run_dir: Path):
+def models_for_generation(model, run_dir: Path):
     """Yield ("base", model) then ("tuned", model), each a plain 16-bit model, for EVAL_COMPILE.
 
     The compiled decoding step is specialized to fixed weights, so here the two models answer in
@@ -100,12 +100,13 @@ def per_row_adapter(model, tuned: list[bool]):
     83 rows (2,650; H200, Transformers 5.24).
     """
     import torch
+    from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers:
         raise ValueError("per_row_adapter needs a model with LoRA layers (a PeftModel)")
     saved = [dict(m.scaling) for m in layers]
-    weight = next(p for n, p in model.named_parameters() if "lora_" in n)
+    weight = next(iter(layers[0].lora_A.values())).weight
     mask = torch.tensor(tuned, dtype=weight.dtype, device=weight.device).view(-1, 1, 1)
     try:
         for m, scales in zip(layers, saved):
@@ -164,7 +165,7 @@ def generate(
     conversations: list[list[dict]],
     cfg: Settings,
     tuned_rows: list[bool] | None = None,
-    static_cache: bool | None = None,
+    static_cache: bool = False,
 ):
     """Greedy answers, one per conversation, in batches; returns texts and speed figures.
 
@@ -174,8 +175,8 @@ def generate(
 
     A decoding step in eager PyTorch is bound by Python launching kernels, not by the GPU: more rows
     per batch come almost free (35 ms a step for 166 rows, 33 ms for 83; H200). With static_cache
-    (default: EVAL_COMPILE, on CUDA) the KV cache is static, and Transformers then compiles the decoding
-    step on CUDA and replays it as a CUDA graph: a one-off compile (112 s measured on an H200), then
+    (EVAL_COMPILE) the KV cache is static, and Transformers then compiles the decoding step on CUDA
+    (on CUDA only) and replays it as a CUDA graph: a one-off compile (112 s measured on an H200), then
     3,502 new tokens/s for 83 prompts (Transformers 5.17). The compiled step is kept on the model
     object, so the tuned pass (the same modules, adapter merged in place) reuses it.
     """
@@ -186,9 +187,9 @@ def generate(
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
     model.config.use_cache = True
-    if static_cache is None:  # compiling pays only on a GPU (Transformers compiles the step on CUDA alone)
-        static_cache = cfg.EVAL_COMPILE and device.type == "cuda"
-    static_cache = static_cache and tuned_rows is None and not getattr(model, "is_quantized", False)
+    if static_cache and tuned_rows is not None:
+        raise ValueError("a compiled decoding step needs fixed weights: static_cache with tuned_rows")
+    static_cache = static_cache and not getattr(model, "is_quantized", False)
     lengths = [
         len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for c in conversations
@@ -277,9 +278,10 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     # Answers for the held-out and the safety prompts, from both models.
     conversations = prompts + safety_prompts
     answers, speed = {}, {}
+    # Compiling pays only on a GPU (Transformers compiles the decoding step on CUDA alone).
     if cfg.EVAL_COMPILE and torch.cuda.is_available():  # a compiled step per model, separate passes
-        for name, gen_model in models_for_generation(model, cfg, run_dir):
-            answers[name], speed[name] = generate(gen_model, tokenizer, conversations, cfg)
+        for name, gen_model in models_for_generation(model, run_dir):
+            answers[name], speed[name] = generate(gen_model, tokenizer, conversations, cfg, static_cache=True)
     else:  # both models in the same batches: each base answer next to the tuned answer to the same prompt
         n = len(conversations)
         texts, speed["base+tuned"] = generate(
