@@ -84,8 +84,8 @@ def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = 
 
 
 def cmd_demo(args) -> int:
-    from job.io import read_jsonl
-    from job.tiny import build_tiny_model
+    from job.files import read_jsonl
+    from job.random_llama import build_tiny_model
 
     env = dict(os.environ)
     output_dir = env.setdefault("OUTPUT_DIR", "outputs")

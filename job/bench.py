@@ -238,11 +238,11 @@ def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from job import data, evaluate, format, safety
+    from job import evaluate, formatting, safety, sample
     from job.config import load_settings
-    from job.io import read_jsonl
+    from job.files import read_jsonl
     from job.model import build_messages, resolve_precision
-    from job.tiny import build_tiny_model
+    from job.random_llama import build_tiny_model
     from job.train import base_weights, build_trainer
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_dialogues_sample.jsonl"
@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         r = train_throughput(cfg, run_dir, precision, RECIPES[args.recipe_only], args.warmup, args.steps)
         Path(args.result).write_text(json.dumps(r, default=str))
         return 0
-    data.run(cfg, run_dir)
-    format.run(cfg, run_dir)
+    sample.run(cfg, run_dir)
+    formatting.run(cfg, run_dir)
     rows = read_jsonl(run_dir / "data" / "train_tokens.jsonl")
     mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
     peak = measure_peak_tflops()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config import Settings
-from job.io import atomic_write_text, read_jsonl, write_jsonl
+from job.files import atomic_write_text, read_jsonl, write_jsonl
 from job.model import build_messages, load_model, load_tokenizer, resolve_precision, restore_stock_code
 
 log = logging.getLogger(__name__)

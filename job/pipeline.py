@@ -17,16 +17,22 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import data, evaluate, format, push, train
+from job import evaluate, formatting, push, sample, train
 from job.config import STAGES, Settings
 from job.errors import ConfigError
 from job.faults import maybe_die
-from job.io import atomic_write_text, read_json
+from job.files import atomic_write_text, read_json
 from job.model import check_base_model, check_quantization, is_main_process, resolve_precision
 
 log = logging.getLogger(__name__)
 
-RUNNERS = {"sample": data.run, "format": format.run, "train": train.run, "evaluate": evaluate.run, "push": push.run}
+RUNNERS = {
+    "sample": sample.run,
+    "format": formatting.run,
+    "train": train.run,
+    "evaluate": evaluate.run,
+    "push": push.run,
+}
 
 # Settings each stage's output depends on (its own; upstream ones are added below). Settings that
 # only change speed or logging (BATCH_SIZE is not one: it changes the optimizer steps) are left out,
@@ -115,9 +121,9 @@ def preflight(cfg: Settings, run_dir: Path, manifest: dict) -> None:
             f"HUB_REPO_ID={cfg.HUB_REPO_ID!r} needs HF_TOKEN in the environment (a token with write access); "
             "or leave HUB_REPO_ID empty to stage the files without uploading"
         )
-    if "sample" in selected and data.is_local_path(cfg.DATASET):
+    if "sample" in selected and sample.is_local_path(cfg.DATASET):
         try:
-            data.check_local_file(Path(cfg.DATASET).expanduser())
+            sample.check_local_file(Path(cfg.DATASET).expanduser())
         except ConfigError as e:
             problems.append(str(e))
     for check in (lambda: resolve_precision(cfg), lambda: check_quantization(cfg)):

@@ -16,7 +16,7 @@ from huggingface_hub import HfApi
 from job.config import Settings
 from job.errors import ConfigError, SafetyGateError, TransientError
 from job.faults import maybe_die
-from job.io import read_json
+from job.files import read_json
 from job.model import load_model, resolve_precision
 
 log = logging.getLogger(__name__)

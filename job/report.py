@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from job.config import Settings
-from job.data import is_local_path
-from job.io import atomic_write_text, read_json, read_jsonl
+from job.files import atomic_write_text, read_json, read_jsonl
+from job.sample import is_local_path
 
 log = logging.getLogger(__name__)
 

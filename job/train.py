@@ -19,7 +19,7 @@ from typing import Any
 from job.config import Settings
 from job.errors import OutOfMemory
 from job.faults import maybe_die
-from job.io import atomic_write_text, read_jsonl
+from job.files import atomic_write_text, read_jsonl
 from job.model import (
     dequantize_for_training,
     four_bit_layers,

@@ -3,7 +3,7 @@
 Fixtures for other test modules to reuse:
 
 - ``tiny_model_dir`` (session): folder of a 2-layer Llama model + BPE tokenizer (trained on the fixture's
-  texts, Llama-3-style chat template), written by ``job.tiny.build_tiny_model``. Use it as BASE_MODEL.
+  texts, Llama-3-style chat template), written by ``job.random_llama.build_tiny_model``. Use it as BASE_MODEL.
 - ``demo_env`` (session): ``demo_env(output_dir, **overrides) -> dict[str, str]``, every environment variable
   a small, CPU, offline run needs: the demo's settings plus BASE_MODEL, OUTPUT_DIR, RUN_NAME, HUB_REPO_ID and
   HF_TOKEN (= ``CANARY_TOKEN``). Overrides are setting names, e.g. ``demo_env(d, LORA_R="4")``.
@@ -42,7 +42,7 @@ from huggingface_hub import HfApi  # noqa: E402
 
 from job.__main__ import DEMO, FIXTURE  # noqa: E402
 from job.config import SETTINGS  # noqa: E402
-from job.io import read_jsonl  # noqa: E402
+from job.files import read_jsonl  # noqa: E402
 
 CANARY_TOKEN = "hf_canary_DO_NOT_LEAK_7f3a9c"  # must never appear in any file, log or upload
 HUB_REPO_ID = "alice/med-test"
@@ -182,7 +182,7 @@ def run_job():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-64 Llama model + tokenizer (BPE trained on the fixture's texts), built once."""
-    from job.tiny import build_tiny_model
+    from job.random_llama import build_tiny_model
 
     texts = [v for row in read_jsonl(FIXTURE) for v in row.values() if isinstance(v, str)]
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts)

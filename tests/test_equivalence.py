@@ -7,10 +7,10 @@ import torch
 from job import attention
 from job.bench import equivalence, flops_per_token
 from job.config import load_settings
-from job.format import tokenize_row
-from job.io import read_jsonl
+from job.files import read_jsonl
+from job.formatting import tokenize_row
 from job.model import load_model, load_tokenizer, lora_config
-from job.tiny import LLAMA_3_2_3B
+from job.random_llama import LLAMA_3_2_3B
 
 
 @pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa"])
@@ -38,8 +38,9 @@ def test_packed_equals_padded(tiny_model_dir, attn, monkeypatch):
         tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)[:6]
     ]
     assert len({len(r["input_ids"]) for r in rows}) > 1, "rows of different lengths make padding matter"
-    model = get_peft_model(load_model(cfg, "fp32"), lora_config(cfg, load_model(cfg, "fp32")))
-    torch.manual_seed(0)
+    base = load_model(cfg, "fp32")
+    torch.manual_seed(0)  # before get_peft_model, which draws the LoRA A matrices: no dependence on test order
+    model = get_peft_model(base, lora_config(cfg, base))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
             p.data.normal_(0, 0.02)
@@ -63,9 +64,9 @@ def test_packed_equals_padded(tiny_model_dir, attn, monkeypatch):
 def _lora_with_weights(cfg, base, weights=None):
     from peft import get_peft_model
 
+    torch.manual_seed(0)  # before get_peft_model, which draws the LoRA A matrices: no dependence on test order
     model = get_peft_model(base, lora_config(cfg, base))
     if weights is None:
-        torch.manual_seed(0)
         for name, p in model.named_parameters():
             if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
                 p.data.normal_(0, 0.02)
@@ -94,7 +95,11 @@ def test_dequantized_base_trains_like_the_4bit_kernels(tiny_model_dir):
     assert dequantize_for_training(cfg, base)
     assert not any(type(m).__name__ == "Linear4bit" for m in base.modules())
     e = equivalence(_lora_with_weights(cfg, base, lora), rows, tok.pad_token_id, plain_model=plain)
-    assert e["loss_rel_diff"] < 1e-6, e
+    # Same weights, same fp32 function; only the order of float sums differs (bitsandbytes' CPU path
+    # dequantizes per block and its matmul splits the reduction its own way). fp32 rounding is 6e-8 per
+    # operation and grows with the reductions of two layers, a 1k vocabulary and ~2k tokens: 1.1e-6 was
+    # seen, so allow 1e-5 (~100 ulp). The unquantized base, with other weights, differs by > 1e-4 below.
+    assert e["loss_rel_diff"] < 1e-5, e
     assert e["grad_cosine"] > 0.99999, e
     assert e["grad_rel_l2"] < 1e-4, e
 

@@ -14,7 +14,7 @@ from conftest import CANARY_TOKEN, HUB_REPO_ID
 
 from job.config import STAGES, load_settings
 from job.errors import BAD_CONFIG
-from job.io import read_json, read_jsonl
+from job.files import read_json, read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # What the Hub repo must hold: the adapter, the tokenizer the job trained with, and the report.

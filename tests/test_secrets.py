@@ -19,7 +19,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from job.config import STAGES
 from job.errors import BAD_CONFIG, OK, TRANSIENT
-from job.io import read_json
+from job.files import read_json
 
 HF_CANARY = "hf_secretsTestCanary0c9e1d"
 WANDB_CANARY = "wandbSecretsTestCanary4b7a02"

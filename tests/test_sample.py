@@ -1,4 +1,4 @@
-"""The sample stage (job/data.py): each cleaning rule on hand-written text, then sampling the bundled fixture.
+"""The sample stage (job/sample.py): each cleaning rule on hand-written text, then sampling the bundled fixture.
 
 The fixture's counts come from job/fixtures/README.md (140 rows; 6 with an empty or whitespace-only field,
 4 exact and 3 near duplicates, 127 usable; URLs in 3 replies, "-->" in 3, boilerplate in 34 + 3 + 3).
@@ -14,8 +14,8 @@ import pytest
 
 from job.__main__ import FIXTURE
 from job.config import load_settings
-from job.data import clean_text, dedup_key, load_rows, sample
 from job.errors import ConfigError
+from job.sample import clean_text, dedup_key, load_rows, sample
 
 FIXTURE_ROWS = 140
 FIXTURE_USABLE = 127  # after dropping 6 empty/whitespace-only rows and 4 + 3 duplicates

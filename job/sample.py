@@ -21,7 +21,7 @@ from typing import Any
 from job.config import Settings
 from job.errors import ConfigError, TransientError
 from job.faults import maybe_die
-from job.io import atomic_write_text, write_jsonl
+from job.files import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The format stage (job/format.py): chat-template tokenization and the reply-only loss mask, on the tiny tokenizer."""
+"""The format stage (job/formatting.py): chat-template tokenization and the reply-only loss mask, tiny tokenizer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from job.config import load_settings
 from job.errors import ConfigError
-from job.format import format_rows, tokenize_row
+from job.formatting import format_rows, tokenize_row
 from job.model import build_messages, load_tokenizer
 
 PATIENT = "I have had a headache and a mild fever for two days. Should I worry?"

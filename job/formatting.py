@@ -17,7 +17,7 @@ from pathlib import Path
 
 from job.config import Settings
 from job.errors import ConfigError
-from job.io import atomic_write_text, read_json, read_jsonl, write_jsonl
+from job.files import atomic_write_text, read_json, read_jsonl, write_jsonl
 from job.model import build_messages, load_tokenizer
 
 log = logging.getLogger(__name__)
