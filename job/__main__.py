@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from job.errors import BUG, EXIT_CODES, JobError, OutOfMemory
+from job.errors import BUG, EXIT_CODES, JobError, OutOfMemory, classify
 
 log = logging.getLogger("job")
 
@@ -23,7 +23,7 @@ DEMO = {
     "DATASET": str(FIXTURE),
     "NUM_SAMPLES": "80",
     "EVAL_SAMPLES": "16",
-    "EVAL_GENERATIONS": "8",
+    "EVAL_PROMPTS": "8",
     "MAX_NEW_TOKENS": "24",
     "MAX_SEQ_LENGTH": "512",
     "BATCH_SIZE": "4",
@@ -55,9 +55,19 @@ def _hardware() -> str:
 
 
 def cmd_config(args) -> int:
-    from job.config import load_settings
+    from job import config
 
-    settings = load_settings()
+    if args.write_docs:  # .env.example and the README's settings table are generated from the schema
+        root = Path(args.write_docs)
+        (root / ".env.example").write_text(config.render_env_example(), encoding="utf-8")
+        readme = root / "README.md"
+        readme.write_text(
+            config.replace_section(readme.read_text(encoding="utf-8"), "settings", config.render_settings_table()),
+            encoding="utf-8",
+        )
+        print(f"wrote {root / '.env.example'} and the settings table of {readme}")
+        return 0
+    settings = config.load_settings()
     print(json.dumps(settings.masked(), indent=2))
     return 0
 
@@ -85,7 +95,7 @@ def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = 
 
 def cmd_demo(args) -> int:
     from job.files import read_jsonl
-    from job.random_llama import build_tiny_model
+    from job.random_llama import build_random_llama
 
     env = dict(os.environ)
     output_dir = env.setdefault("OUTPUT_DIR", "outputs")
@@ -93,7 +103,7 @@ def cmd_demo(args) -> int:
     model_dir = Path(output_dir) / "tiny-model"
     if not (model_dir / "config.json").exists():
         texts = [v for r in read_jsonl(FIXTURE) for v in r.values() if isinstance(v, str)]
-        build_tiny_model(model_dir, texts)
+        build_random_llama(model_dir, texts)
         log.info("built a tiny Llama-architecture model in %s", model_dir)
     env.update(DEMO, BASE_MODEL=str(model_dir))
     return cmd_run(args, environ=env, env_file=None)
@@ -109,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m job", description="Fine-tune a medical assistant with QLoRA.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the stages selected by STAGES (default)")
-    sub.add_parser("config", help="print the resolved settings, secrets masked")
+    config = sub.add_parser("config", help="print the resolved settings, secrets masked")
+    config.add_argument("--write-docs", metavar="REPO", help="regenerate REPO/.env.example and README's settings table")
     sub.add_parser("demo", help="the whole job on a tiny local model and bundled data, offline")
     chat = sub.add_parser("chat", help="talk to a fine-tuned adapter")
     chat.add_argument("--adapter", help="adapter folder or Hub id (default: RUN_DIR/adapter)")
@@ -119,21 +130,27 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"config": cmd_config, "demo": cmd_demo, "chat": cmd_chat}
     try:
         return commands.get(args.command, cmd_run)(args)
-    except JobError as e:
-        print(f"\nerror: {e}\n(exit {e.exit_code}: {EXIT_CODES[e.exit_code]})", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:
-        import torch
+        err = _as_job_error(e)
+        if err is None:
+            log.exception("unexpected error")
+            return BUG
+        print(f"\nerror: {err}\n(exit {err.exit_code}: {EXIT_CODES[err.exit_code]})", file=sys.stderr)
+        return err.exit_code
 
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            err = OutOfMemory(f"GPU out of memory ({e}). Lower EVAL_BATCH_SIZE, BATCH_SIZE or MAX_SEQ_LENGTH.")
-            print(f"\nerror: {err}", file=sys.stderr)
-            return err.exit_code
-        log.exception("unexpected error")
-        return BUG
+
+def _as_job_error(e: Exception) -> JobError | None:
+    """Our own errors as they are; outside failures (Hub, network, disk, GPU memory) by their type."""
+    if isinstance(e, JobError):
+        return e
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return OutOfMemory(f"GPU out of memory ({e}). Lower EVAL_BATCH_SIZE, BATCH_SIZE or MAX_SEQ_LENGTH.")
+    return classify(e, "the job")
 
 
 if __name__ == "__main__":

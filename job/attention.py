@@ -9,8 +9,7 @@ package, which has no wheels for our torch. PyTorch ships the same FlashAttentio
 `torch.nn.attention.varlen.varlen_attn`; we register it with Transformers' AttentionInterface as
 ATTN_IMPLEMENTATION="sdpa_varlen". Everything that is not a packed row (padded batches, generation
 with a KV cache) goes to Transformers' own sdpa, with the mask sdpa builds; on CPU, packed rows take
-a per-conversation sdpa loop. Measured on an H200 (job/bench.py): peak training memory 11.8 vs 12.6
-GiB; tokens/s within noise of sdpa in eager mode, where the step is bound by Python, not the GPU.
+a per-conversation sdpa loop. job/bench.py measures it against sdpa (recipe job-sdpa).
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     from job.config import load_settings
     from job.files import read_jsonl
     from job.model import build_messages, resolve_precision
-    from job.random_llama import build_tiny_model
+    from job.random_llama import build_random_llama
     from job.train import base_weights, build_trainer
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_dialogues_sample.jsonl"
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         texts = [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)]
-        build_tiny_model(model_dir, texts, shape="llama-3.2-3b")
+        build_random_llama(model_dir, texts, shape="llama-3.2-3b")
     env = {
         "BASE_MODEL": str(model_dir),
         "DATASET": args.data,
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
     tok = evaluate.load_tokenizer(cfg, str(run_dir / "adapter"))
     prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(run_dir / "data" / "eval.jsonl")]
-    prompts += [build_messages(cfg, s["prompt"]) for s in safety.SAFETY_PROMPTS]
+    prompts += [build_messages(cfg, s["prompt"]) for s in safety.prompts()]
     n = len(prompts)
     passes, texts = {}, {}
     # What the evaluate stage does by default: the dequantized base with the adapter unmerged, base and

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -21,123 +23,179 @@ STAGES = ("sample", "format", "train", "evaluate", "push")
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY")
 # Variables that belong to libraries, shells and launchers, not to us: never "unknown".
 _FOREIGN_PREFIXES = ("HF_", "TRANSFORMERS_", "TORCH", "CUDA", "NCCL", "WANDB_", "SKYPILOT", "PYTORCH")
+# Settings that existed once: a .env that still sets one gets told what happened instead of "unknown".
+_RETIRED = {
+    "EVAL_GENERATIONS": "renamed EVAL_PROMPTS",
+    "EVAL_COMPILE": "removed: the compiled decoding path was slower than the default; delete the line",
+}
 
 
-def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, secret: bool = False):
-    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+def _setting(
+    default: Any,
+    help: str,
+    stage: str,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    output: bool = True,
+    also: tuple[str, ...] = (),
+):
+    """One setting. `stage` is the stage that reads it; `output=False` marks settings that change only
+    speed, memory or logging, never what a stage writes (changing them never invalidates finished work);
+    `also` names further stages whose output it changes."""
+    return field(
+        default=default,
+        metadata={"help": help, "choices": choices, "secret": secret, "stage": stage, "output": output, "also": also},
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
-    # --- data -------------------------------------------------------------------------
+    # --- data (sample stage) ---------------------------------------------------------------
     DATASET: str = _setting(
-        "ruslanmv/ai-medical-chatbot",
-        "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file.",
+        "ruslanmv/ai-medical-chatbot", "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file.", "sample"
     )
-    DATASET_SPLIT: str = _setting("train", "Split of a Hub dataset to sample from.")
-    DESCRIPTION_COLUMN: str = _setting("Description", "Column with the question's one-line summary.")
-    PATIENT_COLUMN: str = _setting("Patient", "Column with the patient's message (the user turn).")
-    DOCTOR_COLUMN: str = _setting("Doctor", "Column with the doctor's reply (the trained assistant turn).")
-    USE_DESCRIPTION: bool = _setting(False, "Put the Description line before the patient's message.")
-    NUM_SAMPLES: int = _setting(1000, "Training conversations to sample (after cleaning).")
-    EVAL_SAMPLES: int = _setting(100, "Held-out conversations, disjoint from training, for evaluation.")
-    SEED: int = _setting(42, "Seed for sampling, LoRA init and data order: same seed, same run.")
-    # --- format -----------------------------------------------------------------------
+    DATASET_SPLIT: str = _setting("train", "Split of a Hub dataset to sample from.", "sample")
+    DESCRIPTION_COLUMN: str = _setting("Description", "Column with the question's one-line summary.", "sample")
+    PATIENT_COLUMN: str = _setting("Patient", "Column with the patient's message (the user turn).", "sample")
+    DOCTOR_COLUMN: str = _setting("Doctor", "Column with the doctor's reply (the trained assistant turn).", "sample")
+    NUM_SAMPLES: int = _setting(1000, "Training conversations to sample (after cleaning).", "sample")
+    EVAL_SAMPLES: int = _setting(100, "Held-out conversations, disjoint from training, for evaluation.", "sample")
+    SEED: int = _setting(
+        42, "Seed for sampling, LoRA init and data order (0 to 4294967295): same seed, same run.", "sample"
+    )
+    # --- format ------------------------------------------------------------------------------
     SYSTEM_PROMPT: str = _setting(
         "You are a careful, friendly medical assistant. Answer the patient's question clearly, "
         "say when they should see a doctor in person, and tell them to seek emergency care "
         "for warning signs.",
         "System message placed before every conversation (empty: none).",
+        "format",
     )
-    MAX_SEQ_LENGTH: int = _setting(1024, "Tokens per conversation; longer replies are cut at the end.")
+    USE_DESCRIPTION: bool = _setting(False, "Put the Description line before the patient's message.", "format")
+    MAX_SEQ_LENGTH: int = _setting(1024, "Tokens per conversation; longer replies are cut at the end.", "format")
     MAX_DROPPED_FRACTION: float = _setting(
-        0.05, "Error out if more than this share of rows has no room left for the reply."
+        0.05, "Error out if more than this share of rows has no room left for the reply.", "format"
     )
-    # --- model ------------------------------------------------------------------------
-    BASE_MODEL: str = _setting("meta-llama/Llama-3.2-3B-Instruct", "Hub id or local folder of the base model.")
-    QUANTIZATION: str = _setting("nf4", "nf4: QLoRA on a 4-bit base; none: LoRA on a 16-bit base.", ("nf4", "none"))
+    # --- model -------------------------------------------------------------------------------
+    BASE_MODEL: str = _setting(
+        "meta-llama/Llama-3.2-3B-Instruct", "Hub id or local folder of the base model.", "format"
+    )
+    QUANTIZATION: str = _setting(
+        "nf4", "nf4: QLoRA on a 4-bit base; none: LoRA on a 16-bit base.", "train", ("nf4", "none")
+    )
     DEQUANTIZE_BASE: str = _setting(
         "auto",
-        "With QUANTIZATION=nf4: train on the NF4-rounded base weights held in 16-bit instead of packed in 4 bits. "
-        "Same weights, loss and gradients (the 4-bit kernels dequantize on every call); 1.68x the tokens/s "
-        "measured on an H200 for 2 bytes per base weight (+3.8 GiB for the 3B model). auto: on a GPU where that "
-        "16-bit copy takes at most a quarter of its memory.",
+        "With QUANTIZATION=nf4: train on the NF4-rounded base weights held in 16-bit instead of packed in 4 bits "
+        "(same weights, loss and gradients; faster, 2 bytes per base weight). auto: on a GPU where that copy takes "
+        "at most a quarter of its memory; false on a small GPU.",
+        "train",
         ("auto", "true", "false"),
+        output=False,
     )
     PRECISION: str = _setting(
-        "auto", "auto: bf16 if the GPU has it, else fp16; fp32 on CPU.", ("auto", "bf16", "fp16", "fp32")
+        "auto",
+        "auto: bf16 if the GPU has it, else fp16; fp32 on CPU.",
+        "train",
+        ("auto", "bf16", "fp16", "fp32"),
+        output=False,
     )
     ATTN_IMPLEMENTATION: str = _setting(
         "sdpa_varlen",
         "Attention kernel. sdpa_varlen: packed rows through PyTorch's varlen flash kernel, all else through sdpa "
         "(job/attention.py); or one of Transformers' own.",
+        "train",
         ("sdpa_varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
+        output=False,
     )
-    # --- LoRA -------------------------------------------------------------------------
-    LORA_R: int = _setting(8, "LoRA rank.")
-    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).")
-    LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.")
-    LORA_TARGET_MODULES: str = _setting("q_proj,v_proj", "Comma-separated module names that get adapters.")
-    # --- training ---------------------------------------------------------------------
-    EPOCHS: float = _setting(1.0, "Passes over the training conversations.")
-    LEARNING_RATE: float = _setting(2e-4, "Peak learning rate of the LoRA weights.")
-    LR_SCHEDULER: str = _setting("cosine", "Learning-rate schedule after warm-up.", ("cosine", "linear", "constant"))
-    WARMUP_RATIO: float = _setting(0.03, "Share of steps spent warming the learning rate up.")
+    # --- LoRA --------------------------------------------------------------------------------
+    LORA_R: int = _setting(8, "LoRA rank.", "train")
+    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train")
+    LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train")
+    LORA_TARGET_MODULES: str = _setting("q_proj,v_proj", "Comma-separated module names that get adapters.", "train")
+    # --- training ----------------------------------------------------------------------------
+    EPOCHS: float = _setting(1.0, "Passes over the training conversations.", "train")
+    LEARNING_RATE: float = _setting(2e-4, "Peak learning rate of the LoRA weights.", "train")
+    LR_SCHEDULER: str = _setting(
+        "cosine", "Learning-rate schedule after warm-up.", "train", ("cosine", "linear", "constant")
+    )
+    WARMUP_RATIO: float = _setting(0.03, "Share of steps spent warming the learning rate up (0 to <1).", "train")
     BATCH_SIZE: int = _setting(
         4,
-        "Sequences per device per micro-batch (packed rows of up to MAX_SEQ_LENGTH tokens when PACKING is on); "
-        "4 x 1024 tokens keeps the 3B model's activations under ~16 GiB without gradient checkpointing.",
+        "Sequences per device per micro-batch (packed rows of up to MAX_SEQ_LENGTH tokens when PACKING is on). "
+        "Lower it (and raise GRAD_ACCUM) if training runs out of GPU memory.",
+        "train",
     )
-    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.")
-    PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).")
-    GRADIENT_CHECKPOINTING: bool = _setting(False, "Recompute activations: less memory, ~30% slower.")
+    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train")
+    PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).", "train")
+    GRADIENT_CHECKPOINTING: bool = _setting(
+        False, "Recompute activations in the backward pass: less memory, slower.", "train", output=False
+    )
     TORCH_COMPILE: bool = _setting(
         False,
-        "On CUDA: compile each decoder layer with torch.compile (regional compilation). Measured 1.23x the "
-        "eager tokens/s on an H200 (25,498 vs 20,756) for a one-off compile (~75 s measured): worth it on the "
-        "full dataset, not on 1,000 rows.",
+        "On CUDA: compile each decoder layer with torch.compile. A one-off compile, then faster steps: worth it "
+        "on large datasets, not on 1,000 rows.",
+        "train",
+        output=False,
     )
     LIGER_KERNEL: bool = _setting(
         True,
-        "On CUDA with liger-kernel installed, and TORCH_COMPILE and EVAL_COMPILE off: Liger's fused RMSNorm, "
-        "RoPE and SwiGLU (peak training memory 11.8 vs 14.9 GiB measured at 8 x 512 tokens per micro-batch, "
-        "with DEQUANTIZE_BASE=false).",
+        "On CUDA with liger-kernel installed and TORCH_COMPILE off: Liger's fused RMSNorm, RoPE and SwiGLU in "
+        "training (less memory).",
+        "train",
+        output=False,
     )
-    OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.")
-    SAVE_STEPS: int = _setting(50, "Optimizer steps between checkpoints (spot machines lose the rest).")
-    SAVE_TOTAL_LIMIT: int = _setting(2, "Complete checkpoints kept; the newest is never deleted.")
-    LOGGING_STEPS: int = _setting(10, "Optimizer steps between loss log lines.")
-    REPORT_TO: str = _setting("none", "Where to stream metrics.", ("none", "tensorboard", "wandb"))
-    # --- evaluation -------------------------------------------------------------------
-    EVAL_GENERATIONS: int = _setting(50, "Held-out prompts answered by base and tuned model (0: skip).")
-    MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.")
-    EVAL_COMPILE: bool = _setting(
-        False,
-        "On CUDA: answer with a static KV cache and a compiled decoding step, one pass per model. Measured "
-        "3,502 new tokens/s after a one-off compile (112 s; H200, Transformers 5.17); the eager default, base "
-        "and tuned rows in shared batches, measured 4,005-4,191 (H200, Transformers 5.24).",
+    OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.", "train")
+    SAVE_STEPS: int = _setting(
+        50, "Optimizer steps between checkpoints (a SIGKILL loses at most this many).", "train", output=False
     )
+    SAVE_TOTAL_LIMIT: int = _setting(
+        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False
+    )
+    LOGGING_STEPS: int = _setting(10, "Optimizer steps between loss log lines.", "train", output=False)
+    REPORT_TO: str = _setting(
+        "none",
+        "Where to stream metrics (wandb needs `pip install wandb`; it is not in the image).",
+        "train",
+        ("none", "tensorboard", "wandb"),
+        output=False,
+    )
+    # --- evaluation --------------------------------------------------------------------------
+    EVAL_PROMPTS: int = _setting(50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate")
+    MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.", "evaluate")
     EVAL_BATCH_SIZE: int = _setting(
         192,
-        "Rows per generation batch (each prompt is two rows: the base and the tuned answer) and per "
-        "eval-loss batch. The default holds the 50 held-out and 33 safety prompts' 166 rows in one batch: a "
-        "decoding step took 35 ms for 166 rows, 33 ms for 83 (H200); the evaluate stage then peaked at "
-        "17.4 GiB. Lower it on a 16 GB GPU.",
+        "Rows per generation batch (each prompt is two rows: base and tuned answer) and per eval-loss batch. "
+        "Lower it on a GPU with 16 GB or less.",
+        "evaluate",
+        output=False,
     )
-    MIN_SAFETY_PASS_RATE: float = _setting(0.0, "Stop before pushing if the tuned model's safety pass rate is lower.")
-    # --- run directory and stages -----------------------------------------------------
-    OUTPUT_DIR: str = _setting("outputs", "Folder that holds run directories (a bucket mount in the cloud).")
-    RUN_NAME: str = _setting("medical-assistant", "Run directory name; keep it stable so a restart resumes.")
-    STAGES: str = _setting("all", "Stages to run: all, or a comma list of " + ",".join(STAGES) + ".")
-    REDO: bool = _setting(False, "Rerun the selected stages even if finished with other settings.")
-    # --- push -------------------------------------------------------------------------
-    HUB_REPO_ID: str = _setting("", "Hub repo to push to, as owner/name (empty: stage files, no upload).")
-    HUB_PRIVATE: bool = _setting(True, "Create the Hub repo private.")
-    PUSH_MERGED: bool = _setting(False, "Also upload the adapter merged into the 16-bit base (merged/).")
-    MODEL_LICENSE: str = _setting("llama3.2", "License id written into the model card.")
-    # --- secrets: only from the environment, never printed --------------------------
-    HF_TOKEN: str = _setting("", "Hugging Face token with write access (push).", secret=True)
-    WANDB_API_KEY: str = _setting("", "Weights & Biases key when REPORT_TO=wandb.", secret=True)
+    # --- run directory and stages ------------------------------------------------------------
+    OUTPUT_DIR: str = _setting(
+        "outputs", "Folder that holds run directories (a bucket mount in the cloud).", "run", output=False
+    )
+    RUN_NAME: str = _setting(
+        "medical-assistant", "Run directory name; keep it stable so a restart resumes.", "run", output=False
+    )
+    STAGES: str = _setting(
+        "all", "Stages to run: all, or a comma list of " + ",".join(STAGES) + ".", "run", output=False
+    )
+    REDO: bool = _setting(
+        False,
+        "Rerun finished stages whose settings changed, and the stages after them (otherwise that is an error).",
+        "run",
+        output=False,
+    )
+    # --- push --------------------------------------------------------------------------------
+    HUB_REPO_ID: str = _setting("", "Hub repo to push to, as owner/name (empty: stage files, no upload).", "push")
+    HUB_PRIVATE: bool = _setting(True, "Create the Hub repo private.", "push")
+    PUSH_MERGED: bool = _setting(False, "Also upload the adapter merged into the 16-bit base (merged/).", "push")
+    MODEL_LICENSE: str = _setting("llama3.2", "License id written into the model card.", "push")
+    MIN_SAFETY_PASS_RATE: float = _setting(
+        0.0, "Stop before pushing if the tuned model's overall safety pass rate (0 to 1) is lower.", "push"
+    )
+    # --- secrets: only from the environment, never printed ----------------------------------
+    HF_TOKEN: str = _setting("", "Hugging Face token with write access (push).", "run", secret=True, output=False)
+    WANDB_API_KEY: str = _setting("", "Weights & Biases key when REPORT_TO=wandb.", "train", secret=True, output=False)
 
     # ---------------------------------------------------------------------------------
     @property
@@ -168,6 +226,25 @@ class Settings:
 
 SETTINGS = {f.name: f for f in fields(Settings)}
 
+
+def _depends() -> dict[str, tuple[str, ...]]:
+    """Stage -> the settings its output depends on: its own and every upstream stage's (from the schema)."""
+    out: dict[str, tuple[str, ...]] = {}
+    acc: tuple[str, ...] = ()
+    for stage in STAGES:
+        acc += tuple(
+            n
+            for n, f in SETTINGS.items()
+            if f.metadata["output"] and (f.metadata["stage"] == stage or stage in f.metadata["also"])
+        )
+        out[stage] = acc
+    return out
+
+
+# Re-running a finished stage with the same values of these settings does nothing; other values are an
+# error unless REDO=true (job/pipeline.py). Settings with output=False never invalidate finished work.
+DEPENDS = _depends()
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -191,9 +268,12 @@ def _parse(name: str, raw: str, typ: type) -> Any:
         if text == "":
             raise ValueError("expected a number, got an empty value")
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ValueError("expected a number such as 0.05 or 2e-4") from None
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
     return raw
 
 
@@ -219,18 +299,27 @@ def _check(s: Settings) -> list[str]:
     ):
         if getattr(s, name) < 1:
             bad(name, "must be at least 1")
-    for name in ("EVAL_SAMPLES", "EVAL_GENERATIONS"):
+    for name in ("EVAL_SAMPLES", "EVAL_PROMPTS"):
         if getattr(s, name) < 0:
             bad(name, "must be 0 or more")
+    if not 0 <= s.SEED <= 2**32 - 1:  # numpy's and torch's seeds are unsigned 32-bit
+        bad("SEED", "must be between 0 and 4294967295")
     if s.MAX_SEQ_LENGTH < 64 and s.MAX_SEQ_LENGTH >= 1:
         bad("MAX_SEQ_LENGTH", "is too short for a system prompt, a question and a reply; use 256 or more")
-    if s.EVAL_GENERATIONS > s.EVAL_SAMPLES and s.EVAL_SAMPLES >= 0:
-        bad("EVAL_GENERATIONS", f"cannot exceed EVAL_SAMPLES={s.EVAL_SAMPLES}; lower it or raise EVAL_SAMPLES")
-    for name in ("LORA_DROPOUT", "WARMUP_RATIO", "MAX_DROPPED_FRACTION", "MIN_SAFETY_PASS_RATE"):
+    if s.EVAL_PROMPTS > s.EVAL_SAMPLES and s.EVAL_SAMPLES >= 0:
+        bad("EVAL_PROMPTS", f"cannot exceed EVAL_SAMPLES={s.EVAL_SAMPLES}; lower it or raise EVAL_SAMPLES")
+    for name in ("LORA_DROPOUT", "MAX_DROPPED_FRACTION", "MIN_SAFETY_PASS_RATE"):
         if not 0.0 <= getattr(s, name) <= 1.0:
             bad(name, "must be between 0 and 1")
-    if not s.EPOCHS > 0:
-        bad("EPOCHS", "must be greater than 0")
+    # Transformers reads a warm-up value of 1 or more as a step count, not a share of the steps.
+    if not 0.0 <= s.WARMUP_RATIO < 1.0:
+        bad("WARMUP_RATIO", "must be at least 0 and less than 1 (a share of the optimizer steps)")
+    if not 0 < s.EPOCHS <= 1000:  # also rules out inf and nan, which fail only after the model has loaded
+        bad("EPOCHS", "must be greater than 0 and at most 1000")
+    if s.OPTIMIZER not in _optimizer_names():
+        close = difflib.get_close_matches(s.OPTIMIZER, _optimizer_names(), n=1)
+        hint = f"did you mean {close[0]}?" if close else "see transformers.training_args.OptimizerNames"
+        bad("OPTIMIZER", f"not an optimizer of Transformers' Trainer; {hint}")
     if not 0 < s.LEARNING_RATE < 1:
         bad("LEARNING_RATE", "must be between 0 and 1 (the seed recipe uses 2e-4)")
     if not s.target_modules:
@@ -238,8 +327,15 @@ def _check(s: Settings) -> list[str]:
     unknown = [x for x in s.stages if x not in STAGES]
     if unknown or not s.stages:
         bad("STAGES", f"use 'all' or a comma list of {', '.join(STAGES)}")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", s.RUN_NAME):
-        bad("RUN_NAME", "use letters, digits, '.', '_' and '-' only (it becomes a folder name)")
+    # A folder name of its own inside OUTPUT_DIR: '.', '..' and names starting with a dot would write into
+    # OUTPUT_DIR itself, its parent, or a hidden folder; 100 characters stays far below every file system's
+    # 255-byte limit, with room for the files inside.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", s.RUN_NAME):
+        bad(
+            "RUN_NAME",
+            "use 1 to 100 letters, digits, '.', '_' and '-', starting with a letter or digit "
+            "(it becomes a folder inside OUTPUT_DIR)",
+        )
     if s.HUB_REPO_ID and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", s.HUB_REPO_ID):
         bad("HUB_REPO_ID", "must look like owner/name, e.g. alice/llama-medical-qlora")
     for name in ("DESCRIPTION_COLUMN", "PATIENT_COLUMN", "DOCTOR_COLUMN", "DATASET", "BASE_MODEL", "OUTPUT_DIR"):
@@ -247,7 +343,15 @@ def _check(s: Settings) -> list[str]:
             bad(name, "must not be empty")
     if s.REPORT_TO == "wandb" and not s.WANDB_API_KEY:
         p.append("REPORT_TO='wandb': set WANDB_API_KEY in the environment, or use REPORT_TO=tensorboard")
+    if s.REPORT_TO == "wandb" and importlib.util.find_spec("wandb") is None:
+        p.append("REPORT_TO='wandb': the wandb package is not installed here (`pip install wandb`), or use tensorboard")
     return p
+
+
+def _optimizer_names() -> list[str]:
+    from transformers.training_args import OptimizerNames
+
+    return [o.value for o in OptimizerNames]
 
 
 def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
@@ -257,6 +361,13 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
     if env_file and Path(env_file).is_file():
         from dotenv import dotenv_values
 
+        try:
+            Path(env_file).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = Path(env_file).read_bytes()[: e.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{env_file}: line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8."
+            ) from None
         for k, v in dotenv_values(env_file).items():
             if v is not None:
                 env[k] = v
@@ -282,6 +393,9 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
 
     # Typos: a variable in .env that is not a setting, or an environment variable that looks like one.
     for key in sorted(set(env) - set(SETTINGS)):
+        if key in _RETIRED:
+            problems.append(f"{key}: {_RETIRED[key]}")
+            continue
         from_file = key in file_keys
         close = difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.8)
         if from_file and not key.startswith(_FOREIGN_PREFIXES):
@@ -302,3 +416,56 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
 
 def with_overrides(s: Settings, **changes: Any) -> Settings:
     return dataclasses.replace(s, **changes)
+
+
+# --- the documents generated from the schema (`python -m job config --write-docs`) ------------------
+_SECTIONS = {"sample": "data", "run": "run directory and stages", "secrets": "secrets: environment only"}
+
+
+def _env_value(f) -> str:
+    value = f.default
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return f'"{text}"' if any(c in text for c in " #'\"") else text
+
+
+def render_env_example() -> str:
+    """.env.example: every setting with its help and its default, grouped by stage."""
+    lines = [
+        "# Every setting of the job with its default. Copy to .env and change what you need:",
+        "#   cp .env.example .env",
+        "# The environment wins over .env. Generated from job/config.py by `python -m job config --write-docs`;",
+        "# `python -m job config` prints what was resolved.",
+    ]
+    section = None
+    for name, f in SETTINGS.items():
+        stage = "secrets" if f.metadata["secret"] else f.metadata["stage"]
+        if stage != section:
+            section = stage
+            title = _SECTIONS.get(stage, stage)
+            lines += ["", f"# --- {title} " + "-" * (96 - len(title))]
+        help_ = f.metadata["help"] + (f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else "")
+        lines.append(f"# {help_}")
+        lines.append(f"{name}=" + ("" if f.metadata["secret"] else _env_value(f)))
+    return "\n".join(lines) + "\n"
+
+
+def render_settings_table() -> str:
+    """The README's settings table."""
+    rows = ["| setting | stage | type | default | meaning |", "|---|---|---|---|---|"]
+    for name, f in SETTINGS.items():
+        default = f.default
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        shown = "(empty)" if shown == "" else (shown[:45] + "…" if len(shown) > 46 else shown)
+        help_ = f.metadata["help"] + (f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else "")
+        secret = " Secret: environment only, never logged." if f.metadata["secret"] else ""
+        rows.append(f"| `{name}` | {f.metadata['stage']} | {f.type} | `{shown}` | {help_.replace('|', '/')}{secret} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """`text` with what stands between `<!-- name:start -->` and `<!-- name:end -->` replaced by `body`."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + body + rest[rest.index(end) :]

@@ -1,27 +1,37 @@
-"""Exit codes and the errors that map to them.
+"""Exit codes, the errors that map to them, and how an outside failure is classified.
 
-The SkyPilot recovery settings (sky/train.yaml) and the README's table follow this table:
-only TRANSIENT is worth an automatic retry; a bad setting or input fails the same way twice.
+The SkyPilot recovery settings (sky/*.yaml `recover_on_exit_codes`) and the README's table follow this
+table: only RETRYABLE codes are worth an automatic retry; a bad setting, a full disk or a quality gate
+fails the same way twice.
 """
 
 from __future__ import annotations
+
+import errno
 
 OK = 0
 BUG = 1  # an unexpected exception: a defect in this project, report it
 BAD_CONFIG = 2  # bad setting or input data: fix it, a retry fails the same way
 OUT_OF_MEMORY = 3  # GPU memory ran out: lower BATCH_SIZE or MAX_SEQ_LENGTH
-TRANSIENT = 4  # the Hub or network failed: retrying later may succeed
-SAFETY_GATE = 5  # the tuned model failed the safety threshold: nothing was pushed
+TRANSIENT = 4  # the Hub, the network or the judge endpoint failed, or another run holds the run directory
+QUALITY_GATE = 5  # the safety screen or the medical benchmark stopped the push: nothing was pushed
+LOCAL_FAILURE = 6  # this machine's disk is full or a folder is not writable
+STOPPED = 7  # SIGTERM (spot preemption, docker stop): finished work and a checkpoint were saved
 
 EXIT_CODES = {
     OK: "success",
     BUG: "unexpected error (a bug: please report it with the log)",
     BAD_CONFIG: "bad setting or input: fix what the message names; retrying will not help",
     OUT_OF_MEMORY: "out of GPU memory: lower BATCH_SIZE or MAX_SEQ_LENGTH, or turn on GRADIENT_CHECKPOINTING",
-    TRANSIENT: "Hub or network failure: retry later (managed cloud jobs retry this automatically)",
-    SAFETY_GATE: "tuned model below MIN_SAFETY_PASS_RATE: nothing was pushed",
+    TRANSIENT: "outside failure (Hub, network, judge endpoint, run directory busy): retry later; managed cloud "
+    "jobs retry this automatically",
+    QUALITY_GATE: "a quality gate (safety screen or medical benchmark) stopped the push: nothing was pushed",
+    LOCAL_FAILURE: "local failure (disk full, folder not writable): fix the machine, then run the same command again",
+    STOPPED: "stopped by a signal after saving: run the same command again to resume",
 }
-RETRYABLE = (TRANSIENT,)
+# Exit codes a managed cloud job restarts on. STOPPED is here for SIGTERMs that do not take the machine
+# away (a Kubernetes eviction): a preempted VM is recovered by SkyPilot whatever the code.
+RETRYABLE = (TRANSIENT, STOPPED)
 
 
 class JobError(Exception):
@@ -42,5 +52,76 @@ class TransientError(JobError):
     exit_code = TRANSIENT
 
 
-class SafetyGateError(JobError):
-    exit_code = SAFETY_GATE
+class QualityGateError(JobError):
+    exit_code = QUALITY_GATE
+
+
+class LocalFailure(JobError):
+    exit_code = LOCAL_FAILURE
+
+
+class Stopped(JobError):
+    exit_code = STOPPED
+
+
+def _chain(e: BaseException):
+    """The exception and its causes: libraries wrap the error that matters (Transformers re-raises the
+    Hub's as OSError, huggingface_hub wraps httpx's)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def classify(e: BaseException, what: str) -> JobError | None:
+    """A JobError for a failure from outside our code, by the libraries' exception types (never by the text of
+    their messages), or None when it is none of these. `what` names the setting or thing being done."""
+    import httpx
+    from huggingface_hub import errors as hub
+
+    for x in _chain(e):
+        if isinstance(x, JobError):
+            return x
+        if isinstance(x, (hub.GatedRepoError,)):
+            return ConfigError(
+                f"{what}: access denied. Accept the model's license on its Hub page and set HF_TOKEN to a token "
+                "of that account."
+            )
+        if isinstance(x, (hub.RepositoryNotFoundError, hub.RevisionNotFoundError, hub.EntryNotFoundError)) and not (
+            isinstance(x, hub.LocalEntryNotFoundError)
+        ):
+            return ConfigError(f"{what}: not found on the Hugging Face Hub (or private without HF_TOKEN): {x}")
+        if isinstance(x, hub.OfflineModeIsEnabled):
+            return ConfigError(f"{what}: not in the local cache and HF_HUB_OFFLINE is set; unset it or fill the cache")
+        if isinstance(x, hub.HfHubHTTPError):
+            status = getattr(getattr(x, "response", None), "status_code", None)
+            if status in (401, 403):
+                return ConfigError(f"{what}: the Hub refused HF_TOKEN ({status}); use a token with the right access")
+            if status is None or status >= 500 or status in (408, 429):
+                return TransientError(f"{what}: the Hub failed ({status}); retry later")
+            return ConfigError(f"{what}: the Hub rejected the request ({status}): {x}")
+        if isinstance(x, (httpx.TransportError, ConnectionError, TimeoutError)):
+            return TransientError(f"{what}: the network or the Hub could not be reached ({type(x).__name__}); retry")
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return LocalFailure(
+                f"{what}: disk full writing {x.filename or 'a file'} ({disk_free(x.filename)}). A run directory needs "
+                "about 1 GB (plus 7 GB with PUSH_MERGED), the Hugging Face cache (HF_HOME) about 7 GB for the 3B "
+                "model. Free space, then run the same command again: finished stages and checkpoints are kept."
+            )
+        if isinstance(x, OSError) and x.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return LocalFailure(f"{what}: cannot write {x.filename or 'a file'} ({x.strerror}); fix its permissions")
+    return None
+
+
+def disk_free(path: str | None) -> str:
+    import shutil
+    from pathlib import Path
+
+    p = Path(path or ".").absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{shutil.disk_usage(p).free / 2**30:.1f} GiB free on the disk of {p}"
+    except OSError:
+        return "free space unknown"

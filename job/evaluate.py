@@ -2,7 +2,8 @@
 
 One base model is loaded with the adapter on top; "base" numbers come from the same weights
 with the adapter disabled, on identical batches, so the comparison isolates the fine-tune.
-Writes eval/metrics.json, eval/samples.jsonl, eval/safety.jsonl and the report (job/report.py).
+Writes the metrics, the side-by-side answers and the safety answers (job/paths.py); the pipeline then
+renders the model card from them (job/report.py).
 """
 
 from __future__ import annotations
@@ -16,26 +17,28 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from job import safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
 from job.model import build_messages, load_model, load_tokenizer, resolve_precision, restore_stock_code
+from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
 LOSS_CHUNK = 2048  # reply positions per lm_head call: 2048 x 128k vocab x 4 B = 1 GiB of fp32 logits
 # Attention kernels for decoding: all of PyTorch's sdpa backends but cuDNN's. cuDNN attention, which
 # PyTorch picks for masked attention on recent GPUs, builds an execution plan for each new key length,
-# and a growing KV cache has a new length at every step. With it, the first generation pass of a
-# process took 31.8 s for 83 prompts x 256 tokens; without it 9.6 s (same H200, same call).
+# and a growing KV cache has a new length at every step: a process's first generation pass took several
+# times as long with it (measured on an H200).
 DECODE_ATTENTION = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
-def load_tuned(cfg: Settings, run_dir: Path, precision: str):
+def load_tuned(cfg: Settings, adapter_dir: Path, precision: str):
     from peft import PeftModel
 
     restore_stock_code()  # no training kernels (Liger's) in decoding: they slow it down
     base = load_model(cfg, precision)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     return model
 
@@ -45,7 +48,7 @@ def base_for_generation(model):
 
     Each decoding step of the 4-bit model dequantizes every weight; at the batch sizes of evaluation that
     overhead dominates. We dequantize the NF4 base once: the same values the 4-bit kernels compute with,
-    at the speed of a plain 16-bit model, for 2 bytes per parameter of GPU memory (6.4 GB for 3B).
+    at the speed of a plain 16-bit model, for 2 bytes per parameter of GPU memory.
     """
     from job.attention import NAME as VARLEN
 
@@ -57,35 +60,16 @@ def base_for_generation(model):
     return base.eval()
 
 
-def shared_model_for_generation(model, run_dir: Path):
+def shared_model_for_generation(model, adapter_dir: Path):
     """One model for base and tuned answers in the same batches: the 16-bit base, the adapter unmerged.
 
-    Which rows get the adapter is set per batch (per_row_adapter). A decoding step costs about the same
-    for 166 rows as for 83, so both models' answers in one pass take about the time of one model's: 4,731
-    vs 2,484 new tokens/s for 166 vs 83 rows (H200, Transformers 5.24, one process each). The adapter is
-    held in the base's 16-bit dtype, as merging it into the weights would round it.
+    Which rows get the adapter is set per batch (per_row_adapter). An eager decoding step is bound by
+    launching kernels, not by the GPU, so twice the rows cost little more than one model's (job/bench.py
+    measures it). The adapter is held in the base's 16-bit dtype, as merging it would round it.
     """
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(
-        base_for_generation(model), str(run_dir / "adapter"), autocast_adapter_dtype=False
-    ).eval()
-
-
-def models_for_generation(model, run_dir: Path):
-    """Yield ("base", model) then ("tuned", model), each a plain 16-bit model, for EVAL_COMPILE.
-
-    The compiled decoding step is specialized to fixed weights, so here the two models answer in
-    separate passes, the tuned one with the adapter merged into the base weights (the same function
-    up to 16-bit rounding).
-    """
-    from peft import PeftModel
-
-    base = base_for_generation(model)
-    yield "base", base
-    tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
-    tuned.eval()
-    yield "tuned", tuned
+    return PeftModel.from_pretrained(base_for_generation(model), str(adapter_dir), autocast_adapter_dtype=False).eval()
 
 
 @contextmanager
@@ -96,8 +80,7 @@ def per_row_adapter(model, tuned: list[bool]):
     scaling to a (rows, 1, 1) tensor holding the adapter's scale for tuned rows and 0 for base rows: a base
     row then gets exactly its base output (plus 0), and every row takes the same kernels. Our own trick
     rather than PEFT's mixed-adapter batches (adapter_names), which split each layer's input by Python
-    lists on every call: at 166 rows those decoded 2,183 new tokens/s, slower than two separate passes of
-    83 rows (2,650; H200, Transformers 5.24).
+    lists on every call and measured slower than two separate passes.
     """
     import torch
     from peft.tuners.lora import LoraLayer
@@ -159,26 +142,12 @@ def eval_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> dict:
     return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3), "eval_tokens": count}
 
 
-def generate(
-    model,
-    tokenizer,
-    conversations: list[list[dict]],
-    cfg: Settings,
-    tuned_rows: list[bool] | None = None,
-    static_cache: bool = False,
-):
+def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, tuned_rows: list[bool] | None = None):
     """Greedy answers, one per conversation, in batches; returns texts and speed figures.
 
     With `tuned_rows` (one flag per conversation), a PeftModel answers the flagged conversations as
     the tuned model and the others as the base (per_row_adapter), so base and tuned answers share
     batches. Rows are sorted by prompt length so a batch carries little padding.
-
-    A decoding step in eager PyTorch is bound by Python launching kernels, not by the GPU: more rows
-    per batch come almost free (35 ms a step for 166 rows, 33 ms for 83; H200). With static_cache
-    (EVAL_COMPILE) the KV cache is static, and Transformers then compiles the decoding step on CUDA
-    (on CUDA only) and replays it as a CUDA graph: a one-off compile (112 s measured on an H200), then
-    3,502 new tokens/s for 83 prompts (Transformers 5.17). The compiled step is kept on the model
-    object, so the tuned pass (the same modules, adapter merged in place) reuses it.
     """
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -187,9 +156,6 @@ def generate(
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
     model.config.use_cache = True
-    if static_cache and tuned_rows is not None:
-        raise ValueError("a compiled decoding step needs fixed weights: static_cache with tuned_rows")
-    static_cache = static_cache and not getattr(model, "is_quantized", False)
     lengths = [
         len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for c in conversations
@@ -202,24 +168,18 @@ def generate(
     new_tokens, t0 = 0, time.perf_counter()
     for start in tqdm(range(0, len(order), size), desc="generate", disable=None):
         idx = order[start : start + size]
-        batch = [conversations[i] for i in idx]
-        # The compiled step is specialized to its shapes: give every batch the same rows and width
-        # (repeating the last prompt; its extra answers are dropped), so it compiles once.
-        batch += [batch[-1]] * (size - len(batch) if static_cache else 0)
         enc = tokenizer.apply_chat_template(
-            batch,
+            [conversations[i] for i in idx],
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
-            padding="max_length" if static_cache else True,
-            max_length=max(lengths) if static_cache else None,
+            padding=True,
             return_tensors="pt",
         ).to(device)
         rows = nullcontext() if tuned_rows is None else per_row_adapter(model, [tuned_rows[i] for i in idx])
         with torch.no_grad(), sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_ATTENTION]), rows:
             out = model.generate(
                 **enc,
-                **({"cache_implementation": "static"} if static_cache else {}),
                 max_new_tokens=cfg.MAX_NEW_TOKENS,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
@@ -236,7 +196,6 @@ def generate(
         "new_tokens": new_tokens,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
-        "static_cache": static_cache,
     }
 
 
@@ -253,21 +212,16 @@ def _lengths(texts: list[str]) -> dict:
     return {"answer_words_mean": round(statistics.fmean(words), 1), "answer_words_median": statistics.median(words)}
 
 
-def run(cfg: Settings, run_dir: Path) -> list[Path]:
+def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     import torch
 
-    from job import report, safety
-
-    out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     precision, _ = resolve_precision(cfg)
-    tokenizer = load_tokenizer(cfg, str(run_dir / "adapter"))
-    model = load_tuned(cfg, run_dir, precision)
-    token_rows = read_jsonl(run_dir / "data" / "eval_tokens.jsonl")
-    eval_rows = read_jsonl(run_dir / "data" / "eval.jsonl")[: cfg.EVAL_GENERATIONS]
+    tokenizer = load_tokenizer(cfg, str(paths.adapter))
+    model = load_tuned(cfg, paths.adapter, precision)
+    token_rows = read_jsonl(paths.eval_tokens)
+    eval_rows = read_jsonl(paths.eval_rows)[: cfg.EVAL_PROMPTS]
     prompts = [build_messages(cfg, r["patient"], r.get("description", "")) for r in eval_rows]
-    safety_prompts = [build_messages(cfg, p["prompt"]) for p in safety.SAFETY_PROMPTS]
-
+    safety_prompts = safety.prompts()
     metrics: dict[str, Any] = {"eval_rows": len(token_rows), "generations": len(prompts), "precision": precision}
     for name, enabled in (("base", False), ("tuned", True)):
         with adapter(model, enabled):
@@ -275,35 +229,20 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
                 eval_loss(model, token_rows, cfg.EVAL_BATCH_SIZE, tokenizer.pad_token_id) if token_rows else {}
             )
 
-    # Answers for the held-out and the safety prompts, from both models.
-    conversations = prompts + safety_prompts
-    answers, speed = {}, {}
-    # Compiling pays only on a GPU (Transformers compiles the decoding step on CUDA alone).
-    if cfg.EVAL_COMPILE and torch.cuda.is_available():  # a compiled step per model, separate passes
-        for name, gen_model in models_for_generation(model, run_dir):
-            answers[name], speed[name] = generate(gen_model, tokenizer, conversations, cfg, static_cache=True)
-    else:  # both models in the same batches: each base answer next to the tuned answer to the same prompt
-        n = len(conversations)
-        texts, speed["base+tuned"] = generate(
-            shared_model_for_generation(model, run_dir), tokenizer, conversations * 2, cfg, [False] * n + [True] * n
-        )
-        answers = {"base": texts[:n], "tuned": texts[n:]}
-    metrics["generation_speed"] = {
-        "answers": sum(s["answers"] for s in speed.values()),
-        "new_tokens": sum(s["new_tokens"] for s in speed.values()),
-        "seconds": round(sum(s["seconds"] for s in speed.values()), 2),
-        "passes": speed,  # with EVAL_COMPILE, one per model: the base pass includes the one-off compile
-    }
-    metrics["generation_speed"]["tokens_per_s"] = round(
-        metrics["generation_speed"]["new_tokens"] / max(metrics["generation_speed"]["seconds"], 1e-9), 1
-    )
+    # Answers to the held-out and the safety prompts from both models, in the same batches: each base
+    # answer next to the tuned answer to the same prompt.
+    conversations = prompts + [build_messages(cfg, p["prompt"]) for p in safety_prompts]
+    n = len(conversations)
+    shared = shared_model_for_generation(model, paths.adapter)
+    texts, metrics["generation_speed"] = generate(shared, tokenizer, conversations * 2, cfg, [False] * n + [True] * n)
+    answers = {"base": texts[:n], "tuned": texts[n:]}
     safety_results: dict[str, list[dict]] = {}
     for name in ("base", "tuned"):
         answers[name], safe_texts = answers[name][: len(prompts)], answers[name][len(prompts) :]
         m = metrics[name]
         m.update(_lengths(answers[name]))
         m["rougeL_f1"] = rouge_l(answers[name], [r["doctor"] for r in eval_rows])
-        results = [safety.score_answer(p, a) | {"answer": a} for p, a in zip(safety.SAFETY_PROMPTS, safe_texts)]
+        results = [safety.score_answer(p, a) | {"answer": a} for p, a in zip(safety_prompts, safe_texts)]
         m["safety"] = safety.summarize(results)
         safety_results[name] = results
         log.info(
@@ -319,16 +258,15 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
         {"prompt": p[-1]["content"], "reference": r["doctor"], "base": b, "tuned": t}
         for p, r, b, t in zip(prompts, eval_rows, answers["base"], answers["tuned"])
     ]
-    write_jsonl(out / "samples.jsonl", samples)
+    write_jsonl(paths.samples, samples)
     write_jsonl(
-        out / "safety.jsonl",
+        paths.safety,
         [
             {"id": p["id"], "category": p["category"], "prompt": p["prompt"], "base": b, "tuned": t}
-            for p, b, t in zip(safety.SAFETY_PROMPTS, safety_results["base"], safety_results["tuned"])
+            for p, b, t in zip(safety_prompts, safety_results["base"], safety_results["tuned"])
         ],
     )
     if torch.cuda.is_available():  # this stage's own peak: the pipeline resets the count between stages
         metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    written = report.write(cfg, run_dir)
-    return [out / "metrics.json", out / "samples.jsonl", out / "safety.jsonl", *written]
+    atomic_write_text(paths.metrics, json.dumps(metrics, indent=2))
+    return [paths.metrics, paths.samples, paths.safety]

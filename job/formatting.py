@@ -5,7 +5,7 @@ We tokenize here rather than inside TRL so that the loss mask is ours to test an
 system and user turns. The mask comes from rendering the prompt (with the generation prompt)
 and the whole conversation and checking the first is a prefix of the second; this works for
 any chat template, unlike `{% generation %}` markers, which Llama 3.2's template lacks.
-Writes data/train_tokens.jsonl and data/eval_tokens.jsonl (TRL's pre-tokenized format).
+Writes the token files (TRL's pre-tokenized format) and their statistics (job/paths.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 from job.config import Settings
 from job.errors import ConfigError
-from job.files import atomic_write_text, read_json, read_jsonl, write_jsonl
+from job.files import atomic_write_text, read_jsonl, write_jsonl
 from job.model import build_messages, load_tokenizer
+from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +83,20 @@ def format_rows(cfg: Settings, tokenizer, rows: list[dict], split: str) -> tuple
     return out, stats
 
 
-def run(cfg: Settings, run_dir: Path) -> list[Path]:
-    data = run_dir / "data"
+def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     tokenizer = load_tokenizer(cfg)
-    all_stats = read_json(data / "stats.json")
-    all_stats["format"] = {}
-    written = []
-    for split in ("train", "eval"):
-        rows = read_jsonl(data / f"{split}.jsonl")
+    all_stats = {}
+    for split, rows_file, tokens_file in (
+        ("train", paths.train_rows, paths.train_tokens),
+        ("eval", paths.eval_rows, paths.eval_tokens),
+    ):
+        rows = read_jsonl(rows_file)
         if not rows:  # EVAL_SAMPLES=0 leaves an empty eval split; evaluation is skipped then
-            write_jsonl(data / f"{split}_tokens.jsonl", [])
+            write_jsonl(tokens_file, [])
             continue
         items, stats = format_rows(cfg, tokenizer, rows, split)
-        write_jsonl(data / f"{split}_tokens.jsonl", items)
-        all_stats["format"][split] = stats
-        written.append(data / f"{split}_tokens.jsonl")
+        write_jsonl(tokens_file, items)
+        all_stats[split] = stats
         log.info(
             "%s: %d rows -> %d sequences, %d tokens (%d trained), %d replies truncated, %d dropped",
             split,
@@ -107,5 +107,5 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
             stats["reply_truncated"],
             stats["dropped_no_room_for_reply"],
         )
-    atomic_write_text(data / "stats.json", json.dumps(all_stats, indent=2))
-    return [*written, data / "stats.json"]
+    atomic_write_text(paths.format_stats, json.dumps(all_stats, indent=2))
+    return [paths.train_tokens, paths.eval_tokens, paths.format_stats]

@@ -14,13 +14,19 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+from job import attention
 from job.config import Settings
-from job.errors import ConfigError, TransientError
+from job.errors import ConfigError, classify
 
 log = logging.getLogger(__name__)
+# PEFT 0.21 reads Transformers' deprecated `is_gradient_checkpointing` alias whenever it wraps a model; our own
+# code uses the current names (activation_checkpointing). Silence only that message, so every other
+# deprecation still shows.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def local_rank() -> int:
@@ -71,20 +77,17 @@ def check_quantization(cfg: Settings) -> None:
 
 
 def _hub_call(what: str, fn, *args, **kwargs):
-    """Run a from_pretrained call, turning Hub failures into errors that say what to do."""
+    """Run a from_pretrained call; Hub, network and disk failures become errors that say what to do
+    (classified by exception type: job/errors.py). Anything else names the setting as a bad input."""
     try:
         return fn(*args, **kwargs)
-    except OSError as e:
-        msg = str(e)
-        low = msg.lower()
-        if "gated" in low or "401" in msg or "403" in msg or "access" in low and "restricted" in low:
-            raise ConfigError(
-                f"{what}: access denied. Accept the model's license on its Hub page and set HF_TOKEN "
-                "to a token of that account."
-            ) from None
-        if any(w in low for w in ("connection", "timed out", "couldn't connect", "temporarily", "offline mode")):
-            raise TransientError(f"{what}: the Hugging Face Hub could not be reached. Retry later. ({msg})") from None
-        raise ConfigError(f"{what}: could not be loaded: {msg}") from None
+    except Exception as e:
+        err = classify(e, what)
+        if err is not None:
+            raise err from None
+        if isinstance(e, (OSError, ValueError)):
+            raise ConfigError(f"{what}: could not be loaded: {e}") from None
+        raise
 
 
 def load_tokenizer(cfg: Settings, source: str | None = None):
@@ -119,8 +122,6 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
     """The frozen base model on this process's device, 4-bit NF4 when QUANTIZATION=nf4."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from job import attention
 
     attention.register()  # ATTN_IMPLEMENTATION="sdpa_varlen"
     quantization = quantization or cfg.QUANTIZATION
@@ -172,9 +173,8 @@ def restore_stock_code() -> int:
     Training with LIGER_KERNEL patches the modeling module of the model it trains (that is how Liger
     works): its RMSNorm and MLP classes, its rotary embedding and the causal-LM forward replace
     Transformers' for every model built later in the same process, the evaluation model included.
-    Its kernels pay in training (less memory, fewer launches per step) but not in decoding: one decoding
-    pass of 83 prompts x 256 tokens measured 2,135 new tokens/s with Liger's code, 2,673 with
-    Transformers' (H200, one process each). Returns how many names were put back.
+    Its kernels pay in training (less memory, fewer launches per step) but slow decoding down (measured
+    by job/bench.py). Returns how many names were put back.
     """
     restored = 0
     for name, saved in _STOCK_CODE.items():
@@ -201,10 +201,10 @@ def dequantize_for_training(cfg: Settings, model: Any) -> bool:
     backward call and multiplies with that: the math is a 16-bit matmul with the NF4 values. A QLoRA
     step on the 3B model makes ~400 such calls (196 layers, forward and backward), each ~300 us of
     Python and launches, and the step is bound by the CPU (job/train.py, compile_layers). Dequantizing
-    once (Transformers' own `dequantize`) keeps the weights, losses and gradients and drops that work:
-    22,498 vs 13,418 tokens/s and 15.6 vs 11.7 GiB peak on an H200, the same loss after 25 steps to
-    every printed digit. The cost is memory, so "auto" does it only where the 16-bit copy takes at
-    most a quarter of the GPU (a 24 GB card for 3B, not for 8B).
+    once (Transformers' own `dequantize`) keeps the weights, losses and gradients and drops that work
+    (job/bench.py measures both paths and checks they agree). The cost is memory, 2 bytes per base
+    weight, so "auto" does it only where the 16-bit copy takes at most a quarter of the GPU (a 24 GB card
+    for 3B, not for 8B).
     Returns whether it did.
     """
     import torch

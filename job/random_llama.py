@@ -107,7 +107,7 @@ TINY = dict(
 )
 
 
-def build_tiny_model(out_dir: str | Path, texts: Iterable[str] = (), seed: int = 0, shape: str = "tiny") -> Path:
+def build_random_llama(out_dir: str | Path, texts: Iterable[str] = (), seed: int = 0, shape: str = "tiny") -> Path:
     """Write a Llama model with random weights plus tokenizer to `out_dir`; return the path.
 
     shape="tiny": 2 layers, hidden 64, fp32 (tests, demo). shape="llama-3.2-3b": the real 3B
@@ -152,7 +152,7 @@ def main() -> None:
         with open(args.texts, encoding="utf-8") as f:
             for line in f:
                 texts.extend(v for v in json.loads(line).values() if isinstance(v, str))
-    print(f"{args.shape} model written to {build_tiny_model(args.out_dir, texts, shape=args.shape)}")
+    print(f"{args.shape} model written to {build_random_llama(args.out_dir, texts, shape=args.shape)}")
 
 
 if __name__ == "__main__":

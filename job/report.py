@@ -1,22 +1,27 @@
-"""The report: report/README.md (the model card pushed to the Hub) and report/loss.png.
+"""The report: the model card pushed to the Hub, and the loss plot (job/paths.py).
 
-Written at the end of evaluation from the files the earlier stages left, so it can be
-regenerated at any time and always agrees with eval/metrics.json.
+Rendered by the pipeline after evaluation, from the files the stages left, so it can be regenerated at
+any time and always agrees with the metrics. The card's text is a template (templates/model_card.md)
+that people can review without reading Python; huggingface_hub's ModelCard renders it and writes the
+metadata as valid, quoted YAML.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
-from job.config import Settings
+from huggingface_hub import ModelCard, ModelCardData
+
+from job.config import DEPENDS, Settings
 from job.files import atomic_write_text, read_json, read_jsonl
+from job.paths import RunPaths
 from job.sample import is_local_path
 
 log = logging.getLogger(__name__)
 
 N_SAMPLES_SHOWN = 5
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 
 
 def plot_loss(train_log: dict, metrics: dict, path: Path) -> None:
@@ -47,21 +52,14 @@ def plot_loss(train_log: dict, metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _row(label: str, base: Any, tuned: Any) -> str:
-    return f"| {label} | {base} | {tuned} |"
-
-
-def _safety_table(metrics: dict) -> list[str]:
+def _safety_rows(metrics: dict) -> list[tuple]:
     base, tuned = metrics["base"]["safety"], metrics["tuned"]["safety"]
-    lines = ["| category | prompts | base pass rate | tuned pass rate |", "|---|---|---|---|"]
-    for cat, t in tuned["categories"].items():
-        b = base["categories"][cat]
-        lines.append(f"| {cat} | {t['total']} | {b['pass_rate']:.0%} | {t['pass_rate']:.0%} |")
-    lines.append(
-        f"| **all** | {tuned['overall']['total']} | {base['overall']['pass_rate']:.0%} | "
-        f"{tuned['overall']['pass_rate']:.0%} |"
-    )
-    return lines
+    rows = [
+        (cat, t["total"], f"{base['categories'][cat]['pass_rate']:.0%}", f"{t['pass_rate']:.0%}")
+        for cat, t in tuned["categories"].items()
+    ]
+    overall = tuned["overall"]
+    return rows + [("**all**", overall["total"], f"{base['overall']['pass_rate']:.0%}", f"{overall['pass_rate']:.0%}")]
 
 
 def _quote(text: str, limit: int = 600) -> str:
@@ -69,158 +67,67 @@ def _quote(text: str, limit: int = 600) -> str:
     return (text[:limit] + " …") if len(text) > limit else text
 
 
-def model_card(cfg: Settings, run_dir: Path) -> str:
-    from job.pipeline import DEPENDS  # here, not at the top: pipeline imports the stages, which import us
-
-    metrics = read_json(run_dir / "eval" / "metrics.json")
-    stats = read_json(run_dir / "data" / "stats.json")
-    train_log = read_json(run_dir / "report" / "train_log.json")
-    samples = read_jsonl(run_dir / "eval" / "samples.jsonl")[:N_SAMPLES_SHOWN]
-    repo = cfg.HUB_REPO_ID or f"<your-name>/{cfg.RUN_NAME}"
-    datasets_meta = [] if is_local_path(cfg.DATASET) else [f"  - {cfg.DATASET}"]
-    b, t = metrics["base"], metrics["tuned"]
-    sample_stats, fmt = stats["sample"], stats.get("format", {}).get("train", {})
-    final_loss = next((e["loss"] for e in reversed(train_log.get("log_history", [])) if "loss" in e), None)
-
-    base_link = (
-        f"`{cfg.BASE_MODEL}`"
-        if is_local_path(cfg.BASE_MODEL)
-        else (f"[{cfg.BASE_MODEL}](https://huggingface.co/{cfg.BASE_MODEL})")
+def card_data(cfg: Settings) -> ModelCardData:
+    """The card's metadata, rendered to YAML (quoted where needed) by huggingface_hub. A local BASE_MODEL or
+    DATASET is no Hub id, and the Hub rejects a card that names one, so those are left out."""
+    return ModelCardData(
+        base_model=None if is_local_path(cfg.BASE_MODEL) else cfg.BASE_MODEL,
+        datasets=None if is_local_path(cfg.DATASET) else [cfg.DATASET],
+        library_name="peft",
+        license=cfg.MODEL_LICENSE,
+        language=["en"],
+        pipeline_tag="text-generation",
+        tags=["medical", "lora", "qlora" if cfg.QUANTIZATION == "nf4" else "peft", "trl", "sft", "hippocratically"],
     )
-    lines = [
-        "---",
-        f"base_model: {cfg.BASE_MODEL}",
-        "library_name: peft",
-        f"license: {cfg.MODEL_LICENSE}",
-        *(["datasets:", *datasets_meta] if datasets_meta else []),
-        "language:",
-        "  - en",
-        "pipeline_tag: text-generation",
-        "tags:",
-        "  - medical",
-        "  - lora",
-        "  - qlora" if cfg.QUANTIZATION == "nf4" else "  - peft",
-        "  - trl",
-        "  - sft",
-        "  - hippocratically",
-        "---",
-        "",
-        f"# {repo.split('/')[-1]}",
-        "",
-        f"A LoRA adapter for {base_link} fine-tuned on "
-        f"{sample_stats['train_rows']:,} patient–doctor conversations from `{cfg.DATASET}` "
-        "to answer patients' questions in the style of an online medical consultation. "
-        "Made with [Hippocratically](https://github.com/hippocratically/hippocratically).",
-        "",
-        "## Not medical advice",
-        "",
-        "This model is a research artifact. It can be wrong, incomplete or out of date, and it cannot examine "
-        "anyone. Do not use it to diagnose, treat or decide anything about a person's health. In an emergency, "
-        "call your local emergency number.",
-        "",
-        "## How to use",
-        "",
-        "```python",
-        "from peft import AutoPeftModelForCausalLM",
-        "from transformers import AutoTokenizer",
-        "",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-        'messages = [{"role": "system", "content": SYSTEM_PROMPT},  # the one below',
-        '            {"role": "user", "content": "I have had a dry cough for three weeks. Should I worry?"}]',
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt',",
-        "                                       return_dict=True).to(model.device)",
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0], skip_special_tokens=True))",
-        "```",
-        "",
-        "Or, with the Hippocratically CLI: `python -m job chat --adapter " + repo + "`.",
-        "",
-        f"System prompt used in training: _{cfg.SYSTEM_PROMPT}_",
-        "",
-        "## Evaluation",
-        "",
-        f"On {metrics['eval_rows']} held-out conversations (never seen in training; no shared patient text). "
-        f'"Base" is {cfg.BASE_MODEL} with the adapter disabled, on identical inputs. '
-        f"Answers are greedy, at most {cfg.MAX_NEW_TOKENS} new tokens, for {metrics['generations']} prompts.",
-        "",
-        "| metric | base | tuned |",
-        "|---|---|---|",
-        _row("eval loss on doctor replies (nats/token)", b.get("eval_loss", "–"), t.get("eval_loss", "–")),
-        _row("perplexity", b.get("perplexity", "–"), t.get("perplexity", "–")),
-        _row("ROUGE-L F1 vs the doctor's reply", b["rougeL_f1"], t["rougeL_f1"]),
-        _row("answer length, mean words", b["answer_words_mean"], t["answer_words_mean"]),
-        _row("answer length, median words", b["answer_words_median"], t["answer_words_median"]),
-        _row(
-            "safety checks passed",
-            f"{b['safety']['overall']['pass_rate']:.0%}",
-            f"{t['safety']['overall']['pass_rate']:.0%}",
-        ),
-        "",
-        "![training and held-out loss](loss.png)",
-        "",
-        "### Safety screen",
-        "",
-        "Rule-based checks on prompts written for this project (emergencies, medication dosing, children, "
-        "pregnancy): red-flag prompts must be told to seek emergency care; no definitive diagnosis; no invented "
-        "doctor names, links or Q&A-platform boilerplate; a recommendation to see a professional. A screen, not "
-        "a clinical validation.",
-        "",
-        *_safety_table(metrics),
-        "",
-        "### Sample answers",
-        "",
-    ]
-    for i, s in enumerate(samples, 1):
-        lines += [
-            f"**{i}. Patient:** {_quote(s['prompt'])}",
-            "",
-            f"- *Doctor (reference):* {_quote(s['reference'])}",
-            f"- *Base:* {_quote(s['base'])}",
-            f"- *Tuned:* {_quote(s['tuned'])}",
-            "",
-        ]
-    lines += [
-        "## Training",
-        "",
-        "| setting | value |",
-        "|---|---|",
+
+
+def model_card(cfg: Settings, paths: RunPaths, extra_sections: tuple[str, ...] = ()) -> str:
+    metrics = read_json(paths.metrics)
+    train_log = read_json(paths.train_log)
+    b, t = metrics["base"], metrics["tuned"]
+    final_loss = next((e["loss"] for e in reversed(train_log.get("log_history", [])) if "loss" in e), None)
+    repo = cfg.HUB_REPO_ID or f"<your-name>/{cfg.RUN_NAME}"
+    card = ModelCard.from_template(
+        card_data(cfg),
+        template_path=str(TEMPLATE),
+        cfg=cfg,
+        repo=repo,
+        title=repo.split("/")[-1],
+        base_link=f"`{cfg.BASE_MODEL}`"
+        if is_local_path(cfg.BASE_MODEL)
+        else f"[{cfg.BASE_MODEL}](https://huggingface.co/{cfg.BASE_MODEL})",
+        metrics=metrics,
+        comparison=[
+            ("eval loss on doctor replies (nats/token)", b.get("eval_loss", "–"), t.get("eval_loss", "–")),
+            ("perplexity", b.get("perplexity", "–"), t.get("perplexity", "–")),
+            ("ROUGE-L F1 vs the doctor's reply", b["rougeL_f1"], t["rougeL_f1"]),
+            ("answer length, mean words", b["answer_words_mean"], t["answer_words_mean"]),
+            ("answer length, median words", b["answer_words_median"], t["answer_words_median"]),
+            (
+                "safety checks passed",
+                f"{b['safety']['overall']['pass_rate']:.0%}",
+                f"{t['safety']['overall']['pass_rate']:.0%}",
+            ),
+        ],
+        safety_rows=_safety_rows(metrics),
+        extra_sections=extra_sections,
+        samples=[{k: _quote(v) for k, v in s.items()} for s in read_jsonl(paths.samples)[:N_SAMPLES_SHOWN]],
         # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.
-        *[f"| {n} | {getattr(cfg, n)} |" for n in DEPENDS["train"] if n != "SYSTEM_PROMPT"],
-        f"| precision | {metrics.get('precision')} |",
-        f"| base weights in training | {train_log.get('train', {}).get('base_weights', 'not recorded')} |",
-        f"| final training loss | {final_loss} |",
-        "",
-        "Loss is computed on the doctor's reply and its end-of-turn token only.",
-        "",
-        "## Data",
-        "",
-        f"Sampled with seed {cfg.SEED} from `{cfg.DATASET}` ({sample_stats['rows_in_dataset']:,} rows): "
-        f"{sample_stats['rows_read']:,} read, {sample_stats['rows_kept']:,} kept "
-        f"({sample_stats['train_rows']:,} train, {sample_stats['eval_rows']:,} held out). "
-        "Cleaning removed URLs, link markers, Q&A-platform boilerplate and sign-offs with doctor names, "
-        "empty rows and duplicates.",
-        "",
-        f"- rows dropped: {sample_stats['dropped'] or 'none'}",
-        f"- rows changed by each cleaning rule: {sample_stats['changed'] or 'none'}",
-        f"- training tokens: {fmt.get('tokens', '–')} ({fmt.get('trained_tokens', '–')} in replies); "
-        f"replies truncated at {cfg.MAX_SEQ_LENGTH} tokens: {fmt.get('reply_truncated', '–')}",
-        "",
-        "## Limitations",
-        "",
-        "- The replies it learned from are short online answers by doctors (HealthCareMagic, iCliniq); they are "
-        "often terse, sometimes outdated, and were given without examining the patient.",
-        "- English only. Not evaluated by clinicians. ROUGE-L measures word overlap with one doctor's reply, "
-        "not correctness.",
-        "- The safety screen is rule-based: it catches missing referrals and boilerplate, not wrong medicine.",
-        f"- The base model's license ({cfg.MODEL_LICENSE}) and acceptable-use policy apply.",
-        "",
-    ]
-    return "\n".join(lines)
+        training=[(n, getattr(cfg, n)) for n in DEPENDS["train"] if n != "SYSTEM_PROMPT"]
+        + [
+            ("precision", metrics.get("precision")),
+            ("base weights in training", train_log.get("train", {}).get("base_weights", "not recorded")),
+            ("final training loss", final_loss),
+        ],
+        data=read_json(paths.sample_stats),
+        tokens={"tokens": "–", "trained_tokens": "–", "reply_truncated": "–"}
+        | read_json(paths.format_stats).get("train", {}),
+    )
+    return str(card)
 
 
-def write(cfg: Settings, run_dir: Path) -> list[Path]:
-    out = run_dir / "report"
-    plot_loss(read_json(out / "train_log.json"), read_json(run_dir / "eval" / "metrics.json"), out / "loss.png")
-    atomic_write_text(out / "README.md", model_card(cfg, run_dir))
-    log.info("report written to %s", out / "README.md")
-    return [out / "README.md", out / "loss.png"]
+def write(cfg: Settings, paths: RunPaths) -> list[Path]:
+    plot_loss(read_json(paths.train_log), read_json(paths.metrics), paths.loss_plot)
+    atomic_write_text(paths.model_card, model_card(cfg, paths))
+    log.info("model card written to %s", paths.model_card)
+    return [paths.model_card, paths.loss_plot]

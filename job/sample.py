@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from job.config import Settings
-from job.errors import ConfigError, TransientError
+from job.errors import ConfigError, classify
 from job.faults import maybe_die
 from job.files import atomic_write_text, write_jsonl
+from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +153,11 @@ def load_rows(cfg: Settings):
         return datasets.load_dataset(name, split=cfg.DATASET_SPLIT, token=cfg.HF_TOKEN or None)
     except ConfigError:
         raise
-    except (ConnectionError, TimeoutError) as e:
-        raise TransientError(f"DATASET={name!r}: could not reach the Hugging Face Hub ({e}). Retry later.") from None
-    except Exception as e:  # datasets raises many types; classify by what the message says
-        msg = str(e)
-        if any(w in msg.lower() for w in ("connection", "timed out", "temporarily", "couldn't reach", "offline")):
-            raise TransientError(f"DATASET={name!r}: the Hub could not be reached ({msg}). Retry later.") from None
-        raise ConfigError(f"DATASET={name!r}: could not be loaded: {type(e).__name__}: {msg}") from None
+    except Exception as e:  # datasets raises many types: classify by type, else a bad input naming DATASET
+        err = classify(e, f"DATASET={name!r}")
+        if err is not None:
+            raise err from None
+        raise ConfigError(f"DATASET={name!r}: could not be loaded: {type(e).__name__}: {e}") from None
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -245,15 +244,13 @@ def sample(cfg: Settings, ds) -> tuple[list[dict], list[dict], dict]:
     return train_rows, eval_rows, stats
 
 
-def run(cfg: Settings, run_dir: Path) -> list[Path]:
+def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     ds = load_rows(cfg)
     train_rows, eval_rows, stats = sample(cfg, ds)
-    out = run_dir / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "train.jsonl", train_rows)
+    write_jsonl(paths.train_rows, train_rows)
     maybe_die("sample.partial")
-    write_jsonl(out / "eval.jsonl", eval_rows)
-    atomic_write_text(out / "stats.json", json.dumps({"sample": stats}, indent=2))
+    write_jsonl(paths.eval_rows, eval_rows)
+    atomic_write_text(paths.sample_stats, json.dumps(stats, indent=2))
     log.info(
         "sampled %d train + %d eval rows from %d read (dropped %s)",
         len(train_rows),
@@ -261,4 +258,4 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
         stats["rows_read"],
         stats["dropped"] or "none",
     )
-    return [out / "train.jsonl", out / "eval.jsonl", out / "stats.json"]
+    return [paths.train_rows, paths.eval_rows, paths.sample_stats]

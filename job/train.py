@@ -1,9 +1,11 @@
-"""Stage 3, train: QLoRA with TRL's SFTTrainer; checkpoints that survive SIGKILL; adapter/.
+"""Stage 3, train: QLoRA with TRL's SFTTrainer; checkpoints that survive SIGKILL and SIGTERM; the adapter.
 
 Checkpoints: Transformers writes checkpoint-N/ file by file, so a kill can leave a partial
 folder. Ours count only once `COMPLETE` (written last, fsynced) exists; we delete the
 unmarked ones on resume and do retention ourselves after the marker is written, because the
 Trainer's own rotation runs before a new checkpoint is marked and could leave none complete.
+On SIGTERM (job/stop.py) the running step finishes, the Trainer saves that step's checkpoint through
+the same path (so it is marked), and the stage raises Stopped: a preemption notice costs no steps.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from job import stop
 from job.config import Settings
-from job.errors import OutOfMemory
+from job.errors import OutOfMemory, Stopped
 from job.faults import maybe_die
 from job.files import atomic_write_text, read_jsonl
 from job.model import (
@@ -29,6 +32,7 @@ from job.model import (
     lora_config,
     resolve_precision,
 )
+from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,9 @@ def _completeness_callback(keep: int):
 
         def on_step_end(self, args, state, control, **kwargs):
             maybe_die("train.step", state.global_step)
+            if stop.requested():  # SIGTERM (job/stop.py): save this step's checkpoint, then stop
+                control.should_save = True
+                control.should_training_stop = True
             return control
 
         def on_save(self, args, state, control, **kwargs):
@@ -162,13 +169,9 @@ def use_liger(cfg: Settings) -> bool:
 
     # torch.compile cannot trace Liger's kernels, and Inductor fuses the same operations anyway. Liger
     # patches Transformers' model code for the whole process; evaluation puts it back before it loads
-    # (model.restore_stock_code). With EVAL_COMPILE we keep it off all the same: that pairing is untested.
+    # (model.restore_stock_code).
     return (
-        cfg.LIGER_KERNEL
-        and not use_compile(cfg)
-        and not cfg.EVAL_COMPILE
-        and _cuda()
-        and importlib.util.find_spec("liger_kernel") is not None
+        cfg.LIGER_KERNEL and not use_compile(cfg) and _cuda() and importlib.util.find_spec("liger_kernel") is not None
     )
 
 
@@ -179,11 +182,10 @@ def use_compile(cfg: Settings) -> bool:
 def compile_layers(model: Any) -> int:
     """Regional compilation (https://pytorch.org/tutorials/recipes/regional_compilation.html).
 
-    A QLoRA step in eager mode is bound by Python: ~4,300 kernel launches through PEFT, bitsandbytes,
-    Liger and Transformers' modules, while the GPU work of a ~3,900-token micro-batch takes ~105 ms of
-    a ~250 ms step (profiled on an H200). We compile each decoder layer in place: the layers share compiled
-    code, so the cost is about one layer's compile (layer 0, whose input carries no gradient, gets a
-    graph of its own: seen on an H200), and Inductor fuses the norms, RoPE and SwiGLU.
+    A QLoRA step in eager mode is bound by Python launching thousands of small kernels through PEFT,
+    bitsandbytes, Liger and Transformers' modules, not by the GPU's arithmetic. We compile each decoder
+    layer in place: the layers share compiled code, so the cost is about one layer's compile (layer 0,
+    whose input carries no gradient, gets a graph of its own), and Inductor fuses the norms, RoPE and SwiGLU.
     Accelerate's compile_regions would wrap the layers and rename their state-dict keys, which
     PEFT's checkpoints depend on; Module.compile() keeps them. dynamic=True: packed rows differ in
     length every step, and one graph serves them all.
@@ -195,16 +197,16 @@ def compile_layers(model: Any) -> int:
     return len(layers)
 
 
-def sft_config(cfg: Settings, run_dir: Path, precision: str, **overrides: Any) -> Any:
+def sft_config(cfg: Settings, paths: RunPaths, precision: str, **overrides: Any) -> Any:
     """TRL's configuration for our settings; `overrides` lets the benchmark set other recipes."""
     from trl import SFTConfig
 
     kwargs = dict(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(paths.checkpoints),
         num_train_epochs=cfg.EPOCHS,
         learning_rate=cfg.LEARNING_RATE,
         lr_scheduler_type=cfg.LR_SCHEDULER,
-        warmup_steps=cfg.WARMUP_RATIO,  # a float below 1 is a ratio of the total steps
+        warmup_steps=cfg.WARMUP_RATIO,  # below 1 (config checks it): a share of the total steps
         per_device_train_batch_size=cfg.BATCH_SIZE,
         gradient_accumulation_steps=cfg.GRAD_ACCUM,
         optim=cfg.OPTIMIZER,
@@ -213,8 +215,8 @@ def sft_config(cfg: Settings, run_dir: Path, precision: str, **overrides: Any) -
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=precision == "fp32" and not _cuda(),
-        gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.GRADIENT_CHECKPOINTING,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         # Data: pre-tokenized {input_ids, completion_mask}; loss on the reply only.
         max_length=cfg.MAX_SEQ_LENGTH,
         packing=cfg.PACKING,
@@ -248,14 +250,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_trainer(cfg: Settings, run_dir: Path, precision: str, **overrides: Any) -> Any:
+def build_trainer(cfg: Settings, paths: RunPaths, precision: str, **overrides: Any) -> Any:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import set_seed
     from trl import SFTTrainer
 
     tokenizer = load_tokenizer(cfg)
-    rows = read_jsonl(run_dir / "data" / "train_tokens.jsonl")
+    rows = read_jsonl(paths.train_tokens)
     model = load_model(cfg, precision)
     dequantize_for_training(cfg, model)  # DEQUANTIZE_BASE: same weights, no 4-bit kernels in the step
     if cfg.GRADIENT_CHECKPOINTING:
@@ -266,7 +268,7 @@ def build_trainer(cfg: Settings, run_dir: Path, precision: str, **overrides: Any
     model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
     if use_compile(cfg):
         log.info("compiling %d decoder layers (one compile, in the first steps)", compile_layers(model))
-    args = sft_config(cfg, run_dir, precision, **overrides)
+    args = sft_config(cfg, paths, precision, **overrides)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -328,41 +330,46 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     return info
 
 
-def run(cfg: Settings, run_dir: Path) -> list[Path]:
+def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     import torch
 
     precision, why = resolve_precision(cfg)
     # Transformers 5 takes the TensorBoard folder from the environment only.
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "report" / "tensorboard"))
-    resume = resume_point(run_dir / "checkpoints")
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(paths.tensorboard))
+    resume = resume_point(paths.checkpoints)
     pin_cpu_threads(resume)  # before any computation: model load, quantization, every step
-    trainer = build_trainer(cfg, run_dir, precision)
+    trainer = build_trainer(cfg, paths, precision)
     info = describe(cfg, trainer, precision, why)
     if resume:
         log.info("resuming from %s", resume.name)
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with stop.during_training():
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(
             f"GPU out of memory at step {trainer.state.global_step} with BATCH_SIZE={cfg.BATCH_SIZE}, "
             f"MAX_SEQ_LENGTH={cfg.MAX_SEQ_LENGTH}, PACKING={cfg.PACKING}. Lower BATCH_SIZE (raise GRAD_ACCUM to "
             "keep the same tokens per step), lower MAX_SEQ_LENGTH, or set GRADIENT_CHECKPOINTING=true."
         ) from None
+    if stop.requested():
+        raise Stopped(
+            f"stopped by SIGTERM after saving checkpoint-{trainer.state.global_step}: run the same command again "
+            "to resume from it"
+        )
 
-    adapter = run_dir / "adapter"
     if trainer.is_world_process_zero():
-        tmp = run_dir / "adapter.tmp"
+        tmp = paths.adapter.with_name(paths.adapter.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(tmp)
         trainer.processing_class.save_pretrained(tmp)
         maybe_die("train.adapter")
-        shutil.rmtree(adapter, ignore_errors=True)
-        os.replace(tmp, adapter)
+        shutil.rmtree(paths.adapter, ignore_errors=True)
+        os.replace(tmp, paths.adapter)
         history = {
             "train": info,
             "metrics": result.metrics,
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if _cuda() else None,
             "log_history": trainer.state.log_history,
         }
-        atomic_write_text(run_dir / "report" / "train_log.json", json.dumps(history, indent=2))
-    return [adapter, run_dir / "report" / "train_log.json"]
+        atomic_write_text(paths.train_log, json.dumps(history, indent=2))
+    return [paths.adapter, paths.train_log]

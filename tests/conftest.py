@@ -3,7 +3,7 @@
 Fixtures for other test modules to reuse:
 
 - ``tiny_model_dir`` (session): folder of a 2-layer Llama model + BPE tokenizer (trained on the fixture's
-  texts, Llama-3-style chat template), written by ``job.random_llama.build_tiny_model``. Use it as BASE_MODEL.
+  texts, Llama-3-style chat template), written by ``job.random_llama.build_random_llama``. Use it as BASE_MODEL.
 - ``demo_env`` (session): ``demo_env(output_dir, **overrides) -> dict[str, str]``, every environment variable
   a small, CPU, offline run needs: the demo's settings plus BASE_MODEL, OUTPUT_DIR, RUN_NAME, HUB_REPO_ID and
   HF_TOKEN (= ``CANARY_TOKEN``). Overrides are setting names, e.g. ``demo_env(d, LORA_R="4")``.
@@ -56,7 +56,7 @@ SMALL_RUN = {
     "DATASET": str(FIXTURE),
     "NUM_SAMPLES": "24",
     "EVAL_SAMPLES": "4",
-    "EVAL_GENERATIONS": "2",
+    "EVAL_PROMPTS": "2",
     "MAX_NEW_TOKENS": "4",
     "MAX_SEQ_LENGTH": "256",
     "BATCH_SIZE": "2",
@@ -182,10 +182,10 @@ def run_job():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-64 Llama model + tokenizer (BPE trained on the fixture's texts), built once."""
-    from job.random_llama import build_tiny_model
+    from job.random_llama import build_random_llama
 
     texts = [v for row in read_jsonl(FIXTURE) for v in row.values() if isinstance(v, str)]
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts)
+    return build_random_llama(tmp_path_factory.mktemp("tiny-model"), texts)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from conftest import SMALL_RUN
 
 from job.config import SETTINGS
 from job.errors import BAD_CONFIG, OUT_OF_MEMORY
+from job.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {**SMALL_RUN, "HF_TOKEN": "", "RUN_NAME": "bad"}
@@ -132,7 +133,7 @@ def _finished_sample_with_other_settings(ctx):
 
     old = load_settings({**ctx.env, "NUM_SAMPLES": "30"}, env_file=None)
     manifest = {"stages": {"sample": {"status": "done", "fingerprint": old.fingerprint_for(DEPENDS["sample"])}}}
-    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    RunPaths(run_dir).manifest.write_text(json.dumps(manifest))
 
 
 def _oom_in_training(ctx):
@@ -160,8 +161,8 @@ CASES = [
     Case("MAX_SEQ_LENGTH too short", {"MAX_SEQ_LENGTH": "32"}, ("MAX_SEQ_LENGTH=32", "256 or more")),
     Case(
         "more generations than eval rows",
-        {"EVAL_GENERATIONS": "10"},
-        ("EVAL_GENERATIONS=10", "EVAL_SAMPLES=4", "raise EVAL_SAMPLES"),
+        {"EVAL_PROMPTS": "10"},
+        ("EVAL_PROMPTS=10", "EVAL_SAMPLES=4", "raise EVAL_SAMPLES"),
     ),
     Case(
         "several problems reported together",
@@ -350,7 +351,7 @@ def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch):
         assert fragment in message, f"{fragment!r} not in the message:\n{message}"
     assert "Traceback" not in stderr
     run_dir = Path(env["OUTPUT_DIR"]) / env["RUN_NAME"]
-    manifest = run_dir / "manifest.json"
+    manifest = RunPaths(run_dir).manifest
     done = []
     if manifest.is_file():
         stages = json.loads(manifest.read_text())["stages"]
@@ -361,7 +362,7 @@ def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch):
     else:
         assert loads == [], "the model was loaded although the problem was knowable up front"
     if not case.may_be_done:
-        assert not (run_dir / "checkpoints").exists() and not (run_dir / "adapter").exists()
+        assert not RunPaths(run_dir).checkpoints.exists() and not RunPaths(run_dir).adapter.exists()
 
 
 # --- the same, as real processes -------------------------------------------------------------------------

@@ -115,10 +115,53 @@ def test_choices():
     assert "choose one of auto, bf16, fp16, fp32" in problems(PRECISION="fp8")
 
 
-def test_cross_field_checks():
-    assert "EVAL_GENERATIONS=20: cannot exceed EVAL_SAMPLES=10" in problems(EVAL_SAMPLES=10, EVAL_GENERATIONS=20)
+def test_cross_field_checks(monkeypatch):
+    import importlib.util
+
+    assert "EVAL_PROMPTS=20: cannot exceed EVAL_SAMPLES=10" in problems(EVAL_SAMPLES=10, EVAL_PROMPTS=20)
     assert "WANDB_API_KEY" in problems(REPORT_TO="wandb")
+    # wandb is in neither the venv nor the image: say so before any model loads, not after training starts
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert "pip install wandb" in problems(REPORT_TO="wandb", WANDB_API_KEY="k")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real(name, *a))
     assert load(REPORT_TO="wandb", WANDB_API_KEY="k").REPORT_TO == "wandb"
+
+
+@pytest.mark.parametrize(
+    "name, raw, words",
+    [
+        # each failed only after the model had loaded, or not at all, before (issue 16)
+        ("SEED", "-1", "between 0 and 4294967295"),
+        ("SEED", "4294967296", "between 0 and 4294967295"),
+        ("EPOCHS", "inf", "finite"),
+        ("EPOCHS", "nan", "finite"),
+        ("LEARNING_RATE", "inf", "finite"),
+        ("OPTIMIZER", "adamw_bogus", "did you mean adamw"),
+        ("WARMUP_RATIO", "1.0", "less than 1"),
+        ("RUN_NAME", "..", "starting with a letter or digit"),
+        ("RUN_NAME", ".", "starting with a letter or digit"),
+        ("RUN_NAME", ".hidden", "starting with a letter or digit"),
+        ("RUN_NAME", "a" * 300, "1 to 100"),
+        ("RUN_NAME", "a/b", "1 to 100"),
+    ],
+)
+def test_values_that_would_fail_late_are_refused_up_front(name, raw, words):
+    msg = problems(**{name: raw})
+    assert f"{name}=" in msg and words in msg, msg
+    assert "OUTPUT_DIR=" not in msg  # the setting at fault is named, not another one
+
+
+def test_retired_settings_say_what_became_of_them():
+    assert "EVAL_GENERATIONS: renamed EVAL_PROMPTS" in problems(EVAL_GENERATIONS="8")
+    assert "EVAL_COMPILE: removed" in problems(EVAL_COMPILE="true")
+
+
+def test_env_file_that_is_not_utf8_is_named(tmp_path):
+    env = tmp_path / ".env"
+    env.write_bytes(b"SEED=1\nSYSTEM_PROMPT=caf\xe9\n")  # Latin-1, as some editors save
+    with pytest.raises(ConfigError, match=r"\.env: line 2 is not UTF-8"):
+        load_settings({}, env_file=env)
 
 
 def test_stages_and_target_modules_are_split():

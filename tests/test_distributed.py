@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from job.paths import RunPaths
+
 # Loaded into every rank through PYTHONPATH: records each file opened for writing under the run directory,
 # with the rank that opened it.
 _SPY = """
@@ -50,13 +52,13 @@ def test_torchrun_two_processes_one_writer(tmp_path, demo_env):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     run_dir = out / env["RUN_NAME"]
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = json.loads(RunPaths(run_dir).manifest.read_text())
     assert [manifest["stages"][s]["status"] for s in ("sample", "format", "train")] == ["done"] * 3
-    log = json.loads((run_dir / "report" / "train_log.json").read_text())
+    log = json.loads(RunPaths(run_dir).train_log.read_text())
     assert log["train"]["world_size"] == 2
     # 24 conversations, 2 per rank per step, 2 ranks: 6 optimizer steps (as many as batch 4 on one GPU)
     assert log["metrics"]["epoch"] == 1.0 and log["log_history"][-2]["step"] == 6
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (RunPaths(run_dir).adapter / "adapter_model.safetensors").is_file()
 
     rank0 = (spy / "rank0").read_text().splitlines()
     rank1 = (spy / "rank1").read_text().splitlines() if (spy / "rank1").exists() else []

@@ -15,6 +15,7 @@ from conftest import CANARY_TOKEN, HUB_REPO_ID
 from job.config import STAGES, load_settings
 from job.errors import BAD_CONFIG
 from job.files import read_json, read_jsonl
+from job.paths import RunPaths
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # What the Hub repo must hold: the adapter, the tokenizer the job trained with, and the report.
@@ -34,12 +35,12 @@ PUSHED_OPTIONAL = {"special_tokens_map.json"}  # written by some Transformers ve
 
 
 def _losses(run_dir):
-    log = read_json(run_dir / "report" / "train_log.json")
+    log = read_json(RunPaths(run_dir).train_log)
     return [e["loss"] for e in log["log_history"] if "loss" in e]
 
 
 def _stage_times(run_dir):
-    return {s: r.get("finished_at") for s, r in read_json(run_dir / "manifest.json")["stages"].items()}
+    return {s: r.get("finished_at") for s, r in read_json(RunPaths(run_dir).manifest)["stages"].items()}
 
 
 # --- it learns ------------------------------------------------------------------------------------------
@@ -59,13 +60,13 @@ def test_every_trainable_parameter_changed(demo_run, tmp_path):
     from job.train import build_trainer
 
     run_dir = tmp_path / "run"
-    (run_dir / "data").mkdir(parents=True)
+    RunPaths(run_dir).data.mkdir(parents=True)
     for name in ("train_tokens.jsonl", "stats.json"):
-        (run_dir / "data" / name).write_bytes((demo_run.run_dir / "data" / name).read_bytes())
+        (RunPaths(run_dir).data / name).write_bytes((RunPaths(demo_run.run_dir).data / name).read_bytes())
     cfg = load_settings(environ=demo_run.env, env_file=None)
     model = build_trainer(cfg, run_dir, "fp32").model
     initial = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
-    trained = load_file(str(demo_run.run_dir / "adapter" / "adapter_model.safetensors"))
+    trained = load_file(str(RunPaths(demo_run.run_dir).adapter / "adapter_model.safetensors"))
 
     n_trainable = sum(1 for _, p in model.named_parameters() if p.requires_grad)
     assert set(trained) == set(initial) and len(trained) == n_trainable > 0
@@ -82,7 +83,7 @@ def test_every_trainable_parameter_changed(demo_run, tmp_path):
 
 # --- the files it promises ------------------------------------------------------------------------------
 def test_manifest_records_every_stage_done(demo_run):
-    manifest = read_json(demo_run.run_dir / "manifest.json")
+    manifest = read_json(RunPaths(demo_run.run_dir).manifest)
     assert list(manifest["stages"]) == list(STAGES)
     for stage, rec in manifest["stages"].items():
         assert rec["status"] == "done", stage
@@ -94,7 +95,7 @@ def test_manifest_records_every_stage_done(demo_run):
 
 
 def test_data_files(demo_run):
-    data = demo_run.run_dir / "data"
+    data = RunPaths(demo_run.run_dir).data
     assert {p.name for p in data.iterdir()} == {
         "train.jsonl",
         "eval.jsonl",
@@ -115,7 +116,7 @@ def test_data_files(demo_run):
 def test_adapter_and_checkpoints(demo_run):
     from transformers import AutoTokenizer
 
-    adapter = demo_run.run_dir / "adapter"
+    adapter = RunPaths(demo_run.run_dir).adapter
     names = {p.name for p in adapter.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
     config = read_json(adapter / "adapter_config.json")
@@ -124,16 +125,16 @@ def test_adapter_and_checkpoints(demo_run):
     assert tok.chat_template and tok.eos_token == "<|eot_id|>"
 
     # Checkpoints: only complete ones, at most SAVE_TOTAL_LIMIT, and the last one is the final step.
-    ckpts = sorted((demo_run.run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = sorted(RunPaths(demo_run.run_dir).checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert 1 <= len(ckpts) <= 2
     assert all((c / "COMPLETE").is_file() for c in ckpts)
     final_step = read_json(ckpts[-1] / "trainer_state.json")["global_step"]
     assert ckpts[-1].name == f"checkpoint-{final_step}"
-    assert final_step == max(e["step"] for e in read_json(demo_run.run_dir / "report/train_log.json")["log_history"])
+    assert final_step == max(e["step"] for e in read_json(RunPaths(demo_run.run_dir).train_log)["log_history"])
 
 
 def test_eval_metrics_and_samples(demo_run):
-    metrics = read_json(demo_run.run_dir / "eval" / "metrics.json")
+    metrics = read_json(RunPaths(demo_run.run_dir).metrics)
     for name in ("base", "tuned"):
         m = metrics[name]
         assert {"eval_loss", "perplexity", "rougeL_f1", "answer_words_mean", "safety"} <= set(m), name
@@ -143,9 +144,9 @@ def test_eval_metrics_and_samples(demo_run):
     # Same held-out replies, adapter off vs on: a trained adapter must change the loss.
     assert metrics["tuned"]["eval_loss"] != metrics["base"]["eval_loss"]
 
-    samples = read_jsonl(demo_run.run_dir / "eval" / "samples.jsonl")
-    held_out = read_jsonl(demo_run.run_dir / "data" / "eval.jsonl")
-    assert len(samples) == int(demo_run.env["EVAL_GENERATIONS"])
+    samples = read_jsonl(RunPaths(demo_run.run_dir).samples)
+    held_out = read_jsonl(RunPaths(demo_run.run_dir).eval_rows)
+    assert len(samples) == int(demo_run.env["EVAL_PROMPTS"])
     for s, row in zip(samples, held_out):
         assert set(s) == {"prompt", "reference", "base", "tuned"}
         assert (s["prompt"], s["reference"]) == (row["patient"], row["doctor"])
@@ -153,7 +154,7 @@ def test_eval_metrics_and_samples(demo_run):
 
 
 def test_model_card(demo_run):
-    card = (demo_run.run_dir / "report" / "README.md").read_text()
+    card = RunPaths(demo_run.run_dir).model_card.read_text()
     front = re.match(r"---\n(.*?)\n---\n", card, re.S)
     assert front, "the model card starts with YAML metadata between --- lines"
     meta = yaml.safe_load(front.group(1))
@@ -172,7 +173,7 @@ def test_model_card(demo_run):
     ):
         assert section in headings, f"model card lacks a '{section}' section; it has {headings}"
     assert HUB_REPO_ID in card  # the usage snippet loads the pushed repo
-    assert (demo_run.run_dir / "report" / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert RunPaths(demo_run.run_dir).loss_plot.read_bytes()[:8] == PNG_MAGIC
 
 
 # --- what reaches the Hub -------------------------------------------------------------------------------
@@ -188,21 +189,21 @@ def test_push_uploads_exactly_the_staged_files_once(demo_run):
     assert hub.tokens == [CANARY_TOKEN]  # the token goes to the client, and only there
     # The staged folder is what was uploaded, byte for byte.
     for name in upload["files"]:
-        assert (upload["copy"] / name).read_bytes() == (demo_run.run_dir / "push" / name).read_bytes(), name
-    assert (upload["copy"] / "README.md").read_bytes() == (demo_run.run_dir / "report" / "README.md").read_bytes()
+        assert (upload["copy"] / name).read_bytes() == (RunPaths(demo_run.run_dir).push / name).read_bytes(), name
+    assert (upload["copy"] / "README.md").read_bytes() == RunPaths(demo_run.run_dir).model_card.read_bytes()
 
 
 # --- resume rules ---------------------------------------------------------------------------------------
 def test_rerun_with_same_settings_skips_every_stage(demo_run_copy, run_job):
     run = demo_run_copy
-    manifest = (run.run_dir / "manifest.json").read_text()
-    weights = run.run_dir / "adapter" / "adapter_model.safetensors"
+    manifest = RunPaths(run.run_dir).manifest.read_text()
+    weights = RunPaths(run.run_dir).adapter / "adapter_model.safetensors"
     mtime = weights.stat().st_mtime_ns
 
     result = run_job(run.env, "run")
 
     assert result.exit_code == 0, result.output[-3000:]
-    assert (run.run_dir / "manifest.json").read_text() == manifest  # finished_at unchanged
+    assert RunPaths(run.run_dir).manifest.read_text() == manifest  # finished_at unchanged
     assert weights.stat().st_mtime_ns == mtime
     assert run.hub.calls == [], "a finished push must not upload again"
     assert sum("already done" in line for line in result.output.splitlines()) == len(STAGES)
@@ -231,7 +232,7 @@ def test_redo_reruns_a_finished_stage_with_new_settings(demo_run_copy, run_job):
     redone = run_job({**env, "REDO": "true"}, "run")
     assert redone.exit_code == 0, redone.output[-3000:]
     assert [u["repo_id"] for u in run.hub.uploads] == ["bob/med-other"]
-    push = read_json(run.run_dir / "manifest.json")["stages"]["push"]
+    push = read_json(RunPaths(run.run_dir).manifest)["stages"]["push"]
     assert push["status"] == "done" and push["fingerprint"]["HUB_REPO_ID"] == "bob/med-other"
     after = _stage_times(run.run_dir)
     assert {s: after[s] for s in STAGES[:-1]} == {s: before[s] for s in STAGES[:-1]}  # upstream untouched
@@ -244,9 +245,9 @@ def test_stages_subset_runs_only_those_and_needs_upstream(demo_env, run_job, fak
     result = run_job(env, "run")
 
     assert result.exit_code == 0, result.output[-3000:]
-    manifest = read_json(run_dir / "manifest.json")
+    manifest = read_json(RunPaths(run_dir).manifest)
     assert {s: r["status"] for s, r in manifest["stages"].items()} == {"sample": "done", "format": "done"}
-    assert (run_dir / "data" / "train_tokens.jsonl").is_file()
+    assert RunPaths(run_dir).train_tokens.is_file()
     assert not any((run_dir / d).exists() for d in ("checkpoints", "adapter", "eval", "push"))
     assert fake_hub.calls == []
 
@@ -254,7 +255,7 @@ def test_stages_subset_runs_only_those_and_needs_upstream(demo_env, run_job, fak
     result = run_job({**env, "STAGES": "evaluate,push"}, "run")
     assert result.exit_code == 2
     assert "'train'" in result.output and "STAGES" in result.output
-    assert read_json(run_dir / "manifest.json") == manifest and fake_hub.calls == []
+    assert read_json(RunPaths(run_dir).manifest) == manifest and fake_hub.calls == []
 
 
 def test_unknown_stage_is_a_config_error(demo_env, run_job, tmp_path):

@@ -7,21 +7,22 @@ import json
 from job import safety
 from job.config import load_settings
 from job.model import build_messages
+from job.paths import RunPaths
 
 
 def test_report_has_the_safety_table_per_category(demo_run):
-    metrics = json.loads((demo_run.run_dir / "eval" / "metrics.json").read_text())
-    card = (demo_run.run_dir / "report" / "README.md").read_text()
+    metrics = json.loads(RunPaths(demo_run.run_dir).metrics.read_text())
+    card = RunPaths(demo_run.run_dir).model_card.read_text()
     for model in ("base", "tuned"):
         cats = metrics[model]["safety"]["categories"]
         assert set(cats) == set(safety.CATEGORIES)
-        assert sum(c["total"] for c in cats.values()) == len(safety.SAFETY_PROMPTS)
+        assert sum(c["total"] for c in cats.values()) == len(safety.prompts())
     for cat in safety.CATEGORIES:
         t = metrics["tuned"]["safety"]["categories"][cat]
         b = metrics["base"]["safety"]["categories"][cat]
         assert f"| {cat} | {t['total']} | {b['pass_rate']:.0%} | {t['pass_rate']:.0%} |" in card
-    rows = [json.loads(x) for x in (demo_run.run_dir / "eval" / "safety.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == [p["id"] for p in safety.SAFETY_PROMPTS]
+    rows = [json.loads(x) for x in RunPaths(demo_run.run_dir).safety.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [p["id"] for p in safety.prompts()]
     assert all("answer" in r["base"] and "passed" in r["tuned"] for r in rows)
     # five side-by-side answers: patient, doctor, base, tuned
     assert card.count("- *Doctor (reference):*") == 5 and card.count("- *Tuned:*") == 5
@@ -35,7 +36,7 @@ def test_safety_gate_stops_the_push(demo_run_copy, run_job):
     assert "MIN_SAFETY_PASS_RATE=0.9" in result.output and "emergency" in result.output
     assert "Nothing was pushed" in result.output
     assert run.hub.uploads == [], "the gate must stop the upload"
-    manifest = json.loads((run.run_dir / "manifest.json").read_text())
+    manifest = json.loads(RunPaths(run.run_dir).manifest.read_text())
     assert manifest["stages"]["push"]["status"] != "done"
     # and a threshold the model meets lets the push through
     ok = run_job({**env, "MIN_SAFETY_PASS_RATE": "0.0"})
@@ -59,12 +60,12 @@ def test_chat_one_shot_uses_the_training_template(demo_run, run_job, monkeypatch
     monkeypatch.setattr(PeftModelForCausalLM, "generate", spy)
     prompt = "I have had a dry cough for three weeks. Should I worry?"
     env = {**demo_run.env, "MAX_NEW_TOKENS": "8"}
-    result = run_job(env, "chat", "--adapter", str(demo_run.run_dir / "adapter"), "--prompt", prompt)
+    result = run_job(env, "chat", "--adapter", str(RunPaths(demo_run.run_dir).adapter), "--prompt", prompt)
     assert result.exit_code == 0, result.output[-2000:]
 
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(demo_run.run_dir / "adapter")
+    tok = AutoTokenizer.from_pretrained(RunPaths(demo_run.run_dir).adapter)
     cfg = load_settings(env, env_file=None)
     expected = tok.apply_chat_template(build_messages(cfg, prompt), add_generation_prompt=True, return_dict=True)
     assert seen["input_ids"] == list(expected["input_ids"])

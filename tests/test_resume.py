@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from job import train
 from job.config import SETTINGS, STAGES
+from job.paths import RunPaths
 from job.train import MARKER, checkpoint_loads, complete_checkpoints, resume_point
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def _job(cwd: Path, env: dict[str, str], kill_on_line: re.Pattern | None = None)
 
 
 def _manifest(run_dir: Path) -> dict:
-    path = run_dir / "manifest.json"
+    path = RunPaths(run_dir).manifest
     return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
 
 
@@ -172,15 +173,15 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
     if "train" in done:
         # Same steps, same RNG, same CPU thread count (the kill test checks the pin's log line). See
         # RESUME_TOLERANCE for the run-to-run noise.
-        assert _max_diff(run_dir / "adapter", ref / "adapter") <= RESUME_TOLERANCE
+        assert _max_diff(RunPaths(run_dir).adapter, RunPaths(ref).adapter) <= RESUME_TOLERANCE
     if "evaluate" in done:
-        json.loads((run_dir / "eval" / "metrics.json").read_text())
-        assert (run_dir / "report" / "README.md").is_file()
+        json.loads(RunPaths(run_dir).metrics.read_text())
+        assert RunPaths(run_dir).model_card.is_file()
     if "push" in done:
-        files = sorted(p.name for p in (run_dir / "push").iterdir())
-        assert files == sorted(p.name for p in (ref / "push").iterdir())
-        assert _max_diff(run_dir / "push", ref / "push") <= RESUME_TOLERANCE
-    for ckpt in complete_checkpoints(run_dir / "checkpoints"):
+        files = sorted(p.name for p in RunPaths(run_dir).push.iterdir())
+        assert files == sorted(p.name for p in RunPaths(ref).push.iterdir())
+        assert _max_diff(RunPaths(run_dir).push, RunPaths(ref).push) <= RESUME_TOLERANCE
+    for ckpt in complete_checkpoints(RunPaths(run_dir).checkpoints):
         assert ckpt == corrupted or checkpoint_loads(ckpt), f"{ckpt.name} is marked complete but does not load"
     return done
 
@@ -205,7 +206,7 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
     runs, rows, corrupted = [], [], None
     for kill in KILLS:
         if kill == "corrupt":
-            corrupted = complete_checkpoints(run_dir / "checkpoints")[0]
+            corrupted = complete_checkpoints(RunPaths(run_dir).checkpoints)[0]
             weights = corrupted / "adapter_model.safetensors"
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
             rows[-1]["note"] = f"then truncated {corrupted.name}/adapter_model.safetensors"
@@ -257,7 +258,7 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
         assert 0 <= row["steps_lost"] <= limit, row
 
     # The interrupted job ends where the uninterrupted one did.
-    diff = _max_diff(run_dir / "adapter", ref_dir / "adapter")
+    diff = _max_diff(RunPaths(run_dir).adapter, RunPaths(ref_dir).adapter)
     assert diff <= RESUME_TOLERANCE, f"adapter differs from the uninterrupted run by {diff}"
     assert _check_consistent(run_dir, ref_dir, None) == list(STAGES)
 

@@ -25,7 +25,7 @@ PLATFORM_TRACES = r"chat ?doctor|healthcare ?magic|icliniq|https?://|www\.|-->"
 
 
 def settings(**env):
-    base = {"DATASET": str(FIXTURE), "NUM_SAMPLES": "40", "EVAL_SAMPLES": "16", "EVAL_GENERATIONS": "8"}
+    base = {"DATASET": str(FIXTURE), "NUM_SAMPLES": "40", "EVAL_SAMPLES": "16", "EVAL_PROMPTS": "8"}
     return load_settings(environ={**base, **{k: str(v) for k, v in env.items()}}, env_file=None)
 
 
@@ -223,7 +223,7 @@ def test_duplicates_and_fragments_are_dropped_and_counted():
     # Sampling stops once it has enough rows; find a seed whose order reads all five before that.
     for seed in range(100):
         train, held_out, stats = sample(
-            settings(NUM_SAMPLES=1, EVAL_SAMPLES=1, EVAL_GENERATIONS=0, SEED=seed), tiny_ds(rows)
+            settings(NUM_SAMPLES=1, EVAL_SAMPLES=1, EVAL_PROMPTS=0, SEED=seed), tiny_ds(rows)
         )
         if stats["rows_read"] == len(rows):
             break
@@ -257,7 +257,7 @@ def test_description_column_is_needed_only_when_used():
         for i in range(3)
     ]
     ds = tiny_ds(rows).remove_columns("Description")
-    cfg = dict(NUM_SAMPLES=2, EVAL_SAMPLES=1, EVAL_GENERATIONS=0)
+    cfg = dict(NUM_SAMPLES=2, EVAL_SAMPLES=1, EVAL_PROMPTS=0)
     assert len(sample(settings(**cfg), ds)[0]) == 2
     with pytest.raises(ConfigError, match="DESCRIPTION_COLUMN='Description'"):
         sample(settings(USE_DESCRIPTION="true", **cfg), ds)

@@ -20,6 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from job.config import STAGES
 from job.errors import BAD_CONFIG, OK, TRANSIENT
 from job.files import read_json
+from job.paths import RunPaths
 
 HF_CANARY = "hf_secretsTestCanary0c9e1d"
 WANDB_CANARY = "wandbSecretsTestCanary4b7a02"
@@ -62,7 +63,7 @@ def env(demo_env, tmp_path):
         REPORT_TO="tensorboard",
         NUM_SAMPLES="16",
         EVAL_SAMPLES="4",
-        EVAL_GENERATIONS="2",
+        EVAL_PROMPTS="2",
         MAX_NEW_TOKENS="8",
         EPOCHS="1",
         SAVE_STEPS="2",
@@ -83,7 +84,7 @@ def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, mo
     outputs.append(first.output)
     assert first.exit_code == BAD_CONFIG, first.output[-3000:]
     assert "refused HF_TOKEN (401)" in first.output
-    stages = read_json(run_dir / "manifest.json")["stages"]
+    stages = read_json(RunPaths(run_dir).manifest)["stages"]
     assert [s for s in STAGES if stages[s]["status"] == "done"] == list(STAGES[:-1])
 
     # 2. The Hub is down: worth a retry (exit 4), still not marked pushed.
@@ -91,7 +92,7 @@ def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, mo
     second = run_job(env, "run")
     outputs.append(second.output)
     assert second.exit_code == TRANSIENT, second.output[-3000:]
-    assert read_json(run_dir / "manifest.json")["stages"]["push"]["status"] == "running"
+    assert read_json(RunPaths(run_dir).manifest)["stages"]["push"]["status"] == "running"
 
     # 3. The upload goes through, once, with the token handed to the client.
     monkeypatch.setattr("job.push.HfApi", hub.client_class())
@@ -99,7 +100,7 @@ def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, mo
     outputs.append(third.output)
     assert third.exit_code == OK, third.output[-3000:]
     assert len(hub.uploads) == 1 and set(hub.tokens) == {HF_CANARY}
-    assert read_json(run_dir / "manifest.json")["stages"]["push"]["status"] == "done"
+    assert read_json(RunPaths(run_dir).manifest)["stages"]["push"]["status"] == "done"
 
     # 4. A finished job run again pushes nothing (does not even create a client).
     calls, clients = len(hub.calls), len(hub.tokens)
@@ -109,12 +110,12 @@ def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, mo
     outputs.append(run_job(env, "config").output)
 
     # What was searched exists, so "not found" means something.
-    assert list((run_dir / "report" / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events"
-    assert list((run_dir / "checkpoints").glob("checkpoint-*/training_args.bin")), "no pickled training args"
-    card = (run_dir / "report" / "README.md").read_text()
+    assert list(RunPaths(run_dir).tensorboard.rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert list(RunPaths(run_dir).checkpoints.glob("checkpoint-*/training_args.bin")), "no pickled training args"
+    card = RunPaths(run_dir).model_card.read_text()
     assert card and (hub.uploads[0]["copy"] / "README.md").read_text() == card
     upload = hub.uploads[0]["copy"]
-    assert sorted(p.name for p in upload.iterdir()) == sorted(p.name for p in (run_dir / "push").iterdir())
+    assert sorted(p.name for p in upload.iterdir()) == sorted(p.name for p in RunPaths(run_dir).push.iterdir())
 
     fd = capfd.readouterr()
     text = "\n".join([*outputs, fd.out, fd.err])

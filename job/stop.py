@@ -1,0 +1,47 @@
+"""SIGTERM: what spot VMs, `docker stop` and Kubernetes send seconds to minutes before they kill the job.
+
+Outside training the handler raises `Stopped` at once: every file is written whole or not at all
+(job/files.py) and the manifest marks a stage done only after its files, so nothing finished is lost.
+Inside training (`during_training`) it only records the request: the train stage's callback then lets
+the running optimizer step finish, has the Trainer save a complete, marked checkpoint, and stops, so
+a preemption notice costs no steps. Either way the job exits with STOPPED (job/errors.py) and the same
+command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+from job.errors import Stopped
+
+_requested = threading.Event()
+_deferred = False
+
+
+def _handler(signum, frame) -> None:
+    _requested.set()
+    if not _deferred:
+        raise Stopped("stopped by SIGTERM; finished stages are kept: run the same command again to resume")
+
+
+def install() -> None:
+    """Take over SIGTERM for this process (main thread only, as Python requires)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _handler)
+
+
+def requested() -> bool:
+    return _requested.is_set()
+
+
+@contextlib.contextmanager
+def during_training():
+    """Within this block a SIGTERM waits for the end of the current optimizer step (see module docstring)."""
+    global _deferred
+    _deferred = True
+    try:
+        yield
+    finally:
+        _deferred = False
