@@ -45,11 +45,10 @@ RUNNERS = {
 def run(cfg: Settings) -> dict:
     paths = RunPaths(cfg.run_dir)
     _init_distributed()
-    stop.install()
     manifest = load_manifest(paths)
     todo = plan(cfg, paths, manifest)
     main = is_main_process()
-    with RunLock(paths.lock) if main else nullcontext():
+    with stop.handling_sigterm(), RunLock(paths.lock) if main else nullcontext():
         for stage in STAGES:
             if stage not in cfg.stages:
                 continue

@@ -26,10 +26,18 @@ def _handler(signum, frame) -> None:
         raise Stopped("stopped by SIGTERM; finished stages are kept: run the same command again to resume")
 
 
-def install() -> None:
-    """Take over SIGTERM for this process (main thread only, as Python requires)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _handler)
+@contextlib.contextmanager
+def handling_sigterm():
+    """Within this block SIGTERM stops the job as described above (main thread only, as Python requires)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _requested.clear()
+    previous = signal.signal(signal.SIGTERM, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def requested() -> bool:

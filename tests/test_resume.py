@@ -1,8 +1,8 @@
 """Lose nothing: SIGKILL the job anywhere, run it again, and it finishes as if never interrupted.
 
 - `test_kill_anywhere_then_rerun` (slow): one chain of `python -m job` processes on the tiny model. Each
-  run is SIGKILLed at the next instant (job/faults.py's HIPPO_KILL_AT points, plus one kill triggered by
-  evaluation's first log line), then the same command runs again. After every kill nothing is marked
+  run is SIGKILLed, or sent SIGTERM, at the next instant (job/faults.py's HIPPO_KILL_AT points, plus one
+  kill triggered by evaluation's first log line), then the same command runs again. After every kill nothing is marked
   done on partial files; at the end the adapter matches an uninterrupted run's (RESUME_TOLERANCE), the
   data splits are byte-identical, and a further rerun does no work. It prints the optimizer steps each kill cost.
 - The other tests build checkpoint folders by hand and check resume_point's choice and the retention.
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from job import train
 from job.config import SETTINGS, STAGES
+from job.errors import STOPPED
 from job.paths import RunPaths
 from job.train import MARKER, checkpoint_loads, complete_checkpoints, resume_point
 
@@ -49,18 +50,21 @@ EVAL_LOG = re.compile(r" job\.evaluate: ")  # evaluation's first log line: gener
 
 # The chain, in pipeline order. "corrupt" truncates the newest complete checkpoint after that kill, so
 # the next run must fall back to the one before it.
+# A ":TERM" point sends SIGTERM instead (a spot VM's notice, `docker stop`): the job must exit with STOPPED
+# after saving, and lose no optimizer step.
 KILLS = [
     "sample.partial:1",  # train.jsonl written, eval.jsonl and manifest not
-    "format.finished:1",  # token files written, manifest not
+    "format.finished:1:TERM",  # token files written, manifest not: SIGTERM outside training
     "train.save:2",  # checkpoint-2 written, marker not: nothing to resume from yet
+    "train.step:3:TERM",  # SIGTERM in training: the step finishes, checkpoint-3 is saved and marked
     "train.step:5",  # after checkpoint-4 ...
-    "corrupt",  # ... which is then truncated: the next run resumes from checkpoint-2
+    "corrupt",  # ... which is then truncated: the next run resumes from checkpoint-3
     "train.save:8",
     "train.step:11",
     "train.adapter:1",  # training done, adapter.tmp written, adapter/ not yet replaced
     "train.finished:1",  # adapter written, manifest not
     "evaluate.log",  # killed when evaluation logs its first line
-    "evaluate.finished:1",
+    "evaluate.finished:1:TERM",
     "push.staged:1",  # push/ staged, upload not done
     "push.finished:1",
 ]
@@ -128,7 +132,7 @@ def _job(cwd: Path, env: dict[str, str], kill_on_line: re.Pattern | None = None)
     stdout_path.unlink()
     stderr = "".join(lines)
     resumed = re.search(r"resuming from checkpoint-(\d+)", stderr)
-    trained = "stage train    starting" in stderr
+    trained = "stage train     starting" in stderr
     return SimpleNamespace(
         code=proc.returncode,
         stdout=stdout_text,
@@ -215,7 +219,12 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
             r = _job(tmp_path, _env(out, model_dir, "killed"), kill_on_line=EVAL_LOG)
         else:
             r = _job(tmp_path, _env(out, model_dir, "killed", kill))
-        assert r.code == -signal.SIGKILL, f"{kill}: expected a SIGKILL, got exit {r.code}\n{r.stderr[-3000:]}"
+        term = kill.endswith(":TERM")
+        if term:  # saved what it had, said so, and exited with the documented code
+            assert r.code == STOPPED, f"{kill}: expected exit {STOPPED}, got {r.code}\n{r.stderr[-3000:]}"
+            assert f"(exit {STOPPED}: stopped by a signal after saving" in r.stderr and "Traceback" not in r.stderr
+        else:
+            assert r.code == -signal.SIGKILL, f"{kill}: expected a SIGKILL, got exit {r.code}\n{r.stderr[-3000:]}"
         if corrupted is not None and r.start is not None and not rows[-1].get("fallback_checked"):
             # The run after the truncation: it must have skipped the torn checkpoint for the one before.
             assert f"checkpoint {corrupted.name} cannot be loaded" in r.stderr, r.stderr[-3000:]
@@ -228,13 +237,15 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
         running = [s for s, v in _manifest(run_dir)["stages"].items() if v.get("status") == "running"]
         done = _check_consistent(run_dir, ref_dir, corrupted)
         runs.append(r)
+        killed_in_step = kill.startswith("train.step:") and not term  # its last step ran but was not logged
         reached = int(kill.split(":")[1]) if kill.startswith("train.step:") else None
         if r.start is not None:
             reached = reached or r.start + r.steps
-            assert r.start + r.steps == (reached - 1 if kill.startswith("train.step:") else reached)
+            assert r.start + r.steps == (reached - 1 if killed_in_step else reached)
         rows.append(
             {
                 "kill": kill,
+                "term": term,
                 "stage": ",".join(running),
                 "done": done,
                 "resumed_at": r.start,
@@ -251,10 +262,14 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
     # the killed run never trained, or finished training and recorded it).
     for row, nxt in zip(rows, runs[1:]):
         row["steps_lost"] = row["reached"] - nxt.start if None not in (row["reached"], nxt.start) else 0
-    executed = sum(r.steps for r in runs) + sum(1 for row in rows if row["kill"].startswith("train.step:"))
+    executed = sum(r.steps for r in runs) + sum(
+        1 for row in rows if row["kill"].startswith("train.step:") and not row["term"]
+    )
     assert executed == TOTAL_STEPS + sum(row["steps_lost"] for row in rows)
     for row in rows:
         limit = 2 * 2 if row.get("note") else 2  # SAVE_STEPS, twice that where a checkpoint was torn
+        if row["term"]:
+            limit = 0  # a SIGTERM costs no step
         assert 0 <= row["steps_lost"] <= limit, row
 
     # The interrupted job ends where the uninterrupted one did.
@@ -266,7 +281,7 @@ def test_kill_anywhere_then_rerun(model_dir, tmp_path):
     before = _snapshot(out)
     again = _job(tmp_path, _env(out, model_dir, "killed"))
     assert again.code == 0, again.stderr[-3000:]
-    assert again.stderr.count("already done") == len(STAGES) and "starting" not in again.stderr
+    assert again.stderr.count("already done") == len(STAGES) and " starting" not in again.stderr
     assert _snapshot(out) == before
 
     for r in [reference, *runs, again]:
