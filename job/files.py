@@ -24,8 +24,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk or a signal: leave the old file and no temporary one behind
+    except BaseException as e:  # a full disk or a signal: leave the old file and no temporary one behind
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # write() errors carry no file name: say which file the stage was writing
         raise
 
 
