@@ -7,9 +7,9 @@ Fixtures for other test modules to reuse:
 - ``demo_env`` (session): ``demo_env(output_dir, **overrides) -> dict[str, str]``, every environment variable
   a small, CPU, offline run needs: the demo's settings plus BASE_MODEL, OUTPUT_DIR, RUN_NAME, HUB_REPO_ID and
   HF_TOKEN (= ``CANARY_TOKEN``). Overrides are setting names, e.g. ``demo_env(d, LORA_R="4")``.
-- ``run_job`` (session): ``run_job(env, *argv) -> JobResult(exit_code, output)`` runs ``python -m job``
-  in-process (``job.__main__.main``) with exactly ``env`` as the job's settings (no .env), capturing what it
-  printed and logged.
+- ``run_job`` (session): ``run_job(env, *argv, cwd=None) -> JobResult(exit_code, output, stderr)`` runs
+  ``python -m job`` in-process (``job.__main__.main``) with exactly ``env`` as the job's settings (no .env
+  unless ``cwd`` holds one), capturing what it printed and logged; ``.message`` is the error message.
 - ``demo_run`` (session): the whole pipeline run once with ``demo_env``; returns ``DemoRun`` (run_dir, env,
   hub, exit_code, output). ``hub`` is the ``FakeHub`` that stood in for ``job.push.HfApi``. Treat the run
   directory as read-only; use ``demo_run_copy`` for anything that writes.
@@ -43,6 +43,7 @@ from huggingface_hub import HfApi  # noqa: E402
 from job.__main__ import DEMO, FIXTURE  # noqa: E402
 from job.config import SETTINGS  # noqa: E402
 from job.files import read_jsonl  # noqa: E402
+from job.paths import RunPaths  # noqa: E402
 
 CANARY_TOKEN = "hf_canary_DO_NOT_LEAK_7f3a9c"  # must never appear in any file, log or upload
 HUB_REPO_ID = "alice/med-test"
@@ -132,6 +133,25 @@ def fake_hub(tmp_path, monkeypatch) -> FakeHub:
 class JobResult:
     exit_code: int
     output: str  # stdout, stderr and INFO+ log records, interleaved
+    stderr: str = ""  # what went to stderr alone (the error message and its exit-code line)
+
+    @property
+    def message(self) -> str:
+        """The job's error message: from 'error: ' up to the exit-code line."""
+        assert "error: " in self.stderr, self.output[-2000:]
+        return self.stderr[self.stderr.rindex("error: ") + len("error: ") :].split("\n(exit ")[0].strip()
+
+
+class _Tee(io.StringIO):
+    """A stream that also copies what it is written into another one."""
+
+    def __init__(self, other: io.StringIO):
+        super().__init__()
+        self.other = other
+
+    def write(self, s: str) -> int:
+        self.other.write(s)
+        return super().write(s)
 
 
 @contextlib.contextmanager
@@ -151,12 +171,13 @@ def _job_environment(env: dict[str, str], cwd: Path):
         os.environ.update(saved)
 
 
-def _run_job(env: dict[str, str], *argv: str) -> JobResult:
+def _run_job(env: dict[str, str], *argv: str, cwd: Path | None = None) -> JobResult:
     from job.__main__ import main
 
-    cwd = Path(env.get("OUTPUT_DIR", ".")).parent
+    cwd = cwd or Path(env.get("OUTPUT_DIR", ".")).parent
     cwd.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
+    err = _Tee(buf)
     handler = logging.StreamHandler(buf)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -164,17 +185,17 @@ def _run_job(env: dict[str, str], *argv: str) -> JobResult:
     root.addHandler(handler)  # also makes the job's logging.basicConfig a no-op
     root.setLevel(logging.INFO)
     try:
-        with _job_environment(env, cwd), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with _job_environment(env, cwd), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
             code = main(list(argv or ["run"]))
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
-    return JobResult(code, buf.getvalue())
+    return JobResult(code, buf.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
 def run_job():
-    """run_job(env, *argv) -> JobResult: `python -m job *argv` (default: run) in-process, settings = env."""
+    """run_job(env, *argv, cwd=None) -> JobResult: `python -m job *argv` (default: run) in-process, settings = env."""
     return _run_job
 
 
@@ -219,6 +240,10 @@ class DemoRun:
     @property
     def output_dir(self) -> Path:
         return self.run_dir.parent
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run_dir)
 
 
 @pytest.fixture(scope="session")

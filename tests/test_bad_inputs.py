@@ -1,6 +1,6 @@
 """The bad-input catalog: every mistake a user can make up front gets one clear message and the right exit code.
 
-Each case runs `python -m job` in-process (`job.__main__.main`) with its own settings, and checks:
+Each case runs `python -m job` in-process (conftest's `run_job`) with its own settings, and checks:
 the exit code (2, bad setting or input, unless the table says otherwise); that the message names the
 item and the fix (the `expect` fragments); that nothing is marked done in the manifest (beyond what the
 case allows); and, for problems knowable before loading a model, that `AutoModelForCausalLM.from_pretrained`
@@ -12,10 +12,7 @@ HIPPO_CATALOG names a file, there too.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -29,7 +26,7 @@ import pytest
 from conftest import SMALL_RUN
 
 from job.config import SETTINGS
-from job.errors import BAD_CONFIG, OUT_OF_MEMORY
+from job.errors import BAD_CONFIG, OUT_OF_MEMORY, TRANSIENT
 from job.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +133,29 @@ def _finished_sample_with_other_settings(ctx):
     RunPaths(run_dir).manifest.write_text(json.dumps(manifest))
 
 
+def _manifest(content: str):
+    def setup(ctx):
+        run_dir = Path(ctx.env["OUTPUT_DIR"]) / ctx.env["RUN_NAME"]
+        run_dir.mkdir(parents=True)
+        RunPaths(run_dir).manifest.write_text(content)
+
+    return setup
+
+
+def _latin1_dotenv(ctx):
+    (ctx.cwd / ".env").write_bytes(b"SEED=7\nSYSTEM_PROMPT=Vous \xeates un assistant\n")
+
+
+def _run_dir_locked_by_a_live_process(ctx):
+    """Another job (here: this test's parent process, alive all along) owns the run directory."""
+    import socket
+
+    run_dir = Path(ctx.env["OUTPUT_DIR"]) / ctx.env["RUN_NAME"]
+    run_dir.mkdir(parents=True)
+    owner = {"host": socket.gethostname(), "pid": os.getppid(), "started_at": "2026-11-28T08:00:00+00:00"}
+    RunPaths(run_dir).lock.write_text(json.dumps(owner))
+
+
 def _oom_in_training(ctx):
     import torch
     from trl import SFTTrainer
@@ -170,6 +190,24 @@ CASES = [
         ("NUM_SAMPLES='many'", "LORA_R=0", "STAGES='sample,trian'"),
     ),
     Case("RUN_NAME with a slash", {"RUN_NAME": "runs/one"}, ("RUN_NAME='runs/one'", "letters, digits")),
+    Case("RUN_NAME of the parent folder", {"RUN_NAME": ".."}, ("RUN_NAME='..'", "starting with a letter or digit")),
+    Case("RUN_NAME of OUTPUT_DIR itself", {"RUN_NAME": "."}, ("RUN_NAME='.'", "starting with a letter or digit")),
+    Case("RUN_NAME too long", {"RUN_NAME": "r" * 300}, ("RUN_NAME='rrr", "1 to 100")),
+    Case("negative SEED", {"SEED": "-1"}, ("SEED=-1", "between 0 and 4294967295")),
+    Case("SEED beyond 32 bits", {"SEED": "4294967296"}, ("SEED=4294967296", "between 0 and 4294967295")),
+    Case("infinite EPOCHS", {"EPOCHS": "inf"}, ("EPOCHS='inf'", "finite number")),
+    Case("unknown OPTIMIZER", {"OPTIMIZER": "adamw_bogus"}, ("OPTIMIZER='adamw_bogus'", "did you mean adamw")),
+    Case("WARMUP_RATIO of 1", {"WARMUP_RATIO": "1.0"}, ("WARMUP_RATIO=1.0", "less than 1")),
+    Case(".env not UTF-8", {}, (".env: line 2 is not UTF-8", "re-save"), setup=_latin1_dotenv),
+    Case("truncated manifest", {}, ("manifest.json is damaged", "Delete it"), setup=_manifest('{"stages": {"sam')),
+    Case("empty manifest", {}, ("manifest.json is damaged", "another RUN_NAME"), setup=_manifest("")),
+    Case(
+        "run directory held by another run",
+        {},
+        ("another run is using", f"pid {os.getppid()}", "started 2026-11-28T08:00:00", "choose another RUN_NAME"),
+        setup=_run_dir_locked_by_a_live_process,
+        code=TRANSIENT,
+    ),
     Case(
         "malformed HUB_REPO_ID",
         {"HUB_REPO_ID": "my model", "HF_TOKEN": "hf_x"},
@@ -291,39 +329,8 @@ def catalog(tmp_path_factory):
         Path(os.environ["HIPPO_CATALOG"]).write_text(text)
 
 
-def _run_main(env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
-    """job.__main__.main(["run"]) with exactly `env` as settings, in `cwd`; returns (code, stderr, everything)."""
-    from job.__main__ import main
-
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    err, everything = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(everything)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        for name in SETTINGS:
-            os.environ.pop(name, None)
-        os.environ.update(env)
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(everything), contextlib.redirect_stderr(err):
-            code = main(["run"])
-    finally:
-        root.removeHandler(handler)
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-    return code, err.getvalue(), everything.getvalue() + err.getvalue()
-
-
-def _message(stderr: str) -> str:
-    """The job's error message: from 'error: ' up to the exit-code line."""
-    assert "error: " in stderr, stderr[-2000:]
-    text = stderr[stderr.rindex("error: ") + len("error: ") :]
-    return text.split("\n(exit ")[0].strip()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch):
+def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch, run_job):
     import transformers
 
     cwd = tmp_path / "cwd"
@@ -342,18 +349,18 @@ def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # train.run sets it if unset
 
-    code, stderr, everything = _run_main(env, cwd)
+    result = run_job(env, "run", cwd=cwd)
 
-    message = _message(stderr)
-    CATALOG.append((case.id, code, message))
-    assert code == case.code, everything[-3000:]
+    message = result.message
+    CATALOG.append((case.id, result.exit_code, message))
+    assert result.exit_code == case.code, result.output[-3000:]
     for fragment in case.expect:
         assert fragment in message, f"{fragment!r} not in the message:\n{message}"
-    assert "Traceback" not in stderr
+    assert "Traceback" not in result.output
     run_dir = Path(env["OUTPUT_DIR"]) / env["RUN_NAME"]
     manifest = RunPaths(run_dir).manifest
     done = []
-    if manifest.is_file():
+    if manifest.is_file() and manifest.read_text().endswith("}"):  # the damaged-manifest cases leave theirs
         stages = json.loads(manifest.read_text())["stages"]
         done = [s for s, r in stages.items() if r.get("status") == "done"]
     assert set(done) <= set(case.may_be_done), f"marked done: {done}"
