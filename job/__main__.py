@@ -77,6 +77,7 @@ def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = 
 
     from job import pipeline
     from job.config import load_settings
+    from job.paths import RunPaths
 
     cfg = load_settings(environ, env_file=env_file)
     log.info("settings: %s", json.dumps(cfg.masked()))
@@ -84,12 +85,12 @@ def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = 
     log.info("run directory: %s; stages: %s", cfg.run_dir, ",".join(cfg.stages))
     pipeline.run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        card = cfg.run_dir / "report" / "README.md"
+        paths = RunPaths(cfg.run_dir)
         print(f"\nDone. Run directory: {cfg.run_dir}")
-        if card.exists():
-            print(f"Model card: {card}")
-        if (cfg.run_dir / "push").exists():
-            print(f"Files for the Hub: {cfg.run_dir / 'push'}")
+        if paths.model_card.exists():
+            print(f"Model card: {paths.model_card}")
+        if paths.push.exists():
+            print(f"Files for the Hub: {paths.push}")
     return 0
 
 

@@ -12,6 +12,7 @@ import sys
 from job.config import load_settings
 from job.errors import ConfigError
 from job.model import build_messages, load_model, load_tokenizer, resolve_precision
+from job.paths import RunPaths
 
 
 def load(adapter: str, cfg):
@@ -51,7 +52,7 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, stream: b
 
 def main(args) -> int:
     cfg = load_settings()
-    adapter = args.adapter or str(cfg.run_dir / "adapter")
+    adapter = args.adapter or str(RunPaths(cfg.run_dir).adapter)
     model, tokenizer = load(adapter, cfg)
     if args.prompt is not None:
         print(reply(model, tokenizer, build_messages(cfg, args.prompt), cfg.MAX_NEW_TOKENS, stream=False))

@@ -95,17 +95,18 @@ def test_dequantized_base_trains_like_the_4bit_kernels(tiny_model_dir):
     assert dequantize_for_training(cfg, base)
     assert not any(type(m).__name__ == "Linear4bit" for m in base.modules())
     e = equivalence(_lora_with_weights(cfg, base, lora), rows, tok.pad_token_id, plain_model=plain)
-    # Same weights, same fp32 function; only the order of float sums differs (bitsandbytes' CPU path
-    # dequantizes per block and its matmul splits the reduction its own way). fp32 rounding is 6e-8 per
-    # operation and grows with the reductions of two layers, a 1k vocabulary and ~2k tokens: 1.1e-6 was
-    # seen, so allow 1e-5 (~100 ulp). The unquantized base, with other weights, differs by > 1e-4 below.
+    # Same NF4 weights (bitsandbytes' own dequantize_4bit, in fp32). bitsandbytes' CPU 4-bit matmul does not
+    # reach fp32 accuracy: its results sit at bf16 level, whose rounding is 2^-9 (2.0e-3) relative per
+    # element; seen: gradients 9.8e-4 apart (rel. L2), losses 1.5e-6 (a mean over ~2k tokens, so errors
+    # cancel). So: gradients within 2^-9, the loss within 1e-5. The unquantized base, with other weights,
+    # is far outside both (below: gradients 0.12 apart, losses 1.8e-4).
     assert e["loss_rel_diff"] < 1e-5, e
     assert e["grad_cosine"] > 0.99999, e
-    assert e["grad_rel_l2"] < 1e-4, e
+    assert e["grad_rel_l2"] < 2**-9, e
 
     unquantized = load_model(load_settings({**env, "QUANTIZATION": "none"}, env_file=None), "fp32")
     other = equivalence(_lora_with_weights(cfg, unquantized, lora), rows, tok.pad_token_id, plain_model=plain)
-    assert other["loss_rel_diff"] > 1e-4, other
+    assert other["loss_rel_diff"] > 1e-4 and other["grad_rel_l2"] > 2e-2, other
 
 
 def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch):
@@ -130,34 +131,6 @@ def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, gpu=gpu: gpu)
         assert dequantize_for_training(auto, model) is expected, total
         assert any(type(m).__name__ == "Linear4bit" for m in model.modules()) is not expected
-
-
-def test_static_cache_generation_answers_like_the_dynamic_cache(tiny_model_dir):
-    """EVAL_COMPILE's path (static cache; every batch padded to the same rows and width so the compiled
-    step is built once) gives the same greedy answers, in the same order, as the plain path."""
-    from job.evaluate import generate
-    from job.model import build_messages
-
-    cfg = load_settings(
-        {"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "EVAL_BATCH_SIZE": "3", "MAX_NEW_TOKENS": "12"},
-        env_file=None,
-    )
-    tok = load_tokenizer(cfg)
-    model = load_model(cfg, "fp32").eval()
-    torch.manual_seed(0)
-    for p in model.parameters():  # the tiny model repeats one blank token; larger random weights vary
-        if p.ndim == 2:
-            p.data.normal_(0, 0.2)
-    prompts = ["I have a headache.", "My child has a fever of 39 degrees since yesterday evening, what now?", "Hi"]
-    prompts += ["Can I take ibuprofen with paracetamol?", "Rash on arm", "I feel dizzy when I stand up quickly."]
-    prompts += ["My knee hurts after running five kilometres."]  # 7 prompts: batches of 3, 2 and 2
-    conversations = [build_messages(cfg, p) for p in prompts]
-    plain, s1 = generate(model, tok, conversations, cfg, static_cache=False)
-    static, s2 = generate(model, tok, conversations, cfg, static_cache=True)
-    assert (s1["static_cache"], s2["static_cache"]) == (False, True)
-    assert static == plain
-    assert len(set(plain)) > 1 and all(plain), plain  # real, distinct answers: the comparison means something
-    assert s1["new_tokens"] == s2["new_tokens"] > 0
 
 
 def test_shared_batches_answer_like_the_base_and_the_tuned_model_apart(tiny_model_dir, tmp_path):
@@ -189,7 +162,7 @@ def test_shared_batches_answer_like_the_base_and_the_tuned_model_apart(tiny_mode
     prompts += ["My knee hurts after running five kilometres."]  # 14 rows: batches of 4, 4, 4 and 2
     conversations = [build_messages(cfg, p) for p in prompts]
     n = len(conversations)
-    shared = shared_model_for_generation(tuned, tmp_path)
+    shared = shared_model_for_generation(tuned, tmp_path / "adapter")
     both, speed = generate(shared, tok, conversations * 2, cfg, [False] * n + [True] * n)
     with shared.disable_adapter():
         alone_base, _ = generate(shared, tok, conversations, cfg)
@@ -203,15 +176,18 @@ def test_shared_batches_answer_like_the_base_and_the_tuned_model_apart(tiny_mode
     assert scales and all(s == lora.lora_alpha / lora.r for s in scales), "per-row scales must be put back"
 
 
-def test_regional_compile_covers_every_decoder_layer(tiny_model_dir):
+def test_regional_compile_covers_every_decoder_layer(tiny_model_dir, monkeypatch):
     from job.train import compile_layers, use_compile, use_liger
 
     cfg = load_settings({"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none"}, env_file=None)
     model = load_model(cfg, "fp32")
     names = [n for n, _ in model.named_parameters()]
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((self, kw)))
     assert compile_layers(model) == model.config.num_hidden_layers
+    assert [m for m, _ in compiled] == list(model.model.layers)  # each decoder layer, nothing else
+    assert all(kw == {"dynamic": True} for _, kw in compiled)  # one graph for every packed-row length
     assert [n for n, _ in model.named_parameters()] == names  # in place: PEFT's state-dict keys unchanged
-    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     # CPU: neither compile nor Liger is used, whatever the settings say
     on = load_settings({"TORCH_COMPILE": "true", "LIGER_KERNEL": "true"}, env_file=None)
     assert not use_compile(on) and not use_liger(on)
@@ -253,7 +229,7 @@ def test_evaluation_loads_transformers_own_code_after_training_patched_it(tiny_m
     later = load_model(cfg, "fp32")
     assert type(later.model.norm) is PatchedNorm and type(later.model.layers[0].mlp) is PatchedMLP  # it reaches on
 
-    tuned = load_tuned(cfg, tmp_path, "fp32")
+    tuned = load_tuned(cfg, tmp_path / "adapter", "fp32")
     assert (code.LlamaRMSNorm, code.LlamaMLP, code.apply_rotary_pos_emb, code.LlamaForCausalLM.forward) == stock
     inner = tuned.get_base_model()
     assert type(inner.model.norm) is stock[0] and type(inner.model.layers[0].mlp) is stock[1]

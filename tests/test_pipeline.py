@@ -29,6 +29,7 @@ PUSHED = {
     "loss.png",
     "metrics.json",
     "data_stats.json",
+    "token_stats.json",
     "train_log.json",
 }
 PUSHED_OPTIONAL = {"special_tokens_map.json"}  # written by some Transformers versions, harmless
@@ -59,12 +60,11 @@ def test_every_trainable_parameter_changed(demo_run, tmp_path):
 
     from job.train import build_trainer
 
-    run_dir = tmp_path / "run"
-    RunPaths(run_dir).data.mkdir(parents=True)
-    for name in ("train_tokens.jsonl", "stats.json"):
-        (RunPaths(run_dir).data / name).write_bytes((RunPaths(demo_run.run_dir).data / name).read_bytes())
+    paths = RunPaths(tmp_path / "run")
+    paths.data.mkdir(parents=True)
+    paths.train_tokens.write_bytes(demo_run.paths.train_tokens.read_bytes())
     cfg = load_settings(environ=demo_run.env, env_file=None)
-    model = build_trainer(cfg, run_dir, "fp32").model
+    model = build_trainer(cfg, paths, "fp32").model
     initial = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
     trained = load_file(str(RunPaths(demo_run.run_dir).adapter / "adapter_model.safetensors"))
 
@@ -95,21 +95,17 @@ def test_manifest_records_every_stage_done(demo_run):
 
 
 def test_data_files(demo_run):
-    data = RunPaths(demo_run.run_dir).data
-    assert {p.name for p in data.iterdir()} == {
-        "train.jsonl",
-        "eval.jsonl",
-        "stats.json",
-        "train_tokens.jsonl",
-        "eval_tokens.jsonl",
-    }
-    train, held_out = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
+    p = demo_run.paths
+    written = {p.train_rows, p.eval_rows, p.sample_stats, p.train_tokens, p.eval_tokens, p.format_stats}
+    assert set(p.data.iterdir()) == written
+    train, held_out = read_jsonl(p.train_rows), read_jsonl(p.eval_rows)
     assert len(train) == int(demo_run.env["NUM_SAMPLES"]) and len(held_out) == int(demo_run.env["EVAL_SAMPLES"])
-    stats = read_json(data / "stats.json")
-    assert stats["sample"]["train_rows"] == len(train) and stats["sample"]["eval_rows"] == len(held_out)
-    assert set(stats["format"]) == {"train", "eval"}
-    tokens = read_jsonl(data / "train_tokens.jsonl")
-    assert len(tokens) == stats["format"]["train"]["kept"]
+    stats = read_json(p.sample_stats)
+    assert stats["train_rows"] == len(train) and stats["eval_rows"] == len(held_out)
+    token_stats = read_json(p.format_stats)
+    assert set(token_stats) == {"train", "eval"}
+    tokens = read_jsonl(p.train_tokens)
+    assert len(tokens) == token_stats["train"]["kept"]
     assert all(set(r) == {"input_ids", "completion_mask"} for r in tokens)
 
 
@@ -158,7 +154,7 @@ def test_model_card(demo_run):
     front = re.match(r"---\n(.*?)\n---\n", card, re.S)
     assert front, "the model card starts with YAML metadata between --- lines"
     meta = yaml.safe_load(front.group(1))
-    assert meta["base_model"] == demo_run.env["BASE_MODEL"]
+    assert "base_model" not in meta and "datasets" not in meta  # local folders are no Hub ids: the Hub rejects them
     assert meta["library_name"] == "peft"
     assert meta["license"] == "llama3.2"
     headings = re.findall(r"^#+ (.+)$", card, re.M)
@@ -173,6 +169,7 @@ def test_model_card(demo_run):
     ):
         assert section in headings, f"model card lacks a '{section}' section; it has {headings}"
     assert HUB_REPO_ID in card  # the usage snippet loads the pushed repo
+    assert "github.com" not in card  # no invented links
     assert RunPaths(demo_run.run_dir).loss_plot.read_bytes()[:8] == PNG_MAGIC
 
 
@@ -218,6 +215,33 @@ def test_changed_setting_on_a_finished_run_is_refused(demo_run_copy, run_job):
     assert result.exit_code == BAD_CONFIG == 2
     assert "LORA_R" in result.output and "REDO" in result.output and "8 -> 16" in result.output
     assert _stage_times(run.run_dir) == before and run.hub.calls == []
+
+
+def test_redo_reruns_only_the_changed_stage_and_those_after_it(demo_run_copy, run_job):
+    """REDO=true after changing only HUB_REPO_ID reruns push, not training (issue 16)."""
+    run = demo_run_copy
+    before = _stage_times(run.run_dir)
+
+    redone = run_job({**run.env, "HUB_REPO_ID": "bob/med-other", "REDO": "true"}, "run")
+
+    assert redone.exit_code == 0, redone.output[-3000:]
+    after = _stage_times(run.run_dir)
+    assert {s: after[s] for s in STAGES[:-1]} == {s: before[s] for s in STAGES[:-1]}, "upstream stages reran"
+    assert "stage push      starting" in redone.output and "stage train     starting" not in redone.output
+    assert [u["repo_id"] for u in run.hub.uploads] == ["bob/med-other"]
+
+
+def test_a_done_stage_whose_files_are_gone_runs_again(demo_run_copy, run_job):
+    """Deleted token files: format runs again (and the stages after it), instead of a FileNotFoundError."""
+    run = demo_run_copy
+    run.paths.train_tokens.unlink()
+
+    result = run_job(run.env, "run")
+
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "data/train_tokens.jsonl is gone: running it again" in result.output
+    assert run.paths.train_tokens.is_file()
+    assert "stage sample    already done" in result.output and "stage format    starting" in result.output
 
 
 def test_redo_reruns_a_finished_stage_with_new_settings(demo_run_copy, run_job):

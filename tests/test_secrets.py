@@ -68,7 +68,7 @@ def env(demo_env, tmp_path):
         EPOCHS="1",
         SAVE_STEPS="2",
         # train.run points TensorBoard here only if unset: pin it inside the run directory we search.
-        TENSORBOARD_LOGGING_DIR=str(out / "med-test" / "report" / "tensorboard"),
+        TENSORBOARD_LOGGING_DIR=str(RunPaths(out / "med-test").tensorboard),
     )
 
 

@@ -1,67 +1,48 @@
-"""Documents that name settings agree with the one schema, job/config.py.
-
-.env.example lists every setting with its default and its help; sky/*.yaml envs name only settings.
-"""
+"""Documents that name settings and exit codes agree with the code: they are generated from the one schema
+(job/config.py), and this checks they were regenerated (`python -m job config --write-docs .`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
-import pytest
-import yaml
 from dotenv import dotenv_values
 
-from job.config import SETTINGS, Settings, load_settings
+from job.config import Settings, load_settings, render_env_example, render_settings_table, replace_section
+from job.errors import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV_EXAMPLE = ROOT / ".env.example"
+ENV_EXAMPLE, README = ROOT / ".env.example", ROOT / "README.md"
+FIX = "run `python -m job config --write-docs .` and commit the result"
 
 
-def test_env_example_lists_every_setting_once():
-    keys = [line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines() if line and line[0] != "#"]
-    duplicated = sorted({k for k in keys if keys.count(k) > 1})
-    assert not duplicated, f".env.example sets these more than once: {duplicated}"
-    missing, extra = sorted(set(SETTINGS) - set(keys)), sorted(set(keys) - set(SETTINGS))
-    assert not missing and not extra, f".env.example: missing {missing}, not settings {extra}"
+def test_env_example_and_readme_settings_table_are_generated_from_the_schema():
+    assert ENV_EXAMPLE.read_text(encoding="utf-8") == render_env_example(), f".env.example is stale: {FIX}"
+    readme = README.read_text(encoding="utf-8")
+    assert replace_section(readme, "settings", render_settings_table()) == readme, f"README table is stale: {FIX}"
 
 
-def test_env_example_values_are_the_schema_defaults():
-    assert all(v is not None for v in dotenv_values(ENV_EXAMPLE).values()), "write KEY=value (or KEY=) lines"
-    # Parsed by the job itself, as if .env.example were a user's .env and the environment were empty.
+def test_env_example_parses_to_the_schema_defaults_and_leaves_secrets_empty():
+    """Read by the job itself as a user's .env would be: quoting and escaping survive the round trip."""
     loaded, defaults = load_settings(environ={}, env_file=ENV_EXAMPLE), Settings()
     differ = {
-        f.name: (getattr(loaded, f.name), getattr(defaults, f.name))
+        f.name: getattr(loaded, f.name)
         for f in fields(Settings)
         if getattr(loaded, f.name) != getattr(defaults, f.name)
     }
-    assert not differ, f".env.example values differ from job/config.py defaults (file, schema): {differ}"
-
-
-def test_env_example_secrets_are_empty():
+    assert not differ, f".env.example values differ from job/config.py defaults: {differ}"
     values = dotenv_values(ENV_EXAMPLE)
-    for name, f in SETTINGS.items():
-        if f.metadata["secret"]:
-            assert values[name] == "", f"{name} must be empty in .env.example"
+    assert all(values[f.name] == "" for f in fields(Settings) if f.metadata["secret"])
 
 
-def test_env_example_comment_above_each_setting_is_its_help():
-    lines = ENV_EXAMPLE.read_text().splitlines()
-    for i, line in enumerate(lines):
-        name = line.split("=", 1)[0]
-        if line.startswith("#") or name not in SETTINGS:
-            continue
-        comments = []
-        for above in reversed(lines[:i]):
-            if not above.startswith("# ") or above.startswith("# ---"):
-                break
-            comments.insert(0, above[2:])
-        help_ = SETTINGS[name].metadata["help"]
-        assert comments and comments[0].startswith(help_), f".env.example: put '# {help_}' above {name}="
+def test_readme_exit_code_table_is_the_code_table():
+    text = README.read_text(encoding="utf-8").split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    codes = [int(m) for m in re.findall(r"^\| (\d+) \|", text, re.M)]
+    assert codes == sorted(EXIT_CODES), f"README exit codes {codes}, job/errors.py {sorted(EXIT_CODES)}"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "sky").glob("*.yaml")), ids=lambda p: p.name)
-def test_sky_envs_are_settings(path):
-    envs = yaml.safe_load(path.read_text()).get("envs") or {}
-    unknown = sorted(set(envs) - set(SETTINGS))
-    assert not unknown, f"{path.relative_to(ROOT)}: envs that are not settings in job/config.py: {unknown}"
+def test_replace_section_keeps_the_markers_and_is_idempotent():
+    text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb\n"
+    once = replace_section(text, "x", "new\n")
+    assert once == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb\n" and replace_section(once, "x", "new\n") == once
