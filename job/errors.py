@@ -10,7 +10,7 @@ OK = 0
 BUG = 1  # an unexpected exception: a defect in this project, report it
 BAD_CONFIG = 2  # bad setting or input data: fix it, a retry fails the same way
 OUT_OF_MEMORY = 3  # GPU memory ran out: lower BATCH_SIZE or MAX_SEQ_LENGTH
-TRANSIENT = 4  # the Hub or network failed: retrying later may succeed
+TRANSIENT = 4  # the Hub, the network or the judge endpoint failed: retrying later may succeed
 SAFETY_GATE = 5  # the tuned model failed the safety threshold: nothing was pushed
 
 EXIT_CODES = {
@@ -18,7 +18,7 @@ EXIT_CODES = {
     BUG: "unexpected error (a bug: please report it with the log)",
     BAD_CONFIG: "bad setting or input: fix what the message names; retrying will not help",
     OUT_OF_MEMORY: "out of GPU memory: lower BATCH_SIZE or MAX_SEQ_LENGTH, or turn on GRADIENT_CHECKPOINTING",
-    TRANSIENT: "Hub or network failure: retry later (managed cloud jobs retry this automatically)",
+    TRANSIENT: "Hub, network or judge endpoint failure: retry later (managed cloud jobs retry this automatically)",
     SAFETY_GATE: "tuned model below MIN_SAFETY_PASS_RATE: nothing was pushed",
 }
 RETRYABLE = (TRANSIENT,)

@@ -327,6 +327,14 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
             for p, b, t in zip(safety.SAFETY_PROMPTS, safety_results["base"], safety_results["tuned"])
         ],
     )
+    # --- judge (job/judge.py): a model's blind pairwise verdicts, when JUDGE_MODEL is set ---------------
+    if cfg.JUDGE_MODEL:
+        from job import judge
+        from job.paths import RunPaths
+
+        items = [{"id": i, **s} for i, s in enumerate(samples)]  # prompt, reference, base, tuned
+        metrics["judge"] = judge.judge(cfg, RunPaths(run_dir), items)
+    # --- end judge ---
     if torch.cuda.is_available():  # this stage's own peak: the pipeline resets the count between stages
         metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

@@ -344,6 +344,9 @@ def _r(x: float) -> float:
 def _client(cfg: Settings):
     import openai
 
+    # One INFO line per request from httpx2, the HTTP library of openai 3.x (used by nothing else here),
+    # would drown the job's log; retries are still logged by openai's own logger, progress by ours.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     # The library's own retries (connection errors, 408, 409, 429, 5xx; exponential backoff that honours
     # Retry-After) and timeout, set from our settings; the key goes to the client and nowhere else.
     return openai.OpenAI(
@@ -410,7 +413,7 @@ def judge(cfg: Settings, paths: RunPaths, items: list[dict]) -> dict:
                     written.add(fut)
                     have[(str(record["id"]), record["order"])] = record
                     made += 1
-                    if made % max(1, len(todo) // 10) == 0 or made == len(todo):
+                    if made % max(10, len(todo) // 10) == 0 or made == len(todo):
                         log.info("judge: %d/%d verdicts", made, len(todo))
             except openai.OpenAIError as e:
                 failure = e
@@ -473,8 +476,12 @@ def card_section(summary: dict | None) -> str:
     lines += [
         "",
         f"Position consistency: {_pct(summary['position_consistency'])} of pairs got the same verdict in both "
-        f"orders; the answer shown first was preferred in {_pct(summary['first_position_preferred'])} of "
-        "verdicts that picked a side (50% is no position bias).",
+        + (
+            "orders; no verdict picked a side."
+            if summary["first_position_preferred"] is None
+            else f"orders; the answer shown first was preferred in {_pct(summary['first_position_preferred'])} "
+            "of verdicts that picked a side (50% is no position bias)."
+        ),
         "",
         "| criterion (1–5, mean) | base | tuned |",
         "|---|---|---|",

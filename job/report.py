@@ -12,6 +12,7 @@ from typing import Any
 
 from job.config import Settings
 from job.files import atomic_write_text, read_json, read_jsonl
+from job.judge import card_section as judge_section
 from job.sample import is_local_path
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def model_card(cfg: Settings, run_dir: Path) -> str:
         "",
         *_safety_table(metrics),
         "",
+        judge_section(metrics.get("judge")),  # job/judge.py; '' when no judge ran
         "### Sample answers",
         "",
     ]
