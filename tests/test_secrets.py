@@ -2,10 +2,11 @@
 through a scripted chat-completions server, pushing through a fake Hub.
 
 The canaries must reach the Hub client (the judge's key: the judge endpoint) and nothing else: not stdout or
-stderr (file-descriptor level too), not the log, not any file under the output folder (checkpoints and the pickled training_args.bin included;
-searched as raw bytes, UTF-16 and base64), not the model card, not the uploaded files, not the TensorBoard
-event files. The push also fails first (token refused, then Hub down), which is where tokens like to end
-up in messages; then it succeeds once, and a rerun of the finished job pushes nothing.
+stderr (file-descriptor level too), not the log, not any file under the output folder (checkpoints and the
+pickled training_args.bin included; searched as raw bytes, UTF-16 and base64), not the model card, not the
+uploaded files, not the TensorBoard event files. The push also fails first (token refused, then Hub down), which
+is where tokens like to end up in messages; then it succeeds once, and a rerun of the finished job pushes
+nothing.
 """
 
 from __future__ import annotations
