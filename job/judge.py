@@ -319,6 +319,7 @@ def summarize(verdicts: dict[tuple[str, int], dict], items: list[dict], cfg: Set
         "interval_method": "Wilson score interval per outcome over decided pairs",
         "pair_rule": "win or loss only when both orders agree; disagreement counts as a tie",
         "position_consistency": _r(consistent / decided) if decided else None,
+        "orders_disagree": decided - consistent,  # pairs counted as ties because the two orders disagreed
         # Among verdicts that picked a side: how often it was the answer shown first (0.5 = no position bias).
         "first_position_preferred": _r(sum(r["preference"] == "A" for r in decisive) / len(decisive))
         if decisive
@@ -468,7 +469,8 @@ def card_section(summary: dict | None) -> str:
         "| tuned vs base | pairs | share | 95% interval (Wilson) |",
         "|---|---|---|---|",
     ]
-    for key, label in (("win", "tuned better"), ("tie", "tie or orders disagree"), ("loss", "base better")):
+    tie = f"tie ({summary['orders_disagree']} of them: the two orders disagreed)"
+    for key, label in (("win", "tuned better"), ("tie", tie), ("loss", "base better")):
         iv = summary["interval_95"][key]
         span = f"{iv[0]:.0%}–{iv[1]:.0%}" if iv else "–"
         k = summary["outcomes"][key]

@@ -3,7 +3,7 @@
 Used by tests/test_judge.py (in a thread, port 0) and for a demo of the judge without a real model:
 
     python tests/judge_server.py --port 8011          # then, in another shell:
-    JUDGE_BASE_URL=http://127.0.0.1:8011/v1 JUDGE_MODEL=scripted JUDGE_API_KEY=x make demo
+    JUDGE_BASE_URL=http://127.0.0.1:8011/v1 JUDGE_MODEL=scripted JUDGE_API_KEY=x RUN_NAME=demo-judge make demo
 
 It reads the <question>, <reference>, <answer_a> and <answer_b> blocks of job/prompts/judge.md's user message
 and answers as its script says:

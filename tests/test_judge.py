@@ -76,7 +76,7 @@ def test_prefers_tuned_figures(server, paths):
     assert summary["outcomes"] == {"win": 4, "tie": 1, "loss": 1}
     assert summary["tuned_win_rate"] == pytest.approx(4 / 6, abs=1e-4)
     assert summary["interval_95"]["win"] == pytest.approx([0.3000, 0.9032], abs=1e-4)
-    assert summary["position_consistency"] == 1.0
+    assert summary["position_consistency"] == 1.0 and summary["orders_disagree"] == 0
     assert summary["first_position_preferred"] == 0.5  # the closer answer was shown first as often as second
     # Scores: winner 4, loser 2, tie 3 and 3, each answer scored twice (once per position).
     assert summary["criteria"]["base"] == dict.fromkeys(J.CRITERIA, pytest.approx((4 * 2 * 2 + 2 * 4 + 2 * 3) / 12))
@@ -109,12 +109,13 @@ def test_the_judge_is_blind_and_sees_both_orders(server, paths):
 @pytest.mark.parametrize("server", ["always-a"], indirect=True)
 def test_a_judge_that_always_says_a_is_zero_percent_consistent(server, paths):
     summary = J.judge(settings(server.base_url), paths, ITEMS)
-    assert summary["position_consistency"] == 0.0
+    assert summary["position_consistency"] == 0.0 and summary["orders_disagree"] == 6
     assert summary["outcomes"] == {"win": 0, "tie": 6, "loss": 0}  # not a 50% win rate
     assert summary["first_position_preferred"] == 1.0
     assert summary["criteria"]["base"] == summary["criteria"]["tuned"] == dict.fromkeys(J.CRITERIA, 3.0)
     section = J.card_section(summary)
-    assert "Position consistency: 0% of pairs" in section and "| tie or orders disagree | 6 | 100% |" in section
+    assert "Position consistency: 0% of pairs" in section
+    assert "| tie (6 of them: the two orders disagreed) | 6 | 100% |" in section
 
 
 @pytest.mark.parametrize("server", ["malformed"], indirect=True)
