@@ -15,6 +15,8 @@ and answers as its script says:
 - flaky        answers 500 to the first FAIL_FIRST requests (Retry-After-Ms: 1), then as overlap
 - reject-key   answers 401 to everything, quoting the key like OpenAI's API does
 - down         answers 503 to everything
+- rate-limited answers 429 to everything (Retry-After-Ms: 1)
+- no-quota     answers 429 insufficient_quota to everything, as OpenAI's API does for an account out of credit
 
 A request for a model other than MODEL gets OpenAI's 404 "model_not_found".
 """
@@ -28,7 +30,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-SCRIPTS = ("overlap", "always-a", "malformed", "flaky", "reject-key", "down")
+SCRIPTS = ("overlap", "always-a", "malformed", "flaky", "reject-key", "down", "rate-limited", "no-quota")
 _BLOCK = re.compile(r"<(question|reference|answer_a|answer_b)>\n?(.*?)\n?</\1>", re.DOTALL)
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -75,7 +77,8 @@ class JudgeServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
     def start(self) -> JudgeServer:
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        # A short poll so stop() (shutdown) returns at once; the default 0.5 s adds up over many tests.
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self._thread.start()
         return self
 
@@ -123,6 +126,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(401, f"Incorrect API key provided: {key}.", "invalid_api_key")
         if s.script == "down":
             return self._error(503, "The server is overloaded or not ready yet.", "unavailable")
+        if s.script == "rate-limited":
+            return self._error(429, "Rate limit reached, please retry.", "rate_limit_exceeded", {"Retry-After-Ms": "1"})
+        if s.script == "no-quota":
+            return self._error(429, "You exceeded your current quota.", "insufficient_quota", {"Retry-After-Ms": "1"})
         if s.script == "flaky" and n <= s.fail_first:
             return self._error(500, "Internal error, please retry.", "server_error", {"Retry-After-Ms": "1"})
         if body.get("model") != s.model:

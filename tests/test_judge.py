@@ -160,6 +160,19 @@ def test_5xx_after_retries_is_transient(server, paths):
     assert len(server.requests) == 2  # the first try and one retry, then no more calls
 
 
+@pytest.mark.parametrize("server", ["rate-limited"], indirect=True)
+def test_429_after_retries_is_transient(server, paths):
+    with pytest.raises(TransientError, match="rate-limiting .*lower JUDGE_CONCURRENCY"):
+        J.judge(settings(server.base_url, JUDGE_MAX_RETRIES="1", JUDGE_CONCURRENCY="1"), paths, ITEMS[:1])
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("server", ["no-quota"], indirect=True)
+def test_an_account_out_of_credit_is_a_config_error(server, paths):
+    with pytest.raises(ConfigError, match="no quota left"):
+        J.judge(settings(server.base_url, JUDGE_MAX_RETRIES="0", JUDGE_CONCURRENCY="1"), paths, ITEMS[:1])
+
+
 def test_an_endpoint_that_is_not_there_is_transient(paths):
     with socket.socket() as s:  # a port nobody listens on: bind, read the number, close
         s.bind(("127.0.0.1", 0))

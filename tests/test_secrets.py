@@ -126,6 +126,7 @@ def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, mo
     assert len(judge_server.requests) == 2 * int(env["EVAL_GENERATIONS"])
     assert {r["authorization"] for r in judge_server.requests} == {f"Bearer {JUDGE_CANARY}"}
     assert read_json(run_dir / "eval" / "metrics.json")["judge"]["calls"] == len(judge_server.requests)
+    assert "### Model judge" in (run_dir / "report" / "README.md").read_text()
 
     # What was searched exists, so "not found" means something.
     assert list((run_dir / "report" / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events"
