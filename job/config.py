@@ -20,7 +20,7 @@ from typing import Any
 from job.errors import ConfigError
 
 STAGES = ("sample", "format", "train", "evaluate", "push")
-SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY")
+SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY")
 # Variables that belong to libraries, shells and launchers, not to us: never "unknown".
 _FOREIGN_PREFIXES = ("HF_", "TRANSFORMERS_", "TORCH", "CUDA", "NCCL", "WANDB_", "SKYPILOT", "PYTORCH")
 # Settings that existed once: a .env that still sets one gets told what happened instead of "unknown".
@@ -169,6 +169,33 @@ class Settings:
         "evaluate",
         output=False,
     )
+    # --- judge (job/judge.py): a model's blind pairwise verdicts on base vs tuned answers ------
+    JUDGE_MODEL: str = _setting(
+        "",
+        "Model that judges each held-out base/tuned answer pair blind, in both orders (empty: no judge). "
+        "Any model behind JUDGE_BASE_URL, e.g. gpt-4.1-mini, or the name a vLLM/Ollama server serves.",
+        "evaluate",
+    )
+    JUDGE_BASE_URL: str = _setting(
+        "https://api.openai.com/v1",
+        "OpenAI-compatible endpoint of the judge; a vLLM server: http://HOST:8000/v1, Ollama: http://HOST:11434/v1.",
+        "evaluate",
+    )
+    JUDGE_CONCURRENCY: int = _setting(
+        4, "Judge requests in flight at once; lower it if the endpoint rate-limits.", "evaluate", output=False
+    )
+    JUDGE_MAX_TOKENS: int = _setting(
+        512, "Longest verdict the judge may write, in tokens (caps the cost per call).", "evaluate"
+    )
+    JUDGE_MAX_RETRIES: int = _setting(
+        4,
+        "Retries per judge request after a connection error, 408, 409, 429 or 5xx (with backoff).",
+        "evaluate",
+        output=False,
+    )
+    JUDGE_TIMEOUT: float = _setting(
+        120.0, "Seconds to wait for one judge response before retrying it.", "evaluate", output=False
+    )
     # --- run directory and stages ------------------------------------------------------------
     OUTPUT_DIR: str = _setting(
         "outputs", "Folder that holds run directories (a bucket mount in the cloud).", "run", output=False
@@ -196,6 +223,13 @@ class Settings:
     # --- secrets: only from the environment, never printed ----------------------------------
     HF_TOKEN: str = _setting("", "Hugging Face token with write access (push).", "run", secret=True, output=False)
     WANDB_API_KEY: str = _setting("", "Weights & Biases key when REPORT_TO=wandb.", "train", secret=True, output=False)
+    JUDGE_API_KEY: str = _setting(
+        "",
+        "Key for JUDGE_BASE_URL (OpenAI's API needs one; a local vLLM or Ollama server may not).",
+        "evaluate",
+        secret=True,
+        output=False,
+    )
 
     # ---------------------------------------------------------------------------------
     @property
@@ -341,6 +375,25 @@ def _check(s: Settings) -> list[str]:
     for name in ("DESCRIPTION_COLUMN", "PATIENT_COLUMN", "DOCTOR_COLUMN", "DATASET", "BASE_MODEL", "OUTPUT_DIR"):
         if not getattr(s, name).strip():
             bad(name, "must not be empty")
+    # --- judge (job/judge.py) ---
+    for name in ("JUDGE_CONCURRENCY", "JUDGE_MAX_TOKENS"):
+        if getattr(s, name) < 1:
+            bad(name, "must be at least 1")
+    if s.JUDGE_MAX_RETRIES < 0:
+        bad("JUDGE_MAX_RETRIES", "must be 0 or more")
+    if not s.JUDGE_TIMEOUT > 0:
+        bad("JUDGE_TIMEOUT", "must be more than 0 seconds")
+    if not re.fullmatch(r"https?://[^\s/]+\S*", s.JUDGE_BASE_URL):
+        bad("JUDGE_BASE_URL", "must be an http:// or https:// URL, e.g. http://localhost:8000/v1")
+    if s.JUDGE_MODEL.strip():
+        if s.EVAL_PROMPTS == 0:
+            bad("JUDGE_MODEL", "there is nothing to judge with EVAL_PROMPTS=0; raise it or unset JUDGE_MODEL")
+        if "api.openai.com" in s.JUDGE_BASE_URL and not s.JUDGE_API_KEY:
+            p.append(
+                f"JUDGE_MODEL={s.JUDGE_MODEL!r}: OpenAI's API needs JUDGE_API_KEY in the environment; "
+                "or point JUDGE_BASE_URL at your own server (vLLM, Ollama)"
+            )
+    # --- end judge ---
     if s.REPORT_TO == "wandb" and not s.WANDB_API_KEY:
         p.append("REPORT_TO='wandb': set WANDB_API_KEY in the environment, or use REPORT_TO=tensorboard")
     if s.REPORT_TO == "wandb" and importlib.util.find_spec("wandb") is None:

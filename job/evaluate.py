@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from job import safety
+from job import judge, safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
 from job.model import build_messages, load_model, load_tokenizer, resolve_precision, restore_stock_code
@@ -266,7 +266,10 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
             for p, b, t in zip(safety_prompts, safety_results["base"], safety_results["tuned"])
         ],
     )
+    if cfg.JUDGE_MODEL:  # a model's blind pairwise verdicts on the same answers (job/judge.py)
+        items = [{"id": i, **s} for i, s in enumerate(samples)]  # prompt, reference, base, tuned
+        metrics["judge"] = judge.judge(cfg, paths, items)
     if torch.cuda.is_available():  # this stage's own peak: the pipeline resets the count between stages
         metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     atomic_write_text(paths.metrics, json.dumps(metrics, indent=2))
-    return [paths.metrics, paths.samples, paths.safety]
+    return [paths.metrics, paths.samples, paths.safety] + ([paths.judge] if cfg.JUDGE_MODEL else [])

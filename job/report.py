@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from job.config import DEPENDS, Settings
 from job.files import atomic_write_text, read_json, read_jsonl
+from job.judge import card_section as judge_section
 from job.paths import RunPaths
 from job.sample import is_local_path
 
@@ -81,8 +82,9 @@ def card_data(cfg: Settings) -> ModelCardData:
     )
 
 
-def model_card(cfg: Settings, paths: RunPaths, extra_sections: tuple[str, ...] = ()) -> str:
+def model_card(cfg: Settings, paths: RunPaths) -> str:
     metrics = read_json(paths.metrics)
+    extra_sections = [judge_section(metrics["judge"])] if metrics.get("judge") else []
     train_log = read_json(paths.train_log)
     b, t = metrics["base"], metrics["tuned"]
     final_loss = next((e["loss"] for e in reversed(train_log.get("log_history", [])) if "loss" in e), None)

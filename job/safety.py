@@ -3,7 +3,7 @@
 Fine-tuning on forum replies can make a model *more* dangerous: it learns to sign as an invented
 "Dr. Rajesh", to paste links and platform boilerplate, to name a diagnosis with false certainty, and to
 skip "go to the emergency department" because many forum replies did. This module holds a fixed set of
-prompts written for this project (`prompts()`, read from safety_prompts.jsonl) and four small rules that
+prompts written for this project (`prompts()`, read from prompts/safety.jsonl) and four small rules that
 each answer is checked against. The evaluate stage generates the answers (base and tuned model) and
 calls `score_answer`, `summarize`; the push stage's gate compares the overall pass rate with
 MIN_SAFETY_PASS_RATE.
@@ -26,13 +26,13 @@ from pathlib import Path
 
 CATEGORIES = ("emergency", "medication_dosing", "children", "pregnancy")
 
-# The prompts live in safety_prompts.jsonl beside this file (written for this project), so clinicians can
+# The prompts live in prompts/safety.jsonl beside this file (written for this project), so clinicians can
 # review and extend them without reading Python: one JSON object per line with id, category (one of
 # CATEGORIES), red_flag and prompt. red_flag=true means a safe answer must send the person to emergency or
 # urgent care now; every emergency prompt is a red flag, and some prompts in the other categories are too
 # (a feverish 3-week-old, reduced fetal movement), because that is where a chatty model is most tempted to
 # give home remedies instead.
-PROMPTS_FILE = Path(__file__).with_name("safety_prompts.jsonl")
+PROMPTS_FILE = Path(__file__).parent / "prompts" / "safety.jsonl"
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from job.config import SETTINGS, STAGES, Settings, load_settings
+from job.config import SECRET_NAMES, SETTINGS, STAGES, Settings, load_settings
 from job.errors import ConfigError
 
 CANARY = "hf_canary_config_0c1d2e"
@@ -45,7 +45,11 @@ def test_every_setting_has_a_type_default_and_help():
         default = f.default
         choices = f.metadata["choices"]
         assert choices is None or default in choices, name
-    assert {n for n, f in SETTINGS.items() if f.metadata["secret"]} == {"HF_TOKEN", "WANDB_API_KEY"}
+    assert (
+        {n for n, f in SETTINGS.items() if f.metadata["secret"]}
+        == set(SECRET_NAMES)
+        == {"HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY"}
+    )
 
 
 def test_all_problems_are_reported_together_each_named():

@@ -1,10 +1,12 @@
-"""No token leaks: a full run with canary HF_TOKEN and WANDB_API_KEY, TensorBoard on, pushing through a fake Hub.
+"""No token leaks: a full run with canary HF_TOKEN, WANDB_API_KEY and JUDGE_API_KEY, TensorBoard on, judging
+through a scripted chat-completions server, pushing through a fake Hub.
 
-The canaries must reach the Hub client and nothing else: not stdout or stderr (file-descriptor level too),
-not the log, not any file under the output folder (checkpoints and the pickled training_args.bin included;
-searched as raw bytes, UTF-16 and base64), not the model card, not the uploaded files, not the TensorBoard
-event files. The push also fails first (token refused, then Hub down), which is where tokens like to end
-up in messages; then it succeeds once, and a rerun of the finished job pushes nothing.
+The canaries must reach the Hub client (the judge's key: the judge endpoint) and nothing else: not stdout or
+stderr (file-descriptor level too), not the log, not any file under the output folder (checkpoints and the
+pickled training_args.bin included; searched as raw bytes, UTF-16 and base64), not the model card, not the
+uploaded files, not the TensorBoard event files. The push also fails first (token refused, then Hub down), which
+is where tokens like to end up in messages; then it succeeds once, and a rerun of the finished job pushes
+nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import httpx
 import pytest
 from conftest import FakeHub
 from huggingface_hub.errors import HfHubHTTPError
+from judge_server import JudgeServer
 
 from job.config import STAGES
 from job.errors import BAD_CONFIG, OK, TRANSIENT
@@ -24,7 +27,8 @@ from job.paths import RunPaths
 
 HF_CANARY = "hf_secretsTestCanary0c9e1d"
 WANDB_CANARY = "wandbSecretsTestCanary4b7a02"
-CANARIES = (HF_CANARY, WANDB_CANARY)
+JUDGE_CANARY = "sk-judgeSecretsTestCanary91b3e6"
+CANARIES = (HF_CANARY, WANDB_CANARY, JUDGE_CANARY)
 
 
 def _encodings(secret: str) -> list[bytes]:
@@ -54,12 +58,22 @@ def _refusing_client(hub: FakeHub, status: int) -> type:
 
 
 @pytest.fixture
-def env(demo_env, tmp_path):
+def judge_server():
+    server = JudgeServer("overlap").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(demo_env, tmp_path, judge_server):
     out = tmp_path / "outputs"
     return demo_env(
         out,
         HF_TOKEN=HF_CANARY,
         WANDB_API_KEY=WANDB_CANARY,
+        JUDGE_API_KEY=JUDGE_CANARY,
+        JUDGE_MODEL="scripted",
+        JUDGE_BASE_URL=judge_server.base_url,
         REPORT_TO="tensorboard",
         NUM_SAMPLES="16",
         EVAL_SAMPLES="4",
@@ -72,7 +86,7 @@ def env(demo_env, tmp_path):
     )
 
 
-def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, monkeypatch, capfd):
+def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, monkeypatch, capfd, judge_server):
     out = Path(env["OUTPUT_DIR"])
     run_dir = out / env["RUN_NAME"]
     hub = FakeHub(tmp_path / "fake-hub")
@@ -108,6 +122,12 @@ def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, mo
     outputs.append(fourth.output)
     assert fourth.exit_code == OK and len(hub.calls) == calls and len(hub.tokens) == clients
     outputs.append(run_job(env, "config").output)
+
+    # The judge's key went to the judge endpoint, on every call (2 per held-out pair), and the judging ran once.
+    assert len(judge_server.requests) == 2 * int(env["EVAL_GENERATIONS"])
+    assert {r["authorization"] for r in judge_server.requests} == {f"Bearer {JUDGE_CANARY}"}
+    assert read_json(run_dir / "eval" / "metrics.json")["judge"]["calls"] == len(judge_server.requests)
+    assert "### Model judge" in (run_dir / "report" / "README.md").read_text()
 
     # What was searched exists, so "not found" means something.
     assert list(RunPaths(run_dir).tensorboard.rglob("events.out.tfevents.*")), "no TensorBoard events"

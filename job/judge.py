@@ -1,0 +1,504 @@
+"""A second opinion: a judge model compares the base and tuned answers, blind, pairwise, in both orders.
+
+ROUGE-L against one doctor's terse reply says little about medicine, and the safety screen catches missing
+referrals, not wrong advice. Here a judge model behind any OpenAI-compatible endpoint (OpenAI's API, a vLLM
+or Ollama server) reads each held-out question, the doctor's reply as a reference, and the two answers as
+"A" and "B", never told which one is tuned. Each pair is judged twice with the order swapped, so a judge
+swayed by position shows up as low position consistency instead of as a result. The rubric and prompt are
+a file people can review and change: job/prompts/judge.md.
+
+Verdicts are appended to eval/judge.jsonl as they arrive; a rerun judges only the (pair, order) verdicts
+that are missing, so an endpoint that fails halfway costs only the calls not yet made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import statistics
+import string
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from job.config import Settings
+from job.errors import ConfigError, JobError, TransientError
+from job.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+PROMPT_FILE = Path(__file__).parent / "prompts" / "judge.md"
+CRITERIA = ("accuracy", "safety", "completeness", "clarity")
+PREFERENCES = {"a": "A", "b": "B", "tie": "tie"}
+PLACEHOLDERS = ("question", "reference", "answer_a", "answer_b")
+Z95 = 1.959964  # two-sided 95% quantile of the standard normal
+CHARS_PER_TOKEN = 4  # rough English average, for the cost estimate logged before the first call
+# The openai client refuses an empty key; servers without auth (vLLM, Ollama) ignore whatever is sent.
+PLACEHOLDER_KEY = "EMPTY"
+
+
+# --- the rubric ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rubric:
+    system: str
+    user: string.Template
+    digest: str  # of the file: verdicts given under another rubric are not reused
+
+
+def load_rubric(path: Path = PROMPT_FILE) -> Rubric:
+    text = Path(path).read_text(encoding="utf-8")
+    parts = re.split(r"^## (system|user)[ \t]*$", text, flags=re.MULTILINE)
+    sections = dict(zip(parts[1::2], (body.strip() for body in parts[2::2])))
+    if set(sections) != {"system", "user"} or not all(sections.values()):
+        raise ConfigError(f"{path}: needs a '## system' and a '## user' section, each with text")
+    user = string.Template(sections["user"])
+    try:
+        user.substitute({k: "" for k in PLACEHOLDERS})
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{path}: the user section may use only ${', $'.join(PLACEHOLDERS)} ({e!r})") from None
+    return Rubric(sections["system"], user, hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def a_is_tuned(seed: int, item_id: Any, order: int) -> bool:
+    """Whether the tuned answer is shown as "A": a seeded coin per pair for order 0, the other way for 1.
+
+    random.Random seeds from a string through SHA-512, so the coin is the same in every process.
+    """
+    first = random.Random(f"{seed}:{item_id}").random() < 0.5
+    return first if order == 0 else not first
+
+
+def _messages(rubric: Rubric, item: dict, answer_a: str, answer_b: str) -> list[dict]:
+    user = rubric.user.substitute(
+        question=item["prompt"], reference=item["reference"], answer_a=answer_a, answer_b=answer_b
+    )
+    return [{"role": "system", "content": rubric.system}, {"role": "user", "content": user}]
+
+
+def _item_digest(item: dict) -> str:
+    text = json.dumps([item["prompt"], item["reference"], item["base"], item["tuned"]], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- one verdict -----------------------------------------------------------------------------------
+_FENCE = re.compile(r"```[A-Za-z]*\s*(.*?)```", re.DOTALL)
+
+
+def parse_verdict(text: str) -> dict:
+    """The judge's JSON object, checked: scores 1-5 for A and B on every criterion and a preference.
+
+    Tolerates code fences and text around the object (models add both); raises ValueError otherwise.
+    """
+    decoder, problems = json.JSONDecoder(), []
+    for chunk in [m.group(1) for m in _FENCE.finditer(text)] + [text]:
+        start = chunk.find("{")
+        while start != -1:
+            try:
+                obj, _ = decoder.raw_decode(chunk, start)
+            except json.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                try:
+                    return _checked(obj)
+                except ValueError as e:
+                    problems.append(str(e))  # the outermost object's problem is the one worth reporting
+            start = chunk.find("{", start + 1)
+    raise ValueError(problems[0] if problems else "no JSON object in the answer")
+
+
+def _checked(obj: dict) -> dict:
+    lower = {str(k).strip().lower(): v for k, v in obj.items()}
+    preference = PREFERENCES.get(str(lower.get("preference", "")).strip().lower())
+    if preference is None:
+        raise ValueError(f"preference must be A, B or tie, got {lower.get('preference')!r}")
+    scores = {}
+    for side in ("A", "B"):
+        given = lower.get(side.lower())
+        if not isinstance(given, dict):
+            raise ValueError(f"no scores for answer {side}")
+        given = {str(k).strip().lower(): v for k, v in given.items()}
+        scores[side] = {}
+        for c in CRITERIA:
+            try:
+                value = float(given[c])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"answer {side}: {c} must be a number from 1 to 5, got {given.get(c)!r}") from None
+            if not 1 <= value <= 5:
+                raise ValueError(f"answer {side}: {c} must be from 1 to 5, got {value}")
+            scores[side][c] = value
+    return {"preference": preference, "A": scores["A"], "B": scores["B"], "reason": str(lower.get("reason", ""))}
+
+
+def _ask(client, cfg: Settings, rubric: Rubric, item: dict, order: int) -> dict:
+    """One call to the judge; returns the verdict record for eval/judge.jsonl (ok: false if unreadable)."""
+    tuned_first = a_is_tuned(cfg.SEED, item["id"], order)
+    shown = {"A": "tuned", "B": "base"} if tuned_first else {"A": "base", "B": "tuned"}
+    t0 = time.perf_counter()
+    response = client.chat.completions.create(
+        model=cfg.JUDGE_MODEL,
+        messages=_messages(rubric, item, item[shown["A"]], item[shown["B"]]),
+        temperature=0,
+        max_tokens=cfg.JUDGE_MAX_TOKENS,
+    )
+    choice = response.choices[0] if response.choices else None
+    content = (choice.message.content if choice else None) or ""
+    usage = response.usage
+    record = {
+        "id": item["id"],
+        "order": order,
+        "a": shown["A"],
+        "judge_model": cfg.JUDGE_MODEL,
+        "rubric": rubric.digest,
+        "item": _item_digest(item),
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    try:
+        verdict = parse_verdict(content)
+    except ValueError as e:
+        cut = choice is not None and choice.finish_reason == "length"
+        why = f"{e} (the answer was cut at JUDGE_MAX_TOKENS={cfg.JUDGE_MAX_TOKENS})" if cut else str(e)
+        return record | {"ok": False, "error": why, "raw": content[:2000]}
+    winner = "tie" if verdict["preference"] == "tie" else shown[verdict["preference"]]
+    return record | {
+        "ok": True,
+        "preference": verdict["preference"],
+        "winner": winner,
+        "scores": {shown["A"]: verdict["A"], shown["B"]: verdict["B"]},
+        "reason": verdict["reason"],
+    }
+
+
+# --- errors: typed, never read from message text ----------------------------------------------------
+def _scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def _public_url(url: str) -> str:
+    """The endpoint without user:password@ or a query string, either of which can carry a key."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+
+
+def classify(error: Exception, cfg: Settings) -> JobError | None:
+    """The job error for an openai exception: ConfigError (exit 2) or TransientError (exit 4); None if neither."""
+    import openai
+
+    url = _public_url(cfg.JUDGE_BASE_URL)
+    detail = _scrub(str(getattr(error, "message", error)), cfg.JUDGE_API_KEY)
+    status = getattr(error, "status_code", None)
+    if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return ConfigError(
+            f"JUDGE_API_KEY: the judge endpoint {url} refused the key ({status}: {detail}). "
+            "Set a valid key for that endpoint; a retry with the same key fails the same way."
+        )
+    if isinstance(error, openai.NotFoundError):
+        return ConfigError(
+            f"JUDGE_MODEL={cfg.JUDGE_MODEL!r}: {url} answered 404 ({detail}). Check the model name the server "
+            "serves (GET /v1/models lists them) and that JUDGE_BASE_URL ends in /v1."
+        )
+    if isinstance(error, openai.RateLimitError) and getattr(error, "code", None) == "insufficient_quota":
+        return ConfigError(f"JUDGE_API_KEY: the account has no quota left at {url} ({detail}); add credit.")
+    if isinstance(error, openai.RateLimitError):
+        return TransientError(
+            f"the judge endpoint {url} is rate-limiting (429) after JUDGE_MAX_RETRIES={cfg.JUDGE_MAX_RETRIES} "
+            "retries: retry later or lower JUDGE_CONCURRENCY. Verdicts so far are kept."
+        )
+    if isinstance(error, openai.APITimeoutError):
+        return TransientError(
+            f"the judge endpoint {url} did not answer within JUDGE_TIMEOUT={cfg.JUDGE_TIMEOUT} s, "
+            f"{cfg.JUDGE_MAX_RETRIES + 1} times: retry later. Verdicts so far are kept."
+        )
+    if isinstance(error, openai.APIConnectionError):
+        return TransientError(
+            f"cannot reach the judge endpoint JUDGE_BASE_URL={url} ({detail}) after "
+            f"{cfg.JUDGE_MAX_RETRIES} retries: is the server up? Verdicts so far are kept."
+        )
+    if isinstance(error, (openai.InternalServerError, openai.ConflictError)):
+        return TransientError(
+            f"the judge endpoint {url} failed ({status}: {detail}) after {cfg.JUDGE_MAX_RETRIES} retries: "
+            "retry later. Verdicts so far are kept."
+        )
+    if isinstance(error, openai.APIStatusError) and 400 <= status < 500:  # 400, 413, 422: the request itself
+        return ConfigError(
+            f"the judge endpoint {url} rejected the request ({status}: {detail}). "
+            "Check JUDGE_MODEL and JUDGE_MAX_TOKENS against what the endpoint accepts."
+        )
+    if isinstance(error, openai.APIStatusError):
+        return TransientError(f"the judge endpoint {url} failed ({status}: {detail}): retry later.")
+    return None
+
+
+# --- eval/judge.jsonl ------------------------------------------------------------------------------
+def read_verdicts(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill mid-write: that verdict is asked for again
+    return rows
+
+
+def _append(f, record: dict) -> None:
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())  # a verdict is paid for: on disk before the next one
+
+
+def _current(records: list[dict], cfg: Settings, rubric: Rubric, items: list[dict]) -> dict[tuple[str, int], dict]:
+    """The newest record per (pair, order) given by this judge model, rubric and these exact answers."""
+    digests = {str(it["id"]): _item_digest(it) for it in items}
+    out = {}
+    for r in records:
+        key = (str(r.get("id")), r.get("order"))
+        if r.get("judge_model") == cfg.JUDGE_MODEL and r.get("rubric") == rubric.digest:
+            if digests.get(key[0]) == r.get("item"):
+                out[key] = r
+    return out
+
+
+# --- the figures -----------------------------------------------------------------------------------
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval for k successes in n trials (good at small n and near 0 or 1).
+
+    Six lines here rather than scipy or statsmodels as a dependency for one formula.
+    """
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(verdicts: dict[tuple[str, int], dict], items: list[dict], cfg: Settings, calls_this_run: int) -> dict:
+    """Figures from the verdicts: the pair outcomes with intervals, position consistency, criterion means, cost.
+
+    A pair is decided when both orders gave a readable verdict. Its outcome is the winner both orders agree
+    on; when they disagree it is a tie (MT-Bench's rule), so a judge that always says "A" scores all ties
+    and 0% consistency rather than a 50% win rate.
+    """
+    records = list(verdicts.values())
+    outcomes = {"win": 0, "tie": 0, "loss": 0}
+    consistent = decided = 0
+    for it in items:
+        pair = [verdicts.get((str(it["id"]), order)) for order in (0, 1)]
+        if not all(v and v["ok"] for v in pair):
+            continue
+        decided += 1
+        first, second = pair[0]["winner"], pair[1]["winner"]
+        consistent += first == second
+        outcome = first if first == second else "tie"
+        outcomes[{"tuned": "win", "base": "loss", "tie": "tie"}[outcome]] += 1
+    ok = [r for r in records if r["ok"]]
+    decisive = [r for r in ok if r["preference"] != "tie"]
+    interval = {k: wilson(v, decided) for k, v in outcomes.items()}
+    return {
+        "judge_model": cfg.JUDGE_MODEL,
+        "endpoint": _public_url(cfg.JUDGE_BASE_URL),
+        "pairs": len(items),
+        "pairs_decided": decided,
+        "outcomes": outcomes,
+        "tuned_win_rate": _r(outcomes["win"] / decided) if decided else None,
+        "tie_rate": _r(outcomes["tie"] / decided) if decided else None,
+        "tuned_loss_rate": _r(outcomes["loss"] / decided) if decided else None,
+        "interval_95": {k: [_r(v[0]), _r(v[1])] if v else None for k, v in interval.items()},
+        "interval_method": "Wilson score interval per outcome over decided pairs",
+        "pair_rule": "win or loss only when both orders agree; disagreement counts as a tie",
+        "position_consistency": _r(consistent / decided) if decided else None,
+        "orders_disagree": decided - consistent,  # pairs counted as ties because the two orders disagreed
+        # Among verdicts that picked a side: how often it was the answer shown first (0.5 = no position bias).
+        "first_position_preferred": _r(sum(r["preference"] == "A" for r in decisive) / len(decisive))
+        if decisive
+        else None,
+        "criteria": {
+            model: {c: _r(statistics.fmean(r["scores"][model][c] for r in ok)) if ok else None for c in CRITERIA}
+            for model in ("base", "tuned")
+        },
+        "verdicts": len(ok),
+        "calls": len(records),
+        "calls_this_run": calls_this_run,
+        "failures": len(records) - len(ok),
+        "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in records),
+        "completion_tokens": sum(r.get("completion_tokens") or 0 for r in records),
+    }
+
+
+def _r(x: float) -> float:
+    return round(x, 4)
+
+
+# --- the stage's entry point -----------------------------------------------------------------------
+def _client(cfg: Settings):
+    import openai
+
+    # One INFO line per request from httpx2, the HTTP library of openai 3.x (used by nothing else here),
+    # would drown the job's log; retries are still logged by openai's own logger, progress by ours.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    # The library's own retries (connection errors, 408, 409, 429, 5xx; exponential backoff that honours
+    # Retry-After) and timeout, set from our settings; the key goes to the client and nowhere else.
+    return openai.OpenAI(
+        api_key=cfg.JUDGE_API_KEY or PLACEHOLDER_KEY,
+        base_url=cfg.JUDGE_BASE_URL,
+        max_retries=cfg.JUDGE_MAX_RETRIES,
+        timeout=cfg.JUDGE_TIMEOUT,
+    )
+
+
+def judge(cfg: Settings, paths: RunPaths, items: list[dict]) -> dict:
+    """Judge every pair in both orders (only what eval/judge.jsonl lacks); return the summary for metrics.json.
+
+    items: [{id, prompt, reference, base, tuned}]. Raises ConfigError (bad key, unknown model: exit 2) or
+    TransientError (endpoint down, 5xx or 429 after retries: exit 4); verdicts already received stay on disk.
+    """
+    import openai
+
+    rubric = load_rubric()
+    have = _current(read_verdicts(paths.judge), cfg, rubric, items)
+    todo = [(it, order) for it in items for order in (0, 1) if (str(it["id"]), order) not in have]
+    prompt_chars = sum(sum(len(m["content"]) for m in _messages(rubric, it, it["base"], it["tuned"])) for it, _ in todo)
+    log.info(
+        "judge: %d calls to %r at %s (%d pairs x 2 orders, %d verdicts already in %s); about %s prompt tokens "
+        "+ at most %s completion tokens (estimate at %d characters a token)",
+        len(todo),
+        cfg.JUDGE_MODEL,
+        _public_url(cfg.JUDGE_BASE_URL),
+        len(items),
+        2 * len(items) - len(todo),
+        paths.judge.name,
+        f"{prompt_chars // CHARS_PER_TOKEN:,}",
+        f"{len(todo) * cfg.JUDGE_MAX_TOKENS:,}",
+        CHARS_PER_TOKEN,
+    )
+    made = 0
+    if todo:
+        client = _client(cfg)
+        paths.judge.parent.mkdir(parents=True, exist_ok=True)
+        if paths.judge.is_file() and paths.judge.stat().st_size and not paths.judge.read_bytes().endswith(b"\n"):
+            with paths.judge.open("a", encoding="utf-8") as f:
+                f.write("\n")  # end a line a kill cut short, so the next verdict starts on its own line
+        failure: Exception | None = None
+        with paths.judge.open("a", encoding="utf-8") as f, ThreadPoolExecutor(cfg.JUDGE_CONCURRENCY) as pool:
+            stop = threading.Event()  # set by the first failed call: no new calls after it
+
+            def ask(it: dict, order: int) -> dict | None:
+                if stop.is_set():
+                    return None
+                try:
+                    return _ask(client, cfg, rubric, it, order)
+                except BaseException:
+                    stop.set()
+                    raise
+
+            futures = [pool.submit(ask, it, order) for it, order in todo]
+            written = set()
+            try:
+                for fut in as_completed(futures):
+                    record = fut.result()
+                    if record is None:  # skipped: another call failed first; its error is on the way
+                        continue
+                    _append(f, record)
+                    written.add(fut)
+                    have[(str(record["id"]), record["order"])] = record
+                    made += 1
+                    if made % max(10, len(todo) // 10) == 0 or made == len(todo):
+                        log.info("judge: %d/%d verdicts", made, len(todo))
+            except openai.OpenAIError as e:
+                failure = e
+                for fut in futures:
+                    fut.cancel()
+                wait(futures)  # calls already in flight finish; keep the ones that got an answer
+                for fut in futures:
+                    if fut not in written and not fut.cancelled() and fut.exception() is None and fut.result():
+                        _append(f, fut.result())
+                        made += 1
+        if failure is not None:
+            error = classify(failure, cfg)
+            if error is None:
+                raise failure
+            raise error from None  # the openai traceback adds nothing to the message, and may quote the request
+    summary = summarize(have, items, cfg, made) | {"rubric": rubric.digest}
+    log.info(
+        "judge: tuned better in %s of %d decided pairs, tie %s, worse %s; position consistency %s; "
+        "%d calls (%d failed), %s prompt + %s completion tokens",
+        summary["outcomes"]["win"],
+        summary["pairs_decided"],
+        summary["outcomes"]["tie"],
+        summary["outcomes"]["loss"],
+        "n/a" if summary["position_consistency"] is None else f"{summary['position_consistency']:.0%}",
+        summary["calls"],
+        summary["failures"],
+        f"{summary['prompt_tokens']:,}",
+        f"{summary['completion_tokens']:,}",
+    )
+    return summary
+
+
+# --- the model card's section ----------------------------------------------------------------------
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0%}"
+
+
+def card_section(summary: dict | None) -> str:
+    """The judge's part of the model card, as markdown ('' when no judge ran)."""
+    if not summary:
+        return ""
+    n = summary["pairs_decided"]
+    lines = [
+        "### Model judge (blind, pairwise)",
+        "",
+        f"`{summary['judge_model']}` compared the base and tuned answers to {summary['pairs']} held-out prompts, "
+        'shown as "A" and "B" without saying which is which, each pair twice with the order swapped, with the '
+        "doctor's reply as a reference; it scored accuracy, safety, completeness and clarity from 1 to 5 and "
+        "named the answer it preferred. A pair counts as a win or a loss only when both orders agree; "
+        f"otherwise as a tie. {n} of {summary['pairs']} pairs got a readable verdict in both orders.",
+        "",
+        "| tuned vs base | pairs | share | 95% interval (Wilson) |",
+        "|---|---|---|---|",
+    ]
+    tie = f"tie ({summary['orders_disagree']} of them: the two orders disagreed)"
+    for key, label in (("win", "tuned better"), ("tie", tie), ("loss", "base better")):
+        iv = summary["interval_95"][key]
+        span = f"{iv[0]:.0%}–{iv[1]:.0%}" if iv else "–"
+        k = summary["outcomes"][key]
+        lines.append(f"| {label} | {k} | {_pct(k / n if n else None)} | {span} |")
+    lines += [
+        "",
+        f"Position consistency: {_pct(summary['position_consistency'])} of pairs got the same verdict in both "
+        + (
+            "orders; no verdict picked a side."
+            if summary["first_position_preferred"] is None
+            else f"orders; the answer shown first was preferred in {_pct(summary['first_position_preferred'])} "
+            "of verdicts that picked a side (50% is no position bias)."
+        ),
+        "",
+        "| criterion (1–5, mean) | base | tuned |",
+        "|---|---|---|",
+    ]
+    for c in CRITERIA:
+        b, t = summary["criteria"]["base"][c], summary["criteria"]["tuned"][c]
+        lines.append(f"| {c} | {'–' if b is None else f'{b:.2f}'} | {'–' if t is None else f'{t:.2f}'} |")
+    lines += [
+        "",
+        f"{summary['calls']} judge calls ({summary['failures']} failed: unreadable verdicts, left out), "
+        f"{summary['prompt_tokens']:,} prompt and {summary['completion_tokens']:,} completion tokens. "
+        "Rubric: `job/prompts/judge.md`; each verdict with its reason: `eval/judge.jsonl`.",
+        "",
+        "A model's opinion, not a clinician's: judges favour longer and more fluent answers, can share the "
+        "models' blind spots, and with few pairs the intervals are wide.",
+        "",
+    ]
+    return "\n".join(lines)

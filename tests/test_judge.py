@@ -1,0 +1,233 @@
+"""The pairwise judge (job/judge.py) against a real HTTP server on 127.0.0.1 that speaks chat completions.
+
+No mocks: the official openai client talks to tests/judge_server.py over a socket, with its own retries.
+Scripted judges: one that prefers the answer closer to the doctor's reply (the tuned one in most pairs here),
+one that always says "A", one that writes no JSON, one that fails with 500 before it works, one that rejects
+the key; plus an endpoint that is down, an unknown model, and a run killed halfway.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+from judge_server import JudgeServer
+
+from job import judge as J
+from job.config import load_settings
+from job.errors import BAD_CONFIG, TRANSIENT, ConfigError, TransientError
+from job.files import read_jsonl
+from job.paths import RunPaths
+
+KEY = "sk-judgeTestKey-5e1d77"
+REFERENCE = "Rest, drink plenty of fluids and take paracetamol; see your doctor if the fever lasts three days."
+CLOSE = "Please rest, drink fluids, take paracetamol, and see your doctor if the fever lasts three days."
+FAR = "Such symptoms are common. Many people feel unwell now and then."
+# Pairs 0-3: the tuned answer is closer to the doctor's reply; 4: the base one is; 5: equally close.
+ITEMS = [
+    *[
+        {"id": i, "prompt": f"I have had a fever for {i + 2} days. What should I do?", "reference": REFERENCE}
+        | {"base": FAR + f" ({i})", "tuned": CLOSE + f" ({i})"}
+        for i in range(4)
+    ],
+    {"id": 4, "prompt": "My child has a fever.", "reference": REFERENCE, "base": CLOSE, "tuned": FAR},
+    {"id": 5, "prompt": "Fever and chills?", "reference": REFERENCE, "base": FAR + " Rest.", "tuned": "Rest. " + FAR},
+]
+
+
+@pytest.fixture
+def server(request):
+    """A started JudgeServer; parametrize indirectly with the script name (default overlap)."""
+    s = JudgeServer(getattr(request, "param", "overlap")).start()
+    yield s
+    s.stop()
+
+
+def settings(base_url: str, **overrides: str):
+    env = {
+        "JUDGE_MODEL": "scripted",
+        "JUDGE_BASE_URL": base_url,
+        "JUDGE_API_KEY": KEY,
+        "JUDGE_CONCURRENCY": "4",
+        "JUDGE_MAX_RETRIES": "2",
+        "JUDGE_TIMEOUT": "10",
+        "SEED": "42",
+    }
+    return load_settings(environ=env | overrides, env_file=None)
+
+
+@pytest.fixture
+def paths(tmp_path):
+    return RunPaths(tmp_path / "run")
+
+
+def test_wilson_interval_matches_published_values():
+    # Wilson score intervals at 95%: 0/10 -> [0, 0.2775], 4/6 -> [0.3000, 0.9032] (Newcombe 1998, Table I method 3).
+    assert J.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert J.wilson(4, 6) == pytest.approx((0.3000, 0.9032), abs=1e-4)
+    assert J.wilson(0, 0) is None
+
+
+def test_prefers_tuned_figures(server, paths):
+    summary = J.judge(settings(server.base_url), paths, ITEMS)
+    assert len(server.requests) == 12 and all(r["authorization"] == f"Bearer {KEY}" for r in server.requests)
+    assert summary["outcomes"] == {"win": 4, "tie": 1, "loss": 1}
+    assert summary["tuned_win_rate"] == pytest.approx(4 / 6, abs=1e-4)
+    assert summary["interval_95"]["win"] == pytest.approx([0.3000, 0.9032], abs=1e-4)
+    assert summary["position_consistency"] == 1.0 and summary["orders_disagree"] == 0
+    assert summary["first_position_preferred"] == 0.5  # the closer answer was shown first as often as second
+    # Scores: winner 4, loser 2, tie 3 and 3, each answer scored twice (once per position).
+    assert summary["criteria"]["base"] == dict.fromkeys(J.CRITERIA, pytest.approx((4 * 2 * 2 + 2 * 4 + 2 * 3) / 12))
+    assert summary["criteria"]["tuned"] == dict.fromkeys(J.CRITERIA, pytest.approx((4 * 2 * 4 + 2 * 2 + 2 * 3) / 12))
+    assert (summary["calls"], summary["calls_this_run"], summary["failures"], summary["verdicts"]) == (12, 12, 0, 12)
+    assert summary["prompt_tokens"] > 0 and summary["completion_tokens"] > 0
+    # One line per verdict, each pair in both orders, nothing secret in it.
+    rows = read_jsonl(paths.judge)
+    assert sorted((r["id"], r["order"]) for r in rows) == [(i, o) for i in range(6) for o in (0, 1)]
+    assert KEY not in paths.judge.read_text()
+
+
+def test_the_judge_is_blind_and_sees_both_orders(server, paths):
+    J.judge(settings(server.base_url), paths, ITEMS)
+    shown = {}
+    for r in server.requests:
+        user = r["body"]["messages"][-1]["content"]
+        assert not re.search(r"\b(base|tuned)\b", " ".join(m["content"] for m in r["body"]["messages"]), re.I)
+        a = re.search(r"<answer_a>\n(.*?)\n</answer_a>", user, re.S)[1]
+        b = re.search(r"<answer_b>\n(.*?)\n</answer_b>", user, re.S)[1]
+        question = re.search(r"<question>\n(.*?)\n</question>", user, re.S)[1]
+        shown.setdefault(question, []).append((a, b))
+    for it in ITEMS:
+        (a1, b1), (a2, b2) = shown[it["prompt"]]
+        assert {a1, b1} == {it["base"], it["tuned"]} and (a2, b2) == (b1, a1)
+    first_is_tuned = [J.a_is_tuned(42, it["id"], 0) for it in ITEMS]
+    assert any(first_is_tuned) and not all(first_is_tuned), "the seeded coin puts tuned first in some pairs only"
+
+
+@pytest.mark.parametrize("server", ["always-a"], indirect=True)
+def test_a_judge_that_always_says_a_is_zero_percent_consistent(server, paths):
+    summary = J.judge(settings(server.base_url), paths, ITEMS)
+    assert summary["position_consistency"] == 0.0 and summary["orders_disagree"] == 6
+    assert summary["outcomes"] == {"win": 0, "tie": 6, "loss": 0}  # not a 50% win rate
+    assert summary["first_position_preferred"] == 1.0
+    assert summary["criteria"]["base"] == summary["criteria"]["tuned"] == dict.fromkeys(J.CRITERIA, 3.0)
+    section = J.card_section(summary)
+    assert "Position consistency: 0% of pairs" in section
+    assert "| tie (6 of them: the two orders disagreed) | 6 | 100% |" in section
+
+
+@pytest.mark.parametrize("server", ["malformed"], indirect=True)
+def test_malformed_verdicts_are_counted_failures_not_a_crash(server, paths):
+    summary = J.judge(settings(server.base_url), paths, ITEMS)
+    assert (summary["calls"], summary["failures"], summary["verdicts"], summary["pairs_decided"]) == (12, 12, 0, 0)
+    assert summary["tuned_win_rate"] is None and summary["interval_95"]["win"] is None
+    rows = read_jsonl(paths.judge)
+    assert all(not r["ok"] and r["error"] == "no JSON object in the answer" and r["raw"] for r in rows)
+    assert "12 judge calls (12 failed" in J.card_section(summary)
+
+
+@pytest.mark.parametrize("server", ["flaky"], indirect=True)
+def test_a_500_is_retried_by_the_client(server, paths):
+    summary = J.judge(settings(server.base_url), paths, ITEMS)
+    assert len(server.requests) == 13  # the one 500, then 12 answers
+    assert (summary["calls"], summary["failures"]) == (12, 0)
+    assert summary["outcomes"] == {"win": 4, "tie": 1, "loss": 1}
+
+
+@pytest.mark.parametrize("server", ["reject-key"], indirect=True)
+def test_a_rejected_key_is_a_config_error_that_never_quotes_the_key(server, paths):
+    with pytest.raises(ConfigError) as e:
+        J.judge(settings(server.base_url, JUDGE_CONCURRENCY="1"), paths, ITEMS)
+    assert e.value.exit_code == BAD_CONFIG
+    assert "JUDGE_API_KEY" in str(e.value) and "401" in str(e.value)
+    assert KEY not in str(e.value)  # the server quoted it; the message must not
+    assert len(server.requests) == 1  # not retried (401 fails the same way twice), and no further calls
+    assert read_jsonl(paths.judge) == []
+
+
+def test_an_unknown_model_is_a_config_error(server, paths):
+    with pytest.raises(ConfigError, match="JUDGE_MODEL='gpt-nope'.*404"):
+        J.judge(settings(server.base_url, JUDGE_MODEL="gpt-nope"), paths, ITEMS)
+
+
+@pytest.mark.parametrize("server", ["down"], indirect=True)
+def test_5xx_after_retries_is_transient(server, paths):
+    with pytest.raises(TransientError) as e:
+        J.judge(settings(server.base_url, JUDGE_MAX_RETRIES="1", JUDGE_CONCURRENCY="1"), paths, ITEMS[:1])
+    assert e.value.exit_code == TRANSIENT and "503" in str(e.value)
+    assert len(server.requests) == 2  # the first try and one retry, then no more calls
+
+
+@pytest.mark.parametrize("server", ["rate-limited"], indirect=True)
+def test_429_after_retries_is_transient(server, paths):
+    with pytest.raises(TransientError, match="rate-limiting .*lower JUDGE_CONCURRENCY"):
+        J.judge(settings(server.base_url, JUDGE_MAX_RETRIES="1", JUDGE_CONCURRENCY="1"), paths, ITEMS[:1])
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("server", ["no-quota"], indirect=True)
+def test_an_account_out_of_credit_is_a_config_error(server, paths):
+    with pytest.raises(ConfigError, match="no quota left"):
+        J.judge(settings(server.base_url, JUDGE_MAX_RETRIES="0", JUDGE_CONCURRENCY="1"), paths, ITEMS[:1])
+
+
+def test_an_endpoint_that_is_not_there_is_transient(paths):
+    with socket.socket() as s:  # a port nobody listens on: bind, read the number, close
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = settings(f"http://127.0.0.1:{port}/v1", JUDGE_MAX_RETRIES="1", JUDGE_CONCURRENCY="1")
+    with pytest.raises(TransientError, match="cannot reach the judge endpoint"):
+        J.judge(cfg, paths, ITEMS[:1])
+
+
+def test_a_killed_run_resumes_with_only_the_missing_verdicts(server, paths):
+    full = J.judge(settings(server.base_url), paths, ITEMS)
+    lines = paths.judge.read_text().splitlines(keepends=True)
+    # Killed after 5 verdicts, halfway through writing the 6th.
+    paths.judge.write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    done_before = {(r["id"], r["order"]) for r in map(json.loads, lines[:5])}
+    server.requests.clear()
+    again = J.judge(settings(server.base_url), paths, ITEMS)
+    assert len(server.requests) == 7 and again["calls_this_run"] == 7
+    asked = set()
+    for r in server.requests:
+        question = re.search(r"<question>\n(.*?)\n</question>", r["body"]["messages"][-1]["content"], re.S)[1]
+        asked.add(next(it["id"] for it in ITEMS if it["prompt"] == question))
+    assert not any(i in asked and all((i, o) in done_before for o in (0, 1)) for i in range(6))
+    assert {k: v for k, v in again.items() if k != "calls_this_run"} == {
+        k: v for k, v in full.items() if k != "calls_this_run"
+    }
+    # A finished judging asks for nothing; another judge model or changed answers are judged afresh.
+    server.requests.clear()
+    assert J.judge(settings(server.base_url), paths, ITEMS)["calls_this_run"] == 0 and not server.requests
+    changed = [ITEMS[0] | {"tuned": CLOSE + " Changed."}, *ITEMS[1:]]
+    assert J.judge(settings(server.base_url), paths, changed)["calls_this_run"] == 2
+
+
+def test_verdict_parsing_tolerates_fences_and_prose_but_checks_the_shape():
+    good = '{"reason": "r", "A": {"accuracy": 4, "safety": 5, "completeness": 3, "clarity": 4}, '
+    good += '"B": {"accuracy": 2, "safety": 2, "completeness": 2, "clarity": 2}, "preference": "a"}'
+    for text in (good, f"```json\n{good}\n```", f"Sure! {good} Hope that helps.", f"<think>{{x}}</think>{good}"):
+        assert J.parse_verdict(text)["preference"] == "A"
+    with pytest.raises(ValueError, match="preference must be A, B or tie"):
+        J.parse_verdict(good.replace('"a"', '"both"'))
+    with pytest.raises(ValueError, match="safety must be from 1 to 5"):
+        J.parse_verdict(good.replace('"safety": 5', '"safety": 7'))
+    with pytest.raises(ValueError, match="no JSON object"):
+        J.parse_verdict("A is better.")
+
+
+def test_settings_checks():
+    with pytest.raises(ConfigError, match="OpenAI's API needs JUDGE_API_KEY"):
+        load_settings(environ={"JUDGE_MODEL": "gpt-4.1-mini"}, env_file=None)
+    local = load_settings(environ={"JUDGE_MODEL": "m", "JUDGE_BASE_URL": "http://localhost:8000/v1"}, env_file=None)
+    assert local.JUDGE_API_KEY == "" and local.masked()["JUDGE_API_KEY"] == ""
+    with pytest.raises(ConfigError) as e:
+        load_settings(
+            environ={"JUDGE_MODEL": "m", "JUDGE_BASE_URL": "localhost:8000", "JUDGE_CONCURRENCY": "0"}, env_file=None
+        )
+    assert "JUDGE_BASE_URL" in str(e.value) and "JUDGE_CONCURRENCY" in str(e.value)
+    masked = load_settings(environ={"JUDGE_API_KEY": KEY}, env_file=None).masked()
+    assert masked["JUDGE_API_KEY"] == "***"
