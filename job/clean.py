@@ -27,15 +27,15 @@ from typing import Any
 # The platforms the replies were written on, and how doctors spelled them ("HCM", "H.C.M.F.",
 # "Healthcare Magic forum", "'Ask A Doctor' service", "Chat Doctor" as the public dataset anonymises it).
 PLATFORM = (
-    r"(?:health\s*care\s*magic(?:\.com)?|h\.?\s?c\.?\s?m\b\.?(?:\s?f\b\.?)?|hcm(?:f(?-i:(?![a-z])))?(?=[A-Z]|\b)"
-    r"|chat\s*doctor(?:\.com)?|i\s?clini[cq](?:\.com)?|[\"'‘’“”]?ask\s+a\s+doctor[\"'‘’“”]?(?=\s+service))"
+    r"(?:health\s*care\s*magic(?:\.com)?|heal\w{0,8}[\s-]*magic(?:\.com)?|i[a-z]{3,6}q\.com|h\.?\s?c\.?\s?m\b\.?(?:\s?f\b\.?)?|hcm(?:f(?-i:(?![a-z])))?(?=[A-Z]|\b)"
+    r"|chat\s*doctor(?:\.com)?|i\s?clini[cq](?:\.com)?|[\"'‘’“”]?ask\s+a\s+doctor[\"'‘’“”]?(?=\s+service)|[\"'‘’“”]ask\s+a\s+doctor[\"'‘’“”])"
     r"(?:\s*(?:forum|service|platform|website|site|portal)(?-i:(?![a-z])))?"
 )
 # A greeting that opens a reply ("Hi", "Hello dear", "Hi friend", "Hi rick5547"); only cut together
 # with the platform phrase right after it, so "Hello, your fever is viral" keeps its "Hello,".
 _GREETING = (
     r"(?:^|(?<=\n))[\s\"'‘’“”]*(?:(?:hi+|hello|hey|dear|greetings|good\s+(?:morning|evening|afternoon|day))"
-    r"(?:[\s,.!:;\-]*(?:there|dear|friend|sir|madam|ma'?am|and|mr\.?|mrs\.?|ms\.?|[a-z]+\d+)(?-i:(?![a-z])))*"
+    r"(?:[\s,.!:;\-]*(?:(?:there|dear|friend|sir|madam|ma'?am|and|mr\.?|mrs\.?|ms\.?|[a-z]+\d+)(?-i:(?![a-z]))|dear(?=thank|welcome|well)))*"
     r"[\s,.!:;\-‘’“”\"']*)?"
     # a first name or user name, followed by its comma: "Hi!Melissa, Welcome ...", "Tanya, welcome ..."
     r"(?:[a-z][\w]*(?:\s+[a-z][\w]*)?\s*[,;:!.\-]+\s*)?"
@@ -44,7 +44,7 @@ _END = r"[\s]*[.!,;:‘’“”\"']*"  # the punctuation that belonged to the c
 _OBJ = r"(?:your|the|this|a|an|my|our)"
 _TOPIC = r"(?:quer(?:y|ies)|questions?|concerns?|doubts?|problems?|issues?|history|details|information|info)"
 _SITE = (
-    rf"(?:our|this|the|world'?s)\s+(?:[\w'’-]+\s+){{0,4}}?(?:site|website|forum|platform|service|portal)(?-i:(?![a-z]))"
+    rf"(?:(?:our|this|the|world'?s)\s+(?:[\w'’-]+\s+){{0,4}}?)?(?:site|website|forum|platform|service|portal)(?-i:(?![a-z]))"
     rf"(?:\s*{PLATFORM})?"
 )
 _PREP_PLATFORM = (
@@ -53,9 +53,13 @@ _PREP_PLATFORM = (
 )
 
 
+# A phrase starts a word, or a run-on sentence glued to the last one ("careIn case ...", "gel.If ...").
+_START = r"(?:(?<![\w])|(?-i:(?<=[a-z])(?=[A-Z])))"
+
+
 def _phrase(body: str, *, greeting: bool = False) -> re.Pattern[str]:
     # After a greeting the phrase may be glued to it ("HIWell come to HCM"); elsewhere it starts a word.
-    lead = rf"(?:{_GREETING}|(?<![\w]))" if greeting else r"(?<![\w])"
+    lead = rf"(?:{_GREETING}|{_START})" if greeting else _START
     return re.compile(rf"{lead}(?:{body}){_END}", re.I | re.M)
 
 
@@ -63,7 +67,8 @@ def _phrase(body: str, *, greeting: bool = False) -> re.Pattern[str]:
 _WELCOME = _phrase(
     rf"(?:and\s+)?(?:well\s*come|welcome)(?:\s+(?:back\s+)?(?:to|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
     rf"|\s+{PLATFORM})"
-    rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?",
+    rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?"
+    rf"(?:[\s,.!]*greetings\s+of\s+the\s+day)?",
     greeting=True,
 )
 # A bare "welcome" is boilerplate only as the opening: "Hello and welcome...", "Hi, welcome."
@@ -87,7 +92,10 @@ _THANKS = _phrase(
 )
 # Template openers that describe the platform's process, not the patient: "I have reviewed your
 # query and here is my advice" ('Ask A Doctor' service).
-_TEMPLATE = _phrase(r"i\s+have\s+reviewed\s+your\s+query\s+and\s+here\s+is\s+my\s+advice")
+_TEMPLATE = _phrase(
+    r"i\s+have\s+(?:reviewed|read|gone\s+through)\s+(?:your|the)\s+[\w'’\s]{0,30}?"
+    r"(?:query|question|history|concerns?|case|details)\s+and\s+here\s+is\s+my\s+advice"
+)
 
 # "Hope this helps", "Hope I have answered your query", "Hope your concern has been resolved",
 # "I hope this is helpful", "Hope our answers satisfy your need": a run of filler words after
@@ -104,7 +112,7 @@ _HOPE_KEY = re.compile(
     r"help|answer|resolv|address|satisf|clear|clarif|useful|solv|informative|explained|take\s+care", re.I
 )
 _HOPE = re.compile(
-    rf"(?<![\w])(?:i\s+|we\s+)?(?:hope|hopefully)(?:\s+(?:{_HOPE_WORDS})\b)+(?:\s*[,.!]*\s*(?:do\s+)?write\s+back)?{_END}",
+    rf"{_START}(?:i\s+|we\s+)?(?:hope|hopefully)(?:\s+(?:{_HOPE_WORDS})(?:\b|(?-i:(?<=[a-z])(?=[A-Z]))))+(?:\s*[,.!]*\s*(?:do\s+)?write\s+back)?{_END}",
     re.I,
 )
 # "Let me know if I can assist you further", "feel free to ask at HCM", "do not hesitate to contact
@@ -112,17 +120,18 @@ _HOPE = re.compile(
 # "you can ask a direct question to me on this forum, following the below link".
 _FURTHER = r"(?:further|other|more|any|additional|follow[\s-]?up)"
 _CONTACT = re.compile(
-    rf"(?<![\w])(?:(?:but\s+|and\s+|so\s+)?(?:(?:if|in\s+case|should|incase)\s+(?:of\s+)?(?:you\s+)?(?:have\s+|need\s+|require\s+)?"
-    rf"(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|clarifications?|assistance|help|information)"
+    rf"{_START}(?:(?:but\s+|and\s+|so\s+)?(?:(?:if|in\s+case|should|incase)\s+(?:of\s+)?(?:you\s+)?(?:have\s+|need\s+|require\s+)?"
+    rf"(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|clarifications?|assistance|help|information|anything\s+else(?:\s+to\s+ask)?)"
     rf"(?:\s+in\s+this\s+regard)?|for\s+(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?|doubts?|clarifications?))"
     rf"\s*,?\s*(?:then\s+)?(?:please\s+|you\s+(?:can|may)\s+|kindly\s+)?)?"
     rf"(?:(?:please\s+)?(?:do\s+)?(?:let\s+(?:me|us)\s+know\s+if\s+(?:i|we)\s+can\s+(?:assist|help)\s+you(?:\s+further)?"
     rf"|let\s+(?:me|us)\s+know\s+if\s+you\s+have\s+any\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?)"
     rf"|feel\s+(?:free|easy)\s+to\s+(?:ask|contact|write|revert|get\s+back|come\s+back|post|discuss|reach|message|follow\s+up)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:do\s+not|don'?t|never)\s+hesitate\s+(?:to|in)\s+[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:you\s+(?:can|may)\s+)?(?:contact|write\s+to|ask)\s+(?:me|us)(?:\s+(?:directly|again|back|anytime))?"
+    rf"|(?:(?:please|kindly)\s+)?(?:you\s+(?:can|may)\s+)?(?:contact|write\s+(?:back\s+)?to|ask)\s+(?:me|us)(?:\s+(?:directly|again|back|anytime))?"
     rf"(?:\s+(?:on|at|through|via)\s+(?:this\s+(?:forum|platform|site|website)|{PLATFORM}))?"
-    rf"(?=\s*[.!?\n]|[A-Z]|$)"
+    rf"(?=\s*(?:[.!?\n]|$)|\s*(?-i:[A-Z]))"
+    rf"|(?:if|in\s+case)\s+(?:of\s+)?(?:you\s+have\s+)?(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?)(?=\s*,?\s*(?:dr\b|$))"
     rf"|(?:please\s+)?(?:get|come|write)\s+back(?:\s+to\s+(?:me|us))?\s+(?:if|in\s+case)\s+you\s+(?:require|need|have)\s+"
     rf"(?:any\s+)?{_FURTHER}?\s*(?:information|quer(?:y|ies)|questions?|help|assistance|clarifications?)"
     rf"|(?:i\s+)?(?:would|will|shall)\s+be\s+(?:happy|glad|pleased)\s+to\s+(?:help|assist|answer)[^.!?\n]{{0,120}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
@@ -136,7 +145,7 @@ _CONTACT = re.compile(
 )
 # "Wish you good health", "Wishing you a speedy recovery", "Wish you the best of the health".
 _WISH = re.compile(
-    r"(?<![\w])(?:i\s+)?(?:wish(?:ing)?)\s+(?:you\s+)?(?:(?:a|an|the|all|very|good|best|of|speedy|quick|early|rapid|"
+    _START + r"(?:i\s+)?(?:wish(?:ing)?)\s+(?:you\s+)?(?:(?:a|an|the|all|very|good|best|of|speedy|quick|early|rapid|"
     r"healthy|and|happy|great|sound|health|recovery|luck|wonderful|have|ahead|always|life|for|baby|future|"
     r"your|child|son|daughter|mother|father|wife|husband|kid)\b\s*){1,10}(?=[\s.!,]|$)[.!,]*",
     re.I,
@@ -181,7 +190,7 @@ _CLOSERS = (
     r"(?:with\s+)?(?:(?:best|warm|kind|kindest|warmest|healthiest|sincere|respectful)\s+)?regards|rgds|regds|thanks\s*(?:&|and)\s*regards|"
     r"thank\s*you\s*(?:&|and)\s*regards|(?:and\s+)?thanks\s+(?:(?:very|so)\s+much|a\s+lot)|sincerely|yours\s+(?:truly|sincerely|faithfully)|yours|best\s+wishes|"
     r"warm\s+wishes|with\s+best\s+wishes|good\s+wishes|wishes|thanks|thank\s*you|thanx|thankyou|take\s*care|good\s*luck|"
-    r"all\s+the\s+best|bye|ok\s+and\s+bye|cheers|god\s+bless(?:\s+you)?|have\s+a\s+(?:nice|good|healthful)\s+day"
+    r"all\s+the\s+best|bye|ok|ok\s+and\s+bye|cheers|god\s+bless(?:\s+you)?|have\s+a\s+(?:nice|good|healthful)\s+day"
 )
 _LETTER_CLOSER = re.compile(
     r"regards|sincerely|yours|best\s+wishes|warm\s+wishes|good\s+wishes|wishes|thanks|thank\s*you|thanx|cheers",
@@ -260,11 +269,19 @@ _STOPWORDS = (
 # Where a sign-off may begin: after a sentence end (with or without the space), after a comma or a
 # newline, at a run-on boundary ("applied the gel.Regards" / "momRegards"), or at the very start.
 _ANCHOR = re.compile(
-    rf"(?:(?<=[.!?,;:\n)\]\-])|(?-i:(?<=[a-z])(?=[A-Z]))|(?<=\s)|^)\s*(?:(?:{_CLOSERS})(?-i:(?![a-z]))|{_DR})",
+    rf"(?:(?<=[.!?,;:\n)\]\-~])|(?-i:(?<=[a-z])(?=[A-Z]))|(?<=\s)|^)\s*(?:(?:{_CLOSERS})(?-i:(?![a-z]))|{_DR})",
     re.I,
 )
 _SIG_PREV = re.compile(
-    r"(?:^|[.!?,;:\n)\]\-]|(?-i:[a-z](?=[A-Z])))\s*$|(?:^|\s)(?:" + _CLOSERS + r")[\s,.!:;\-]*$", re.I
+    r"(?:^|[.!?,;:\n)\]\-~]|(?-i:[a-z](?=[A-Z])))\s*$|(?:^|\s)(?:" + _CLOSERS + r")[\s,.!:;\-]*$", re.I
+)
+
+
+# A signature without "Dr" or a closing word: a capitalised name, a comma, then degrees in capitals
+# ("... a yearly flu shot. Arnold Zedd, MD, FAAP"). The comma keeps "Take Betadine MS." out.
+_NAME_DEGREES = re.compile(
+    r"(?:(?<=[.!?\n])|^)\s*(?-i:[A-Z][a-z]+(?:\s+[A-Z]\.?)*(?:\s+[A-Z][a-z'’-]+){1,2}),\s*"
+    r"(?:(?-i:[A-Z][A-Za-z.()]{1,8})[\s,]*){1,6}$"
 )
 
 
@@ -288,6 +305,9 @@ def _signoff_start(text: str) -> int | None:
                 continue
         if _signature_tail(text[start:]):
             return start
+    m = _NAME_DEGREES.search(text, window)
+    if m and any(_is_degree(w.strip(".,()")) for w in re.split(r"[\s,]+", text[m.start() :].split(",", 1)[1])):
+        return m.start() + len(m.group()) - len(m.group().lstrip())
     return None
 
 
@@ -354,8 +374,8 @@ def _join_cut(m: re.Match[str]) -> str:
         return sep
     if kept_end:
         return kept_end.group(1) + sep
-    if re.search(r"[.!?]", inner) and after[:1].isupper():
-        return "." + sep
+    if (re.search(r"[.!?]", inner) or before.islower()) and after[:1].isupper():
+        return "." + sep  # a cut between "feed" and "Dr ..." or "Hope" was a sentence boundary
     if inner.lstrip().startswith(","):
         return "," + sep if not after[:1].isupper() else sep
     return sep
@@ -364,7 +384,8 @@ def _join_cut(m: re.Match[str]) -> str:
 def _finish(text: str, started_with: str) -> str:
     text = whitespace(text)
     text = re.sub(r"([.!?][)\]\"'’”]+)\.$", r"\1", text)  # "etc.)" + a cut sentence end is not "etc.)."
-    text = re.sub(r"^[\s,.;:!?\-]+", "", text)
+    text = re.sub(r"^[\s,.;:!?\-~]+", "", text)
+    text = re.sub(r"(?<=[.!?])[\s~\-–]+$", "", text)
     # Capitalise a reply whose opening was cut ("dearthanks for your query at HCMyour doctor ...").
     if text and text[:1].islower() and started_with[:1] != text[:1]:
         text = text[0].upper() + text[1:]
