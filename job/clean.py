@@ -29,20 +29,24 @@ from typing import Any
 PLATFORM = (
     r"(?:health\s*care\s*magic(?:\.com)?|heal\w{0,8}[\s-]*magic(?:\.com)?|i[a-z]{3,6}q\.com|h\.?\s?c\.?\s?m\b\.?(?:\s?f\b\.?)?|hcm(?:f(?-i:(?![a-z])))?(?=[A-Z]|\b)"
     r"|chat\s*doctor(?:\.com)?|i\s?clini[cq](?:\.com)?|[\"'‘’“”]?ask\s+a\s+doctor[\"'‘’“”]?(?=\s+service)|[\"'‘’“”]ask\s+a\s+doctor[\"'‘’“”])"
-    r"(?:\s*(?:forum|service|platform|website|site|portal)(?-i:(?![a-z])))?"
+    r"(?:\s*(?:forum|services?|platform|website|site|portal)(?-i:(?![a-z])))?"
 )
 # A greeting that opens a reply ("Hi", "Hello dear", "Hi friend", "Hi rick5547"); only cut together
 # with the platform phrase right after it, so "Hello, your fever is viral" keeps its "Hello,".
 _GREETING = (
-    r"(?:^|(?<=\n))[\s\"'‘’“”]*(?:(?:hi+|hello|hey|dear|greetings|good\s+(?:morning|evening|afternoon|day))"
-    r"(?:[\s,.!:;\-]*(?:(?:there|dear|friend|sir|madam|ma'?am|and|mr\.?|mrs\.?|ms\.?|[a-z]+\d+)(?-i:(?![a-z]))|dear(?=thank|welcome|well)))*"
+    r"(?:^|(?<=\n))[\s\"'‘’“”]*(?:(?:hi+|hello|hey|dear|respected|greetings|good\s+(?:morning|evening|afternoon|day))"
+    r"(?:[\s,.!:;\-]*(?:(?:there|dear|friend|sir|madam|ma'?am|and|user|hi+|hello|mr\.?|mrs\.?|ms\.?|[a-z]+\d+)(?-i:(?![a-z]))"
+    r"|sir\s*/\s*madam|dear(?=thank|welcome|well|warm)|hi(?=thank|welcome|well)))*"
     r"[\s,.!:;\-‘’“”\"']*)?"
     # a first name or user name, followed by its comma: "Hi!Melissa, Welcome ...", "Tanya, welcome ..."
     r"(?:[a-z][\w]*(?:\s+[a-z][\w]*)?\s*[,;:!.\-]+\s*)?"
 )
 _END = r"[\s]*[.!,;:‘’“”\"']*"  # the punctuation that belonged to the cut phrase
 _OBJ = r"(?:your|the|this|a|an|my|our)"
-_TOPIC = r"(?:quer(?:y|ies)|questions?|concerns?|doubts?|problems?|issues?|history|details|information|info)"
+_TOPIC = (
+    r"(?:quer(?:y|ies)|questions?|concerns?|doubts?|problems?|issues?|history|details|information|info|complaints?|"
+    r"complain|contact)"
+)
 _SITE = (
     rf"(?:(?:our|this|the|world'?s)\s+(?:[\w'’-]+\s+){{0,4}}?)?(?:site|website|forum|platform|service|portal)(?-i:(?![a-z]))"
     rf"(?:\s*{PLATFORM})?"
@@ -65,8 +69,9 @@ def _phrase(body: str, *, greeting: bool = False) -> re.Pattern[str]:
 
 # "Welcome to HCM", "Well come to the HCM", "Hello and welcome...", "Welcome HCM!".
 _WELCOME = _phrase(
-    rf"(?:and\s+)?(?:well\s*come|welcome)(?:\s+(?:back\s+)?(?:to|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
-    rf"|\s+{PLATFORM})"
+    rf"(?:(?:thanks?|thank\s+you)\s+and\s+|and\s+|i\s+)?(?:a\s+)?(?:warm\s+)?(?:well\s*come|welcome)(?:\s+you)?"
+    rf"(?:\s+(?:back\s+)?(?:here\s+)?(?:to|t|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
+    rf"|\s+{PLATFORM})|greetings\s+from\s+(?:the\s+)?{PLATFORM}"
     rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?"
     rf"(?:[\s,.!]*greetings\s+of\s+the\s+day)?",
     greeting=True,
@@ -78,16 +83,17 @@ _WELCOME_BARE = re.compile(
 # "Thanks for your query", "Thank you for asking at HCM", "thank you for writing to us",
 # "Thanks for posting your concern in the HCM", "Thank you for providing the brief history".
 _THANKS_VERB = (
-    r"(?:using|choosing|contacting|asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|"
+    r"(?:using|choosing|contacting|contact|asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|"
     r"visiting|sharing|providing|the|your|this|putting|submitting|raising|bringing)"
 )
 _THANKS = _phrase(
-    rf"(?:many\s+|and\s+)?(?:thanks?|thank\s*(?:s|you)|than\s+you)(?:\s+(?:so|very)\s+much|\s+a\s+lot)?\s*"
+    rf"(?:(?:well\s*come|welcome)[\s,.!]*)?(?:many\s+|and\s+)?(?:thanks?|thank\s*(?:s|you)|than\s+you)(?:\s+(?:so|very)\s+much|\s+a\s+lot)?\s*"
     rf"(?:for|to)\s+{_THANKS_VERB}(?:\s+(?:us|me)|\s*{PLATFORM})?"
-    rf"(?:\s+(?:{_OBJ}\s+)?(?:brief\s+|detailed\s+|valuable\s+|medical\s+)?{_TOPIC}(?:\s+of\s+(?:you(?![a-z])|(?:your|the)\s+[a-z]+))?)?"
+    rf"(?:\s+(?:{_OBJ}\s+)?(?:[a-z]+\s+)?{_TOPIC}(?:\s+of\s+(?:you(?![a-z])|(?:your|the)\s+[a-z]+))?)?"
     rf"(?:\s+(?:to|at|on|in|with|through|from|via|under|here)\s*(?:the\s+)?(?:us|{PLATFORM}|{_SITE}))?"
     rf"(?:\s+{_SITE})?"
-    rf"{_PREP_PLATFORM}",
+    rf"{_PREP_PLATFORM}"
+    rf"(?:\s+for\s+(?:posting|asking|sharing)\s+(?:{_OBJ}\s+)?{_TOPIC})?",
     greeting=True,
 )
 # Template openers that describe the platform's process, not the patient: "I have reviewed your
@@ -104,12 +110,12 @@ _HOPE_WORDS = (
     r"this|that|it|i|we|my|our|the|above|information|info|answer|answers|reply|replies|suggestions?|advice|"
     r"have|has|had|was|is|will|would|be|been|am|were|are|able|to|of|for|you|your|concerns?|quer(?:y|ies)|"
     r"questions?|doubts?|all|fully|well|some|way|in|any|clears?|cleared|solves?|solved|helps?|helped|helpful|"
-    r"answered|addressed|resolved|satisfy|satisfies|satisfied|need|needs|facts|useful|take|care|"
+    r"answered|addressed|resolved|satisfy|satisfies|satisfied|need|needs|facts|useful|take|care|ok|okay|"
     r"successfully|adequately|clarified|clarify|informative|and|could|can|sufficiently|provided|given|"
     r"explained|much|issue|problem"
 )
 _HOPE_KEY = re.compile(
-    r"help|answer|resolv|address|satisf|clear|clarif|useful|solv|informative|explained|take\s+care", re.I
+    r"help|answer|resolv|address|satisf|clear|clarif|useful|solv|informative|explained|take\s+care|\bok\b|okay", re.I
 )
 _HOPE = re.compile(
     rf"{_START}(?:i\s+|we\s+)?(?:hope|hopefully)(?:\s+(?:{_HOPE_WORDS})(?:\b|(?-i:(?<=[a-z])(?=[A-Z]))))+(?:\s*[,.!]*\s*(?:do\s+)?write\s+back)?{_END}",
@@ -122,6 +128,7 @@ _FURTHER = r"(?:further|other|more|any|additional|follow[\s-]?up)"
 _CONTACT = re.compile(
     rf"{_START}(?:(?:but\s+|and\s+|so\s+)?(?:(?:if|in\s+case|should|incase)\s+(?:of\s+)?(?:you\s+)?(?:have\s+|need\s+|require\s+)?"
     rf"(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|clarifications?|assistance|help|information|anything\s+else(?:\s+to\s+ask)?)"
+    rf"(?:\s+(?:or|and)\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?))?"
     rf"(?:\s+in\s+this\s+regard)?|for\s+(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?|doubts?|clarifications?))"
     rf"\s*,?\s*(?:then\s+)?(?:please\s+|you\s+(?:can|may)\s+|kindly\s+)?)?"
     rf"(?:(?:please\s+)?(?:do\s+)?(?:let\s+(?:me|us)\s+know\s+if\s+(?:i|we)\s+can\s+(?:assist|help)\s+you(?:\s+further)?"
@@ -135,9 +142,9 @@ _CONTACT = re.compile(
     rf"|(?:please\s+)?(?:get|come|write)\s+back(?:\s+to\s+(?:me|us))?\s+(?:if|in\s+case)\s+you\s+(?:require|need|have)\s+"
     rf"(?:any\s+)?{_FURTHER}?\s*(?:information|quer(?:y|ies)|questions?|help|assistance|clarifications?)"
     rf"|(?:i\s+)?(?:would|will|shall)\s+be\s+(?:happy|glad|pleased)\s+to\s+(?:help|assist|answer)[^.!?\n]{{0,120}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+any\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?)[^.!?\n]{{0,40}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|assistance|help)[^.!?\n]{{0,40}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:any\s+)?{_FURTHER}\s+(?:clarifications?|quer(?:y|ies)|questions?)\s+(?:are|is)\s+(?:most\s+|always\s+)?welcome"
-    rf"|(?:you\s+can\s+)?ask\s+me\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:you\s+can\s+)?ask\s+me\s+(?:a\s+|any\s+)?(?:direct\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:you\s+can\s+)?reach\s+me\s+directly[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:you\s+can\s+)?ask\s+a\s+direct\s+question\s+to\s+me[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)))"
     rf"{_END}",
@@ -147,7 +154,8 @@ _CONTACT = re.compile(
 _WISH = re.compile(
     _START + r"(?:i\s+)?(?:wish(?:ing)?)\s+(?:you\s+)?(?:(?:a|an|the|all|very|good|best|of|speedy|quick|early|rapid|"
     r"healthy|and|happy|great|sound|health|recovery|luck|wonderful|have|ahead|always|life|for|baby|future|"
-    r"your|child|son|daughter|mother|father|wife|husband|kid)\b\s*){1,10}(?=[\s.!,]|$)[.!,]*",
+    r"your|child|son|daughter|mother|father|wife|husband|kid)\b\s*){1,10}(?=[\s.!,]|$)"
+    + rf"(?:\s*(?:at|on|from|in)\s+(?:the\s+)?{PLATFORM})?[.!,]*",
     re.I,
 )
 # "Kindly spare some time to rate my answer", "please rate/accept this answer".
@@ -169,7 +177,7 @@ _URL_INTRO = (
     r"my\s+website|website|blog|link|url)[^.!?\n\w]{0,3}(?:this\s+|the\s+|below\s+|following\s+)*(?:url|link)?\s*[:\-]?\s*)?"
 )
 _URL = re.compile(
-    r"(?:(?<=\s)|(?<=^)|(?<=[:(\-]))(?:https?://|www\.)[^\s]+?(?=[.,;:!?)\]]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))",
+    r"(?:(?<=\s)|(?<=^)|(?<=[:(\-]))(?:https?://|www\.|(?:bit\.ly|goo\.gl|tinyurl\.com|t\.co)/)[^\s]+?(?=[.,;:!?)\]]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))",
     re.I,
 )
 _EMAIL = re.compile(
@@ -190,7 +198,7 @@ _CLOSERS = (
     r"(?:with\s+)?(?:(?:best|warm|kind|kindest|warmest|healthiest|sincere|respectful)\s+)?regards|rgds|regds|thanks\s*(?:&|and)\s*regards|"
     r"thank\s*you\s*(?:&|and)\s*regards|(?:and\s+)?thanks\s+(?:(?:very|so)\s+much|a\s+lot)|sincerely|yours\s+(?:truly|sincerely|faithfully)|yours|best\s+wishes|"
     r"warm\s+wishes|with\s+best\s+wishes|good\s+wishes|wishes|thanks|thank\s*you|thanx|thankyou|take\s*care|good\s*luck|"
-    r"all\s+the\s+best|bye|ok|ok\s+and\s+bye|cheers|god\s+bless(?:\s+you)?|have\s+a\s+(?:nice|good|healthful)\s+day"
+    r"all\s+the\s+best|bye|ok|thanking\s+you|(?:and|&)\s*take\s*care|(?:and|&)\s*regards|ok\s+and\s+bye|cheers|god\s+bless(?:\s+you)?|have\s+a\s+(?:nice|good|healthful)\s+day"
 )
 _LETTER_CLOSER = re.compile(
     r"regards|sincerely|yours|best\s+wishes|warm\s+wishes|good\s+wishes|wishes|thanks|thank\s*you|thanx|cheers",
@@ -234,7 +242,7 @@ def _signature_tail(tail: str) -> bool:
         return closer or had_dr
     if len(words) > 40:
         return False
-    lower_name_slots = 4 if had_dr or closer else 0
+    lower_name_slots = 3 if had_dr else 0  # lowercase names only right after "Dr": "dr namrata"
     evidence = had_dr or closer
     lowercase = digits = 0
     for k, w in enumerate(words):
@@ -339,21 +347,27 @@ _CUT = "\x00"  # marks where a phrase was removed, so the tidy-up touches only t
 _INTRO = re.compile(
     r"(?:(?<![\w])(?:or\s+|and\s+)?for\s+more\s+(?:info(?:rmation)?|details)(?:\s+(?:you|u))?\s*,?"
     r"|(?<![\w])(?:(?:for\s+more\s+(?:info(?:rmation)?|details)|or|and)\s*,?\s*)*"
+    r"(?:(?:if|in\s+case)\s+(?:of\s+)?(?:you\s+have\s+)?(?:any\s+)?[\w\s]{0,30}?\s*,?\s*(?:then\s+)?)?"
     r"(?:(?:you|u)\s+(?:can|may)\s+|please\s+|kindly\s+)?"
     r"(?:e-?mail|mail|write(?:\s+down)?|visit|contact|reach|find|call|message|whatsapp|send|read\s+more)"
-    r"(?:\s+(?:us|me|them|it|the\s+(?:photos?|pictures?|reports?)))?(?:\s+(?:at|on|to|in|via))?"
+    r"(?:\s+(?:us|me|them|it|the\s+(?:photos?|pictures?|reports?)))?(?:\s+(?:at|on|to|in|via))\s*[:\-]?"
     r"|(?<![\w])(?:please\s+)?(?:(?:at|on|to|via|through|using|use|visit|following|with|in)\s+)?(?:the\s+|this\s+|my\s+)?"
-    r"(?:below\s+|following\s+|above\s+(?:mentioned\s+)?)?"
-    r"(?:url|link|website|web\s*site|blog|e-?mail(?:\s+id)?|mob(?:ile)?|phone|tel)(?:\s+(?:no\.?|number))?)"
-    r"\s*[.:\-]?\s*\(?(?=\x00)",
+    r"(?:(?:below|above|following)(?:\s+mentioned)?\s+)?"
+    r"(?:url|link|website|web\s*site|blog|e-?mail(?:\s+id)?|mob(?:ile)?|phone|tel)(?:\s+(?:no\.?|number))?\s*[.:\-]?"
+    r"|(?<=\s)(?:at|to|on|via)(?=\s*\x00))\s*\(?(?=\x00)",
     re.I,
 )
+
+
+# A conjunction left alone between two cuts, or between a cut and a sentence end ("... resolved and <cut>").
+_LONE_CONJUNCTION = re.compile(r"(?:(?<=\x00)|(?<=[.!?]))\s*(?:and|but|or|so|then)\s*[,.]?\s*(?=\x00)", re.I)
 
 
 def _tidy(text: str) -> str:
     if _CUT not in text:
         return text
-    text = _INTRO.sub("", text)
+    text = _LONE_CONJUNCTION.sub("", _INTRO.sub("", text))
+    text = re.sub(r"(?i)(?<![\w])(?:and|but|or|so)\s*(?=\x00\W*$)", "", text)
     # Punctuation and spaces around a cut collapse to one separator (see _join_cut).
     text = re.sub(r"(?:(?<=(.))|^)([\s,.;:!?\-\x00]*\x00[\s,;:!?.\-\x00]*)(?=(.)|$)", _join_cut, text, flags=re.S)
     return text
@@ -367,6 +381,9 @@ def _join_cut(m: re.Match[str]) -> str:
         return ""  # nothing before the cut: drop the separators
     if after is None:
         # End of text: keep a sentence end that was already there before the cut.
+        kept_end = re.match(r"\s*([.!?]+)", inner)  # "Any worries? <cut>" keeps its question mark
+        if kept_end and before not in ".!?":
+            return kept_end.group(1)[:1]
         return "." if before.isalnum() or before in ")]\"'" else ""
     sep = "\n\n" if "\n\n" in inner else ("\n" if "\n" in inner else " ")
     kept_end = re.match(r"\s*([.!?]+)", inner)  # the sentence end before the cut belongs to the text before it
@@ -386,6 +403,8 @@ def _finish(text: str, started_with: str) -> str:
     text = re.sub(r"([.!?][)\]\"'’”]+)\.$", r"\1", text)  # "etc.)" + a cut sentence end is not "etc.)."
     text = re.sub(r"^[\s,.;:!?\-~]+", "", text)
     text = re.sub(r"(?<=[.!?])[\s~\-–]+$", "", text)
+    if text != started_with and re.search(r"\w[\s,;:\-]+$", text):  # "... will be fine,<cut>" ends its sentence
+        text = re.sub(r"[\s,;:\-]+$", ".", text)
     # Capitalise a reply whose opening was cut ("dearthanks for your query at HCMyour doctor ...").
     if text and text[:1].islower() and started_with[:1] != text[:1]:
         text = text[0].upper() + text[1:]
@@ -441,9 +460,9 @@ RULES: list[tuple[str, Callable[[str], str]]] = [
     ("welcome", lambda text: _WELCOME_BARE.sub(_CUT, _WELCOME.sub(_CUT, text))),
     ("thanks_for_query", _sub(_THANKS)),
     ("template", _sub(_TEMPLATE)),
+    ("wishes", _wishes),
     ("hope_this_helps", _hope),
     ("contact_me", _sub(_CONTACT)),
-    ("wishes", _wishes),
     ("rate_answer", _sub(_RATE)),
     ("platform_name", _platform),
     ("signoff", _signoff_rule),
