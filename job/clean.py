@@ -83,12 +83,12 @@ _WELCOME_BARE = re.compile(
 # "Thanks for your query", "Thank you for asking at HCM", "thank you for writing to us",
 # "Thanks for posting your concern in the HCM", "Thank you for providing the brief history".
 _THANKS_VERB = (
-    r"(?:using|choosing|contacting|contact|asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|"
+    r"(?:using|choosing|contacting|contact|giving|asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|"
     r"visiting|sharing|providing|the|your|this|putting|submitting|raising|bringing)"
 )
 _THANKS = _phrase(
     rf"(?:(?:well\s*come|welcome)[\s,.!]*)?(?:many\s+|and\s+)?(?:thanks?|thank\s*(?:s|you)|than\s+you)(?:\s+(?:so|very)\s+much|\s+a\s+lot)?\s*"
-    rf"(?:for|to)\s+{_THANKS_VERB}(?:\s+(?:us|me)|\s*{PLATFORM})?"
+    rf"(?:for|to)\s+(?:{_THANKS_VERB}|{_TOPIC})(?:\s+(?:us|me)|\s*{PLATFORM})?"
     rf"(?:\s+(?:{_OBJ}\s+)?(?:[a-z]+\s+)?{_TOPIC}(?:\s+of\s+(?:you(?![a-z])|(?:your|the)\s+[a-z]+))?)?"
     rf"(?:\s+(?:to|at|on|in|with|through|from|via|under|here)\s*(?:the\s+)?(?:us|{PLATFORM}|{_SITE}))?"
     rf"(?:\s+{_SITE})?"
@@ -112,10 +112,11 @@ _HOPE_WORDS = (
     r"questions?|doubts?|all|fully|well|some|way|in|any|clears?|cleared|solves?|solved|helps?|helped|helpful|"
     r"answered|addressed|resolved|satisfy|satisfies|satisfied|need|needs|facts|useful|take|care|ok|okay|"
     r"successfully|adequately|clarified|clarify|informative|and|could|can|sufficiently|provided|given|"
-    r"explained|much|issue|problem"
+    r"explained|much|issue|problem|may|find|guides?|managed|with|qwery"
 )
 _HOPE_KEY = re.compile(
-    r"help|answer|resolv|address|satisf|clear|clarif|useful|solv|informative|explained|take\s+care|\bok\b|okay", re.I
+    r"help|answer|resolv|address|satisf|clear|clarif|useful|solv|informative|explained|take\s+care|\bok\b|okay|guide",
+    re.I,
 )
 _HOPE = re.compile(
     rf"{_START}(?:i\s+|we\s+)?(?:hope|hopefully)(?:\s+(?:{_HOPE_WORDS})(?:\b|(?-i:(?<=[a-z])(?=[A-Z]))))+(?:\s*[,.!]*\s*(?:do\s+)?write\s+back)?{_END}",
@@ -145,6 +146,7 @@ _CONTACT = re.compile(
     rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|assistance|help)[^.!?\n]{{0,40}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:any\s+)?{_FURTHER}\s+(?:clarifications?|quer(?:y|ies)|questions?)\s+(?:are|is)\s+(?:most\s+|always\s+)?welcome"
     rf"|(?:you\s+can\s+)?ask\s+me\s+(?:a\s+|any\s+)?(?:direct\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:i\s+(?:am|remain)\s+)?at\s+your\s+disposal[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:you\s+can\s+)?reach\s+me\s+directly[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:you\s+can\s+)?ask\s+a\s+direct\s+question\s+to\s+me[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)))"
     rf"{_END}",
@@ -154,7 +156,7 @@ _CONTACT = re.compile(
 _WISH = re.compile(
     _START + r"(?:i\s+)?(?:wish(?:ing)?)\s+(?:you\s+)?(?:(?:a|an|the|all|very|good|best|of|speedy|quick|early|rapid|"
     r"healthy|and|happy|great|sound|health|recovery|luck|wonderful|have|ahead|always|life|for|baby|future|"
-    r"your|child|son|daughter|mother|father|wife|husband|kid)\b\s*){1,10}(?=[\s.!,]|$)"
+    r"your|child|son|daughter|mother|father|wife|husband|kid|&|fast|blessed)(?:\b|(?<=&))\s*){1,10}(?=[\s.!,]|$)"
     + rf"(?:\s*(?:at|on|from|in)\s+(?:the\s+)?{PLATFORM})?[.!,]*",
     re.I,
 )
@@ -237,6 +239,8 @@ def _signature_tail(tail: str) -> bool:
     closer = text != tail.lstrip() and bool(_LETTER_CLOSER.search(tail[: len(tail) - len(text)]))
     had_dr = bool(re.match(rf"(?i){_DR}", text))
     body = re.sub(rf"(?i)^{_DR}", "", text)
+    # Closing words may also sit inside the block ("Thanks and. Best regards, Luchuo, MD").
+    body = re.sub(rf"(?i)(?<![\w])(?:{_CLOSERS})(?-i:(?![a-z]))", " ", body)
     words = _SIG_TOKEN.findall(body)
     if not words:  # only closing words: a fragment when it is a letter closer ("Regards", "Thanks.")
         return closer or had_dr
@@ -263,6 +267,17 @@ def _signature_tail(tail: str) -> bool:
             lowercase += 1
     if not evidence:
         return False
+    if closer and not had_dr and not any(_is_degree(w.strip(".'’")) for w in words):
+        # Only a closing word vouches for the name ("Regards, Jay Indravadan Patel, Physical Therapist"):
+        # up to four capitalised name words, specialty words, and no everyday word ("Thanks. Use Betadine").
+        special = [w for w in words if re.fullmatch(_SPECIALTY, w.strip(".'’"), re.I)]
+        names = [w for w in words if w not in special and not re.fullmatch(_CONNECTORS, w, re.I)]
+        if len(names) > 4 or len(names) < len(words) - len(special) and not special:
+            return False
+        if any(not w[:1].isupper() for w in names):
+            return False
+        if names and re.fullmatch(rf"(?:{_STOPWORDS}|{_VERBS})", names[0].strip(".'’"), re.I):
+            return False  # an imperative, not a name
     # A clinic address may hold a word or two in lowercase ("Matunga east") and numbers.
     strong = had_dr and any(_is_degree(w.strip(".'’")) for w in words)
     return lowercase == 0 or (strong and lowercase <= 2)
@@ -274,6 +289,10 @@ _STOPWORDS = (
     r"on|at|with|about|as|after|before|visit|see|consult|check|take|get|go|ask|advice|advise|opinion|examination|"
     r"exam|review|appointment|prescription|treatment|he|she|they|them|him|her|his|we|our|us|me|my|i"
 )
+_VERBS = (
+    r"use|apply|avoid|drink|eat|rest|wash|keep|stop|start|do|don'?t|try|continue|give|put|wear|stay|"
+    r"follow|repeat|need|must|would|could|get|have|let|make|call|contact|write|ask|consult|see|visit|go"
+)
 # Where a sign-off may begin: after a sentence end (with or without the space), after a comma or a
 # newline, at a run-on boundary ("applied the gel.Regards" / "momRegards"), or at the very start.
 _ANCHOR = re.compile(
@@ -281,7 +300,9 @@ _ANCHOR = re.compile(
     re.I,
 )
 _SIG_PREV = re.compile(
-    r"(?:^|[.!?,;:\n)\]\-~]|(?-i:[a-z](?=[A-Z])))\s*$|(?:^|\s)(?:" + _CLOSERS + r")[\s,.!:;\-]*$", re.I
+    r"(?:^|[.!?,;:\n)\]\-~]|(?-i:[a-z](?=[A-Z])))\s*$|(?:^|\s)(?:" + _CLOSERS + r")[\s,.!:;\-]*$"
+    r"|(?:^|\s)by\s*$",  # "... our asthma video by Dr X" names a doctor as its last words, too
+    re.I,
 )
 
 
@@ -354,7 +375,7 @@ _INTRO = re.compile(
     r"|(?<![\w])(?:please\s+)?(?:(?:at|on|to|via|through|using|use|visit|following|with|in)\s+)?(?:the\s+|this\s+|my\s+)?"
     r"(?:(?:below|above|following)(?:\s+mentioned)?\s+)?"
     r"(?:url|link|website|web\s*site|blog|e-?mail(?:\s+id)?|mob(?:ile)?|phone|tel)(?:\s+(?:no\.?|number))?\s*[.:\-]?"
-    r"|(?<=\s)(?:at|to|on|via)(?=\s*\x00))\s*\(?(?=\x00)",
+    r"|(?<=\s)(?:at|to|on|via|by)(?=\s*\x00))\s*\(?(?=\x00)",
     re.I,
 )
 
@@ -391,15 +412,17 @@ def _join_cut(m: re.Match[str]) -> str:
         return sep
     if kept_end:
         return kept_end.group(1) + sep
+    if after in ",.;:!?)]":
+        return ""  # the cut's own punctuation is gone; the text's next mark follows directly
     if (re.search(r"[.!?]", inner) or before.islower()) and after[:1].isupper():
         return "." + sep  # a cut between "feed" and "Dr ..." or "Hope" was a sentence boundary
-    if inner.lstrip().startswith(","):
+    if inner.replace(_CUT, "").lstrip().startswith(","):
         return "," + sep if not after[:1].isupper() else sep
     return sep
 
 
 def _finish(text: str, started_with: str) -> str:
-    text = whitespace(text)
+    text = whitespace(re.sub(r"\s*\(\s*\)", "", text))  # "(<link>)" leaves "()"
     text = re.sub(r"([.!?][)\]\"'’”]+)\.$", r"\1", text)  # "etc.)" + a cut sentence end is not "etc.)."
     text = re.sub(r"^[\s,.;:!?\-~]+", "", text)
     text = re.sub(r"(?<=[.!?])[\s~\-–]+$", "", text)
@@ -423,8 +446,20 @@ def _clause_end(text: str, m: re.Match[str]) -> bool:
 
 
 def _hope(text: str) -> str:
-    # "I hope this would be helpful in managing the pain" goes on with advice: that clause stays.
-    return _HOPE.sub(lambda m: _CUT if _HOPE_KEY.search(m.group()) and _clause_end(text, m) else m.group(), text)
+    # "I hope this would be helpful in managing the pain" goes on with advice: that clause stays. The filler
+    # words may run on into the next sentence ("HOPE THIS HELPS Take care All the best"): then the longest
+    # prefix that ends a clause is the phrase.
+    def cut(m: re.Match[str]) -> str:
+        phrase = m.group()
+        ends = [w.end() for w in re.finditer(r"\w+[\s,.!]*", phrase)]
+        for end in sorted(ends, reverse=True):
+            head, rest = phrase[:end], phrase[end:] + text[m.end() :]
+            clause_end = re.search(r"[.!?,;:]\s*$", head) or not rest or re.match(r"\s*(?:\n|[A-Z])", rest)
+            if _HOPE_KEY.search(head) and clause_end:
+                return _CUT + phrase[end:]
+        return phrase
+
+    return _HOPE.sub(cut, text)
 
 
 def _wishes(text: str) -> str:

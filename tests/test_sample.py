@@ -13,9 +13,9 @@ from collections import Counter
 import pytest
 
 from job.__main__ import FIXTURE
+from job.clean import RULE_NAMES
 from job.config import load_settings
 from job.errors import ConfigError
-from job.clean import RULE_NAMES
 from job.sample import clean_text, dedup_key, load_rows, sample
 
 FIXTURE_ROWS = 140
