@@ -27,8 +27,10 @@ from typing import Any
 # The platforms the replies were written on, and how doctors spelled them ("HCM", "H.C.M.F.",
 # "Healthcare Magic forum", "'Ask A Doctor' service", "Chat Doctor" as the public dataset anonymises it).
 PLATFORM = (
-    r"(?:health\s*care\s*magic(?:\.com)?|heal\w{0,8}[\s-]*magic(?:\.com)?|i[a-z]{3,6}q\.com|h\.?\s?c\.?\s?m\b\.?(?:\s?f\b\.?)?|hcm(?:f(?-i:(?![a-z])))?(?=[A-Z]|\b)"
-    r"|chat\s*doctor(?:\.com)?|i\s?clini[cq](?:\.com)?|[\"'‘’“”]?ask\s+a\s+doctor[\"'‘’“”]?(?=\s+service)|[\"'‘’“”]ask\s+a\s+doctor[\"'‘’“”])"
+    r"(?:health\s*care\s*magic(?:\.com)?|heal\w{0,8}[\s-]*magic(?:\.com)?"  # and its misspellings
+    r"|h\.?\s?c\.?\s?m\b\.?(?:\s?f\b\.?)?|hcm(?:f(?-i:(?![a-z])))?(?=[A-Z]|\b)"  # HCM, H.C.M.F., "HCMThe"
+    r"|chat\s*doctor(?:\.com)?|i\s?clini[cq](?:\.com)?|i[a-z]{3,6}q\.com"  # iCliniq, "ilciniq.com"
+    r"|[\"'‘’“”]?ask\s+a\s+doctor[\"'‘’“”]?(?=\s+service)|[\"'‘’“”]ask\s+a\s+doctor[\"'‘’“”])"
     r"(?:\s*(?:forum|services?|platform|website|site|portal)(?-i:(?![a-z])))?"
 )
 # A greeting that opens a reply ("Hi", "Hello dear", "Hi friend", "Hi rick5547"); only cut together
@@ -69,9 +71,9 @@ def _phrase(body: str, *, greeting: bool = False) -> re.Pattern[str]:
 
 # "Welcome to HCM", "Well come to the HCM", "Hello and welcome...", "Welcome HCM!".
 _WELCOME = _phrase(
-    rf"(?:(?:thanks?|thank\s+you)\s+and\s+|and\s+|i\s+)?(?:a\s+)?(?:warm\s+)?(?:well\s*come|welcome)(?:\s+you)?"
+    rf"(?:(?:(?:thanks?|thank\s+you)\s+and\s+|and\s+|i\s+)?(?:a\s+)?(?:warm\s+)?(?:well\s*come|welcome)(?:\s+you)?"
     rf"(?:\s+(?:back\s+)?(?:here\s+)?(?:to|t|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
-    rf"|\s+{PLATFORM})|greetings\s+from\s+(?:the\s+)?{PLATFORM}"
+    rf"|\s+{PLATFORM})|greetings\s+from\s+(?:the\s+)?{PLATFORM})"
     rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?"
     rf"(?:[\s,.!]*greetings\s+of\s+the\s+day)?",
     greeting=True,
@@ -173,11 +175,7 @@ _ICLINIQ_AD = re.compile(
     re.I,
 )
 _ARROW = re.compile(r"(?:\s+online)?\s*\.?\s*-+\s*>+\s*", re.I)
-# Links, e-mail addresses and phone numbers, with the few words that introduce them.
-_URL_INTRO = (
-    r"(?:(?:please\s+)?(?:use|visit|see|click|read\s+more\s+at|following|on|at|find\s+me\s+at|my\s+blog|"
-    r"my\s+website|website|blog|link|url)[^.!?\n\w]{0,3}(?:this\s+|the\s+|below\s+|following\s+)*(?:url|link)?\s*[:\-]?\s*)?"
-)
+# Links, e-mail addresses and phone numbers (the words that introduce them go in _tidy, see _INTRO).
 _URL = re.compile(
     r"(?:(?<=\s)|(?<=^)|(?<=[:(\-]))(?:https?://|www\.|(?:bit\.ly|goo\.gl|tinyurl\.com|t\.co)/)[^\s]+?(?=[.,;:!?)\]]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))",
     re.I,
@@ -470,6 +468,14 @@ def _wishes(text: str) -> str:
     return _WISH.sub(cut, text)
 
 
+def _phones(text: str) -> str:
+    # A phone number has 9+ digits; "100 - 101" (a fever range) or "200-0-0-1" (a dosing schedule) has fewer.
+    def cut(m: re.Match[str]) -> str:
+        return _CUT if len(re.findall(r"\d", m.group())) >= 9 else m.group()
+
+    return _PHONE.sub(cut, text)
+
+
 def _arrows(text: str) -> str:
     return _ARROW.sub(lambda m: _CUT if m.group().strip() else " ", _ICLINIQ_AD.sub(_CUT, text))
 
@@ -490,7 +496,7 @@ def _signoff_rule(text: str) -> str:
 RULES: list[tuple[str, Callable[[str], str]]] = [
     ("urls", _sub(_URL)),
     ("emails", _sub(_EMAIL)),
-    ("phones", _sub(_PHONE)),
+    ("phones", _phones),
     ("arrows", _arrows),
     ("welcome", lambda text: _WELCOME_BARE.sub(_CUT, _WELCOME.sub(_CUT, text))),
     ("thanks_for_query", _sub(_THANKS)),

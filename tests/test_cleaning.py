@@ -157,6 +157,11 @@ def test_gold_set_figures(gold):
         pytest.param("Rest and fluids. Dr. M R Puhan Mob: 9437873112", "Rest and fluids.", id="phone"),
         pytest.param("Take 400-600 mg ibuprofen every 8 hours.", "Take 400-600 mg ibuprofen every 8 hours.", id="dose"),
         pytest.param(
+            "Fever of 100 - 101 for 2 days. Take Susten 200-0-0-1 on 8-10-2014.",
+            "Fever of 100 - 101 for 2 days. Take Susten 200-0-0-1 on 8-10-2014.",
+            id="ranges-schedules-dates-are-not-phones",
+        ),
+        pytest.param(
             "Hi, welcome to HCM. HCM is hypertrophic cardiomyopathy? No: rest.",
             "Is hypertrophic cardiomyopathy? No: rest.",
             id="platform-name-alone-goes",
