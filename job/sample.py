@@ -55,9 +55,9 @@ def check_text_columns(ds, columns: dict[str, str]) -> None:
         if feature is None:
             continue
         inner = getattr(feature, "feature", feature)  # List(Value("string")) -> Value("string")
-        dtype = getattr(inner, "dtype", None)
+        dtype = "JSON object" if isinstance(inner, dict) else getattr(inner, "dtype", type(inner).__name__)
         if dtype not in ("string", "large_string", "null"):
-            bad.append(f"{key.upper()}_COLUMN={col!r} holds {dtype or type(feature).__name__} values")
+            bad.append(f"{key.upper()}_COLUMN={col!r} holds {dtype} values")
     if bad:
         raise ConfigError(
             f"DATASET: {'; '.join(bad)}, not text. Point the setting at a text column, or convert the "

@@ -99,6 +99,7 @@ def test_data_files(demo_run):
         "train.jsonl",
         "eval.jsonl",
         "stats.json",
+        "cleaning_examples.jsonl",
         "train_tokens.jsonl",
         "eval_tokens.jsonl",
     }
