@@ -148,6 +148,8 @@ _CONTACT = re.compile(
     rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|assistance|help)[^.!?\n]{{0,40}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:any\s+)?{_FURTHER}\s+(?:clarifications?|quer(?:y|ies)|questions?)\s+(?:are|is)\s+(?:most\s+|always\s+)?welcome"
     rf"|(?:you\s+can\s+)?ask\s+me\s+(?:a\s+|any\s+)?(?:direct\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:you\s+(?:may|can)\s+)?(?:write|get|come)\s+back\s+(?:to\s+(?:me|us)\s+)?(?:if|in\s+case\s+of|with|for)\s+"
+    rf"(?:you\s+have\s+)?(?:any\s+|more\s+|further\s+|other\s+)?(?:concerns?|quer(?:y|ies)|questions?|doubts?)(?![a-z])"
     rf"|(?:i\s+(?:am|remain)\s+)?at\s+your\s+disposal[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:you\s+can\s+)?reach\s+me\s+directly[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
     rf"|(?:you\s+can\s+)?ask\s+a\s+direct\s+question\s+to\s+me[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)))"
@@ -158,8 +160,8 @@ _CONTACT = re.compile(
 _WISH = re.compile(
     _START + r"(?:i\s+)?(?:wish(?:ing)?)\s+(?:you\s+)?(?:(?:a|an|the|all|very|good|best|of|speedy|quick|early|rapid|"
     r"healthy|and|happy|great|sound|health|recovery|luck|wonderful|have|ahead|always|life|for|baby|future|"
-    r"your|child|son|daughter|mother|father|wife|husband|kid|&|fast|blessed)(?:\b|(?<=&))\s*){1,10}(?=[\s.!,]|$)"
-    + rf"(?:\s*(?:at|on|from|in)\s+(?:the\s+)?{PLATFORM})?[.!,]*",
+    r"your|child|son|daughter|mother|father|wife|husband|kid|&|fast|blessed)(?:\b|(?<=&)|(?-i:(?<=[a-z])(?=[A-Z])))\s*){1,10}"
+    r"(?=[\s.!,]|$|(?-i:[A-Z]))" + rf"(?:\s*(?:at|on|from|in)\s+(?:the\s+)?{PLATFORM})?[.!,]*",
     re.I,
 )
 # "Kindly spare some time to rate my answer", "please rate/accept this answer".
@@ -198,7 +200,7 @@ _CLOSERS = (
     r"(?:with\s+)?(?:(?:best|warm|kind|kindest|warmest|healthiest|sincere|respectful)\s+)?regards|rgds|regds|thanks\s*(?:&|and)\s*regards|"
     r"thank\s*you\s*(?:&|and)\s*regards|(?:and\s+)?thanks\s+(?:(?:very|so)\s+much|a\s+lot)|sincerely|yours\s+(?:truly|sincerely|faithfully)|yours|best\s+wishes|"
     r"warm\s+wishes|with\s+best\s+wishes|good\s+wishes|wishes|thanks|thank\s*you|thanx|thankyou|take\s*care|good\s*luck|"
-    r"all\s+the\s+best|bye|ok|thanking\s+you|(?:and|&)\s*take\s*care|(?:and|&)\s*regards|ok\s+and\s+bye|cheers|god\s+bless(?:\s+you)?|have\s+a\s+(?:nice|good|healthful)\s+day"
+    r"all\s+the\s+best|best\s+of\s+luck|bye|ok|thanking\s+you|(?:and|&)\s*take\s*care|(?:and|&)\s*regards|ok\s+and\s+bye|cheers|god\s+bless(?:\s+you)?|have\s+a\s+(?:nice|good|healthful)\s+day"
 )
 _LETTER_CLOSER = re.compile(
     r"regards|sincerely|yours|best\s+wishes|warm\s+wishes|good\s+wishes|wishes|thanks|thank\s*you|thanx|cheers",
@@ -294,7 +296,8 @@ _VERBS = (
 # Where a sign-off may begin: after a sentence end (with or without the space), after a comma or a
 # newline, at a run-on boundary ("applied the gel.Regards" / "momRegards"), or at the very start.
 _ANCHOR = re.compile(
-    rf"(?:(?<=[.!?,;:\n)\]\-~])|(?-i:(?<=[a-z])(?=[A-Z]))|(?<=\s)|^)\s*(?:(?:{_CLOSERS})(?-i:(?![a-z]))|{_DR})",
+    rf"(?:(?<=[.!?,;:\n)\]\-~])|(?-i:(?<=[a-z])(?=[A-Z]))|(?<=\s)|^)\s*(?:(?:{_CLOSERS})(?-i:(?![a-z]))|{_DR})"
+    r"|regards(?-i:(?=[A-Z]))",  # glued on both sides: "a speedy recoveryregardsJay Patel"
     re.I,
 )
 _SIG_PREV = re.compile(
