@@ -345,8 +345,7 @@ def _signoff(text: str) -> str:
     # A reply may sign twice ("Regards, Dr. X. Take care. Dr X, MD"), so strip until stable.
     while (start := _signoff_start(text)) is not None:
         cut = text[:start].rstrip()
-        # Keep pleasantries that precede the letter closer: "Take care. Regards, Dr. X" keeps "Take care."
-        if cut == text.rstrip():
+        if cut == text.rstrip():  # nothing left to strip (an anchor at the very end of blank text)
             break
         text = cut
     return text
