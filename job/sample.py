@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from job.clean import RULE_NAMES, clean_text
 from job.config import Settings
 from job.errors import ConfigError, classify
 from job.faults import maybe_die
@@ -29,76 +30,39 @@ log = logging.getLogger(__name__)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MIN_REPLY_CHARS = 20  # shorter "replies" are fragments like "Hi." left after boilerplate removal
 
-# --- cleaning rules -----------------------------------------------------------------------------
-# Each rule is a (name, function) pair; stats.json counts the rows each one changed.
-# Punctuation after a link ends the sentence, not the link: "see www.x.org. Then" becomes "see. Then".
-_URL = re.compile(r"\s*(?:https?://|www\.)\S+?(?=[.,;:!?)\]]*(?:\s|$))", re.I)
-_ARROW = re.compile(r"\s*-->\s*")
-# Sentences that belong to the Q&A platforms, not to medicine. Removing the whole sentence keeps
-# the reply grammatical ("Hello, welcome to Chat Doctor." vanishes rather than becoming "Hello,").
-_BOILERPLATE = re.compile(
-    r"chat\s*doctor|health\s*care\s*magic|icliniq|thanks? (you )?for (using|choosing|posting|asking|"
-    r"contacting|your (query|question)|the (query|question))|welcome to|for further (queries|doubts|"
-    r"information),? consult|hope (this|i have|my answer)[\w\s]{0,30}(helps?|answered|useful|solves)|"
-    r"wish(ing)? you (good|a speedy|speedy) (health|recovery)|feel free to (ask|contact|write)|"
-    r"let me know if you have any (other|further|more) (questions?|quer)",
-    re.I,
-)
-# A trailing sign-off such as "Regards, Dr. Satyanarayan Kabra", "Take care. Dr Ravi" or a bare
-# "Regards, Dr." left when the name was boilerplate. "Dr" must follow a sign-off word or start a
-# sentence, so advice that ends "... see your Dr. soon." is not cut.
-_SIGNOFF_WORDS = r"\b(?:regards|best wishes|take care|thanks|thank you|good luck|sincerely)\b[\s,.!]*"
-_NAME_WORD = r"[\s,]+[a-z][\w.]*"
-_SIGNOFF = re.compile(
-    rf"(?:{_SIGNOFF_WORDS})+\bdr\b\.?(?:{_NAME_WORD}){{0,4}}[\s.,]*$"
-    rf"|(?:^|(?<=[.!?]))\s*\bdr\b\.?(?:{_NAME_WORD}){{1,4}}[\s.,]*$",
-    re.I,
-)
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])(\s+)")  # the separator is kept, so paragraphs survive
+# --- cleaning: the rules live in job/clean.py -----------------------------------------------------
+EXAMPLES_PER_RULE = 3  # before/after rows kept per rule in data/cleaning_examples.jsonl, for a reader to audit
 
 
-def _whitespace(text: str) -> str:
-    text = text.replace("\u00a0", " ").replace("\r\n", "\n").replace("\r", "\n")
-    text = re.sub(r"[ \t\f\v]+", " ", text)
-    text = re.sub(r" *\n *", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip()
+def as_text(value: Any, column: str, row: int) -> str:
+    """A dataset cell as text. A list of strings is one reply in parts: joined by newlines (not its Python repr)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list) and all(isinstance(v, str) or v is None for v in value):
+        return "\n".join(v for v in value if v)
+    raise ConfigError(
+        f"DATASET row {row}, column {column!r}: holds a {type(value).__name__} ({str(value)[:60]!r}), not text. "
+        "Store each conversation's text as a string (or a list of strings, joined by newlines), "
+        "or point the *_COLUMN setting at a text column."
+    )
 
 
-def _urls(text: str) -> str:
-    return _URL.sub("", text)
-
-
-def _arrows(text: str) -> str:
-    return _ARROW.sub(" ", text)
-
-
-def _boilerplate(text: str) -> str:
-    parts = _SENTENCE_SPLIT.split(text) + [""]  # sentence, separator, sentence, ..., separator
-    text = "".join(s + sep for s, sep in zip(parts[::2], parts[1::2]) if not _BOILERPLATE.search(s)).rstrip()
-    # Sign-offs can repeat ("Regards. Dr. X. Take care"), so strip until stable.
-    while (stripped := _SIGNOFF.sub("", text).rstrip()) != text:
-        text = stripped
-    return text
-
-
-RULES = [("whitespace", _whitespace), ("urls", _urls), ("arrows", _arrows), ("boilerplate", _boilerplate)]
-DOCTOR_ONLY_RULES = {"boilerplate"}  # patients don't write platform boilerplate; their "Dr." is a greeting
-
-
-def clean_text(text: Any, field: str = "doctor", changed: Counter | None = None) -> str:
-    """Apply every cleaning rule in order; count in `changed` which rules altered the text."""
-    text = "" if text is None else str(text)
-    for name, rule in RULES:
-        if name in DOCTOR_ONLY_RULES and field != "doctor":
+def check_text_columns(ds, columns: dict[str, str]) -> None:
+    """Refuse a column whose type cannot hold text (an integer Doctor column, a struct), naming it and its type."""
+    bad = []
+    for key, col in columns.items():
+        feature = ds.features.get(col) if col in ds.column_names else None
+        if feature is None:
             continue
-        # Tidy the spaces a removal leaves behind, so they are not counted as the whitespace rule's
-        # work (that counts the raw text's tabs, \u00a0, \r\n ...) and the next rule sees single spaces.
-        new = _whitespace(rule(text))
-        if new != text and changed is not None:
-            changed[f"{field}.{name}"] += 1
-        text = new
-    return text
+        inner = getattr(feature, "feature", feature)  # List(Value("string")) -> Value("string")
+        dtype = "JSON object" if isinstance(inner, dict) else getattr(inner, "dtype", type(inner).__name__)
+        if dtype not in ("string", "large_string", "null"):
+            bad.append(f"{key.upper()}_COLUMN={col!r} holds {dtype} values")
+    if bad:
+        raise ConfigError(
+            f"DATASET: {'; '.join(bad)}, not text. Point the setting at a text column, or convert the "
+            "column to strings in the file."
+        )
 
 
 def dedup_key(text: str) -> str:
@@ -131,12 +95,46 @@ def check_local_file(path: Path) -> None:
                     ) from None
                 if path.suffix.lower() == ".jsonl" and line.strip():
                     try:
-                        json.loads(line)
+                        obj = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ConfigError(
                             f"DATASET={str(path)!r}: line {lineno} is not valid JSON ({e.msg}, column {e.colno}). "
                             "Fix or delete that line: each line must be one JSON object."
                         ) from None
+                    if not isinstance(obj, dict):
+                        raise ConfigError(
+                            f"DATASET={str(path)!r}: line {lineno} is a JSON {_json_kind(obj)}, not an object. "
+                            'Each line must be one object such as {"Patient": "...", "Doctor": "..."}.'
+                        )
+    if path.suffix.lower() == ".json":
+        _check_json_file(path)
+
+
+def _json_kind(obj: Any) -> str:
+    return {list: "array", str: "string", dict: "object"}.get(type(obj), type(obj).__name__)
+
+
+def _check_json_file(path: Path) -> None:
+    """A .json file must hold a list of row objects or JSON lines; one object is one row, not a dataset."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return  # JSON lines in a .json file: the loader reads them line by line
+    columnar = isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values())
+    if isinstance(obj, dict) and not columnar:
+        raise ConfigError(
+            f"DATASET={str(path)!r}: the file holds one JSON object (keys {sorted(obj)[:5]}), not a list of rows. "
+            'Write the rows as a JSON array [{"Patient": ..., "Doctor": ...}, ...] '
+            "or one object per line in a .jsonl file."
+        )
+    if isinstance(obj, list) and not all(isinstance(r, dict) for r in obj):
+        i = next(i for i, r in enumerate(obj) if not isinstance(r, dict))
+        raise ConfigError(
+            f"DATASET={str(path)!r}: item {i} of the array is a JSON {_json_kind(obj[i])}, not an object. "
+            'Each item must be one object such as {"Patient": "...", "Doctor": "..."}.'
+        )
+    if not isinstance(obj, (dict, list)):
+        raise ConfigError(f"DATASET={str(path)!r}: the file holds a JSON {_json_kind(obj)}, not a list of rows.")
 
 
 def load_rows(cfg: Settings):
@@ -161,8 +159,11 @@ def load_rows(cfg: Settings):
 
 
 # --- the stage ----------------------------------------------------------------------------------
-def sample(cfg: Settings, ds) -> tuple[list[dict], list[dict], dict]:
-    """Walk `ds` in seeded random order; return (train, eval, stats)."""
+def sample(cfg: Settings, ds, examples: list[dict] | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Walk `ds` in seeded random order; return (train, eval, stats).
+
+    `examples`, when given, receives up to EXAMPLES_PER_RULE before/after rows per doctor-reply rule.
+    """
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -174,6 +175,7 @@ def sample(cfg: Settings, ds) -> tuple[list[dict], list[dict], dict]:
             f"DATASET={cfg.DATASET!r} lacks the column(s) {', '.join(missing)}; "
             f"it has {ds.column_names}. Set the *_COLUMN settings to match."
         )
+    check_text_columns(ds, {k: c for k, c in columns.items() if k in required})
     wanted = cfg.NUM_SAMPLES + cfg.EVAL_SAMPLES
     order = np.random.default_rng(cfg.SEED).permutation(len(ds))
     dropped: Counter = Counter()
@@ -189,8 +191,12 @@ def sample(cfg: Settings, ds) -> tuple[list[dict], list[dict], dict]:
             batch = ds[idx]
             for j, i in enumerate(idx):
                 read += 1
-                raw = {k: batch[c][j] if c in batch else "" for k, c in columns.items()}
-                row = {k: clean_text(v, k, changed) for k, v in raw.items()}
+                raw = {k: as_text(batch[c][j], c, i) if c in batch else "" for k, c in columns.items()}
+                fired: Counter = Counter()
+                row = {k: clean_text(v, k, fired) for k, v in raw.items()}
+                changed.update(fired)
+                if examples is not None:
+                    _keep_examples(examples, i, raw["doctor"], row["doctor"], fired)
                 if not row["patient"]:
                     dropped["empty_patient"] += 1
                     continue
@@ -244,12 +250,26 @@ def sample(cfg: Settings, ds) -> tuple[list[dict], list[dict], dict]:
     return train_rows, eval_rows, stats
 
 
+def _keep_examples(examples: list[dict], index: int, before: str, after: str, fired: Counter) -> None:
+    """Keep the first few rows each doctor-reply rule changed, so a reader can audit the rule in a minute."""
+    for key in fired:
+        field, rule = key.split(".", 1)
+        if field != "doctor" or rule == "whitespace":
+            continue
+        if sum(e["rule"] == rule for e in examples) < EXAMPLES_PER_RULE:
+            examples.append({"rule": rule, "source_index": int(index), "before": before, "after": after})
+
+
 def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     ds = load_rows(cfg)
-    train_rows, eval_rows, stats = sample(cfg, ds)
+    examples: list[dict] = []
+    train_rows, eval_rows, stats = sample(cfg, ds, examples)
+    paths.data.mkdir(parents=True, exist_ok=True)
     write_jsonl(paths.train_rows, train_rows)
     maybe_die("sample.partial")
     write_jsonl(paths.eval_rows, eval_rows)
+    order = {name: k for k, name in enumerate(RULE_NAMES)}
+    write_jsonl(paths.cleaning_examples, sorted(examples, key=lambda e: order.get(e["rule"], len(order))))
     atomic_write_text(paths.sample_stats, json.dumps(stats, indent=2))
     log.info(
         "sampled %d train + %d eval rows from %d read (dropped %s)",
@@ -258,4 +278,4 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
         stats["rows_read"],
         stats["dropped"] or "none",
     )
-    return [paths.train_rows, paths.eval_rows, paths.sample_stats]
+    return [paths.train_rows, paths.eval_rows, paths.cleaning_examples, paths.sample_stats]

@@ -59,6 +59,15 @@ def _dataset(name: str, content: bytes | str):
     return setup
 
 
+def _parquet_int_doctor(ctx):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = ctx.tmp / "ints.parquet"
+    pq.write_table(pa.table({"Patient": [f"Question {i}?" for i in range(40)], "Doctor": list(range(40))}), path)
+    ctx.env["DATASET"] = str(path)
+
+
 _GOOD_LINE = json.dumps(
     {
         "Description": "Q",
@@ -260,6 +269,39 @@ CASES = [
         {},
         ("DATASET=", "line 2 is not valid JSON", "Fix or delete that line"),
         setup=_dataset("broken.jsonl", _GOOD_LINE + '\n{"Patient": "unterminated\n' + _GOOD_LINE + "\n"),
+    ),
+    Case(
+        "dataset line that is a JSON array",
+        {},
+        ("DATASET=", "line 2 is a JSON array, not an object", '{"Patient": "...", "Doctor": "..."}'),
+        setup=_dataset("array.jsonl", _GOOD_LINE + '\n["Rest.", "See a GP."]\n'),
+    ),
+    Case(
+        "dataset line that is a bare string",
+        {},
+        ("DATASET=", "line 1 is a JSON string, not an object"),
+        setup=_dataset("string.jsonl", '"Rest and see a GP."\n' + _GOOD_LINE + "\n"),
+    ),
+    Case(
+        ".json file holding one object",
+        {},
+        ("DATASET=", "holds one JSON object", "JSON array", ".jsonl"),
+        setup=_dataset("one.json", _GOOD_LINE),
+    ),
+    Case(
+        "Doctor column of integers",
+        {},
+        ("DOCTOR_COLUMN='Doctor' holds int64 values", "text column"),
+        setup=_parquet_int_doctor,
+    ),
+    Case(
+        "replies that are JSON objects",
+        {},
+        ("DOCTOR_COLUMN='Doctor' holds JSON object values", "text column"),
+        setup=_dataset(
+            "objects.jsonl",
+            "\n".join(json.dumps({"Patient": f"Question {i}?", "Doctor": {"text": "Rest."}}) for i in range(40)),
+        ),
     ),
     Case("missing column", {"DOCTOR_COLUMN": "Answer"}, ("DOCTOR_COLUMN='Answer'", "'Doctor'", "*_COLUMN")),
     Case(

@@ -96,7 +96,15 @@ def test_manifest_records_every_stage_done(demo_run):
 
 def test_data_files(demo_run):
     p = demo_run.paths
-    written = {p.train_rows, p.eval_rows, p.sample_stats, p.train_tokens, p.eval_tokens, p.format_stats}
+    written = {
+        p.train_rows,
+        p.eval_rows,
+        p.sample_stats,
+        p.cleaning_examples,
+        p.train_tokens,
+        p.eval_tokens,
+        p.format_stats,
+    }
     assert set(p.data.iterdir()) == written
     train, held_out = read_jsonl(p.train_rows), read_jsonl(p.eval_rows)
     assert len(train) == int(demo_run.env["NUM_SAMPLES"]) and len(held_out) == int(demo_run.env["EVAL_SAMPLES"])

@@ -1,0 +1,538 @@
+"""Cleaning a conversation's text: cut platform boilerplate as the phrase it is, keep every word of advice.
+
+The source replies (HealthcareMagic, iCliniq) were written on Q&A platforms and often run sentences
+together without a space ("...the gel.If it is so..."), so nothing here removes a whole "sentence":
+each rule matches a phrase with a bounded extent (a greeting, "thanks for your query at HCM", "hope
+this helps", a sign-off block at the very end) and only that phrase is cut. What is left around a cut
+is tidied (stray commas, a lone "Hi,", a bare "Regards") so no fragment survives.
+
+Rules match structure, not names: sign-off blocks are recognised by their shape (a closing word,
+"Dr", capitalised words, degree abbreviations such as MBBS/MD/DNB, specialty words) at the end of
+the reply, never by a list of doctors. Each rule has a name; `clean_text` reports which rules
+changed the text so the sample stage can count them and keep before/after examples.
+
+Hand-written regular expressions rather than a library: no maintained package knows this
+dataset's boilerplate, and the sentence splitters we could use (nltk, spaCy) need the whitespace
+after a full stop that these replies lack.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+# --- shared pieces ------------------------------------------------------------------------------------
+# The platforms the replies were written on, and how doctors spelled them ("HCM", "H.C.M.F.",
+# "Healthcare Magic forum", "'Ask A Doctor' service", "Chat Doctor" as the public dataset anonymises it).
+PLATFORM = (
+    r"(?:health\s*care\s*magic(?:\.com)?|heal\w{0,8}[\s-]*magic(?:\.com)?"  # and its misspellings
+    r"|h\.?\s?c\.?\s?m\b\.?(?:\s?f\b\.?)?|hcm(?:f(?-i:(?![a-z])))?(?=[A-Z]|\b)"  # HCM, H.C.M.F., "HCMThe"
+    r"|chat\s*doctor(?:\.com)?|i\s?clini[cq](?:\.com)?|i[a-z]{3,6}q\.com"  # iCliniq, "ilciniq.com"
+    r"|[\"'‘’“”]?ask\s+a\s+doctor[\"'‘’“”]?(?=\s+service)|[\"'‘’“”]ask\s+a\s+doctor[\"'‘’“”])"
+    r"(?:\s*(?:forum|services?|platform|website|site|portal)(?-i:(?![a-z])))?"
+)
+# A greeting that opens a reply ("Hi", "Hello dear", "Hi friend", "Hi rick5547"); only cut together
+# with the platform phrase right after it, so "Hello, your fever is viral" keeps its "Hello,".
+_GREETING = (
+    r"(?:^|(?<=\n))[\s\"'‘’“”]*(?:(?:hi+|hello|hey|dear|respected|greetings|good\s+(?:morning|evening|afternoon|day))"
+    r"(?:[\s,.!:;\-]*(?:(?:there|dear|friend|sir|madam|ma'?am|and|user|hi+|hello|mr\.?|mrs\.?|ms\.?|[a-z]+\d+)(?-i:(?![a-z]))"
+    r"|sir\s*/\s*madam|dear(?=thank|welcome|well|warm)|hi(?=thank|welcome|well)))*"
+    r"[\s,.!:;\-‘’“”\"']*)?"
+    # a first name or user name, followed by its comma: "Hi!Melissa, Welcome ...", "Tanya, welcome ..."
+    r"(?:[a-z][\w]*(?:\s+[a-z][\w]*)?\s*[,;:!.\-]+\s*)?"
+)
+_END = r"[\s]*[.!,;:‘’“”\"']*"  # the punctuation that belonged to the cut phrase
+_OBJ = r"(?:your|the|this|a|an|my|our)"
+_TOPIC = (
+    r"(?:quer(?:y|ies)|questions?|concerns?|doubts?|problems?|issues?|history|details|information|info|complaints?|"
+    r"complain|contact)"
+)
+_SITE = (
+    rf"(?:(?:our|this|the|world'?s)\s+(?:[\w'’-]+\s+){{0,4}}?)?(?:site|website|forum|platform|service|portal)(?-i:(?![a-z]))"
+    rf"(?:\s*{PLATFORM})?"
+)
+_PREP_PLATFORM = (
+    rf"(?:\s*,?\s*(?:to|at|on|in|with|through|from|via|using|under|here\s+(?:at|on))\s*"
+    rf"(?:the\s+|us\s+(?:at|on)\s+)?{PLATFORM}|\s+(?:to|with)\s+us|\s+here)?"
+)
+
+
+# A phrase starts a word, or a run-on sentence glued to the last one ("careIn case ...", "gel.If ...").
+_START = r"(?:(?<![\w])|(?-i:(?<=[a-z])(?=[A-Z])))"
+
+
+def _phrase(body: str, *, greeting: bool = False) -> re.Pattern[str]:
+    # After a greeting the phrase may be glued to it ("HIWell come to HCM"); elsewhere it starts a word.
+    lead = rf"(?:{_GREETING}|{_START})" if greeting else _START
+    return re.compile(rf"{lead}(?:{body}){_END}", re.I | re.M)
+
+
+# "Welcome to HCM", "Well come to the HCM", "Hello and welcome...", "Welcome HCM!".
+_WELCOME = _phrase(
+    rf"(?:(?:(?:thanks?|thank\s+you)\s+and\s+|and\s+|i\s+)?(?:a\s+)?(?:warm\s+)?(?:well\s*come|welcome)(?:\s+you)?"
+    rf"(?:\s+(?:back\s+)?(?:here\s+)?(?:to|t|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
+    rf"|\s+{PLATFORM})|greetings\s+from\s+(?:the\s+)?{PLATFORM})"
+    rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?"
+    rf"(?:[\s,.!]*greetings\s+of\s+the\s+day)?",
+    greeting=True,
+)
+# A bare "welcome" is boilerplate only as the opening: "Hello and welcome...", "Hi, welcome."
+_WELCOME_BARE = re.compile(
+    rf"^{_GREETING}(?:and\s+)?(?:well\s*come|welcome)(?:\s+back)?(?=\s*(?:[.!,]|$)){_END}", re.I | re.M
+)
+# "Thanks for your query", "Thank you for asking at HCM", "thank you for writing to us",
+# "Thanks for posting your concern in the HCM", "Thank you for providing the brief history".
+_THANKS_VERB = (
+    r"(?:using|choosing|contacting|contact|giving|asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|"
+    r"visiting|sharing|providing|the|your|this|putting|submitting|raising|bringing)"
+)
+_THANKS = _phrase(
+    rf"(?:(?:well\s*come|welcome)[\s,.!]*)?(?:many\s+|and\s+)?(?:thanks?|thank\s*(?:s|you)|than\s+you)(?:\s+(?:so|very)\s+much|\s+a\s+lot)?\s*"
+    rf"(?:for|to)\s+(?:{_THANKS_VERB}|{_TOPIC})(?:\s+(?:us|me)|\s*{PLATFORM})?"
+    rf"(?:\s+(?:{_OBJ}\s+)?(?:[a-z]+\s+)?{_TOPIC}(?:\s+of\s+(?:you(?![a-z])|(?:your|the)\s+[a-z]+))?)?"
+    rf"(?:\s+(?:to|at|on|in|with|through|from|via|under|here)\s*(?:the\s+)?(?:us|{PLATFORM}|{_SITE}))?"
+    rf"(?:\s+{_SITE})?"
+    rf"{_PREP_PLATFORM}"
+    rf"(?:\s+for\s+(?:posting|asking|sharing)\s+(?:{_OBJ}\s+)?{_TOPIC})?",
+    greeting=True,
+)
+# Template openers that describe the platform's process, not the patient: "I have reviewed your
+# query and here is my advice" ('Ask A Doctor' service).
+_TEMPLATE = _phrase(
+    r"i\s+have\s+(?:reviewed|read|gone\s+through)\s+(?:your|the)\s+[\w'’\s]{0,30}?"
+    r"(?:query|question|history|concerns?|case|details)\s+and\s+here\s+is\s+my\s+advice"
+)
+
+# "Hope this helps", "Hope I have answered your query", "Hope your concern has been resolved",
+# "I hope this is helpful", "Hope our answers satisfy your need": a run of filler words after
+# "hope" that contains one of the key words. Bounded to a clause: no full stop inside.
+_HOPE_WORDS = (
+    r"this|that|it|i|we|my|our|the|above|information|info|answer|answers|reply|replies|suggestions?|advice|"
+    r"have|has|had|was|is|will|would|be|been|am|were|are|able|to|of|for|you|your|concerns?|quer(?:y|ies)|"
+    r"questions?|doubts?|all|fully|well|some|way|in|any|clears?|cleared|solves?|solved|helps?|helped|helpful|"
+    r"answered|addressed|resolved|satisfy|satisfies|satisfied|need|needs|facts|useful|take|care|ok|okay|"
+    r"successfully|adequately|clarified|clarify|informative|and|could|can|sufficiently|provided|given|"
+    r"explained|much|issue|problem|may|find|guides?|managed|with|qwery"
+)
+_HOPE_KEY = re.compile(
+    r"help|answer|resolv|address|satisf|clear|clarif|useful|solv|informative|explained|take\s+care|\bok\b|okay|guide",
+    re.I,
+)
+_HOPE = re.compile(
+    rf"{_START}(?:i\s+|we\s+)?(?:hope|hopefully)(?:\s+(?:{_HOPE_WORDS})(?:\b|(?-i:(?<=[a-z])(?=[A-Z]))))+(?:\s*[,.!]*\s*(?:do\s+)?write\s+back)?{_END}",
+    re.I,
+)
+# "Let me know if I can assist you further", "feel free to ask at HCM", "do not hesitate to contact
+# me", "Should you have any further query, please ...", "For further questions, you may contact me",
+# "you can ask a direct question to me on this forum, following the below link".
+_FURTHER = r"(?:further|other|more|any|additional|follow[\s-]?up)"
+_CONTACT = re.compile(
+    rf"{_START}(?:(?:but\s+|and\s+|so\s+)?(?:(?:if|in\s+case|should|incase)\s+(?:of\s+)?(?:you\s+)?(?:have\s+|need\s+|require\s+)?"
+    rf"(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|clarifications?|assistance|help|information|anything\s+else(?:\s+to\s+ask)?)"
+    rf"(?:\s+(?:or|and)\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?))?"
+    rf"(?:\s+in\s+this\s+regard)?|for\s+(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?|doubts?|clarifications?))"
+    rf"\s*,?\s*(?:then\s+)?(?:please\s+|you\s+(?:can|may)\s+|kindly\s+)?)?"
+    rf"(?:(?:please\s+)?(?:do\s+)?(?:let\s+(?:me|us)\s+know\s+if\s+(?:i|we)\s+can\s+(?:assist|help)\s+you(?:\s+further)?"
+    rf"|let\s+(?:me|us)\s+know\s+if\s+you\s+have\s+any\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?)"
+    rf"|feel\s+(?:free|easy)\s+to\s+(?:ask|contact|write|revert|get\s+back|come\s+back|post|discuss|reach|message|follow\s+up)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:do\s+not|don'?t|never)\s+hesitate\s+(?:to|in)\s+[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:(?:please|kindly)\s+)?(?:you\s+(?:can|may)\s+)?(?:contact|write\s+(?:back\s+)?to|ask)\s+(?:me|us)(?:\s+(?:directly|again|back|anytime))?"
+    rf"(?:\s+(?:on|at|through|via)\s+(?:this\s+(?:forum|platform|site|website)|{PLATFORM}))?"
+    rf"(?=\s*(?:[.!?\n]|$)|\s*(?-i:[A-Z]))"
+    rf"|(?:if|in\s+case)\s+(?:of\s+)?(?:you\s+have\s+)?(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?)(?=\s*,?\s*(?:dr\b|$))"
+    rf"|(?:please\s+)?(?:get|come|write)\s+back(?:\s+to\s+(?:me|us))?\s+(?:if|in\s+case)\s+you\s+(?:require|need|have)\s+"
+    rf"(?:any\s+)?{_FURTHER}?\s*(?:information|quer(?:y|ies)|questions?|help|assistance|clarifications?)"
+    rf"|(?:i\s+)?(?:would|will|shall)\s+be\s+(?:happy|glad|pleased)\s+to\s+(?:help|assist|answer)[^.!?\n]{{0,120}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|assistance|help)[^.!?\n]{{0,40}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:any\s+)?{_FURTHER}\s+(?:clarifications?|quer(?:y|ies)|questions?)\s+(?:are|is)\s+(?:most\s+|always\s+)?welcome"
+    rf"|(?:you\s+can\s+)?ask\s+me\s+(?:a\s+|any\s+)?(?:direct\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:you\s+(?:may|can)\s+)?(?:write|get|come)\s+back\s+(?:to\s+(?:me|us)\s+)?(?:if|in\s+case\s+of|with|for)\s+"
+    rf"(?:you\s+have\s+)?(?:any\s+|more\s+|further\s+|other\s+)?(?:concerns?|quer(?:y|ies)|questions?|doubts?)(?![a-z])"
+    rf"|(?:i\s+(?:am|remain)\s+)?at\s+your\s+disposal[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:you\s+can\s+)?reach\s+me\s+directly[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+    rf"|(?:you\s+can\s+)?ask\s+a\s+direct\s+question\s+to\s+me[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)))"
+    rf"{_END}",
+    re.I,
+)
+# "Wish you good health", "Wishing you a speedy recovery", "Wish you the best of the health".
+_WISH = re.compile(
+    _START + r"(?:i\s+)?(?:wish(?:ing)?)\s+(?:you\s+)?(?:(?:a|an|the|all|very|good|best|of|speedy|quick|early|rapid|"
+    r"healthy|and|happy|great|sound|health|recovery|luck|wonderful|have|ahead|always|life|for|baby|future|"
+    r"your|child|son|daughter|mother|father|wife|husband|kid|&|fast|blessed)(?:\b|(?<=&)|(?-i:(?<=[a-z])(?=[A-Z])))\s*){1,10}"
+    r"(?=[\s.!,]|$|(?-i:[A-Z]))" + rf"(?:\s*(?:at|on|from|in)\s+(?:the\s+)?{PLATFORM})?[.!,]*",
+    re.I,
+)
+# "Kindly spare some time to rate my answer", "please rate/accept this answer".
+_RATE = _phrase(
+    r"(?:kindly|please)\s+(?:spare\s+some\s+time\s+to\s+)?(?:rate|accept|review)\s+(?:my|this|the)\s+(?:answer|reply)[^.!?\n]*"
+)
+# iCliniq's link to its paid service: "For more information consult a urologist online -->". The
+# arrow ends the advert; a real instruction before it ("Revert back after three weeks to a
+# dermatologist online -->") keeps its words and loses only "online -->".
+_ICLINIQ_AD = re.compile(
+    r"(?<![\w])for\s+(?:more|further)\s+(?:information|info|queries|details)\s+consult\s+(?:a|an)\s+"
+    r"[^.!?\n]{0,60}?\s*online\s*\.?\s*-+\s*>",
+    re.I,
+)
+_ARROW = re.compile(r"(?:\s+online)?\s*\.?\s*-+\s*>+\s*", re.I)
+# Links, e-mail addresses and phone numbers (the words that introduce them go in _tidy, see _INTRO).
+_URL = re.compile(
+    r"(?:(?<=\s)|(?<=^)|(?<=[:(\-]))(?:https?://|www\.|(?:bit\.ly|goo\.gl|tinyurl\.com|t\.co)/)[^\s]+?(?=[.,;:!?)\]]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))",
+    re.I,
+)
+_EMAIL = re.compile(
+    r"(?:(?:my\s+)?e?-?mail(?:\s+(?:me|us|id))?(?:\s+(?:at|in|to|on))?\s*[:\-]?\s*|write\s+down\s+to\s*)?"
+    r"\(?[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|in|co|edu|gov|info|uk|us|ca|au)(?-i:(?=[^a-z]|$))\)?",
+    re.I,
+)
+_PHONE = re.compile(
+    r"(?:(?:mob(?:ile)?|ph(?:one)?|tel|cell|contact|call)\s*(?:no\.?|number)?\s*[:\-.]?\s*)?"
+    r"(?<![\w.])\+?\(?\d[\d\s()\-]{7,}\d(?![\w.]*\s*(?:mg|ml|mcg|g|iu|units?|%|mm|cm|kg|times|days?)\b)",
+    re.I,
+)
+
+# --- sign-off blocks ------------------------------------------------------------------------------------
+# A sign-off is recognised at the end of the reply by its shape: closing words, "Dr", a name,
+# degrees, specialty and title words, a clinic address. Only these tokens may follow the anchor.
+_CLOSERS = (
+    r"(?:with\s+)?(?:(?:best|warm|kind|kindest|warmest|healthiest|sincere|respectful)\s+)?regards|rgds|regds|thanks\s*(?:&|and)\s*regards|"
+    r"thank\s*you\s*(?:&|and)\s*regards|(?:and\s+)?thanks\s+(?:(?:very|so)\s+much|a\s+lot)|sincerely|yours\s+(?:truly|sincerely|faithfully)|yours|best\s+wishes|"
+    r"warm\s+wishes|with\s+best\s+wishes|good\s+wishes|wishes|thanks|thank\s*you|thanx|thankyou|take\s*care|good\s*luck|"
+    r"all\s+the\s+best|best\s+of\s+luck|bye|ok|thanking\s+you|(?:and|&)\s*take\s*care|(?:and|&)\s*regards|ok\s+and\s+bye|cheers|god\s+bless(?:\s+you)?|have\s+a\s+(?:nice|good|healthful)\s+day"
+)
+_LETTER_CLOSER = re.compile(
+    r"regards|sincerely|yours|best\s+wishes|warm\s+wishes|good\s+wishes|wishes|thanks|thank\s*you|thanx|cheers",
+    re.I,
+)
+DEGREES = (
+    r"mbbs|m\.?b\.?b\.?s|md|m\.d|ms|dnb|dm|frcs|dgo|ddvl|dch|mrcp|fcps|ddv|dvd|dvl|bams|b\.?a\.?m\.?s|bhms|bds|"
+    r"mds|dpm|dpmr|phd|ph\.d|facs|facp|mch|m\.ch|dph|mph|fics|doms|dlo|frcog|mrcog|mrcpch|faap|msc|bsc|mpt|bpt|"
+    r"pgdcc|fccp|dtcd|dih|fnb|mmed|mrcs|fiages|fcgp|fage|dmrd|dmre|ficog|fmas|frcp|fracp|mrcgp|fapp|dnb|"
+    r"dipl?|diploma|pg|pgd|pgdip|llb|ll\.b|llm|ll\.m|mba|bpharm|mpharm|pharmd|rn|np|pa-c|do|dds|dmd|od|"
+    r"mscp|fipp|frcpath|mrcpsych|dpsych|mcps|fcgs|mnams|fiapsm|ficp|diab|cce|ccst|cct|fellow|board|certified"
+)
+_SPECIALTY = (
+    r"[a-z]*(?:ologist|iatrist|iatrician|ician|gist|tist|pist|cist|list|surgeon|surgery|medicine|therapist|physio|therapy|"
+    r"consultant|specialist|practitioner|doctor|physician|dentist|gynaecologist|obstetrician|pediatrics|"
+    r"paediatrics|clinic|hospital|hospitals|centre|center|polyclinic|nursing|home|care|health|institute|"
+    r"college|road|street|nagar|sector|sect|east|west|north|south|near|opp|floor|department|dept|unit|head|"
+    r"senior|junior|chief|resident|registrar|professor|prof|asst|assistant|associate|hod|general|family|"
+    r"internal|emergency|critical|child|women|skin|hair|heart|eye|ent|dental|oral|maxillofacial|ortho|"
+    r"orthopaedic|orthopedic|cardiac|neuro|homeopathic|homoeopathic|ayurvedic|physical|sexual|mental|"
+    r"plastic|cosmetic|laser|fertility|ivf|diabetes|obesity|sleep|pain|sports|rehab|rehabilitation)"
+)
+_CONNECTORS = r"of|and|in|at|the|for|with|&|from|to|on|a|an|by|as|via|cum"
+# "Dr", "Dr.", "DrSudarshan" (glued to the name), but not "Drink" nor the "DR" of "DRINK".
+_DR = r"(?:dr(?-i:(?![a-z])(?![A-Z][A-Z]))|doctor(?-i:(?![a-z]))|prof(?-i:(?![a-z]))|professor)\.?"
+_SIG_TOKEN = re.compile(r"[A-Za-z][\w'’.&]*|\d[\d\-/]*|[&]", re.U)
+
+
+def _is_degree(word: str) -> bool:
+    return bool(re.fullmatch(rf"(?:{DEGREES})\.?", word, re.I)) or bool(re.fullmatch(r"(?:[A-Z]\.){2,}[A-Z]?\.?", word))
+
+
+def _signature_tail(tail: str) -> bool:
+    """True when `tail` (the text from a candidate anchor to the end) is only a sign-off block."""
+    text = re.sub(rf"(?i)^\s*(?:(?:{_CLOSERS})(?-i:(?![a-z]))[\s,.!:;\-–]*)+", "", tail)
+    closer = text != tail.lstrip() and bool(_LETTER_CLOSER.search(tail[: len(tail) - len(text)]))
+    had_dr = bool(re.match(rf"(?i){_DR}", text))
+    body = re.sub(rf"(?i)^{_DR}", "", text)
+    # Closing words may also sit inside the block ("Thanks and. Best regards, Luchuo, MD").
+    body = re.sub(rf"(?i)(?<![\w])(?:{_CLOSERS})(?-i:(?![a-z]))", " ", body)
+    words = _SIG_TOKEN.findall(body)
+    if not words:  # only closing words: a fragment when it is a letter closer ("Regards", "Thanks.")
+        return closer or had_dr
+    if len(words) > 40:
+        return False
+    lower_name_slots = 3 if had_dr else 0  # lowercase names only right after "Dr": "dr namrata"
+    evidence = had_dr or closer
+    lowercase = digits = 0
+    for k, w in enumerate(words):
+        bare = w.strip(".'’")
+        if _is_degree(bare):
+            evidence = True
+        elif re.fullmatch(rf"(?:{_SPECIALTY}|{_CONNECTORS})", bare, re.I):
+            pass
+        elif re.fullmatch(rf"(?:{_DR})", w, re.I):
+            evidence = True
+        elif bare[:1].isupper():
+            pass
+        elif bare[:1].isdigit():
+            digits += 1
+        elif k < lower_name_slots and not re.fullmatch(_STOPWORDS, bare, re.I):
+            pass  # lowercase names: "Regards dr namrata", "Dr. satyanarayan kabra"
+        else:
+            lowercase += 1
+    if not evidence:
+        return False
+    if closer and not had_dr and not any(_is_degree(w.strip(".'’")) for w in words):
+        # Only a closing word vouches for the name ("Regards, Jay Indravadan Patel, Physical Therapist"):
+        # up to four capitalised name words, specialty words, and no everyday word ("Thanks. Use Betadine").
+        special = [w for w in words if re.fullmatch(_SPECIALTY, w.strip(".'’"), re.I)]
+        names = [w for w in words if w not in special and not re.fullmatch(_CONNECTORS, w, re.I)]
+        if len(names) > 4 or len(names) < len(words) - len(special) and not special:
+            return False
+        if any(not w[:1].isupper() for w in names):
+            return False
+        if names and re.fullmatch(rf"(?:{_STOPWORDS}|{_VERBS})", names[0].strip(".'’"), re.I):
+            return False  # an imperative, not a name
+    # A clinic address may hold a word or two in lowercase ("Matunga east") and numbers.
+    strong = had_dr and any(_is_degree(w.strip(".'’")) for w in words)
+    return lowercase == 0 or (strong and lowercase <= 2)
+
+
+_STOPWORDS = (
+    r"you|your|yours|soon|tomorrow|today|now|again|it|is|are|was|be|will|can|may|should|if|not|no|yes|this|that|"
+    r"these|those|please|also|immediately|first|once|then|for|who|which|regularly|who|and|or|to|the|a|an|of|in|"
+    r"on|at|with|about|as|after|before|visit|see|consult|check|take|get|go|ask|advice|advise|opinion|examination|"
+    r"exam|review|appointment|prescription|treatment|he|she|they|them|him|her|his|we|our|us|me|my|i"
+)
+_VERBS = (
+    r"use|apply|avoid|drink|eat|rest|wash|keep|stop|start|do|don'?t|try|continue|give|put|wear|stay|"
+    r"follow|repeat|need|must|would|could|get|have|let|make|call|contact|write|ask|consult|see|visit|go"
+)
+# Where a sign-off may begin: after a sentence end (with or without the space), after a comma or a
+# newline, at a run-on boundary ("applied the gel.Regards" / "momRegards"), or at the very start.
+_ANCHOR = re.compile(
+    rf"(?:(?<=[.!?,;:\n)\]\-~])|(?-i:(?<=[a-z])(?=[A-Z]))|(?<=\s)|^)\s*(?:(?:{_CLOSERS})(?-i:(?![a-z]))|{_DR})"
+    r"|regards(?-i:(?=[A-Z]))",  # glued on both sides: "a speedy recoveryregardsJay Patel"
+    re.I,
+)
+_SIG_PREV = re.compile(
+    r"(?:^|[.!?,;:\n)\]\-~]|(?-i:[a-z](?=[A-Z])))\s*$|(?:^|\s)(?:" + _CLOSERS + r")[\s,.!:;\-]*$"
+    r"|(?:^|\s)by\s*$",  # "... our asthma video by Dr X" names a doctor as its last words, too
+    re.I,
+)
+
+
+# A signature without "Dr" or a closing word: a capitalised name, a comma, then degrees in capitals
+# ("... a yearly flu shot. Arnold Zedd, MD, FAAP"). The comma keeps "Take Betadine MS." out.
+_NAME_DEGREES = re.compile(
+    r"(?:(?<=[.!?\n])|^)\s*(?-i:[A-Z][a-z]+(?:\s+[A-Z]\.?)*(?:\s+[A-Z][a-z'’-]+){1,2}),\s*"
+    r"(?:(?-i:[A-Z][A-Za-z.()]{1,8})[\s,]*){1,6}$"
+)
+
+
+def _signoff_start(text: str) -> int | None:
+    """Where the trailing sign-off block begins, or None. The earliest anchor whose tail is all signature wins."""
+    window = max(0, len(text) - 400)
+    for m in _ANCHOR.finditer(text, window):
+        start = m.start() + (len(m.group()) - len(m.group().lstrip()))
+        before = text[:start]
+        # "Dr" only counts as a sign-off after a sentence end or a closing word: advice that ends
+        # "... see your Dr. soon" or "... see Dr. Smith" is a sentence, not a signature.
+        word = text[start : m.end()]
+        if re.fullmatch(rf"(?i){_DR}", word) and not _SIG_PREV.search(before):
+            # Mid-sentence "Dr" is advice ("see Dr. Smith tomorrow") unless degrees follow ("at Dr.X MD, DNB").
+            if not any(_is_degree(w.strip(".'’")) for w in _SIG_TOKEN.findall(text[m.end() :])):
+                continue
+        if re.fullmatch(r"(?i)(?:take\s*care|good\s*luck|all\s+the\s+best|get\s+well\s+soon)", word):
+            # pleasantries stay unless a name follows them
+            tail = text[start:]
+            if not re.search(rf"(?i){_DR}|[A-Z][a-z]+\s*$|{_LETTER_CLOSER.pattern}", tail[len(word) :]):
+                continue
+        if _signature_tail(text[start:]):
+            return start
+    m = _NAME_DEGREES.search(text, window)
+    if m and any(_is_degree(w.strip(".,()")) for w in re.split(r"[\s,]+", text[m.start() :].split(",", 1)[1])):
+        return m.start() + len(m.group()) - len(m.group().lstrip())
+    return None
+
+
+def _signoff(text: str) -> str:
+    # A reply may sign twice ("Regards, Dr. X. Take care. Dr X, MD"), so strip until stable.
+    while (start := _signoff_start(text)) is not None:
+        cut = text[:start].rstrip()
+        if cut == text.rstrip():  # nothing left to strip (an anchor at the very end of blank text)
+            break
+        text = cut
+    return text
+
+
+# --- tidying what a cut leaves behind ------------------------------------------------------------------
+def whitespace(text: str) -> str:
+    text = text.replace("\u00a0", " ").replace("\r\n", "\n").replace("\r", "\n")
+    text = re.sub(r"[ \t\f\v]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+_CUT = "\x00"  # marks where a phrase was removed, so the tidy-up touches only those places
+
+
+# Words that only introduced what was cut ("mail us at <e-mail>", "visit us at <link>", "My blog: <link>",
+# "following the below link: <link>") go with it: alone they are a fragment, not advice.
+_INTRO = re.compile(
+    r"(?:(?<![\w])(?:or\s+|and\s+)?for\s+more\s+(?:info(?:rmation)?|details)(?:\s+(?:you|u))?\s*,?"
+    r"|(?<![\w])(?:(?:for\s+more\s+(?:info(?:rmation)?|details)|or|and)\s*,?\s*)*"
+    r"(?:(?:if|in\s+case)\s+(?:of\s+)?(?:you\s+have\s+)?(?:any\s+)?[\w\s]{0,30}?\s*,?\s*(?:then\s+)?)?"
+    r"(?:(?:you|u)\s+(?:can|may)\s+|please\s+|kindly\s+)?"
+    r"(?:e-?mail|mail|write(?:\s+down)?|visit|contact|reach|find|call|message|whatsapp|send|read\s+more)"
+    r"(?:\s+(?:us|me|them|it|the\s+(?:photos?|pictures?|reports?)))?(?:\s+(?:at|on|to|in|via))\s*[:\-]?"
+    r"|(?<![\w])(?:please\s+)?(?:(?:at|on|to|via|through|using|use|visit|following|with|in)\s+)?(?:the\s+|this\s+|my\s+)?"
+    r"(?:(?:below|above|following)(?:\s+mentioned)?\s+)?"
+    r"(?:url|link|website|web\s*site|blog|e-?mail(?:\s+id)?|mob(?:ile)?|phone|tel)(?:\s+(?:no\.?|number))?\s*[.:\-]?"
+    r"|(?<=\s)(?:at|to|on|via|by)(?=\s*\x00))\s*\(?(?=\x00)",
+    re.I,
+)
+
+
+# A conjunction left alone between two cuts, or between a cut and a sentence end ("... resolved and <cut>").
+_LONE_CONJUNCTION = re.compile(r"(?:(?<=\x00)|(?<=[.!?]))\s*(?:and|but|or|so|then)\s*[,.]?\s*(?=\x00)", re.I)
+
+
+def _tidy(text: str) -> str:
+    if _CUT not in text:
+        return text
+    text = _LONE_CONJUNCTION.sub("", _INTRO.sub("", text))
+    text = re.sub(r"(?i)(?<![\w])(?:and|but|or|so)\s*(?=\x00\W*$)", "", text)
+    # Punctuation and spaces around a cut collapse to one separator (see _join_cut).
+    text = re.sub(r"(?:(?<=(.))|^)([\s,.;:!?\-\x00]*\x00[\s,;:!?.\-\x00]*)(?=(.)|$)", _join_cut, text, flags=re.S)
+    return text
+
+
+def _join_cut(m: re.Match[str]) -> str:
+    before = m.group(1)
+    inner = m.group(2)
+    after = m.group(3)
+    if before is None or m.start() == 0:
+        return ""  # nothing before the cut: drop the separators
+    if after is None:
+        # End of text: keep a sentence end that was already there before the cut.
+        kept_end = re.match(r"\s*([.!?]+)", inner)  # "Any worries? <cut>" keeps its question mark
+        if kept_end and before not in ".!?":
+            return kept_end.group(1)[:1]
+        return "." if before.isalnum() or before in ")]\"'" else ""
+    sep = "\n\n" if "\n\n" in inner else ("\n" if "\n" in inner else " ")
+    kept_end = re.match(r"\s*([.!?]+)", inner)  # the sentence end before the cut belongs to the text before it
+    if before in ".!?":
+        return sep
+    if kept_end:
+        return kept_end.group(1) + sep
+    if after in ",.;:!?)]":
+        return ""  # the cut's own punctuation is gone; the text's next mark follows directly
+    if (re.search(r"[.!?]", inner) or before.islower()) and after[:1].isupper():
+        return "." + sep  # a cut between "feed" and "Dr ..." or "Hope" was a sentence boundary
+    if inner.replace(_CUT, "").lstrip().startswith(","):
+        return "," + sep if not after[:1].isupper() else sep
+    return sep
+
+
+def _finish(text: str, started_with: str) -> str:
+    text = whitespace(re.sub(r"\s*\(\s*\)", "", text))  # "(<link>)" leaves "()"
+    text = re.sub(r"([.!?][)\]\"'’”]+)\.$", r"\1", text)  # "etc.)" + a cut sentence end is not "etc.)."
+    text = re.sub(r"^[\s,.;:!?\-~]+", "", text)
+    text = re.sub(r"(?<=[.!?])[\s~\-–]+$", "", text)
+    if text != started_with and re.search(r"\w[\s,;:\-]+$", text):  # "... will be fine,<cut>" ends its sentence
+        text = re.sub(r"[\s,;:\-]+$", ".", text)
+    # Capitalise a reply whose opening was cut ("dearthanks for your query at HCMyour doctor ...").
+    if text and text[:1].islower() and started_with[:1] != text[:1]:
+        text = text[0].upper() + text[1:]
+    return text
+
+
+# --- the rules -------------------------------------------------------------------------------------------
+def _sub(pattern: re.Pattern[str]) -> Callable[[str], str]:
+    return lambda text: pattern.sub(_CUT, text)
+
+
+def _clause_end(text: str, m: re.Match[str]) -> bool:
+    """The match ends its clause: punctuation, a newline, the end, or a run-on capital ("helps.Take")."""
+    rest = text[m.end() :]
+    return bool(re.search(r"[.!?,;:]\s*$", m.group())) or not rest or bool(re.match(r"\s*(?:\n|[A-Z])", rest))
+
+
+def _hope(text: str) -> str:
+    # "I hope this would be helpful in managing the pain" goes on with advice: that clause stays. The filler
+    # words may run on into the next sentence ("HOPE THIS HELPS Take care All the best"): then the longest
+    # prefix that ends a clause is the phrase.
+    def cut(m: re.Match[str]) -> str:
+        phrase = m.group()
+        ends = [w.end() for w in re.finditer(r"\w+[\s,.!]*", phrase)]
+        for end in sorted(ends, reverse=True):
+            head, rest = phrase[:end], phrase[end:] + text[m.end() :]
+            clause_end = re.search(r"[.!?,;:]\s*$", head) or not rest or re.match(r"\s*(?:\n|[A-Z])", rest)
+            if _HOPE_KEY.search(head) and clause_end:
+                return _CUT + phrase[end:]
+        return phrase
+
+    return _HOPE.sub(cut, text)
+
+
+def _wishes(text: str) -> str:
+    def cut(m: re.Match[str]) -> str:
+        ok = re.search(r"\byou\b|health|recovery|luck|best", m.group(), re.I) and _clause_end(text, m)
+        return _CUT if ok else m.group()
+
+    return _WISH.sub(cut, text)
+
+
+def _phones(text: str) -> str:
+    # A phone number has 9+ digits; "100 - 101" (a fever range) or "200-0-0-1" (a dosing schedule) has fewer.
+    def cut(m: re.Match[str]) -> str:
+        return _CUT if len(re.findall(r"\d", m.group())) >= 9 else m.group()
+
+    return _PHONE.sub(cut, text)
+
+
+def _arrows(text: str) -> str:
+    return _ARROW.sub(lambda m: _CUT if m.group().strip() else " ", _ICLINIQ_AD.sub(_CUT, text))
+
+
+def _platform(text: str) -> str:
+    # A platform name left inside a sentence goes with its preposition ("In my experience at HCM this heals").
+    prep = r"(?:(?:here\s+)?(?:at|on|to|in|from|with|through|via|using|of)\s+(?:the\s+)?)?"
+    return re.sub(rf"(?<![\w])(?:{prep})[\"'‘“]?{PLATFORM}(?:'s)?[\"'’”]?", _CUT, text, flags=re.I)
+
+
+def _signoff_rule(text: str) -> str:
+    kept = _signoff(text)
+    return text if kept == text.rstrip() else kept + _CUT
+
+
+# Order matters: links and addresses first (a sign-off often ends in one), then the phrases, then
+# any platform name left, then the sign-off block at the end.
+RULES: list[tuple[str, Callable[[str], str]]] = [
+    ("urls", _sub(_URL)),
+    ("emails", _sub(_EMAIL)),
+    ("phones", _phones),
+    ("arrows", _arrows),
+    ("welcome", lambda text: _WELCOME_BARE.sub(_CUT, _WELCOME.sub(_CUT, text))),
+    ("thanks_for_query", _sub(_THANKS)),
+    ("template", _sub(_TEMPLATE)),
+    ("wishes", _wishes),
+    ("hope_this_helps", _hope),
+    ("contact_me", _sub(_CONTACT)),
+    ("rate_answer", _sub(_RATE)),
+    ("platform_name", _platform),
+    ("signoff", _signoff_rule),
+]
+# Patients don't write platform boilerplate, and their "Dr." is a greeting; links and addresses go everywhere.
+ALL_FIELD_RULES = {"urls", "emails", "phones", "arrows"}
+RULE_NAMES = ["whitespace"] + [name for name, _ in RULES]
+
+
+def clean_text(text: Any, field: str = "doctor", changed: Counter | None = None) -> str:
+    """Apply every rule in order; return the cleaned text, counting in `changed` ("field.rule") the rules that fired.
+
+    A rule that fires on text another rule already emptied is not counted.
+    """
+    text = "" if text is None else str(text)
+    new = whitespace(text)
+    if new != text and changed is not None:
+        changed[f"{field}.whitespace"] += 1
+    text = new
+    for name, rule in RULES:
+        if name not in ALL_FIELD_RULES and field != "doctor":
+            continue
+        out = rule(text)
+        if out == text:
+            continue
+        new = _finish(_tidy(out), text)
+        if new != text and changed is not None:
+            changed[f"{field}.{name}"] += 1
+        text = new
+    return text
