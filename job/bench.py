@@ -12,8 +12,9 @@ the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
   job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept)
   job-noliger, job-sdpa, job-compile   one lever of `job` changed each
   unsloth      Unsloth's fastest path, when Unsloth imports in its process (it is not a dependency
-               of this project): 4-bit base, LoRA r8 on q_proj,v_proj, batches of 8, its own
-               SFTTrainer patches and its padding choice
+               of this project): 4-bit base, LoRA r8 on q_proj,v_proj, padded batches of 8 with its
+               per-block compilation, its own SFTTrainer patches; `unsloth-pf` (not in the default
+               list) the same with its padding-free batches
 Every measurement runs in a process of its own (Liger patches Transformers process-wide; compiled code,
 autotuning and allocator state must not carry over), and the parent process never touches the GPU.
 
@@ -32,11 +33,11 @@ evaluate stage's generation speed (base and tuned rows in shared batches), one u
 timed one.
 
 Options (see --help): --rows, --steps, --warmup-cap, --stable-window, --tolerance, --recipes (any of the
-names above, plus `equivalence` and `generation`), --repeat N (the recipe list N times, every other
-round in reverse order, so order effects show), --unsloth-site PATH (the unsloth process's PYTHONPATH,
-in place of this one's: Unsloth pins an older Transformers than this job), --out DIR (bench.json with
-every per-step figure, bench.md with the table), --update-readme README.md (rewrites the section
-between the bench markers with bench.md).
+names above, plus `checks`: equivalence, then generation, in one process), --repeat N (the recipe list
+N times, every other round in reverse order, so order effects show), --unsloth-site PATH (the unsloth
+process's PYTHONPATH, in place of this one's: Unsloth pins an older Transformers than this job),
+--usd-per-hour (adds a cost column), --out DIR (bench.json with every per-step figure, bench.md with
+the table), --update-readme README.md (rewrites the section between the bench markers with bench.md).
 """
 
 from __future__ import annotations
@@ -87,7 +88,12 @@ RECIPES: dict[str, dict[str, str]] = {
     "job-compile": {"BATCH_SIZE": "8", "TORCH_COMPILE": "true"},
 }
 UNSLOTH = "unsloth"
-CHECKS = ("equivalence", "generation")
+# Unsloth's padding, by recipe name. Its automatic choice keeps padding-free batches on cards it has no
+# measurement for (H100/H200 among them); padded batches with per-block compilation were its fastest
+# path on an H200 (issue 18), so `unsloth` forces them and `unsloth-pf` measures the other.
+UNSLOTH_PADDING = {UNSLOTH: "padded", "unsloth-pf": "padding_free"}
+# One process checks equivalence and then times generation, as the job's own process evaluates after training.
+CHECKS = ("checks",)
 # The order of a default run: the figures the issue's targets compare first, so a run cut short keeps them.
 DEFAULT_PARTS = [
     *("job", UNSLOTH, "job-nf4", "trl", "trl-nogc", "seed"),
@@ -171,13 +177,14 @@ def replace_readme_section(text: str, body: str) -> str:
 
 
 # --- measurements (each in a process of its own, on the GPU) --------------------------------------
-def measure_peak_tflops(size: int = 8192, runs: int = 5, products: int = 20) -> dict:
-    """The card's bf16 matmul rate: median of `runs` timed runs of `products` products, after warm-up."""
+def measure_peak_tflops(size: int = 8192, runs: int = 7, products: int = 50) -> dict:
+    """The card's bf16 matmul rate: median of `runs` timed runs of `products` products, after a warm-up
+    long enough (about a second) for the clocks to ramp up."""
     import torch
 
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(10):
+    for _ in range(500):
         a @ b
     torch.cuda.synchronize()
     rates = []
@@ -188,6 +195,34 @@ def measure_peak_tflops(size: int = 8192, runs: int = 5, products: int = 20) -> 
         torch.cuda.synchronize()
         rates.append(2 * size**3 * products / (time.perf_counter() - t0) / 1e12)
     return spread(rates)
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work, so a clock reading covers it (a no-op on CPU, for the tests)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 class _CountingCollator:
@@ -207,7 +242,6 @@ class _CountingCollator:
 
 def _timed_train(trainer, grad_accum: int, args) -> dict:
     """Train with a per-step clock until the rate is stable plus `args.steps` steps (or the cap)."""
-    import torch
     from transformers import TrainerCallback
 
     counter = _CountingCollator(trainer.data_collator, trainer.processing_class.pad_token_id)
@@ -223,11 +257,11 @@ def _timed_train(trainer, grad_accum: int, args) -> dict:
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             if not ends:
-                torch.cuda.synchronize()
+                _sync()
                 ends.append(time.perf_counter())
 
         def on_step_end(self, a, state, control, **kw):
-            torch.cuda.synchronize()
+            _sync()
             ends.append(time.perf_counter())
             seconds.append(ends[-1] - ends[-2])  # step to step: data, forward, backward, optimizer, callbacks
             if not found:
@@ -240,7 +274,7 @@ def _timed_train(trainer, grad_accum: int, args) -> dict:
             return control
 
     trainer.add_callback(Clock())
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -251,7 +285,7 @@ def _timed_train(trainer, grad_accum: int, args) -> dict:
         "step_seconds": seconds,
         "step_tokens": tokens,
         "train_wall_s": wall,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": _peak_gib(),
         "lora_params": trainer.model.get_nb_trainable_parameters()[0],
         "final_loss": losses[-1] if losses else None,
     }
@@ -285,16 +319,16 @@ def measure_training(name: str, cfg, args) -> dict:
     return {**out, "settings": RECIPES[name], "liger": bool(trainer.args.use_liger_kernel)}
 
 
-def measure_unsloth(cfg, args) -> dict:
+def measure_unsloth(cfg, args, padding: str = "padded") -> dict:
     """Unsloth's fastest path on the same rows (the pre-tokenized conversations the job trains on).
 
     FastLanguageModel with a 4-bit base, LoRA r8/alpha 16 on q_proj,v_proj without dropout (its fast
     LoRA kernels need dropout 0) and without gradient checkpointing (memory is plentiful here), TRL's
-    SFTTrainer with Unsloth's patches, batches of 8 without packing: Unsloth then chooses between
-    padded batches with per-block compilation and padding-free batches itself. Same optimizer, learning
-    rate and seed as the job.
+    SFTTrainer with Unsloth's patches, batches of 8 without packing, and `padding` (UNSLOTH_PADDING).
+    Same optimizer, learning rate and seed as the job.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model folder; no statistics pings
+    os.environ["UNSLOTH_PADDING_CHOICE"] = padding  # read when the trainer is built
     try:
         import unsloth  # noqa: F401  (first: it patches Transformers and TRL on import)
         from unsloth import FastLanguageModel
@@ -425,7 +459,6 @@ def check_equivalence(cfg) -> dict:
 def measure_generation(cfg) -> dict:
     """The evaluate stage's default generation (base and tuned rows in shared batches): one untimed pass,
     then a timed one, so decoding kernels' first-use costs are not in the figure."""
-    import torch
 
     from job import evaluate, safety
     from job.files import read_jsonl
@@ -437,13 +470,13 @@ def measure_generation(cfg) -> dict:
     if not (paths.adapter / "adapter_config.json").exists():
         _trained_adapter(cfg, precision)  # the trainer is dropped here; its memory goes back below
         gc.collect()
-        torch.cuda.empty_cache()
+        _empty_cache()
     tok = evaluate.load_tokenizer(cfg, str(paths.adapter))
     prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(paths.eval_rows)][: cfg.EVAL_GENERATIONS]
     prompts += [build_messages(cfg, s["prompt"]) for s in safety.SAFETY_PROMPTS]
     n = len(prompts)
     model = evaluate.shared_model_for_generation(evaluate.load_tuned(cfg, paths.root, precision), paths.root)
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
     passes = {}
     for name in ("first", "timed"):
         _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, [False] * n + [True] * n)
@@ -456,7 +489,7 @@ def measure_generation(cfg) -> dict:
         "passes": passes,
         "tokens_per_s": passes["timed"]["tokens_per_s"],
         "tokens_per_s_first": passes["first"]["tokens_per_s"],
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": _peak_gib(),
     }
 
 
@@ -502,12 +535,18 @@ def run_part(name: str, cfg, args) -> dict:
     """What a child process measures: `name` is a recipe, a check, or `prepare`."""
     if name == "prepare":
         out = prepare(cfg, args)
-    elif name == UNSLOTH:
-        out = measure_unsloth(cfg, args)
-    elif name == "equivalence":
-        out = check_equivalence(cfg)
-    elif name == "generation":
-        out = measure_generation(cfg)
+    elif name in UNSLOTH_PADDING:
+        out = measure_unsloth(cfg, args, UNSLOTH_PADDING[name])
+    elif name in CHECKS:
+        out = {}
+        for part, measure in (("equivalence", check_equivalence), ("generation", measure_generation)):
+            try:
+                out[part] = measure(cfg)
+            except Exception as e:  # one failed check must not cost the other
+                log.exception("%s failed", part)
+                out[part] = {"failed": f"{type(e).__name__}: {e}"}
+            gc.collect()  # the first check's models go before the second loads its own
+            _empty_cache()
     else:
         out = measure_training(name, cfg, args)
     return {**out, "versions": _versions()}
@@ -518,7 +557,7 @@ def in_own_process(name: str, args, argv: list[str]) -> dict:
     result = Path(args.out) / f"part-{name}.json"
     result.unlink(missing_ok=True)
     env = dict(os.environ)
-    if name == UNSLOTH and args.unsloth_site:
+    if name in UNSLOTH_PADDING and args.unsloth_site:
         # Unsloth's own stack in place of this process's path (it pins an older Transformers than the job);
         # the repository root so that `-m job.bench` imports.
         env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, str(Path(__file__).resolve().parents[1])])
@@ -580,7 +619,7 @@ def markdown(r: dict) -> str:
     uv = next((rnd[UNSLOTH]["versions"] for rnd in r["rounds"] if "versions" in rnd.get(UNSLOTH, {})), None)
     if uv:
         lines += ["", "The unsloth process: " + ", ".join(f"{k} {val}" for k, val in uv.items()) + "."]
-    checks = {k: x for rnd in r["rounds"] for k, x in rnd.items() if k in CHECKS}
+    checks = next((rnd[CHECKS[0]] for rnd in r["rounds"] if CHECKS[0] in rnd), {})
     e = checks.get("equivalence", {})
     if "grad_cosine" in e:
         lines += [
@@ -599,9 +638,11 @@ def markdown(r: dict) -> str:
             f"{g['tokens_per_s']:,.0f} new tokens/s in the timed pass ({g['tokens_per_s_first']:,.0f} in the "
             f"first, untimed one); peak {g['peak_gib']:.1f} GiB.",
         ]
-    for name, x in checks.items():
-        if "failed" in x:
-            lines += ["", f"{name} failed: {x['failed']}"]
+    if "failed" in checks:
+        lines += ["", f"The checks' process failed: {checks['failed']}"]
+    for name in ("equivalence", "generation"):
+        if "failed" in checks.get(name, {}):
+            lines += ["", f"{name} failed: {checks[name]['failed']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -674,9 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         print("make bench needs a CUDA GPU")
         return 2
     parts = [p for p in args.recipes.split(",") if p]
-    unknown = sorted(set(parts) - set(RECIPES) - {UNSLOTH, *CHECKS})
+    known = [*RECIPES, *UNSLOTH_PADDING, *CHECKS]
+    unknown = sorted(set(parts) - set(known))
     if unknown:
-        print(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join([*RECIPES, UNSLOTH, *CHECKS])}")
+        print(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(known)}")
         return 2
     t0 = time.perf_counter()
     setup = in_own_process("prepare", args, argv)
@@ -687,13 +729,14 @@ def main(argv: list[str] | None = None) -> int:
     model_config = AutoConfig.from_pretrained(cfg.BASE_MODEL)
     results: dict[str, Any] = {"setup": setup, "args": vars(args) | {"update_readme": str(args.update_readme)}}
     results["rounds"] = []
+    md = ""
     for i in range(args.repeat):
         rnd: dict[str, Any] = {}
         results["rounds"].append(rnd)
         for name in parts if i % 2 == 0 else parts[::-1]:
             log.info("round %d: %s ...", i + 1, name)
             rnd[name] = r = in_own_process(name, args, argv)
-            if "tokens_per_s" in r:
+            if name not in CHECKS and "tokens_per_s" in r:
                 add_derived(r, setup, model_config)
                 log.info(
                     "%s: %.0f tok/s (p10-p90 %.0f-%.0f), MFU %.1f%%, peak %.1f GiB, warm-up %d%s",
@@ -707,8 +750,9 @@ def main(argv: list[str] | None = None) -> int:
                     "" if r["stable"] else " (not stable)",
                 )
             results["wall_s"] = time.perf_counter() - t0
-            write_report(results, out, None)  # after every part: a run cut short keeps what it measured
-    print(write_report(results, out, args.update_readme))
+            # after every part: a run cut short keeps what it measured
+            md = write_report(results, out, args.update_readme)
+    print(md)
     return 0
 
 

@@ -97,7 +97,8 @@ def test_markdown_table_has_every_recipe_ratios_and_the_checks():
     rnd["job-sdpa"] = {"failed": "exit 1"}
     rnd["job-compile"] = {**_recipe(30_000.0), "stable": False, "warmup_steps": 60}
     rnd[UNSLOTH]["versions"] = {"unsloth": "2026.10.9", "transformers": "5.17.0"}
-    rnd["equivalence"] = {
+    rnd["checks"] = {"generation": {}}
+    rnd["checks"]["equivalence"] = {
         "loss_packed": 1.0,
         "loss_padded": 1.0001,
         "loss_rel_diff": 1e-4,
@@ -105,7 +106,7 @@ def test_markdown_table_has_every_recipe_ratios_and_the_checks():
         "grad_rel_l2": 0.05,
         "job_base_weights": "nf4-rounded, held in 16-bit (DEQUANTIZE_BASE)",
     }
-    rnd["generation"] = {
+    rnd["checks"]["generation"] = {
         "prompts": 83,
         "batch": 192,
         "max_new_tokens": 256,
@@ -135,6 +136,31 @@ def test_markdown_table_has_every_recipe_ratios_and_the_checks():
     assert "60 (not stable: cap reached)" in md
     assert "LoRA gradient cosine 0.99850" in md and "8,000 new tokens/s" in md and "6,000 in the first" in md
     assert "The unsloth process: unsloth 2026.10.9, transformers 5.17.0." in md
+    rnd["checks"]["generation"] = {"failed": "OutOfMemory: boom"}
+    assert "generation failed: OutOfMemory: boom" in markdown(results)
     # two rounds (the second in reverse order): each recipe gets a row per round
     md2 = markdown({**results, "rounds": [rnd, rnd]})
     assert "| job (round 1) |" in md2 and "| job (round 2) |" in md2
+
+
+def test_a_recipe_warms_up_then_times_the_steps_asked_for(tiny_model_dir, tmp_path):
+    """The child's measurement on the tiny model, on CPU: the job's own trainer, steps counted and timed,
+    training stopped once warm-up and the timed steps are done (or at the cap)."""
+    from job import formatting, sample
+    from job.bench import bench_settings, measure_training, parse_args
+
+    data = __import__("pathlib").Path(__file__).resolve().parents[1] / "job" / "fixtures" / "dialogues.jsonl"
+    args = parse_args(
+        ["--model-dir", str(tiny_model_dir), "--data", str(data), "--rows", "24", "--gen-prompts", "4"]
+        + ["--out", str(tmp_path), "--steps", "3", "--stable-window", "2", "--tolerance", "10", "--warmup-cap", "5"]
+    )
+    cfg = bench_settings(args)
+    cfg.run_dir.mkdir(parents=True)
+    sample.run(cfg, cfg.run_dir)
+    formatting.run(cfg, cfg.run_dir)
+    r = measure_training("job", cfg, args)
+    # any rate is "stable" within a tolerance of 1000%: warm-up is the first two windows, then 3 timed steps
+    assert r["stable"] and r["warmup_steps"] == 4 and r["timed_steps"] == 3
+    assert len(r["step_seconds"]) == len(r["step_tokens"]) == 7  # stopped early: the cap allowed 8
+    assert all(t > 0 for t in r["step_tokens"]) and r["tokens_per_s"]["median"] > 0
+    assert r["lora_params"] > 0
