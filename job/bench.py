@@ -1,28 +1,48 @@
 """`make bench` / `python -m job.bench`: training and generation throughput, side by side, on one GPU.
 
-Runs the job's own data, training and generation code on the Llama-3.2-3B shape (random
-weights built locally: the compute per token equals the real model's) and compares, on one
-card, each recipe in a process of its own (Liger patches Transformers' classes process-wide):
-  (a) seed   the seed recipe as published: batch 1 x accumulation 2, paged AdamW 32-bit,
-             gradient checkpointing, no packing
-  (b) trl    the best plain TRL setup measured before: packing + Liger kernels, batch 8
-             (TRL's own defaults otherwise, which include gradient checkpointing)
-  (c) job    this job's defaults (job/config.py)
-plus trl-nogc ((b) without gradient checkpointing) and one-lever variants of (c): job-nf4 (4-bit
-kernels kept), job-compile, job-noliger, job-sdpa. For each: tokens/s (non-padding tokens through
-forward+backward), MFU by DESIGN.md's formula against the bf16 matmul peak measured on this card,
-peak GiB, and projected wall time and cost for 1,000 samples and for the full 257k-row dataset.
-Also: an equivalence check (loss and LoRA gradients of the job's path, packed rows on its base
-weights, vs the plain path, padded rows through bitsandbytes' 4-bit layers, same rows and adapter)
-and generation tokens/s: the evaluate stage's default (base and tuned rows in shared batches), one pass
-per model, and with EVAL_COMPILE's static cache.
-Writes bench.json and bench.md to --out.
+Runs the job's own data, training and generation code on the Llama-3.2-3B shape (random weights
+built locally: the compute per token equals the real model's) on the first `--rows` conversations of
+the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
+  seed         the seed recipe as published: batch 1 x accumulation 2, paged AdamW 32-bit,
+               gradient checkpointing, no packing, bitsandbytes' 4-bit layers
+  trl          plain TRL: packing + Liger kernels, batch 8, TRL's defaults otherwise (which include
+               gradient checkpointing), 4-bit layers
+  trl-nogc     trl without gradient checkpointing
+  job          this job's defaults (job/config.py)
+  job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept)
+  job-noliger, job-sdpa, job-compile   one lever of `job` changed each
+  unsloth      Unsloth's fastest path, when Unsloth imports in its process (it is not a dependency
+               of this project): 4-bit base, LoRA r8 on q_proj,v_proj, padded batches of 8 with its
+               per-block compilation, its own SFTTrainer patches; `unsloth-pf` (not in the default
+               list) the same with its padding-free batches
+Every measurement runs in a process of its own (Liger patches Transformers process-wide; compiled code,
+autotuning and allocator state must not carry over), and the parent process never touches the GPU.
+
+How a recipe is timed: all recipes count the same thing, the real (non-padding) tokens that go through
+forward and backward in each optimizer step. Steps run until the step rate is stable: the median
+tokens/s of the last `--stable-window` steps is within `--tolerance` of the median of the window before
+(compilation, autotuning and allocator growth are then behind us), at most `--warmup-cap` steps; then
+`--steps` steps are timed, each closed by torch.cuda.synchronize(). A recipe that never settles is timed
+over its last `--steps` steps and flagged "not stable". Reported: the median per-step tokens/s, its
+p10-p90 spread, seconds per step, peak GiB, MFU by DESIGN.md's formula against the bf16 matmul peak
+measured on the card (median of several warmed runs), and the warm-up steps used.
+
+Also: an equivalence check (loss and LoRA gradients of the job's path, packed rows on its base weights,
+vs the plain path, padded rows through bitsandbytes' 4-bit layers, same rows and adapter), and the
+evaluate stage's generation speed (base and tuned rows in shared batches), one untimed pass then a
+timed one.
+
+Options (see --help): --rows, --steps, --warmup-cap, --stable-window, --tolerance, --recipes (any of the
+names above, plus `checks`: equivalence, then generation, in one process), --repeat N (the recipe list
+N times, every other round in reverse order, so order effects show), --unsloth-site PATH (the unsloth
+process's PYTHONPATH, in place of this one's: Unsloth pins an older Transformers than this job),
+--usd-per-hour (adds a cost column), --out DIR (bench.json with every per-step figure, bench.md with
+the table), --update-readme README.md (rewrites the section between the bench markers with bench.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import logging
@@ -34,69 +54,58 @@ import time
 from pathlib import Path
 from typing import Any
 
+from job.paths import RunPaths
+
 log = logging.getLogger("job.bench")
 
-FULL_DATASET_ROWS = 256_916  # ruslanmv/ai-medical-chatbot, train split
-RECIPES: dict[str, dict[str, Any]] = {
-    # settings overrides, then SFTConfig overrides
-    "seed": {
-        "settings": {
-            "BATCH_SIZE": "1",
-            "GRAD_ACCUM": "2",
-            "PACKING": "false",
-            "GRADIENT_CHECKPOINTING": "true",
-            "OPTIMIZER": "paged_adamw_32bit",
-            "LIGER_KERNEL": "false",
-            "ATTN_IMPLEMENTATION": "sdpa",
-            "TORCH_COMPILE": "false",
-            "DEQUANTIZE_BASE": "false",
-        },
-        "sft": {},
-    },
-    "trl": {
-        "settings": {
-            "BATCH_SIZE": "8",
-            "GRAD_ACCUM": "1",
-            "PACKING": "true",
-            "GRADIENT_CHECKPOINTING": "true",
-            "OPTIMIZER": "adamw_torch",
-            "LIGER_KERNEL": "true",
-            "ATTN_IMPLEMENTATION": "sdpa",
-            "TORCH_COMPILE": "false",
-            "DEQUANTIZE_BASE": "false",
-        },
-        "sft": {},
-    },
-    # (b) as tuned by hand: TRL ships gradient checkpointing on; the earlier 10.9k tok/s / 12.8 GiB
-    # figures match a run with it off, so we measure that too.
-    "trl-nogc": {
-        "settings": {
-            "BATCH_SIZE": "8",
-            "GRAD_ACCUM": "1",
-            "PACKING": "true",
-            "GRADIENT_CHECKPOINTING": "false",
-            "OPTIMIZER": "adamw_torch",
-            "LIGER_KERNEL": "true",
-            "ATTN_IMPLEMENTATION": "sdpa",
-            "TORCH_COMPILE": "false",
-            "DEQUANTIZE_BASE": "false",
-        },
-        "sft": {},
-    },
-    # The job's defaults. The bench runs at MAX_SEQ_LENGTH=512 (like the baseline figures), so batch 8
-    # gives the same tokens per micro-batch as the default 4 packed rows of 1024.
-    "job": {"settings": {"BATCH_SIZE": "8"}, "sft": {}},
-    # Levers, one at a time against the job's defaults: the 4-bit kernels kept (DEQUANTIZE_BASE off);
-    # regional compilation; Liger's kernels.
-    "job-nf4": {"settings": {"BATCH_SIZE": "8", "DEQUANTIZE_BASE": "false"}, "sft": {}},
-    "job-compile": {"settings": {"BATCH_SIZE": "8", "TORCH_COMPILE": "true"}, "sft": {}},
-    "job-noliger": {"settings": {"BATCH_SIZE": "8", "LIGER_KERNEL": "false"}, "sft": {}},
-    # The job's defaults with Transformers' stock sdpa: packed rows then attend through a dense
-    # block-diagonal mask. Shows what job/attention.py's varlen kernel buys.
-    "job-sdpa": {"settings": {"BATCH_SIZE": "8", "ATTN_IMPLEMENTATION": "sdpa"}, "sft": {}},
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+_BASELINE = {
+    "PACKING": "true",
+    "OPTIMIZER": "adamw_torch",
+    "LIGER_KERNEL": "true",
+    "ATTN_IMPLEMENTATION": "sdpa",
+    "TORCH_COMPILE": "false",
+    "DEQUANTIZE_BASE": "false",
 }
+# Settings each recipe changes. The bench runs at MAX_SEQ_LENGTH=512, so the job's recipes use batch 8:
+# the same tokens per micro-batch as the default 4 packed rows of 1024.
+RECIPES: dict[str, dict[str, str]] = {
+    "seed": {
+        **_BASELINE,
+        "BATCH_SIZE": "1",
+        "GRAD_ACCUM": "2",
+        "PACKING": "false",
+        "GRADIENT_CHECKPOINTING": "true",
+        "OPTIMIZER": "paged_adamw_32bit",
+        "LIGER_KERNEL": "false",
+    },
+    "trl": {**_BASELINE, "BATCH_SIZE": "8", "GRAD_ACCUM": "1", "GRADIENT_CHECKPOINTING": "true"},
+    "trl-nogc": {**_BASELINE, "BATCH_SIZE": "8", "GRAD_ACCUM": "1", "GRADIENT_CHECKPOINTING": "false"},
+    "job": {"BATCH_SIZE": "8"},
+    "job-nf4": {"BATCH_SIZE": "8", "DEQUANTIZE_BASE": "false"},
+    "job-noliger": {"BATCH_SIZE": "8", "LIGER_KERNEL": "false"},
+    # Transformers' stock sdpa: packed rows attend through a dense block-diagonal mask instead of
+    # job/attention.py's varlen kernel.
+    "job-sdpa": {"BATCH_SIZE": "8", "ATTN_IMPLEMENTATION": "sdpa"},
+    "job-compile": {"BATCH_SIZE": "8", "TORCH_COMPILE": "true"},
+}
+UNSLOTH = "unsloth"
+# Unsloth's padding, by recipe name. Its automatic choice keeps padding-free batches on cards it has no
+# measurement for (H100/H200 among them); padded batches with per-block compilation were its fastest
+# path on an H200 (issue 18), so `unsloth` forces them and `unsloth-pf` measures the other.
+UNSLOTH_PADDING = {UNSLOTH: "padded", "unsloth-pf": "padding_free"}
+# One process checks equivalence and then times generation, as the job's own process evaluates after training.
+CHECKS = ("checks",)
+# The order of a default run: the figures the issue's targets compare first, so a run cut short keeps them.
+DEFAULT_PARTS = [
+    *("job", UNSLOTH, "job-nf4", "trl", "trl-nogc", "seed"),
+    *CHECKS,
+    *("job-noliger", "job-sdpa", "job-compile"),
+]
+FULL_DATASET_ROWS = 256_916  # ruslanmv/ai-medical-chatbot, train split
 
 
+# --- what the figures are (pure functions, tested on CPU) --------------------------------------
 def flops_per_token(config, mean_seq_len: float, lora_params: int) -> float:
     """DESIGN.md: 4*N_matmul (frozen base: forward + input gradients) + 6*N_lora + attention."""
     h, layers = config.hidden_size, config.num_hidden_layers
@@ -109,23 +118,117 @@ def flops_per_token(config, mean_seq_len: float, lora_params: int) -> float:
     return 4 * n_matmul + 6 * lora_params + attention
 
 
-def measure_peak_tflops() -> float:
+def stable_start(rates: list[float], window: int, tolerance: float) -> int | None:
+    """Index of the first step after warm-up, or None if the rate never settles.
+
+    Warm-up is over at step i when the median rate of steps [i-w, i) is within `tolerance` (a fraction)
+    of the median of [i-2w, i-w). Medians, so one slow step (a log line, a garbage collection) neither
+    ends nor prolongs warm-up; the timed window then starts at i, after everything compared.
+    """
+    for i in range(2 * window, len(rates) + 1):
+        before = statistics.median(rates[i - 2 * window : i - window])
+        last = statistics.median(rates[i - window : i])
+        if abs(last - before) <= tolerance * max(last, before):
+            return i
+    return None
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, p10, p90, min and max of per-step figures (p10/p90 by linear interpolation)."""
+    if len(values) == 1:
+        v = values[0]
+        return {"median": v, "p10": v, "p90": v, "min": v, "max": v, "n": 1}
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return {
+        "median": statistics.median(values),
+        "p10": deciles[0],
+        "p90": deciles[-1],
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def timed_window(seconds: list[float], tokens: list[int], steps: int, window: int, tolerance: float) -> dict:
+    """Choose the timed steps from all steps run, and summarize them."""
+    rates = [t / s for t, s in zip(tokens, seconds)]
+    # Stable in time to leave `steps` steps after warm-up (the same first index the online check finds).
+    start = stable_start(rates[: max(len(rates) - steps, 0)], window, tolerance)
+    stable = start is not None
+    if not stable:  # never settled within the cap: the last `steps` steps, flagged
+        start = max(len(rates) - steps, 0)
+    picked = slice(start, start + steps)
+    return {
+        "stable": stable,
+        "warmup_steps": start,
+        "timed_steps": len(rates[picked]),
+        "tokens_per_s": spread(rates[picked]),
+        "seconds_per_step": spread(seconds[picked]),
+        # what a user gets over the window: all tokens over all the time
+        "tokens_per_s_overall": sum(tokens[picked]) / sum(seconds[picked]),
+        "tokens_per_step": statistics.fmean(tokens[picked]),
+    }
+
+
+def replace_readme_section(text: str, body: str) -> str:
+    """The README with the text between the bench markers replaced by `body` (markers kept)."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README needs the markers {README_START} and {README_END}, in that order")
+    return text[: start + len(README_START)] + "\n" + body.strip("\n") + "\n" + text[end:]
+
+
+# --- measurements (each in a process of its own, on the GPU) --------------------------------------
+def measure_peak_tflops(size: int = 8192, runs: int = 7, products: int = 50) -> dict:
+    """The card's bf16 matmul rate: median of `runs` timed runs of `products` products, after a warm-up
+    long enough (about a second) for the clocks to ramp up."""
     import torch
 
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(500):
         a @ b
     torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
+    rates = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(products):
+            a @ b
+        torch.cuda.synchronize()
+        rates.append(2 * size**3 * products / (time.perf_counter() - t0) / 1e12)
+    return spread(rates)
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work, so a clock reading covers it (a no-op on CPU, for the tests)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 class _CountingCollator:
-    """Wraps the trainer's collator to count the real (non-padding) tokens of each micro-batch."""
+    """Wraps a trainer's collator to count the real (non-padding) tokens of each micro-batch."""
 
     def __init__(self, inner, pad_id: int):
         self.inner, self.pad_id, self.tokens = inner, pad_id, []
@@ -139,61 +242,161 @@ class _CountingCollator:
         return batch
 
 
-def train_throughput(cfg, run_dir: Path, precision: str, recipe: dict, warmup: int, steps: int) -> dict:
-    import torch
+def _timed_train(trainer, grad_accum: int, args) -> dict:
+    """Train with a per-step clock until the rate is stable plus `args.steps` steps (or the cap)."""
     from transformers import TrainerCallback
 
-    from job.config import load_settings
-    from job.train import build_trainer
-
-    env = {
-        **{k: str(v) for k, v in cfg.masked().items() if k not in ("HF_TOKEN", "WANDB_API_KEY")},
-        **recipe["settings"],
-    }
-    rcfg = load_settings(env, env_file=None)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    trainer = build_trainer(
-        rcfg,
-        run_dir,
-        precision,
-        max_steps=warmup + steps,
-        save_strategy="no",
-        logging_steps=10_000,
-        disable_tqdm=True,
-        report_to=[],
-        **recipe["sft"],
-    )
     counter = _CountingCollator(trainer.data_collator, trainer.processing_class.pad_token_id)
     trainer.data_collator = counter
-    marks: dict[int, float] = {}
+    ends: list[float] = []
+    seconds: list[float] = []
+    found: list[int] = []
+
+    def step_tokens(j: int) -> int:
+        # Micro-batches are consumed in order; the dataloader may fetch ahead, so count by index.
+        return sum(counter.tokens[j * grad_accum : (j + 1) * grad_accum])
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            marks[state.global_step] = time.perf_counter()
+        def on_step_begin(self, a, state, control, **kw):
+            if not ends:
+                _sync()
+                ends.append(time.perf_counter())
+
+        def on_step_end(self, a, state, control, **kw):
+            _sync()
+            ends.append(time.perf_counter())
+            seconds.append(ends[-1] - ends[-2])  # step to step: data, forward, backward, optimizer, callbacks
+            if not found:
+                rates = [step_tokens(j) / s for j, s in enumerate(seconds)]
+                start = stable_start(rates, args.stable_window, args.tolerance)
+                if start is not None:
+                    found.append(start)
+            if found and len(seconds) >= found[0] + args.steps:
+                control.should_training_stop = True
+            return control
 
     trainer.add_callback(Clock())
+    _reset_peak()
+    t0 = time.perf_counter()
     trainer.train()
-    ga = rcfg.GRAD_ACCUM
-    tokens = sum(counter.tokens[warmup * ga : (warmup + steps) * ga])
-    seconds = marks[warmup + steps] - marks[warmup]
+    wall = time.perf_counter() - t0
+    tokens = [step_tokens(j) for j in range(len(seconds))]
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    out = {
-        "tokens_per_s": tokens / seconds,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "tokens_per_step": tokens / steps,
-        "seconds_per_step": seconds / steps,
+    return {
+        **timed_window(seconds, tokens, args.steps, args.stable_window, args.tolerance),
+        "step_seconds": seconds,
+        "step_tokens": tokens,
+        "train_wall_s": wall,
+        "peak_gib": _peak_gib(),
         "lora_params": trainer.model.get_nb_trainable_parameters()[0],
-        "liger": bool(trainer.args.use_liger_kernel),
-        "compiled": rcfg.TORCH_COMPILE,
-        "settings": recipe["settings"] or "defaults",
         "final_loss": losses[-1] if losses else None,
     }
-    del trainer
-    gc.collect()
-    torch.cuda.empty_cache()
-    return out
+
+
+def _recipe_settings(cfg, overrides: dict[str, str]):
+    from job.config import load_settings
+
+    env = {k: str(v) for k, v in cfg.masked().items() if k not in ("HF_TOKEN", "WANDB_API_KEY")}
+    return load_settings({**env, **overrides}, env_file=None)
+
+
+def measure_training(name: str, cfg, args) -> dict:
+    """One of the job's recipes, through the job's own build_trainer."""
+    from job.model import resolve_precision
+    from job.train import build_trainer
+
+    rcfg = _recipe_settings(cfg, RECIPES[name])
+    precision, _ = resolve_precision(rcfg)
+    trainer = build_trainer(
+        rcfg,
+        RunPaths(rcfg.run_dir),
+        precision,
+        max_steps=args.warmup_cap + args.steps,
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        report_to=[],
+    )
+    out = _timed_train(trainer, rcfg.GRAD_ACCUM, args)
+    return {**out, "settings": RECIPES[name], "liger": bool(trainer.args.use_liger_kernel)}
+
+
+def measure_unsloth(cfg, args, padding: str = "padded") -> dict:
+    """Unsloth's fastest path on the same rows (the pre-tokenized conversations the job trains on).
+
+    FastLanguageModel with a 4-bit base, LoRA r8/alpha 16 on q_proj,v_proj without dropout (its fast
+    LoRA kernels need dropout 0) and without gradient checkpointing (memory is plentiful here), TRL's
+    SFTTrainer with Unsloth's patches, batches of 8 without packing, and `padding` (UNSLOTH_PADDING).
+    Same optimizer, learning rate and seed as the job.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model folder; no statistics pings
+    os.environ["UNSLOTH_PADDING_CHOICE"] = padding  # read when the trainer is built
+    try:
+        import unsloth  # noqa: F401  (first: it patches Transformers and TRL on import)
+        from unsloth import FastLanguageModel
+    except ImportError as e:
+        return {"skipped": f"Unsloth does not import here ({type(e).__name__}: {e})"}
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from job.files import read_jsonl
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=cfg.BASE_MODEL, max_seq_length=cfg.MAX_SEQ_LENGTH, load_in_4bit=True, dtype=torch.bfloat16
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.LORA_R,
+        lora_alpha=cfg.LORA_ALPHA,
+        lora_dropout=0,
+        target_modules=cfg.LORA_TARGET_MODULES.split(","),
+        bias="none",
+        use_gradient_checkpointing=False,
+        random_state=cfg.SEED,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(read_jsonl(RunPaths(cfg.run_dir).train_tokens)),
+        args=SFTConfig(
+            output_dir=str(cfg.run_dir / "unsloth"),
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=1,
+            max_length=cfg.MAX_SEQ_LENGTH,
+            packing=False,
+            completion_only_loss=True,
+            learning_rate=cfg.LEARNING_RATE,
+            lr_scheduler_type=cfg.LR_SCHEDULER,
+            warmup_steps=cfg.WARMUP_RATIO,
+            optim=cfg.OPTIMIZER,
+            weight_decay=0.0,
+            bf16=True,
+            max_steps=args.warmup_cap + args.steps,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=cfg.SEED,
+            dataset_num_proc=None,
+        ),
+    )
+    out = _timed_train(trainer, 1, args)
+    return {**out, "settings": {"unsloth": unsloth.__version__, "padding_free": trainer.args.padding_free}}
+
+
+def _trained_adapter(cfg, precision: str):
+    """A trainer whose adapter has taken a few steps (lora_B non-zero), saved where evaluation reads it."""
+    from job.train import build_trainer
+
+    trainer = build_trainer(
+        cfg, RunPaths(cfg.run_dir), precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
+    )
+    trainer.train()
+    adapter = RunPaths(cfg.run_dir).adapter
+    trainer.model.save_pretrained(adapter)
+    trainer.processing_class.save_pretrained(adapter)
+    return trainer
 
 
 def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
@@ -235,264 +438,319 @@ def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
+def check_equivalence(cfg) -> dict:
+    """The job's default path against the plain 4-bit padded path, same 8 rows and adapter, bf16."""
+    from peft import PeftModel
 
-    from job import evaluate, formatting, safety, sample
-    from job.config import load_settings
+    from job.files import read_jsonl
+    from job.model import load_model, resolve_precision
+    from job.train import base_weights
+
+    precision, _ = resolve_precision(cfg)
+    trainer = _trained_adapter(cfg, precision)
+    paths = RunPaths(cfg.run_dir)
+    plain = PeftModel.from_pretrained(load_model(cfg, precision), str(paths.adapter), is_trainable=True)
+    rows = read_jsonl(paths.train_tokens)[:8]
+    out = equivalence(trainer.model, rows, trainer.processing_class.pad_token_id, plain_model=plain)
+    return {**out, "job_base_weights": base_weights(cfg, trainer.model)}
+
+
+def measure_generation(cfg) -> dict:
+    """The evaluate stage's default generation (base and tuned rows in shared batches): one untimed pass,
+    then a timed one, so decoding kernels' first-use costs are not in the figure."""
+
+    from job import evaluate, safety
     from job.files import read_jsonl
     from job.model import build_messages, resolve_precision
-    from job.random_llama import build_random_llama
-    from job.train import base_weights, build_trainer
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_dialogues_sample.jsonl"
-    p = argparse.ArgumentParser(description="Side-by-side GPU benchmark of the training recipes.")
-    p.add_argument("--model-dir", default="/tmp/llama-3.2-3b-random")
-    fixture = Path(__file__).parent / "fixtures" / "dialogues.jsonl"
-    p.add_argument("--data", default=str(shared if shared.exists() else fixture))
-    p.add_argument("--rows", type=int, default=1000)
-    p.add_argument("--warmup", type=int, default=5, help="steps not timed (compilation, autotuning, allocator)")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per recipe")
-    p.add_argument("--recipes", default="seed,trl,trl-nogc,job,job-nf4,job-compile")
-    p.add_argument("--gen-prompts", type=int, default=50, help="held-out prompts (plus the safety suite)")
-    p.add_argument("--usd-per-hour", type=float, default=None, help="spot price of this GPU, for the cost columns")
-    p.add_argument("--out", default="bench-results")
-    p.add_argument("--skip-static", action="store_true", help="time eager generation only (no compile)")
-    p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: run one recipe in this process
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not torch.cuda.is_available():
-        print("make bench needs a CUDA GPU")
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(args.model_dir)
+    precision, _ = resolve_precision(cfg)
+    paths = RunPaths(cfg.run_dir)
+    if not (paths.adapter / "adapter_config.json").exists():
+        _trained_adapter(cfg, precision)  # the trainer is dropped here; its memory goes back below
+        gc.collect()
+        _empty_cache()
+    tok = evaluate.load_tokenizer(cfg, str(paths.adapter))
+    prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(paths.eval_rows)][: cfg.EVAL_PROMPTS]
+    prompts += [build_messages(cfg, s["prompt"]) for s in safety.prompts()]
+    n = len(prompts)
+    model = evaluate.shared_model_for_generation(evaluate.load_tuned(cfg, paths.adapter, precision), paths.adapter)
+    _reset_peak()
+    passes = {}
+    for name in ("first", "timed"):
+        _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, [False] * n + [True] * n)
+        log.info("generation, %s pass: %s", name, passes[name])
+    return {
+        "prompts": n,
+        "rows": 2 * n,
+        "batch": cfg.EVAL_BATCH_SIZE,
+        "max_new_tokens": cfg.MAX_NEW_TOKENS,
+        "passes": passes,
+        "tokens_per_s": passes["timed"]["tokens_per_s"],
+        "tokens_per_s_first": passes["first"]["tokens_per_s"],
+        "peak_gib": _peak_gib(),
+    }
+
+
+def prepare(cfg, args) -> dict:
+    """The random-weight model (once), the rows, and the card's measured matmul peak."""
+    import torch
+
+    from job import formatting, sample
+    from job.files import read_jsonl
+    from job.model import resolve_precision
+    from job.random_llama import build_random_llama
+
+    model_dir = Path(cfg.BASE_MODEL)
     if not (model_dir / "config.json").exists():
         texts = [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)]
         build_random_llama(model_dir, texts, shape="llama-3.2-3b")
-    env = {
-        "BASE_MODEL": str(model_dir),
-        "DATASET": args.data,
-        "NUM_SAMPLES": str(args.rows),
-        "EVAL_SAMPLES": str(args.gen_prompts),
-        "EVAL_GENERATIONS": str(args.gen_prompts),
-        "MAX_SEQ_LENGTH": "512",
-        "OUTPUT_DIR": str(out / "runs"),
-        "RUN_NAME": "bench",
-    }
-    cfg = load_settings({**os.environ, **env}, env_file=None)
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    precision, why = resolve_precision(cfg)
-    if args.recipe_only:  # the child process of one recipe (see below)
-        r = train_throughput(cfg, run_dir, precision, RECIPES[args.recipe_only], args.warmup, args.steps)
-        Path(args.result).write_text(json.dumps(r, default=str))
-        return 0
-    sample.run(cfg, run_dir)
-    formatting.run(cfg, run_dir)
-    rows = read_jsonl(run_dir / "data" / "train_tokens.jsonl")
-    mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    peak = measure_peak_tflops()
-    device = torch.cuda.get_device_name(0)
-    log.info("%s: measured bf16 matmul peak %.0f TFLOP/s; %d rows, mean %.0f tokens", device, peak, len(rows), mean_len)
-
-    from transformers import AutoConfig
-
-    mconf = AutoConfig.from_pretrained(model_dir)
-    results: dict[str, Any] = {
-        "device": device,
-        "peak_tflops": peak,
-        "precision": precision,
-        "rows": len(rows),
-        "mean_tokens_per_row": mean_len,
-        "recipes": {},
-    }
-    for name in args.recipes.split(","):
-        log.info("recipe %s ...", name)
-        # Each recipe in a process of its own: Liger patches Transformers' Llama classes process-wide,
-        # and compiled code, allocator state and autotuning must not carry from one recipe to the next.
-        result = out / f"recipe-{name}.json"
-        result.unlink(missing_ok=True)
-        child = [sys.executable, "-m", "job.bench", *(argv if argv is not None else sys.argv[1:])]
-        proc = subprocess.run([*child, "--recipe-only", name, "--result", str(result)], env=os.environ)
-        if proc.returncode != 0 or not result.exists():  # one broken recipe must not cost the others' figures
-            log.error("recipe %s failed (exit %d); its log is above", name, proc.returncode)
-            results["failed"] = {**results.get("failed", {}), name: f"exit {proc.returncode}"}
-            continue
-        r = json.loads(result.read_text())
-        f = flops_per_token(mconf, mean_len, r["lora_params"])
-        r["gflops_per_token"] = f / 1e9
-        r["mfu"] = r["tokens_per_s"] * f / (peak * 1e12)
-        for label, n in (("1k", 1000), ("full", FULL_DATASET_ROWS)):
-            hours = n * mean_len / r["tokens_per_s"] / 3600
-            r[f"hours_{label}"] = hours
-            r[f"usd_{label}"] = hours * args.usd_per_hour if args.usd_per_hour else None
-        results["recipes"][name] = r
-        log.info(
-            "recipe %s: %.0f tok/s, MFU %.1f%%, peak %.1f GiB", name, r["tokens_per_s"], 100 * r["mfu"], r["peak_gib"]
-        )
-        (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
-
-    # Equivalence and generation on the job's own model path.
-    # With static-cache generation timed below, train here as the job does with EVAL_COMPILE=true (which
-    # keeps Liger off: job/train.py, use_liger).
-    eq_cfg = dataclasses.replace(cfg, EVAL_COMPILE=not args.skip_static)
-    trainer = build_trainer(
-        eq_cfg, run_dir, precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
-    )
-    trainer.train()  # a few steps so lora_B is non-zero and gradients flow through both LoRA matrices
-    trainer.model.save_pretrained(run_dir / "adapter")
-    trainer.processing_class.save_pretrained(run_dir / "adapter")
-    # The plain path: the base packed in 4 bits (bitsandbytes' kernels), the same adapter, padded rows.
-    from peft import PeftModel
-
-    from job.model import load_model
-
-    plain = PeftModel.from_pretrained(load_model(cfg, precision), str(run_dir / "adapter"), is_trainable=True)
-    results["equivalence"] = equivalence(
-        trainer.model, rows[:8], trainer.processing_class.pad_token_id, plain_model=plain
-    )
-    results["equivalence"]["job_base_weights"] = base_weights(cfg, trainer.model)
-    log.info("equivalence: %s", results["equivalence"])
-    del trainer, plain
-    gc.collect()
-    torch.cuda.empty_cache()
-    tok = evaluate.load_tokenizer(cfg, str(run_dir / "adapter"))
-    prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(run_dir / "data" / "eval.jsonl")]
-    prompts += [build_messages(cfg, s["prompt"]) for s in safety.prompts()]
-    n = len(prompts)
-    passes, texts = {}, {}
-    # What the evaluate stage does by default: the dequantized base with the adapter unmerged, base and
-    # tuned answers as rows of the same batches (eager decoding).
-    shared = evaluate.shared_model_for_generation(evaluate.load_tuned(cfg, run_dir, precision), run_dir)
-    texts["shared"], passes["shared-eager"] = evaluate.generate(shared, tok, prompts * 2, cfg, [False] * n + [True] * n)
-    log.info("generation, base and tuned rows in shared batches: %s", passes["shared-eager"])
-    # Check: a base row of a shared batch must answer exactly as the base model alone in a batch of the
-    # same shape. (Against a batch of another shape it need not: bf16 matmuls then round differently, and
-    # greedy decoding of random weights sits on near-ties. Measured on an H200: the base alone at 166 vs
-    # 83 rows shared a mean 3.7 of ~18 answer tokens; at 83 rows twice, all answers were identical.)
-    with shared.disable_adapter():
-        base_alone, _ = evaluate.generate(shared, tok, prompts * 2, cfg)
-    same_shape = sum(a == b for a, b in zip(texts["shared"][:n], base_alone[:n]))
-    del shared
-    gc.collect()
-    torch.cuda.empty_cache()
-    # For comparison, one model per pass (what EVAL_COMPILE does): dequantized base, then the adapter
-    # merged in; each with the static cache (compiled decoding step; the first pass pays the compile)
-    # and with the plain dynamic cache in eager mode.
-    for name, m in evaluate.models_for_generation(evaluate.load_tuned(cfg, run_dir, precision), run_dir):
-        for mode in ("eager",) if args.skip_static else ("static", "eager"):
-            texts[name, mode], passes[f"{name}-{mode}"] = evaluate.generate(
-                m, tok, prompts, cfg, static_cache=mode == "static"
-            )
-            log.info("generation %s %s: %s", name, mode, passes[f"{name}-{mode}"])
-
-    results["generation"] = {
-        "batch": cfg.EVAL_BATCH_SIZE,
-        "max_new_tokens": cfg.MAX_NEW_TOKENS,
-        "prompts": n,
-        "passes": passes,
-        "tokens_per_s_shared": _rate(passes, "shared-eager"),
-        "tokens_per_s_eager": _rate(passes, "base-eager", "tuned-eager"),
-        "shared_base_rows_equal_base_alone": same_shape,
-    }
-    if not args.skip_static:
-        results["generation"] |= _static_figures(passes, texts)
-    log.info("generation: %s", {k: v for k, v in results["generation"].items() if k != "passes"})
-    (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "bench.md").write_text(markdown(results))
-    print(markdown(results))
-    return 0
-
-
-def _rate(passes: dict, *keys: str) -> float:
-    """New tokens per second over the given generation passes together."""
-    return sum(passes[k]["new_tokens"] for k in keys) / sum(passes[k]["seconds"] for k in keys)
-
-
-def _static_figures(passes: dict, texts: dict) -> dict:
+    sample.run(cfg, RunPaths(cfg.run_dir))
+    formatting.run(cfg, RunPaths(cfg.run_dir))
+    rows = read_jsonl(RunPaths(cfg.run_dir).train_tokens)
     return {
-        "tokens_per_s_stage": _rate(passes, "base-static", "tuned-static"),  # what evaluate does, compile included
-        "tokens_per_s_steady": _rate(passes, "tuned-static"),  # compiled step reused
-        "compile_s": passes["base-static"]["seconds"] - passes["tuned-static"]["seconds"],
-        # the compiled graph must see the merged weights: tuned answers differ from base ones
-        "static_tuned_differs_from_base": sum(
-            a != b for a, b in zip(texts["tuned", "static"], texts["base", "static"])
-        ),
-        "static_equals_eager": {
-            name: sum(a == b for a, b in zip(texts[name, "static"], texts[name, "eager"])) for name in ("base", "tuned")
-        },
-        # greedy decoding of a random-weight model sits on near-ties, so bf16 rounding differences
-        # (compiled vs eager) change later tokens; the shared prefix shows where they part
-        "static_eager_common_prefix_chars": {
-            name: statistics.fmean(
-                len(os.path.commonprefix([a, b])) for a, b in zip(texts[name, "static"], texts[name, "eager"])
-            )
-            for name in ("base", "tuned")
-        },
-        "mean_answer_chars": statistics.fmean(len(t) for t in texts["tuned", "eager"]),
+        "device": torch.cuda.get_device_name(0),
+        "precision": resolve_precision(cfg)[0],
+        "rows": len(rows),
+        "mean_tokens_per_row": statistics.fmean(len(r["input_ids"]) for r in rows),
+        "peak_tflops": measure_peak_tflops(),
     }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger-kernel", "datasets", "unsloth"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def run_part(name: str, cfg, args) -> dict:
+    """What a child process measures: `name` is a recipe, a check, or `prepare`."""
+    if name == "prepare":
+        out = prepare(cfg, args)
+    elif name in UNSLOTH_PADDING:
+        out = measure_unsloth(cfg, args, UNSLOTH_PADDING[name])
+    elif name in CHECKS:
+        out = {}
+        for part, measure in (("equivalence", check_equivalence), ("generation", measure_generation)):
+            try:
+                out[part] = measure(cfg)
+            except Exception as e:  # one failed check must not cost the other
+                log.exception("%s failed", part)
+                out[part] = {"failed": f"{type(e).__name__}: {e}"}
+            gc.collect()  # the first check's models go before the second loads its own
+            _empty_cache()
+    else:
+        out = measure_training(name, cfg, args)
+    return {**out, "versions": _versions()}
+
+
+def in_own_process(name: str, args, argv: list[str]) -> dict:
+    """Run one part in a fresh Python process and return what it measured (or why it failed)."""
+    result = Path(args.out) / f"part-{name}.json"
+    result.unlink(missing_ok=True)
+    env = dict(os.environ)
+    if name in UNSLOTH_PADDING and args.unsloth_site:
+        # Unsloth's own stack in place of this process's path (it pins an older Transformers than the job);
+        # the repository root so that `-m job.bench` imports.
+        env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, str(Path(__file__).resolve().parents[1])])
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "job.bench", *argv, "--recipe-only", name, "--result", str(result)], env=env
+    )
+    if proc.returncode != 0 or not result.exists():  # one broken part must not cost the others' figures
+        log.error("%s failed (exit %d); its log is above", name, proc.returncode)
+        return {"failed": f"exit {proc.returncode}", "process_wall_s": time.perf_counter() - t0}
+    return {**json.loads(result.read_text()), "process_wall_s": time.perf_counter() - t0}
+
+
+def add_derived(r: dict, setup: dict, model_config) -> None:
+    """MFU and projected hours from a recipe's figures."""
+    f = flops_per_token(model_config, setup["mean_tokens_per_row"], r["lora_params"])
+    r["gflops_per_token"] = f / 1e9
+    r["mfu"] = r["tokens_per_s"]["median"] * f / (setup["peak_tflops"]["median"] * 1e12)
+    for label, n in (("1k", 1000), ("full", FULL_DATASET_ROWS)):
+        r[f"hours_{label}"] = n * setup["mean_tokens_per_row"] / r["tokens_per_s"]["median"] / 3600
+
+
+# --- the report -------------------------------------------------------------------------------
+def _ratio(x: dict, ref: dict | None) -> str:
+    ok = ref and "tokens_per_s" in ref
+    return f"{x['tokens_per_s']['median'] / ref['tokens_per_s']['median']:.2f}x" if ok else "–"
 
 
 def markdown(r: dict) -> str:
-    base = r["recipes"].get("trl", {}).get("tokens_per_s")  # (b) as the issue defines it
+    setup, v = r["setup"], r["setup"].get("versions", {})
+    usd = r.get("args", {}).get("usd_per_hour")
+    cost = " | full dataset, USD" if usd else ""
     lines = [
-        f"Device: {r['device']} (bf16 matmul peak measured {r['peak_tflops']:.0f} TFLOP/s), "
-        f"precision {r['precision']}, {r['rows']} conversations, mean {r['mean_tokens_per_row']:.0f} tokens.",
+        f"Device: {setup['device']}, bf16 matmul peak measured {setup['peak_tflops']['median']:.0f} TFLOP/s; "
+        f"precision {setup['precision']}; {setup['rows']} conversations, mean {setup['mean_tokens_per_row']:.0f} "
+        f"tokens, max length 512. " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
-        "| recipe | tokens/s | vs (b) trl | MFU | peak GiB | 1k samples | full dataset | full, USD |",
-        "|---|---|---|---|---|---|---|---|",
+        "| recipe | tokens/s (median) | p10–p90 | s/step | vs unsloth | vs trl | MFU | peak GiB | warm-up steps "
+        f"| full dataset ({FULL_DATASET_ROWS / 1000:.0f}k rows){cost} |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cost else ""),
     ]
-    for name, x in r["recipes"].items():
-        ratio = f"{x['tokens_per_s'] / base:.2f}x" if base else "–"
-        usd = f"{x['usd_full']:.0f}" if x.get("usd_full") else "–"
-        lines.append(
-            f"| {name} | {x['tokens_per_s']:,.0f} | {ratio} | {100 * x['mfu']:.1f}% | {x['peak_gib']:.1f} | "
-            f"{60 * x['hours_1k']:.1f} min | {x['hours_full']:.1f} h | {usd} |"
-        )
-    if "equivalence" in r:
-        e = r["equivalence"]
+    for i, rnd in enumerate(r["rounds"]):
+        tag = f" (round {i + 1})" if len(r["rounds"]) > 1 else ""
+        for name, x in rnd.items():
+            if name in CHECKS:
+                continue
+            if "tokens_per_s" not in x:
+                why = x.get("skipped") or f"failed: {x.get('failed')}"
+                lines.append(f"| {name}{tag} | {why} |" + " |" * (8 + bool(usd)))
+                continue
+            t, vs_unsloth, vs_trl = x["tokens_per_s"], _ratio(x, rnd.get(UNSLOTH)), _ratio(x, rnd.get("trl"))
+            warm = f"{x['warmup_steps']}" + ("" if x["stable"] else " (not stable: cap reached)")
+            lines.append(
+                f"| {name}{tag} | {t['median']:,.0f} | {t['p10']:,.0f}–{t['p90']:,.0f} | "
+                f"{x['seconds_per_step']['median']:.3f} | {vs_unsloth} | {vs_trl} | "
+                f"{100 * x['mfu']:.1f}% | {x['peak_gib']:.1f} | {warm} | {x['hours_full']:.1f} h |"
+                + (f" {x['hours_full'] * usd:.0f} |" if usd else "")
+            )
+    uv = next((rnd[UNSLOTH]["versions"] for rnd in r["rounds"] if "versions" in rnd.get(UNSLOTH, {})), None)
+    if uv:
+        lines += ["", "The unsloth process: " + ", ".join(f"{k} {val}" for k, val in uv.items()) + "."]
+    checks = next((rnd[CHECKS[0]] for rnd in r["rounds"] if CHECKS[0] in rnd), {})
+    e = checks.get("equivalence", {})
+    if "grad_cosine" in e:
         lines += [
             "",
-            f"Job path (packed rows, base weights {e.get('job_base_weights', 'as configured')}) vs plain path "
-            f"(padded rows, bitsandbytes' 4-bit layers), same rows and adapter: loss {e['loss_packed']:.5f} vs "
-            f"{e['loss_padded']:.5f} "
-            f"(rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine {e['grad_cosine']:.5f}, "
-            f"rel. L2 {e['grad_rel_l2']:.1e}.",
+            f"Equivalence: the job's path (packed rows, base weights {e['job_base_weights']}) vs the plain path "
+            f"(padded rows, bitsandbytes' 4-bit layers), same 8 rows and adapter, bf16: loss {e['loss_packed']:.5f} "
+            f"vs {e['loss_padded']:.5f} (rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine "
+            f"{e['grad_cosine']:.5f}, rel. L2 {e['grad_rel_l2']:.1e}.",
         ]
-    if "generation" in r:
-        g = r["generation"]
-        same = g.get("shared_base_rows_equal_base_alone")
-        same = "" if same is None else f" (base rows answer as the base alone, same batch shape: {same}/{g['prompts']})"
+    g = checks.get("generation", {})
+    if "tokens_per_s" in g:
         lines += [
             "",
-            f"Generation ({g['prompts']} prompts answered by the base and the tuned model, up to "
-            f"{g['max_new_tokens']} new tokens, EVAL_BATCH_SIZE={g['batch']} rows; the base dequantized "
-            "to 16-bit), new tokens/s:",
-            "",
-            "| path | tokens/s |",
-            "|---|---|",
-            f"| eager, base and tuned rows in shared batches (the evaluate stage's default){same} | "
-            f"{g['tokens_per_s_shared']:,.0f} |",
-            f"| eager, one pass per model (adapter merged) | {g['tokens_per_s_eager']:,.0f} |",
+            f"Generation (the evaluate stage's default: {g['prompts']} prompts answered by base and tuned model as "
+            f"rows of shared batches, up to {g['max_new_tokens']} new tokens, EVAL_BATCH_SIZE={g['batch']}): "
+            f"{g['tokens_per_s']:,.0f} new tokens/s in the timed pass ({g['tokens_per_s_first']:,.0f} in the "
+            f"first, untimed one); peak {g['peak_gib']:.1f} GiB.",
         ]
-    if "generation" in r and "tokens_per_s_steady" in r["generation"]:
-        g = r["generation"]
-        lines += [
-            f"| EVAL_COMPILE: static cache + compiled step, both passes, {g['compile_s']:.0f} s compile included | "
-            f"{g['tokens_per_s_stage']:,.0f} |",
-            f"| EVAL_COMPILE, steady (tuned pass) | {g['tokens_per_s_steady']:,.0f} |",
-            "",
-            f"Static vs eager answers identical: base {g['static_equals_eager']['base']}/{g['prompts']}, tuned "
-            f"{g['static_equals_eager']['tuned']}/{g['prompts']}; tuned differs from base in "
-            f"{g['static_tuned_differs_from_base']}/{g['prompts']}. Mean shared prefix of static and eager "
-            f"answers: base {g['static_eager_common_prefix_chars']['base']:.0f}, tuned "
-            f"{g['static_eager_common_prefix_chars']['tuned']:.0f} of {g['mean_answer_chars']:.0f} characters.",
-        ]
-    for name, err in r.get("failed", {}).items():
-        lines += ["", f"Recipe {name} failed: {err}"]
+    if "failed" in checks:
+        lines += ["", f"The checks' process failed: {checks['failed']}"]
+    for name in ("equivalence", "generation"):
+        if "failed" in checks.get(name, {}):
+            lines += ["", f"{name} failed: {checks[name]['failed']}"]
     return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out: Path, readme: Path | None) -> str:
+    from job.files import atomic_write_text
+
+    md = markdown(results)
+    atomic_write_text(out / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(out / "bench.md", md)
+    if readme:
+        atomic_write_text(readme, replace_readme_section(readme.read_text(), md))
+    return md
+
+
+# --- command line ------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_dialogues_sample.jsonl"
+    fixture = Path(__file__).parent / "fixtures" / "dialogues.jsonl"
+    p = argparse.ArgumentParser(description="Side-by-side GPU benchmark of the training recipes.")
+    p.add_argument("--model-dir", default="/tmp/llama-3.2-3b-random")
+    p.add_argument("--data", default=str(shared if shared.exists() else fixture))
+    p.add_argument("--rows", type=int, default=1000, help="conversations of the data file to train on")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per recipe, after warm-up")
+    p.add_argument("--warmup-cap", type=int, default=60, help="most warm-up steps before a recipe is 'not stable'")
+    p.add_argument("--stable-window", type=int, default=5, help="steps per median compared for stability")
+    p.add_argument("--tolerance", type=float, default=0.05, help="largest relative change of that median")
+    p.add_argument("--recipes", default=",".join(DEFAULT_PARTS), help="what to measure, in this order")
+    p.add_argument("--repeat", type=int, default=1, help="rounds; every other one runs the list in reverse")
+    p.add_argument("--gen-prompts", type=int, default=50, help="held-out prompts (plus the safety suite)")
+    p.add_argument("--usd-per-hour", type=float, default=None, help="price of this GPU: adds a cost column")
+    p.add_argument("--unsloth-site", default="", help="PYTHONPATH of the unsloth process (its own stack)")
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--update-readme", type=Path, default=None, help="rewrite this README's bench section")
+    p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: measure one part in this process
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def bench_settings(args):
+    from job.config import load_settings
+
+    env = {
+        "BASE_MODEL": args.model_dir,
+        "DATASET": args.data,
+        "NUM_SAMPLES": str(args.rows),
+        "EVAL_SAMPLES": str(args.gen_prompts),
+        "EVAL_PROMPTS": str(args.gen_prompts),
+        "MAX_SEQ_LENGTH": "512",
+        "OUTPUT_DIR": str(Path(args.out).resolve() / "runs"),
+        "RUN_NAME": "bench",
+    }
+    return load_settings({**os.environ, **env}, env_file=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = bench_settings(args)
+    if args.recipe_only:  # a child: one measurement
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        Path(args.result).write_text(json.dumps(run_part(args.recipe_only, cfg, args), default=str))
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():  # (no CUDA context is made here: only the children use the GPU)
+        print("make bench needs a CUDA GPU")
+        return 2
+    parts = [p for p in args.recipes.split(",") if p]
+    known = [*RECIPES, *UNSLOTH_PADDING, *CHECKS]
+    unknown = sorted(set(parts) - set(known))
+    if unknown:
+        print(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(known)}")
+        return 2
+    t0 = time.perf_counter()
+    setup = in_own_process("prepare", args, argv)
+    if "failed" in setup:
+        return 1
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(cfg.BASE_MODEL)
+    results: dict[str, Any] = {"setup": setup, "args": vars(args) | {"update_readme": str(args.update_readme)}}
+    results["rounds"] = []
+    md = ""
+    for i in range(args.repeat):
+        rnd: dict[str, Any] = {}
+        results["rounds"].append(rnd)
+        for name in parts if i % 2 == 0 else parts[::-1]:
+            log.info("round %d: %s ...", i + 1, name)
+            rnd[name] = r = in_own_process(name, args, argv)
+            if name not in CHECKS and "tokens_per_s" in r:
+                add_derived(r, setup, model_config)
+                log.info(
+                    "%s: %.0f tok/s (p10-p90 %.0f-%.0f), MFU %.1f%%, peak %.1f GiB, warm-up %d%s",
+                    name,
+                    r["tokens_per_s"]["median"],
+                    r["tokens_per_s"]["p10"],
+                    r["tokens_per_s"]["p90"],
+                    100 * r["mfu"],
+                    r["peak_gib"],
+                    r["warmup_steps"],
+                    "" if r["stable"] else " (not stable)",
+                )
+            results["wall_s"] = time.perf_counter() - t0
+            # after every part: a run cut short keeps what it measured
+            md = write_report(results, out, args.update_readme)
+    print(md)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,53 +1,167 @@
-"""The bench's report renders every figure it promises (the GPU run itself cannot run in CI)."""
+"""The bench's arithmetic and report (the GPU run itself cannot run in CI): when warm-up is over, what
+the median and spread are, and the README section it rewrites."""
 
-from job.bench import RECIPES, markdown
+import pytest
+
+from job.bench import (
+    CHECKS,
+    README_END,
+    README_START,
+    RECIPES,
+    UNSLOTH,
+    markdown,
+    replace_readme_section,
+    spread,
+    stable_start,
+    timed_window,
+)
+from job.paths import RunPaths
 
 
-def test_markdown_table_has_every_recipe_and_the_checks():
-    recipe = {
-        "tokens_per_s": 1000.0,
-        "mfu": 0.1,
-        "peak_gib": 10.0,
-        "hours_1k": 0.01,
-        "hours_full": 2.0,
-        "usd_full": None,
+def test_warmup_ends_after_the_compile_spike():
+    # Steps 0-3 compile and autotune (slow, then faster), then the rate settles at 1000 tokens/s with
+    # +-1% jitter. Window 5: the first index whose last 5 and previous 5 medians agree within 5%.
+    rates = [50.0, 300.0, 700.0, 900.0] + [1000.0 + (10 if i % 2 else -10) for i in range(40)]
+    start = stable_start(rates, window=5, tolerance=0.05)
+    # A median of five ignores two slow steps: at 12 the earlier window [2, 7) still holds steps 2 and 3,
+    # and its median is already a settled step's. Timing starts at 12, after every step compared.
+    assert start == 12
+    assert min(rates[start:]) >= 990
+
+
+def test_one_slow_step_does_not_end_or_prolong_warmup():
+    rates = [1000.0] * 30
+    rates[3] = 10.0  # a garbage collection
+    assert stable_start(rates, window=5, tolerance=0.05) == 10
+
+
+def test_never_stable_is_flagged_and_the_last_steps_are_timed():
+    rates = [100.0 * 1.2**i for i in range(40)]  # still 20% faster every step
+    assert stable_start(rates, window=5, tolerance=0.05) is None
+    tokens = [1000] * 40
+    seconds = [t / r for t, r in zip(tokens, rates)]
+    w = timed_window(seconds, tokens, steps=10, window=5, tolerance=0.05)
+    assert not w["stable"] and w["warmup_steps"] == 30 and w["timed_steps"] == 10
+
+
+def test_timed_window_starts_at_the_stable_point_and_has_the_requested_steps():
+    tokens = [4000] * 50
+    seconds = [2.0, 1.0, 0.5] + [0.2] * 47  # 2,000 ... 20,000 tokens/s
+    w = timed_window(seconds, tokens, steps=30, window=5, tolerance=0.05)
+    assert w["stable"] and w["warmup_steps"] == 11 and w["timed_steps"] == 30
+    assert w["tokens_per_s"]["median"] == pytest.approx(20_000)
+    assert w["tokens_per_s_overall"] == pytest.approx(20_000)
+    # stable too late to leave 30 timed steps: flagged, and the last 30 are timed
+    late = timed_window(seconds[:40], tokens[:40], steps=30, window=5, tolerance=0.05)
+    assert not late["stable"] and late["warmup_steps"] == 10
+
+
+def test_spread_median_and_deciles():
+    s = spread([float(v) for v in range(1, 12)])  # 1..11
+    assert s["median"] == 6 and s["min"] == 1 and s["max"] == 11 and s["n"] == 11
+    assert s["p10"] == pytest.approx(2.0) and s["p90"] == pytest.approx(10.0)  # linear interpolation
+    assert spread([5.0]) == {"median": 5.0, "p10": 5.0, "p90": 5.0, "min": 5.0, "max": 5.0, "n": 1}
+
+
+def test_readme_section_is_replaced_between_the_markers_and_idempotent():
+    text = f"# Title\n\nprose\n\n{README_START}\nold figures\n{README_END}\n\nmore prose\n"
+    once = replace_readme_section(text, "| new | table |\n")
+    assert once == f"# Title\n\nprose\n\n{README_START}\n| new | table |\n{README_END}\n\nmore prose\n"
+    assert replace_readme_section(once, "| new | table |\n") == once
+    with pytest.raises(ValueError, match="markers"):
+        replace_readme_section("# no markers\n", "x")
+
+
+def test_the_repository_readme_has_the_markers():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert text.count(README_START) == 1 and text.count(README_END) == 1
+
+
+def _recipe(tokens_per_s: float) -> dict:
+    rate = spread([tokens_per_s * 0.9, tokens_per_s, tokens_per_s * 1.1])
+    return {
+        "tokens_per_s": rate,
+        "seconds_per_step": spread([0.2]),
+        "stable": True,
+        "warmup_steps": 10,
+        "mfu": 0.3,
+        "peak_gib": 12.0,
+        "hours_full": 1.5,
     }
-    gen = {
-        "prompts": 97,
-        "batch": 96,
+
+
+def test_markdown_table_has_every_recipe_ratios_and_the_checks():
+    names = [*RECIPES, UNSLOTH]
+    rnd = {name: _recipe(1000.0 * (i + 1)) for i, name in enumerate(names)}  # unsloth: 9,000
+    rnd["job-sdpa"] = {"failed": "exit 1"}
+    rnd["job-compile"] = {**_recipe(30_000.0), "stable": False, "warmup_steps": 60}
+    rnd[UNSLOTH]["versions"] = {"unsloth": "2026.10.9", "transformers": "5.17.0"}
+    rnd["checks"] = {"generation": {}}
+    rnd["checks"]["equivalence"] = {
+        "loss_packed": 1.0,
+        "loss_padded": 1.0001,
+        "loss_rel_diff": 1e-4,
+        "grad_cosine": 0.9985,
+        "grad_rel_l2": 0.05,
+        "job_base_weights": "nf4-rounded, held in 16-bit (DEQUANTIZE_BASE)",
+    }
+    rnd["checks"]["generation"] = {
+        "prompts": 83,
+        "batch": 192,
         "max_new_tokens": 256,
-        "tokens_per_s_shared": 1500.0,
-        "shared_base_rows_equal_base_alone": 97,
-        "tokens_per_s_eager": 800.0,
-        "tokens_per_s_stage": 2000.0,
-        "tokens_per_s_steady": 5000.0,
-        "compile_s": 20.0,
-        "static_equals_eager": {"base": 3, "tuned": 4},
-        "static_eager_common_prefix_chars": {"base": 100.0, "tuned": 90.0},
-        "mean_answer_chars": 900.0,
-        "static_tuned_differs_from_base": 97,
+        "tokens_per_s": 8000.0,
+        "tokens_per_s_first": 6000.0,
+        "peak_gib": 17.0,
     }
     results = {
-        "device": "GPU",
-        "peak_tflops": 790.0,
-        "precision": "bf16",
-        "rows": 995,
-        "mean_tokens_per_row": 254.0,
-        "recipes": {name: dict(recipe, tokens_per_s=1000.0 * (i + 1)) for i, name in enumerate(RECIPES)},
-        "equivalence": {
-            "loss_packed": 1.0,
-            "loss_padded": 1.0,
-            "loss_rel_diff": 0.0,
-            "grad_cosine": 1.0,
-            "grad_rel_l2": 0.0,
+        "setup": {
+            "device": "GPU",
+            "peak_tflops": spread([790.0]),
+            "precision": "bf16",
+            "rows": 995,
+            "mean_tokens_per_row": 254.0,
+            "versions": {"torch": "2.11.0"},
         },
-        "generation": gen,
-        "failed": {"job-sdpa": "RuntimeError: boom"},
+        "args": {"usd_per_hour": 2.0},
+        "rounds": [rnd],
     }
     md = markdown(results)
-    for name in RECIPES:
+    for name in names:
         assert f"| {name} |" in md
-    assert "| job | 4,000 | 2.00x |" in md  # ratio against (b) trl, the second recipe
-    assert "(base rows answer as the base alone, same batch shape: 97/97) | 1,500 |" in md and "| 800 |" in md
-    assert "5,000" in md and "Recipe job-sdpa failed: RuntimeError: boom" in md
-    assert "LoRA gradient cosine 1.00000" in md
+    assert all(f"| {c} |" not in md for c in CHECKS)
+    # job is the 4th recipe: 4,000 tokens/s; trl (2nd) 2,000; unsloth 9,000
+    assert "| job | 4,000 | 3,680–4,320 | 0.200 | 0.44x | 2.00x | 30.0% | 12.0 | 10 | 1.5 h | 3 |" in md
+    assert "| job-sdpa | failed: exit 1 |" in md
+    assert "60 (not stable: cap reached)" in md
+    assert "LoRA gradient cosine 0.99850" in md and "8,000 new tokens/s" in md and "6,000 in the first" in md
+    assert "The unsloth process: unsloth 2026.10.9, transformers 5.17.0." in md
+    rnd["checks"]["generation"] = {"failed": "OutOfMemory: boom"}
+    assert "generation failed: OutOfMemory: boom" in markdown(results)
+    # two rounds (the second in reverse order): each recipe gets a row per round
+    md2 = markdown({**results, "rounds": [rnd, rnd]})
+    assert "| job (round 1) |" in md2 and "| job (round 2) |" in md2
+
+
+def test_a_recipe_warms_up_then_times_the_steps_asked_for(tiny_model_dir, tmp_path):
+    """The child's measurement on the tiny model, on CPU: the job's own trainer, steps counted and timed,
+    training stopped once warm-up and the timed steps are done (or at the cap)."""
+    from job import formatting, sample
+    from job.bench import bench_settings, measure_training, parse_args
+
+    data = __import__("pathlib").Path(__file__).resolve().parents[1] / "job" / "fixtures" / "dialogues.jsonl"
+    args = parse_args(
+        ["--model-dir", str(tiny_model_dir), "--data", str(data), "--rows", "24", "--gen-prompts", "4"]
+        + ["--out", str(tmp_path), "--steps", "3", "--stable-window", "2", "--tolerance", "10", "--warmup-cap", "5"]
+    )
+    cfg = bench_settings(args)
+    cfg.run_dir.mkdir(parents=True)
+    sample.run(cfg, RunPaths(cfg.run_dir))
+    formatting.run(cfg, RunPaths(cfg.run_dir))
+    r = measure_training("job", cfg, args)
+    # any rate is "stable" within a tolerance of 1000%: warm-up is the first two windows, then 3 timed steps
+    assert r["stable"] and r["warmup_steps"] == 4 and r["timed_steps"] == 3
+    assert len(r["step_seconds"]) == len(r["step_tokens"]) == 7  # stopped early: the cap allowed 8
+    assert all(t > 0 for t in r["step_tokens"]) and r["tokens_per_s"]["median"] > 0
+    assert r["lora_params"] > 0
