@@ -15,9 +15,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from job.benchmark import TASKS as BENCHMARK_TASK_NAMES
+from job.benchmark import check_settings as benchmark_problems
 from job.errors import ConfigError
 
-STAGES = ("sample", "format", "train", "evaluate", "push")
+STAGES = ("sample", "format", "train", "evaluate", "benchmark", "push")
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY")
 # Variables that belong to libraries, shells and launchers, not to us: never "unknown".
 _FOREIGN_PREFIXES = ("HF_", "TRANSFORMERS_", "TORCH", "CUDA", "NCCL", "WANDB_", "SKYPILOT", "PYTORCH")
@@ -125,6 +127,28 @@ class Settings:
         "17.4 GiB. Lower it on a 16 GB GPU.",
     )
     MIN_SAFETY_PASS_RATE: float = _setting(0.0, "Stop before pushing if the tuned model's safety pass rate is lower.")
+    # --- benchmark (job/benchmark.py) ----------------------------------------------------
+    BENCHMARK_TASKS: str = _setting(
+        ",".join(BENCHMARK_TASK_NAMES),
+        "lm-eval tasks that base and tuned model answer, zero-shot multiple choice, to catch lost medical "
+        "knowledge; training rows sharing 13 words in a row with their questions are dropped (empty: no "
+        "benchmark, no fetch).",
+    )
+    BENCHMARK_LIMIT: int = _setting(
+        100,
+        "Questions scored per task (the first ones of its evaluation split). More narrows the intervals and "
+        "costs time in proportion.",
+    )
+    BENCHMARK_DATA: str = _setting(
+        "",
+        "Folder with one JSONL file per task, named after it (medmcqa.jsonl ...), with the fields of the task's "
+        "Hub dataset; for air-gapped runs (empty: fetch the tasks' Hub datasets).",
+    )
+    MAX_BENCHMARK_DROP: float = _setting(
+        3.0,
+        "Stop before pushing if the tuned model's mean benchmark accuracy is this many points below the base "
+        "model's. Raise it with a small BENCHMARK_LIMIT, whose noise is larger.",
+    )
     # --- run directory and stages -----------------------------------------------------
     OUTPUT_DIR: str = _setting("outputs", "Folder that holds run directories (a bucket mount in the cloud).")
     RUN_NAME: str = _setting("medical-assistant", "Run directory name; keep it stable so a restart resumes.")
@@ -245,6 +269,7 @@ def _check(s: Settings) -> list[str]:
     for name in ("DESCRIPTION_COLUMN", "PATIENT_COLUMN", "DOCTOR_COLUMN", "DATASET", "BASE_MODEL", "OUTPUT_DIR"):
         if not getattr(s, name).strip():
             bad(name, "must not be empty")
+    p.extend(benchmark_problems(s))  # task names, BENCHMARK_LIMIT, MAX_BENCHMARK_DROP, BENCHMARK_DATA
     if s.REPORT_TO == "wandb" and not s.WANDB_API_KEY:
         p.append("REPORT_TO='wandb': set WANDB_API_KEY in the environment, or use REPORT_TO=tensorboard")
     return p

@@ -11,7 +11,7 @@ BUG = 1  # an unexpected exception: a defect in this project, report it
 BAD_CONFIG = 2  # bad setting or input data: fix it, a retry fails the same way
 OUT_OF_MEMORY = 3  # GPU memory ran out: lower BATCH_SIZE or MAX_SEQ_LENGTH
 TRANSIENT = 4  # the Hub or network failed: retrying later may succeed
-SAFETY_GATE = 5  # the tuned model failed the safety threshold: nothing was pushed
+SAFETY_GATE = 5  # a quality gate (safety screen, benchmark drop) stopped the push: nothing was pushed
 
 EXIT_CODES = {
     OK: "success",
@@ -19,7 +19,7 @@ EXIT_CODES = {
     BAD_CONFIG: "bad setting or input: fix what the message names; retrying will not help",
     OUT_OF_MEMORY: "out of GPU memory: lower BATCH_SIZE or MAX_SEQ_LENGTH, or turn on GRADIENT_CHECKPOINTING",
     TRANSIENT: "Hub or network failure: retry later (managed cloud jobs retry this automatically)",
-    SAFETY_GATE: "tuned model below MIN_SAFETY_PASS_RATE: nothing was pushed",
+    SAFETY_GATE: "a quality gate (MIN_SAFETY_PASS_RATE or MAX_BENCHMARK_DROP) stopped the push: nothing was pushed",
 }
 RETRYABLE = (TRANSIENT,)
 

@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import evaluate, formatting, push, sample, train
+from job import benchmark, evaluate, formatting, push, sample, train
 from job.config import STAGES, Settings
 from job.errors import ConfigError
 from job.faults import maybe_die
@@ -31,6 +31,7 @@ RUNNERS = {
     "format": formatting.run,
     "train": train.run,
     "evaluate": evaluate.run,
+    "benchmark": benchmark.run,
     "push": push.run,
 }
 
@@ -47,6 +48,8 @@ _OWN = {
         "NUM_SAMPLES",
         "EVAL_SAMPLES",
         "SEED",
+        "BENCHMARK_TASKS",  # its questions are fetched here, and training rows that overlap them dropped
+        "BENCHMARK_DATA",
     ),
     "format": ("BASE_MODEL", "SYSTEM_PROMPT", "USE_DESCRIPTION", "MAX_SEQ_LENGTH", "MAX_DROPPED_FRACTION"),
     "train": (
@@ -65,7 +68,15 @@ _OWN = {
         "OPTIMIZER",
     ),
     "evaluate": ("EVAL_GENERATIONS", "MAX_NEW_TOKENS"),
-    "push": ("HUB_REPO_ID", "HUB_PRIVATE", "PUSH_MERGED", "MODEL_LICENSE", "MIN_SAFETY_PASS_RATE"),
+    "benchmark": ("BENCHMARK_LIMIT",),
+    "push": (
+        "HUB_REPO_ID",
+        "HUB_PRIVATE",
+        "PUSH_MERGED",
+        "MODEL_LICENSE",
+        "MIN_SAFETY_PASS_RATE",
+        "MAX_BENCHMARK_DROP",
+    ),
 }
 DEPENDS: dict[str, tuple[str, ...]] = {}
 _acc: tuple[str, ...] = ()

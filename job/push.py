@@ -105,7 +105,10 @@ def upload(cfg: Settings, folder: Path) -> str:
 
 
 def run(cfg: Settings, run_dir: Path) -> list[Path]:
+    from job import benchmark
+
     check_safety_gate(cfg, run_dir)
+    benchmark.check_gate(cfg, run_dir)  # MAX_BENCHMARK_DROP
     folder = stage_files(cfg, run_dir)
     maybe_die("push.staged")
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

@@ -162,8 +162,8 @@ def load_rows(cfg: Settings):
 
 
 # --- the stage ----------------------------------------------------------------------------------
-def sample(cfg: Settings, ds) -> tuple[list[dict], list[dict], dict]:
-    """Walk `ds` in seeded random order; return (train, eval, stats)."""
+def sample(cfg: Settings, ds, guard=None) -> tuple[list[dict], list[dict], dict]:
+    """Walk `ds` in seeded random order; return (train, eval, stats). `guard`: a job.benchmark.Decontaminator."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -211,6 +211,16 @@ def sample(cfg: Settings, ds) -> tuple[list[dict], list[dict], dict]:
                     dropped["near_duplicate"] += 1
                     continue
                 seen_keys.add(key)
+                # --- decontamination (job/benchmark.py): the first EVAL_SAMPLES kept rows are the held-out
+                # split; a later row sharing 13 words in a row with one of them or with a benchmark question
+                # is dropped, counted as overlap_benchmark / overlap_held_out.
+                if guard is not None:
+                    if len(kept) < cfg.EVAL_SAMPLES:
+                        guard.hold_out(row)
+                    elif source := guard.overlap(row):
+                        dropped[f"overlap_{source}"] += 1
+                        continue
+                # --- end decontamination ---
                 row["source_index"] = int(i)
                 kept.append(row)
                 bar.update(1)
@@ -246,8 +256,14 @@ def sample(cfg: Settings, ds) -> tuple[list[dict], list[dict], dict]:
 
 
 def run(cfg: Settings, run_dir: Path) -> list[Path]:
+    from job import benchmark
+    from job.paths import RunPaths
+
     ds = load_rows(cfg)
-    train_rows, eval_rows, stats = sample(cfg, ds)
+    # --- benchmark questions (BENCHMARK_TASKS), fetched here for the benchmark stage and decontamination ---
+    guard = benchmark.fetch(cfg, RunPaths(run_dir).benchmark_data)
+    train_rows, eval_rows, stats = sample(cfg, ds, guard)
+    stats["decontamination"] = guard.summary()
     out = run_dir / "data"
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", train_rows)
