@@ -287,8 +287,9 @@ def summarize(per_task: dict[str, dict]) -> dict:
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------
-def score(lm, task: str, data_file: Path, limit: int) -> dict[int, float]:
-    """lm-eval's zero-shot log-likelihood scoring of one task: {doc_id: 1.0 if right else 0.0}."""
+def evaluate_task(lm, task: str, data_file: Path, limit: int | None) -> list[dict]:
+    """lm-eval's zero-shot log-likelihood scoring of one task's questions in `data_file`: its per-question
+    samples (doc_id, arguments = (context, choice) pairs, filtered_resps = (log-likelihood, is_greedy), acc)."""
     import lm_eval
 
     out = lm_eval.simple_evaluate(
@@ -300,7 +301,12 @@ def score(lm, task: str, data_file: Path, limit: int) -> dict[int, float]:
         log_samples=True,  # per-question results, for the paired interval
         bootstrap_iters=0,  # lm-eval's own (unpaired) stderr is not used
     )
-    return {s["doc_id"]: float(s["acc"]) for s in out["samples"][task]}
+    return out["samples"][task]
+
+
+def score(lm, task: str, data_file: Path, limit: int | None) -> dict[int, float]:
+    """{doc_id: 1.0 if the most likely choice is the answer else 0.0}."""
+    return {s["doc_id"]: float(s["acc"]) for s in evaluate_task(lm, task, data_file, limit)}
 
 
 def _adapter_digest(adapter: Path) -> str:
