@@ -289,14 +289,21 @@ def summarize(per_task: dict[str, dict]) -> dict:
 # --- the stage ---------------------------------------------------------------------------------------------------
 def evaluate_task(lm, task: str, data_file: Path, limit: int | None) -> list[dict]:
     """lm-eval's zero-shot log-likelihood scoring of one task's questions in `data_file`: its per-question
-    samples (doc_id, arguments = (context, choice) pairs, filtered_resps = (log-likelihood, is_greedy), acc)."""
-    import lm_eval
+    samples (doc_id, arguments = (context, choice) pairs, filtered_resps = (log-likelihood, is_greedy), acc).
 
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[task_config(task, data_file)],
-        task_manager=task_manager(),
-        num_fewshot=0,
+    Through `lm_eval.evaluator.evaluate`, the function `simple_evaluate` calls once it has built the tasks, with
+    the one setting that matters here made as simple_evaluate(num_fewshot=0) makes it. simple_evaluate itself
+    then collects environment information (torch's collect_env runs `pip list` and more in subprocesses): 2.2 of
+    the 2.4 s of a call on the demo's fixture (2 CPU cores), and the stage makes two calls per task.
+    """
+    from lm_eval.evaluator import evaluate
+
+    loaded = task_manager().load([task_config(task, data_file)])
+    for t in loaded["tasks"].values():
+        t.set_config(key="num_fewshot", value=0)  # zero-shot
+    out = evaluate(
+        lm=lm,
+        task_dict=loaded,
         limit=limit,
         log_samples=True,  # per-question results, for the paired interval
         bootstrap_iters=0,  # lm-eval's own (unpaired) stderr is not used

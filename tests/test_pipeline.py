@@ -101,6 +101,7 @@ def test_data_files(demo_run):
         "stats.json",
         "train_tokens.jsonl",
         "eval_tokens.jsonl",
+        "benchmark",  # the benchmark's questions (BENCHMARK_TASKS), fetched by the sample stage
     }
     train, held_out = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
     assert len(train) == int(demo_run.env["NUM_SAMPLES"]) and len(held_out) == int(demo_run.env["EVAL_SAMPLES"])
