@@ -316,9 +316,9 @@ def score(lm, task: str, data_file: Path, limit: int | None) -> dict[int, float]
     return {s["doc_id"]: float(s["acc"]) for s in evaluate_task(lm, task, data_file, limit)}
 
 
-def _adapter_digest(adapter: Path) -> str:
+def _digest(files: Iterable[Path]) -> str:
     h = hashlib.sha256()
-    for f in sorted(adapter.glob("adapter_*")):
+    for f in files:
         h.update(f.read_bytes())
     return h.hexdigest()
 
@@ -338,11 +338,13 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
             f"BENCHMARK_TASKS={cfg.BENCHMARK_TASKS!r}: the questions of {', '.join(missing)} are not in "
             f"{paths.benchmark_data} (the sample stage fetches them). Rerun with REDO=true and STAGES=all."
         )
-    # Results are reused only for the same adapter and BENCHMARK_LIMIT: a rerun after a kill skips finished tasks.
-    key = {"limit": cfg.BENCHMARK_LIMIT, "adapter_sha256": _adapter_digest(paths.adapter)}
+    # A task's results are reused only for the same adapter, BENCHMARK_LIMIT and questions: a rerun after a kill
+    # skips finished tasks, and nothing stale survives a retrained adapter or refetched questions.
+    key = {"limit": cfg.BENCHMARK_LIMIT, "adapter_sha256": _digest(sorted(paths.adapter.glob("adapter_*")))}
+    questions = {t: _digest([paths.benchmark_data / f"{t}.jsonl"]) for t in tasks}
     previous = read_json(paths.benchmark) if paths.benchmark.is_file() else {}
     done: dict[str, dict] = previous.get("raw", {}) if previous.get("key") == key else {}
-    done = {t: r for t, r in done.items() if t in tasks}
+    done = {t: r for t, r in done.items() if t in tasks and r.get("questions_sha256") == questions[t]}
 
     from lm_eval.models.huggingface import HFLM
 
@@ -365,6 +367,7 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
         ids = sorted(tuned)
         assert ids == sorted(base), "base and tuned were scored on different questions"
         done[task] = {
+            "questions_sha256": questions[task],
             "doc_ids": ids,
             "base_correct": [int(base[i]) for i in ids],
             "tuned_correct": [int(tuned[i]) for i in ids],
@@ -380,8 +383,9 @@ def run(cfg: Settings, run_dir: Path) -> list[Path]:
     _write(paths, cfg, key, done)
     overall = summarize(done)["overall"]
     log.info(
-        "benchmark overall: base %.1f%% tuned %.1f%% (%s)", 100 * overall["base"], 100 * overall["tuned"],
-        overall["verdict"],
+        "benchmark mean of %d tasks: base %.1f%% tuned %.1f%% difference %+.1f points [%+.1f, %+.1f]: %s",
+        overall["tasks"], 100 * overall["base"], 100 * overall["tuned"], 100 * overall["difference"],
+        100 * overall["ci95"][0], 100 * overall["ci95"][1], overall["verdict"],
     )  # fmt: skip
     return [paths.benchmark]
 
