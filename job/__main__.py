@@ -33,6 +33,7 @@ DEMO = {
     "LOGGING_STEPS": "1",
     "HUB_REPO_ID": "",
     "PRECISION": "auto",
+    "BENCHMARK_DATA": str(Path(__file__).parent / "fixtures" / "benchmark"),  # a few questions per task
 }
 
 

@@ -19,7 +19,21 @@ from typing import Any
 
 from job.errors import ConfigError
 
-STAGES = ("sample", "format", "train", "evaluate", "push")
+STAGES = ("sample", "format", "train", "evaluate", "benchmark", "push")
+# lm-eval's task names, also the user-facing names of BENCHMARK_TASKS: MultiMedQA's multiple-choice suite.
+# Eight are lm-eval's stock tasks; pubmedqa is ours (job/benchmark_tasks/pubmedqa.yaml): the stock prompt and
+# targets on a source that loads as plain files.
+BENCHMARK_TASK_NAMES = (
+    "medqa_4options",  # GBaker/MedQA-USMLE-4-options-hf, split test (USMLE-style, 4 options)
+    "medmcqa",  # openlifescienceai/medmcqa, split validation (its test split has no answers)
+    "pubmedqa",  # qiaojin/PubMedQA, config pqa_labeled, split train (yes / no / maybe)
+    "mmlu_anatomy",  # cais/mmlu, config anatomy, split test; and so on for the other five
+    "mmlu_clinical_knowledge",
+    "mmlu_college_biology",
+    "mmlu_college_medicine",
+    "mmlu_medical_genetics",
+    "mmlu_professional_medicine",
+)
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY")
 # Variables that belong to libraries, shells and launchers, not to us: never "unknown".
 _FOREIGN_PREFIXES = ("HF_", "TRANSFORMERS_", "TORCH", "CUDA", "NCCL", "WANDB_", "SKYPILOT", "PYTORCH")
@@ -196,6 +210,28 @@ class Settings:
     JUDGE_TIMEOUT: float = _setting(
         120.0, "Seconds to wait for one judge response before retrying it.", "evaluate", output=False
     )
+    # --- benchmark (job/benchmark.py): medical multiple choice, base vs tuned -------------------
+    BENCHMARK_TASKS: str = _setting(
+        ",".join(BENCHMARK_TASK_NAMES),
+        "lm-eval tasks that base and tuned model answer, zero-shot multiple choice, to catch lost medical "
+        "knowledge; training rows sharing 13 words in a row with their questions are dropped (empty: no "
+        "benchmark, no fetch).",
+        "benchmark",
+        also=("sample",),  # its questions are fetched in the sample stage, and overlapping training rows dropped
+    )
+    BENCHMARK_LIMIT: int = _setting(
+        100,
+        "Questions scored per task (the first ones of its evaluation split). More narrows the intervals and "
+        "costs time in proportion.",
+        "benchmark",
+    )
+    BENCHMARK_DATA: str = _setting(
+        "",
+        "Folder with one JSONL file per task, named after it (medmcqa.jsonl ...), with the fields of the task's "
+        "Hub dataset; for air-gapped runs (empty: fetch the tasks' Hub datasets).",
+        "benchmark",
+        also=("sample",),
+    )
     # --- run directory and stages ------------------------------------------------------------
     OUTPUT_DIR: str = _setting(
         "outputs", "Folder that holds run directories (a bucket mount in the cloud).", "run", output=False
@@ -220,6 +256,12 @@ class Settings:
     MIN_SAFETY_PASS_RATE: float = _setting(
         0.0, "Stop before pushing if the tuned model's overall safety pass rate (0 to 1) is lower.", "push"
     )
+    MAX_BENCHMARK_DROP: float = _setting(
+        3.0,
+        "Stop before pushing if the tuned model's mean benchmark accuracy is this many points below the base "
+        "model's. Raise it with a small BENCHMARK_LIMIT, whose noise is larger.",
+        "push",
+    )
     # --- secrets: only from the environment, never printed ----------------------------------
     HF_TOKEN: str = _setting("", "Hugging Face token with write access (push).", "run", secret=True, output=False)
     WANDB_API_KEY: str = _setting("", "Weights & Biases key when REPORT_TO=wandb.", "train", secret=True, output=False)
@@ -241,6 +283,10 @@ class Settings:
         if self.STAGES.strip() == "all":
             return STAGES
         return tuple(s.strip() for s in self.STAGES.split(",") if s.strip())
+
+    @property
+    def benchmark_tasks(self) -> list[str]:
+        return [t.strip() for t in self.BENCHMARK_TASKS.split(",") if t.strip()]
 
     @property
     def target_modules(self) -> list[str]:
@@ -394,6 +440,19 @@ def _check(s: Settings) -> list[str]:
                 "or point JUDGE_BASE_URL at your own server (vLLM, Ollama)"
             )
     # --- end judge ---
+    unknown = [t for t in s.benchmark_tasks if t not in BENCHMARK_TASK_NAMES]
+    if unknown:
+        bad(
+            "BENCHMARK_TASKS",
+            f"unknown task(s) {', '.join(unknown)}; use a comma list of {', '.join(BENCHMARK_TASK_NAMES)}, "
+            "or leave it empty to skip the benchmark",
+        )
+    if s.BENCHMARK_LIMIT < 1:
+        bad("BENCHMARK_LIMIT", "must be at least 1 (questions per task)")
+    if not 0 <= s.MAX_BENCHMARK_DROP <= 100:
+        bad("MAX_BENCHMARK_DROP", "must be between 0 and 100 (accuracy points)")
+    if s.BENCHMARK_DATA and not Path(s.BENCHMARK_DATA).expanduser().is_dir():
+        bad("BENCHMARK_DATA", "no such folder; give a folder of <task>.jsonl files, or leave it empty for the Hub")
     if s.REPORT_TO == "wandb" and not s.WANDB_API_KEY:
         p.append("REPORT_TO='wandb': set WANDB_API_KEY in the environment, or use REPORT_TO=tensorboard")
     if s.REPORT_TO == "wandb" and importlib.util.find_spec("wandb") is None:

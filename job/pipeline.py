@@ -1,6 +1,6 @@
 """Run the stages in order, recording each in the manifest; skip what is already done.
 
-    sample -> format -> train -> evaluate -> push        (each: job/<stage module>.run(cfg, paths))
+    sample -> format -> train -> evaluate -> benchmark -> push     (each: job/<stage module>.run(cfg, paths))
 
 A stage is done only when the manifest says so, its files still exist, and the settings its output
 depends on (job/config.py DEPENDS) are unchanged. The manifest is written (atomically) only after a
@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import evaluate, formatting, push, report, sample, stop, train
+from job import benchmark, evaluate, formatting, push, report, sample, stop, train
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError
 from job.faults import maybe_die
@@ -38,6 +38,7 @@ RUNNERS = {
     "format": formatting.run,
     "train": train.run,
     "evaluate": evaluate.run,
+    "benchmark": benchmark.run,
     "push": push.run,
 }
 
@@ -68,7 +69,7 @@ def run(cfg: Settings) -> dict:
             log.info("stage %-9s starting", stage)
             t0 = time.perf_counter()
             artifacts = RUNNERS[stage](cfg, paths)
-            if main and stage == "evaluate":
+            if main and stage in ("evaluate", "benchmark"):  # the card shows what these measured
                 artifacts += report.write(cfg, paths)
             _release_gpu_memory()
             seconds = round(time.perf_counter() - t0, 1)

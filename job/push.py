@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from job import safety
+from job import benchmark, safety
 from job.config import Settings
 from job.errors import QualityGateError, classify
 from job.faults import maybe_die
@@ -33,6 +33,7 @@ def upload_set(paths: RunPaths) -> dict[Path, str]:
         paths.sample_stats: "data_stats.json",
         paths.format_stats: "token_stats.json",
         paths.train_log: "train_log.json",
+        paths.benchmark: "benchmark.json",
     }
 
 
@@ -57,7 +58,8 @@ def stage_files(cfg: Settings, paths: RunPaths) -> Path:
             if f.is_file() and f.name != "README.md":  # PEFT's stub card; ours replaces it
                 shutil.copy2(f, tmp / f.name)
         for src, dst in upload_set(paths).items():
-            shutil.copy2(src, tmp / dst)
+            if src.is_file() or src != paths.benchmark:  # no benchmark file when BENCHMARK_TASKS is empty
+                shutil.copy2(src, tmp / dst)
         if cfg.PUSH_MERGED:
             merge(cfg, paths.adapter, tmp / "merged")
     except BaseException:
@@ -106,6 +108,7 @@ def upload(cfg: Settings, folder: Path) -> str:
 
 def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     check_quality_gates(cfg, paths)
+    benchmark.check_gate(cfg, paths)  # MAX_BENCHMARK_DROP
     folder = stage_files(cfg, paths)
     maybe_die("push.staged")
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

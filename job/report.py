@@ -13,6 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from job import benchmark
 from job.config import DEPENDS, Settings
 from job.files import atomic_write_text, read_json, read_jsonl
 from job.judge import card_section as judge_section
@@ -84,7 +85,8 @@ def card_data(cfg: Settings) -> ModelCardData:
 
 def model_card(cfg: Settings, paths: RunPaths) -> str:
     metrics = read_json(paths.metrics)
-    extra_sections = [judge_section(metrics["judge"])] if metrics.get("judge") else []
+    extra_sections = [benchmark.card_section(paths)]  # empty when the benchmark stage did not run
+    extra_sections += [judge_section(metrics["judge"])] if metrics.get("judge") else []
     train_log = read_json(paths.train_log)
     b, t = metrics["base"], metrics["tuned"]
     final_loss = next((e["loss"] for e in reversed(train_log.get("log_history", [])) if "loss" in e), None)
@@ -112,7 +114,7 @@ def model_card(cfg: Settings, paths: RunPaths) -> str:
             ),
         ],
         safety_rows=_safety_rows(metrics),
-        extra_sections=extra_sections,
+        extra_sections=[x for x in extra_sections if x],
         samples=[{k: _quote(v) for k, v in s.items()} for s in read_jsonl(paths.samples)[:N_SAMPLES_SHOWN]],
         # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.
         training=[(n, getattr(cfg, n)) for n in DEPENDS["train"] if n != "SYSTEM_PROMPT"]

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from job import benchmark
 from job.clean import RULE_NAMES, clean_text
 from job.config import Settings
 from job.errors import ConfigError, classify
@@ -159,10 +160,12 @@ def load_rows(cfg: Settings):
 
 
 # --- the stage ----------------------------------------------------------------------------------
-def sample(cfg: Settings, ds, examples: list[dict] | None = None) -> tuple[list[dict], list[dict], dict]:
+def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) -> tuple[list[dict], list[dict], dict]:
     """Walk `ds` in seeded random order; return (train, eval, stats).
 
-    `examples`, when given, receives up to EXAMPLES_PER_RULE before/after rows per doctor-reply rule.
+    `examples`, when given, receives up to EXAMPLES_PER_RULE before/after rows per doctor-reply rule;
+    `guard` (a job.benchmark.Decontaminator) drops training rows that share 13 words with a benchmark
+    question or a held-out row.
     """
     import numpy as np
     from tqdm.auto import tqdm
@@ -216,6 +219,16 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None) -> tuple[list[
                     dropped["near_duplicate"] += 1
                     continue
                 seen_keys.add(key)
+                # --- decontamination (job/benchmark.py): the first EVAL_SAMPLES kept rows are the held-out
+                # split; a later row sharing 13 words in a row with one of them or with a benchmark question
+                # is dropped, counted as overlap_benchmark / overlap_held_out.
+                if guard is not None:
+                    if len(kept) < cfg.EVAL_SAMPLES:
+                        guard.hold_out(row)
+                    elif source := guard.overlap(row):
+                        dropped[f"overlap_{source}"] += 1
+                        continue
+                # --- end decontamination ---
                 row["source_index"] = int(i)
                 kept.append(row)
                 bar.update(1)
@@ -263,7 +276,10 @@ def _keep_examples(examples: list[dict], index: int, before: str, after: str, fi
 def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     ds = load_rows(cfg)
     examples: list[dict] = []
-    train_rows, eval_rows, stats = sample(cfg, ds, examples)
+    # The benchmark's questions (BENCHMARK_TASKS), fetched here for the benchmark stage and decontamination.
+    guard = benchmark.fetch(cfg, paths.benchmark_data)
+    train_rows, eval_rows, stats = sample(cfg, ds, examples, guard)
+    stats["decontamination"] = guard.summary()
     paths.data.mkdir(parents=True, exist_ok=True)
     write_jsonl(paths.train_rows, train_rows)
     maybe_die("sample.partial")
@@ -278,4 +294,5 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
         stats["rows_read"],
         stats["dropped"] or "none",
     )
-    return [paths.train_rows, paths.eval_rows, paths.cleaning_examples, paths.sample_stats]
+    fetched = [paths.benchmark_data] if cfg.benchmark_tasks else []
+    return [paths.train_rows, paths.eval_rows, paths.cleaning_examples, paths.sample_stats, *fetched]

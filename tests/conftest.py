@@ -64,6 +64,9 @@ SMALL_RUN = {
     "PACKING": "false",
     "SAVE_STEPS": "2",
     "HUB_REPO_ID": "",
+    # One benchmark task from the bundled questions (3 of them): the stage runs, offline, in seconds.
+    "BENCHMARK_TASKS": "mmlu_anatomy",
+    "BENCHMARK_DATA": DEMO["BENCHMARK_DATA"],
 }
 
 

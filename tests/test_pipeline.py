@@ -104,6 +104,7 @@ def test_data_files(demo_run):
         p.train_tokens,
         p.eval_tokens,
         p.format_stats,
+        p.benchmark_data,
     }
     assert set(p.data.iterdir()) == written
     train, held_out = read_jsonl(p.train_rows), read_jsonl(p.eval_rows)

@@ -1,0 +1,427 @@
+"""Stage 5, benchmark: did fine-tuning make the model know less medicine?
+
+Base (adapter disabled) and tuned model, on one load, score the MultiMedQA multiple-choice tasks zero-shot
+with EleutherAI's lm-evaluation-harness (lm-eval): each choice's log-likelihood after the task's own prompt,
+the most likely choice is the answer. The questions are fetched once, in the sample stage (`fetch`), into
+data/benchmark/, from the tasks' own Hub datasets or from the local folder BENCHMARK_DATA; the same stage
+drops training rows that share a 13-word sequence with a benchmark question or a held-out row
+(`Decontaminator`). Here each task is scored from those files, question by question, and eval/benchmark.json
+gets per task and overall: base and tuned accuracy, their paired difference with a 95% bootstrap interval,
+and the number of questions. The push stage stops (`check_gate`) when the tuned model's mean accuracy fell by
+more than MAX_BENCHMARK_DROP points.
+
+Why lm-eval: its prompts and scoring are what published MultiMedQA numbers use, so ours are comparable.
+Why our own statistics: lm-eval's stderr is per model and unpaired; the question here is the difference
+between two models on the same questions, whose paired interval is several times narrower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from job.config import BENCHMARK_TASK_NAMES, Settings
+from job.errors import ConfigError, QualityGateError, classify
+from job.evaluate import load_tuned
+from job.files import atomic_write_text, read_json, write_jsonl
+from job.model import load_tokenizer, resolve_precision
+from job.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+TASKS = BENCHMARK_TASK_NAMES  # job/config.py owns the names (BENCHMARK_TASKS is validated there)
+OWN_TASKS = Path(__file__).parent / "benchmark_tasks"
+FIXTURE = Path(__file__).parent / "fixtures" / "benchmark"  # a few questions per task, written for this project
+NGRAM = 13  # words in a row shared with a benchmark question that make a training row contaminated
+BOOTSTRAP_ITERATIONS = 10_000  # Monte Carlo error of a 95% percentile bound at 10k draws: ~0.1 point
+BOOTSTRAP_SEED = 0
+# Sequences per forward pass. lm-eval takes log-softmax over the whole vocabulary at every position: for a
+# 128k-vocabulary model that is 16 x 600 tokens x 128,256 x 4 bytes = 4.9 GB for the longest (pubmedqa)
+# batches, which fits a 24 GB GPU beside the 4-bit 3B model.
+BATCH_SIZE = 16
+
+
+# --- task definitions ------------------------------------------------------------------------------------------
+@cache
+def task_manager():
+    """lm-eval's task index, limited to the folders that define our tasks (indexing all of them takes seconds)."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    stock = Path(lm_eval.tasks.__file__).parent
+    folders = [stock / "medqa", stock / "medmcqa", stock / "mmlu" / "default", OWN_TASKS]
+    return TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
+
+
+def task_config(task: str, data_file: Path | None) -> dict[str, Any]:
+    """The task's full lm-eval config (prompt, choices, target, metric); with `data_file`, its questions are read
+    from that JSONL file (same fields as the Hub dataset) instead of the Hub."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = dict(load_yaml(task_manager().task_index[task].yaml_path, resolve_func=True))
+    if data_file is not None:
+        cfg.update(
+            dataset_path="json",
+            dataset_name=None,
+            dataset_kwargs={"data_files": {"test": str(data_file)}},
+            test_split="test",
+            training_split=None,
+            validation_split=None,
+            fewshot_split=None,  # zero-shot: no examples are drawn
+        )
+    return cfg
+
+
+def _load_task(task: str, data_file: Path | None):
+    return task_manager().load_task_or_group([task_config(task, data_file)])[task]
+
+
+# --- sample stage: fetch the questions, decontaminate the training rows ------------------------------------------
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def ngrams(text: str, n: int = NGRAM) -> set[int]:
+    """Hashes of the n-word sequences of `text` (lower-cased words of letters and digits; punctuation ignored)."""
+    w = _words(text)
+    return {hash(tuple(w[i : i + n])) for i in range(len(w) - n + 1)}
+
+
+class Decontaminator:
+    """Tells which training rows share an NGRAM-word sequence with a benchmark question or a held-out row.
+
+    Thirteen words in a row is the overlap GPT-3's and lm-eval's decontamination use: long enough that shared
+    stock phrases do not count, short enough to catch a question pasted into a conversation.
+    """
+
+    def __init__(self, benchmark_texts: Iterable[str] = (), tasks: Iterable[str] = (), n: int = NGRAM):
+        self.n = n
+        self.tasks = list(tasks)
+        self.questions = 0
+        self.benchmark: set[int] = set()
+        for text in benchmark_texts:
+            self.questions += 1
+            self.benchmark |= ngrams(text, n)
+        self.held_out: set[int] = set()
+        self.dropped: Counter = Counter()
+
+    def _grams(self, row: dict) -> set[int]:
+        return set().union(*(ngrams(str(v), self.n) for k, v in row.items() if isinstance(v, str)))
+
+    def hold_out(self, row: dict) -> None:
+        """Remember a held-out row: later training rows must not overlap it."""
+        self.held_out |= self._grams(row)
+
+    def overlap(self, row: dict) -> str | None:
+        """'benchmark' or 'held_out' if the row shares an n-word sequence with one (counted), else None."""
+        grams = self._grams(row)
+        source = "benchmark" if grams & self.benchmark else "held_out" if grams & self.held_out else None
+        if source:
+            self.dropped[source] += 1
+        return source
+
+    def summary(self) -> dict:
+        return {
+            "ngram_words": self.n,
+            "benchmark_tasks": self.tasks,
+            "benchmark_questions": self.questions,
+            "dropped_benchmark_overlap": self.dropped["benchmark"],
+            "dropped_held_out_overlap": self.dropped["held_out"],
+        }
+
+
+def fetch(cfg: Settings, out_dir: Path) -> Decontaminator:
+    """Write each selected task's questions to out_dir/<task>.jsonl and return a Decontaminator holding them.
+
+    From BENCHMARK_DATA/<task>.jsonl when set, else from the task's Hub dataset as lm-eval loads it. The whole
+    evaluation split is kept (BENCHMARK_LIMIT only limits scoring), so decontamination covers all of it.
+    With BENCHMARK_TASKS empty nothing is fetched and only held-out overlap is checked.
+    """
+    tasks = cfg.benchmark_tasks
+    if not tasks:
+        return Decontaminator()
+    local = Path(cfg.BENCHMARK_DATA).expanduser() if cfg.BENCHMARK_DATA else None
+    if local is not None:
+        missing = [f"{t}.jsonl" for t in tasks if not (local / f"{t}.jsonl").is_file()]
+        if missing:
+            raise ConfigError(
+                f"BENCHMARK_DATA={cfg.BENCHMARK_DATA!r} lacks {', '.join(missing)}: add one JSONL file per task in "
+                "BENCHMARK_TASKS, with the fields of the task's Hub dataset (see job/fixtures/benchmark/)"
+            )
+    texts: list[str] = []
+    for task in tasks:
+        source = local / f"{task}.jsonl" if local is not None else None
+        try:
+            t = _load_task(task, source)
+            docs = [dict(d) for d in t.eval_docs]
+            texts += [t.doc_to_text(d) for d in docs]
+        except Exception as e:  # datasets and lm-eval raise many types; classified by type, not by message
+            where = f"BENCHMARK_DATA file {source}" if source else f"{task}'s Hub dataset"
+            err = classify(e, f"BENCHMARK_TASKS: {where}") if source is None else None
+            if err is not None:
+                raise err from None
+            why = f"{type(e).__name__}: {e}"
+            raise ConfigError(f"BENCHMARK_TASKS: {where} could not be read as task {task} ({why})") from None
+        write_jsonl(out_dir / f"{task}.jsonl", docs)
+        log.info("benchmark %s: %d questions from %s", task, len(docs), source or "the Hub")
+    return Decontaminator(texts, tasks)
+
+
+# --- statistics --------------------------------------------------------------------------------------------------
+def paired_difference(pairs: list[tuple[Any, Any]], iterations: int = BOOTSTRAP_ITERATIONS, seed: int = BOOTSTRAP_SEED):
+    """Mean over tasks of tuned minus base accuracy, and its 95% bootstrap interval resampling questions.
+
+    `pairs` holds, per task, the base and tuned 0/1 correctness on the same questions in the same order. Each
+    task's questions are resampled with replacement, independently (a stratified bootstrap), keeping each
+    question's base and tuned answers together: that pairing is what lm-eval's per-model stderr lacks. A
+    question's paired difference is -1, 0 or +1, so a resample is fully described by how many of each it draws:
+    one multinomial draw per iteration gives exactly the resampled mean, in O(iterations) memory.
+    Returns (difference, (low, high)) as fractions.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(iterations)
+    point = 0.0
+    for base, tuned in pairs:
+        d = np.asarray(tuned, dtype=np.int64) - np.asarray(base, dtype=np.int64)
+        n = len(d)
+        counts = np.array([(d == -1).sum(), (d == 0).sum(), (d == 1).sum()])
+        sample = rng.multinomial(n, counts / n, size=iterations)
+        draws += (sample[:, 2] - sample[:, 0]) / n
+        point += d.mean()
+    draws /= len(pairs)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return point / len(pairs), (float(low), float(high))
+
+
+def verdict(low: float, high: float) -> str:
+    return "better" if low > 0 else "worse" if high < 0 else "not distinguishable"
+
+
+def summarize(per_task: dict[str, dict]) -> dict:
+    """The per-task numbers and the overall mean over tasks, from the stored correctness vectors."""
+    out = {}
+    for task, r in per_task.items():
+        diff, (low, high) = paired_difference([(r["base_correct"], r["tuned_correct"])])
+        n = len(r["base_correct"])
+        out[task] = {
+            "n": n,
+            "base": sum(r["base_correct"]) / n,
+            "tuned": sum(r["tuned_correct"]) / n,
+            "difference": diff,
+            "ci95": [low, high],
+        }
+    if per_task:
+        diff, (low, high) = paired_difference([(r["base_correct"], r["tuned_correct"]) for r in per_task.values()])
+        out["overall"] = {
+            "n": sum(v["n"] for v in out.values()),
+            "tasks": len(per_task),
+            "base": sum(v["base"] for v in out.values()) / len(per_task),
+            "tuned": sum(v["tuned"] for v in out.values()) / len(per_task),
+            "difference": diff,
+            "ci95": [low, high],
+            "verdict": verdict(low, high),
+        }
+    return out
+
+
+# --- the stage ---------------------------------------------------------------------------------------------------
+def evaluate_task(lm, task: str, data_file: Path, limit: int | None) -> list[dict]:
+    """lm-eval's zero-shot log-likelihood scoring of one task's questions in `data_file`: its per-question
+    samples (doc_id, arguments = (context, choice) pairs, filtered_resps = (log-likelihood, is_greedy), acc).
+
+    Through `lm_eval.evaluator.evaluate`, the function `simple_evaluate` calls once it has built the tasks, with
+    the one setting that matters here made as simple_evaluate(num_fewshot=0) makes it. simple_evaluate itself
+    then collects environment information (torch's collect_env runs `pip list` and more in subprocesses): 2.2 of
+    the 2.4 s of a call on the demo's fixture (2 CPU cores), and the stage makes two calls per task.
+    """
+    from lm_eval.evaluator import evaluate
+
+    loaded = task_manager().load([task_config(task, data_file)])
+    for t in loaded["tasks"].values():
+        t.set_config(key="num_fewshot", value=0)  # zero-shot
+    out = evaluate(
+        lm=lm,
+        task_dict=loaded,
+        limit=limit,
+        log_samples=True,  # per-question results, for the paired interval
+        bootstrap_iters=0,  # lm-eval's own (unpaired) stderr is not used
+    )
+    return out["samples"][task]
+
+
+def score(lm, task: str, data_file: Path, limit: int | None) -> dict[int, float]:
+    """{doc_id: 1.0 if the most likely choice is the answer else 0.0}."""
+    return {s["doc_id"]: float(s["acc"]) for s in evaluate_task(lm, task, data_file, limit)}
+
+
+def _digest(files: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def run(cfg: Settings, paths: RunPaths) -> list[Path]:
+    tasks = cfg.benchmark_tasks
+    if not tasks:
+        log.info("BENCHMARK_TASKS is empty: no benchmark")
+        return []
+    missing = [t for t in tasks if not (paths.benchmark_data / f"{t}.jsonl").is_file()]
+    if missing:
+        raise ConfigError(
+            f"BENCHMARK_TASKS={cfg.BENCHMARK_TASKS!r}: the questions of {', '.join(missing)} are not in "
+            f"{paths.benchmark_data} (the sample stage fetches them). Rerun with REDO=true and STAGES=all."
+        )
+    # A task's results are reused only for the same adapter, BENCHMARK_LIMIT and questions: a rerun after a kill
+    # skips finished tasks, and nothing stale survives a retrained adapter or refetched questions.
+    key = {"limit": cfg.BENCHMARK_LIMIT, "adapter_sha256": _digest(sorted(paths.adapter.glob("adapter_*")))}
+    questions = {t: _digest([paths.benchmark_data / f"{t}.jsonl"]) for t in tasks}
+    previous = read_json(paths.benchmark) if paths.benchmark.is_file() else {}
+    done: dict[str, dict] = previous.get("raw", {}) if previous.get("key") == key else {}
+    done = {t: r for t, r in done.items() if t in tasks and r.get("questions_sha256") == questions[t]}
+
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # one line per task from us instead
+    precision, _ = resolve_precision(cfg)
+    tokenizer = load_tokenizer(cfg, str(paths.adapter))
+    model = None
+    for task in tasks:
+        if task in done:
+            log.info("benchmark %-28s already scored; skipping", task)
+            continue
+        if model is None:  # loaded only when a task is left to score
+            model = load_tuned(cfg, paths.adapter, precision)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH_SIZE)
+        t0 = time.perf_counter()
+        data_file = paths.benchmark_data / f"{task}.jsonl"
+        tuned = score(lm, task, data_file, cfg.BENCHMARK_LIMIT)
+        with model.disable_adapter():  # the same weights without LoRA: the base model
+            base = score(lm, task, data_file, cfg.BENCHMARK_LIMIT)
+        ids = sorted(tuned)
+        assert ids == sorted(base), "base and tuned were scored on different questions"
+        done[task] = {
+            "questions_sha256": questions[task],
+            "doc_ids": ids,
+            "base_correct": [int(base[i]) for i in ids],
+            "tuned_correct": [int(tuned[i]) for i in ids],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        _write(paths, cfg, key, done)
+        r = summarize({task: done[task]})[task]
+        log.info(
+            "benchmark %-28s n=%d base %.1f%% tuned %.1f%% difference %+.1f points [%+.1f, %+.1f] (%.1f s)",
+            task, r["n"], 100 * r["base"], 100 * r["tuned"], 100 * r["difference"],
+            100 * r["ci95"][0], 100 * r["ci95"][1], done[task]["seconds"],
+        )  # fmt: skip
+    _write(paths, cfg, key, done)
+    overall = summarize(done)["overall"]
+    log.info(
+        "benchmark mean of %d tasks: base %.1f%% tuned %.1f%% difference %+.1f points [%+.1f, %+.1f]: %s",
+        overall["tasks"], 100 * overall["base"], 100 * overall["tuned"], 100 * overall["difference"],
+        100 * overall["ci95"][0], 100 * overall["ci95"][1], overall["verdict"],
+    )  # fmt: skip
+    return [paths.benchmark]
+
+
+def _write(paths: RunPaths, cfg: Settings, key: dict, done: dict[str, dict]) -> None:
+    """eval/benchmark.json: the summary per task and overall, then the raw per-question results it came from."""
+    ordered = {t: done[t] for t in cfg.benchmark_tasks if t in done}
+    body = {
+        "tasks": summarize(ordered),
+        "seconds": {t: r["seconds"] for t, r in ordered.items()},
+        "bootstrap": {"iterations": BOOTSTRAP_ITERATIONS, "seed": BOOTSTRAP_SEED, "resampled": "questions, per task"},
+        "key": key,
+        "raw": ordered,
+    }
+    text = json.dumps(body, indent=1)
+    # Lists of numbers (intervals, per-question results) on one line each, so the file reads top to bottom.
+    text = re.sub(r"\[\s+([-\d.e,\s]+?)\s+\]", lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)
+    atomic_write_text(paths.benchmark, text)
+
+
+# --- the gate and the model card ---------------------------------------------------------------------------------
+def check_gate(cfg: Settings, paths: RunPaths) -> None:
+    """Stop the push (exit 5) if the tuned model's mean accuracy fell by more than MAX_BENCHMARK_DROP points."""
+    path = paths.benchmark
+    if not cfg.benchmark_tasks or not path.is_file():
+        return
+    results = read_json(path)["tasks"]
+    overall = results.get("overall")
+    if overall is None or -100 * overall["difference"] <= cfg.MAX_BENCHMARK_DROP:
+        return
+    fell = [(t, r) for t, r in results.items() if t != "overall" and r["difference"] < 0]
+    detail = "; ".join(
+        f"{t} {100 * r['base']:.1f}% -> {100 * r['tuned']:.1f}% ({100 * r['difference']:+.1f} points)" for t, r in fell
+    )
+    raise QualityGateError(
+        f"MAX_BENCHMARK_DROP={cfg.MAX_BENCHMARK_DROP}: the tuned model's mean benchmark accuracy fell by "
+        f"{-100 * overall['difference']:.1f} points (base {100 * overall['base']:.1f}%, tuned "
+        f"{100 * overall['tuned']:.1f}%, 95% CI {100 * overall['ci95'][0]:+.1f} to {100 * overall['ci95'][1]:+.1f}). "
+        f"Tasks that fell: {detail or 'none alone'}. Nothing was pushed. See eval/benchmark.json; train with a lower "
+        "LEARNING_RATE or fewer EPOCHS, or raise MAX_BENCHMARK_DROP only if the drop is acceptable."
+    )
+
+
+def card_section(paths: RunPaths) -> str:
+    """The model card's benchmark section, markdown: a table and one plain sentence. Empty if it did not run."""
+    if not paths.benchmark.is_file():
+        return ""
+    results = read_json(paths.benchmark)["tasks"]
+    if "overall" not in results:
+        return ""
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}%"
+
+    def diff(r: dict) -> str:
+        return f"{100 * r['difference']:+.1f} [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}]"
+
+    rows = [
+        f"| {t} | {r['n']} | {pct(r['base'])} | {pct(r['tuned'])} | {diff(r)} |"
+        for t, r in results.items()
+        if t != "overall"
+    ]
+    o = results["overall"]
+    rows.append(f"| **mean of {o['tasks']} tasks** | {o['n']} | {pct(o['base'])} | {pct(o['tuned'])} | {diff(o)} |")
+    sentence = {
+        "better": "The tuned model answers these medical questions **better** than the base model",
+        "worse": "The tuned model answers these medical questions **worse** than the base model: fine-tuning cost "
+        "medical knowledge",
+        "not distinguishable": "The tuned model is **not distinguishable** from the base model on these medical "
+        "questions",
+    }[o["verdict"]]
+    lines = [
+        "### Medical knowledge benchmark",
+        "",
+        "Zero-shot multiple choice (MultiMedQA), scored by lm-evaluation-harness on the log-likelihood of each "
+        "choice; base = the same weights with the adapter disabled. Difference in accuracy points, tuned minus "
+        "base, with a 95% paired bootstrap interval (questions resampled).",
+        "",
+        "| task | questions | base | tuned | difference [95% CI] |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"{sentence} (mean accuracy {pct(o['tuned'])} vs {pct(o['base'])}, {o['n']} questions).",
+    ]
+    if paths.sample_stats.is_file():
+        d = read_json(paths.sample_stats).get("decontamination")
+        if d:
+            lines += [
+                "",
+                f"Decontamination: {d['dropped_benchmark_overlap']} training conversations sharing a "
+                f"{d['ngram_words']}-word sequence with one of the {d['benchmark_questions']} benchmark questions, "
+                f"and {d['dropped_held_out_overlap']} sharing one with the held-out split, were dropped before "
+                "training.",
+            ]
+    return "\n".join(lines) + "\n"
