@@ -19,7 +19,7 @@ from job.__main__ import FIXTURE
 from job.config import Settings, with_overrides
 from job.files import read_jsonl, write_jsonl
 from job.paths import RunPaths
-from job.random_llama import build_tiny_model
+from job.random_llama import build_random_llama
 
 # Words in each task's question text (Llama 3 makes ~1.3 tokens of a word): my estimates of the real sets.
 WORDS = {
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     if not (model_dir / "config.json").exists():
         t = time.perf_counter()
-        build_tiny_model(model_dir, texts, shape=args.shape)
+        build_random_llama(model_dir, texts, shape=args.shape)
         print(f"built model in {time.perf_counter() - t:.1f} s", flush=True)
 
     run_dir = work / f"run-{quant}-{limit}"
