@@ -687,6 +687,7 @@ def bench_settings(args):
         "NUM_SAMPLES": str(args.rows),
         "EVAL_SAMPLES": str(args.gen_prompts),
         "EVAL_PROMPTS": str(args.gen_prompts),
+        "BENCHMARK_TASKS": "",  # the bench times training and generation; the benchmark stage has its own
         "MAX_SEQ_LENGTH": "512",
         "OUTPUT_DIR": str(Path(args.out).resolve() / "runs"),
         "RUN_NAME": "bench",
