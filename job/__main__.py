@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from job.errors import BUG, EXIT_CODES, JobError, OutOfMemory, classify
+from job.errors import BUG, EXIT_CODES, INTERRUPTED, JobError, OutOfMemory, classify
 
 log = logging.getLogger("job")
 
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands.get(args.command, cmd_run)(args)
     except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted (exit {INTERRUPTED}): run the same command again to resume", file=sys.stderr)
+        return INTERRUPTED
     except Exception as e:
         err = _as_job_error(e)
         if err is None:

@@ -292,7 +292,8 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
 
     from lm_eval.models.huggingface import HFLM
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # one line per task from us instead
+    # One line per task from us instead; lm-eval also warns that it was given a loaded model, which is the point.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     precision, _ = resolve_precision(cfg)
     tokenizer = load_tokenizer(cfg, str(paths.adapter))
     model = None

@@ -17,6 +17,7 @@ TRANSIENT = 4  # the Hub, the network or the judge endpoint failed, or another r
 QUALITY_GATE = 5  # the safety screen or the medical benchmark stopped the push: nothing was pushed
 LOCAL_FAILURE = 6  # this machine's disk is full or a folder is not writable
 STOPPED = 7  # SIGTERM (spot preemption, docker stop): finished work and a checkpoint were saved
+INTERRUPTED = 130  # Ctrl-C (SIGINT), the shell's convention: finished stages and checkpoints are kept
 
 EXIT_CODES = {
     OK: "success",
@@ -28,6 +29,7 @@ EXIT_CODES = {
     QUALITY_GATE: "a quality gate (safety screen or medical benchmark) stopped the push: nothing was pushed",
     LOCAL_FAILURE: "local failure (disk full, folder not writable): fix the machine, then run the same command again",
     STOPPED: "stopped by a signal after saving: run the same command again to resume",
+    INTERRUPTED: "interrupted (Ctrl-C): run the same command again to resume",
 }
 # Exit codes a managed cloud job restarts on. STOPPED is here for SIGTERMs that do not take the machine
 # away (a Kubernetes eviction): a preempted VM is recovered by SkyPilot whatever the code.

@@ -9,6 +9,7 @@ import math
 import re
 
 import pytest
+import torch
 import yaml
 from conftest import CANARY_TOKEN, HUB_REPO_ID
 
@@ -69,6 +70,10 @@ def test_every_trainable_parameter_changed(demo_run, tmp_path):
     trained = load_file(str(RunPaths(demo_run.run_dir).adapter / "adapter_model.safetensors"))
 
     n_trainable = sum(1 for _, p in model.named_parameters() if p.requires_grad)
+    # TRL casts a quantized model's LoRA weights to bf16 inside SFTTrainer; build_trainer casts them back to
+    # fp32 (fp16's gradient scaler needs it, and a resumed run loads fp32). Fails if an upgrade moves TRL's
+    # cast past our re-cast, or drops the re-cast.
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert set(trained) == set(initial) and len(trained) == n_trainable > 0
     modules = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in trained}
     assert modules == set(cfg.target_modules) == {"q_proj", "v_proj"}
