@@ -198,7 +198,13 @@ def test_each_rule_is_counted_once_per_row():
 
 # --- bad rows -------------------------------------------------------------------------------------------
 def settings(**env):
-    base = {"DATASET": str(FIXTURE), "NUM_SAMPLES": "4", "EVAL_SAMPLES": "1", "EVAL_PROMPTS": "0"}
+    base = {
+        "DATASET": str(FIXTURE),
+        "NUM_SAMPLES": "4",
+        "EVAL_SAMPLES": "1",
+        "EVAL_PROMPTS": "0",
+        "BENCHMARK_TASKS": "",
+    }
     return load_settings(environ={**base, **{k: str(v) for k, v in env.items()}}, env_file=None)
 
 

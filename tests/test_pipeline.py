@@ -32,6 +32,7 @@ PUSHED = {
     "data_stats.json",
     "token_stats.json",
     "train_log.json",
+    "benchmark.json",
 }
 PUSHED_OPTIONAL = {"special_tokens_map.json"}  # written by some Transformers versions, harmless
 
