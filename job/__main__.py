@@ -152,9 +152,8 @@ def _as_job_error(e: Exception) -> JobError | None:
     """Our own errors as they are; outside failures (Hub, network, disk, GPU memory) by their type."""
     if isinstance(e, JobError):
         return e
-    import torch
-
-    if isinstance(e, torch.cuda.OutOfMemoryError):
+    torch = sys.modules.get("torch")  # not imported yet: then this cannot be a GPU out-of-memory error
+    if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
         return OutOfMemory(f"GPU out of memory ({e}). Lower EVAL_BATCH_SIZE, BATCH_SIZE or MAX_SEQ_LENGTH.")
     return classify(e, "the job")
 

@@ -396,8 +396,9 @@ def _check(s: Settings) -> list[str]:
         bad("WARMUP_RATIO", "must be at least 0 and less than 1 (a share of the optimizer steps)")
     if not 0 < s.EPOCHS <= 1000:  # also rules out inf and nan, which fail only after the model has loaded
         bad("EPOCHS", "must be greater than 0 and at most 1000")
-    if s.OPTIMIZER not in _optimizer_names():
-        close = difflib.get_close_matches(s.OPTIMIZER, _optimizer_names(), n=1)
+    optimizers = _optimizer_names()
+    if optimizers and s.OPTIMIZER not in optimizers:
+        close = difflib.get_close_matches(s.OPTIMIZER, optimizers, n=1)
         hint = f"did you mean {close[0]}?" if close else "see transformers.training_args.OptimizerNames"
         bad("OPTIMIZER", f"not an optimizer of Transformers' Trainer; {hint}")
     if not 0 < s.LEARNING_RATE < 1:
@@ -461,8 +462,12 @@ def _check(s: Settings) -> list[str]:
 
 
 def _optimizer_names() -> list[str]:
-    from transformers.training_args import OptimizerNames
-
+    """Transformers' optimizer names; empty where Transformers is absent (the SkyPilot launcher's light venv
+    checks settings before the job's image starts, and the job itself checks again with Transformers)."""
+    try:
+        from transformers.training_args import OptimizerNames
+    except ImportError:
+        return []
     return [o.value for o in OptimizerNames]
 
 
