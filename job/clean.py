@@ -493,6 +493,15 @@ def _signoff_rule(text: str) -> str:
     return text if kept == text.rstrip() else kept + _CUT
 
 
+# The Q&A platform's own chat prompt, captured at the start of some patients' messages: "Hi, may I answer
+# your health queries right now ? Please type your query here." (at the start, or after the question's
+# title). What stands around it is the patient's.
+_PLATFORM_PROMPT = re.compile(
+    r"(?:^\W*|(?<=[.?!])\s*)(?:hi\b\W*)?(?:\w{0,5}\s+){0,2}i\s+answer\s+your\s+health\s+quer(?:y|ies)\s+right\s+now\W*"
+    r"(?:please\s+)?type\s+your\s+quer(?:y|ies)\s+here\W*",
+    re.I,
+)
+
 # Order matters: links and addresses first (a sign-off often ends in one), then the phrases, then
 # any platform name left, then the sign-off block at the end.
 RULES: list[tuple[str, Callable[[str], str]]] = [
@@ -509,9 +518,12 @@ RULES: list[tuple[str, Callable[[str], str]]] = [
     ("rate_answer", _sub(_RATE)),
     ("platform_name", _platform),
     ("signoff", _signoff_rule),
+    ("platform_prompt", _sub(_PLATFORM_PROMPT)),
 ]
 # Patients don't write platform boilerplate, and their "Dr." is a greeting; links and addresses go everywhere.
+# The platform's chat prompt stands in the patient's field only.
 ALL_FIELD_RULES = {"urls", "emails", "phones", "arrows"}
+PATIENT_RULES = {"platform_prompt"}
 RULE_NAMES = ["whitespace"] + [name for name, _ in RULES]
 
 
@@ -526,7 +538,7 @@ def clean_text(text: Any, field: str = "doctor", changed: Counter | None = None)
         changed[f"{field}.whitespace"] += 1
     text = new
     for name, rule in RULES:
-        if name not in ALL_FIELD_RULES and field != "doctor":
+        if name not in ALL_FIELD_RULES and field != ("patient" if name in PATIENT_RULES else "doctor"):
             continue
         out = rule(text)
         if out == text:
