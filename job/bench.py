@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from job.config import replace_section
 from job.paths import RunPaths
 
 log = logging.getLogger("job.bench")
@@ -171,11 +172,9 @@ def timed_window(seconds: list[float], tokens: list[int], steps: int, window: in
 
 
 def replace_readme_section(text: str, body: str) -> str:
-    """The README with the text between the bench markers replaced by `body` (markers kept)."""
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"the README needs the markers {README_START} and {README_END}, in that order")
-    return text[: start + len(README_START)] + "\n" + body.strip("\n") + "\n" + text[end:]
+    """The README with the text between the bench markers replaced by `body` (markers kept): the same
+    mechanism that regenerates the settings table (job/config.py)."""
+    return replace_section(text, "bench", body.strip("\n") + "\n")
 
 
 # --- measurements (each in a process of its own, on the GPU) --------------------------------------
