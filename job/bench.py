@@ -10,7 +10,10 @@ the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
   trl-nogc     trl without gradient checkpointing
   job          this job's defaults (job/config.py)
   job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept)
-  job-noliger, job-sdpa, job-compile   one lever of `job` changed each
+  job-noliger, job-sdpa, job-compile, job-compile-nf4, job-b16, job-compile-b16
+               one lever of `job` changed each
+  job-accum2, job-ddp2   one GPU (batch 8 x accumulation 2) and two GPUs under torchrun's DDP (batch 8
+               each): the same data and optimizer steps, so their tokens/s ratio is DDP's speed-up
   unsloth      Unsloth's fastest path, when Unsloth imports in its process (it is not a dependency
                of this project): 4-bit base, LoRA r8 on q_proj,v_proj, padded batches of 8 with its
                per-block compilation, its own SFTTrainer patches; `unsloth-pf` (not in the default
@@ -89,7 +92,17 @@ RECIPES: dict[str, dict[str, str]] = {
     # job/attention.py's varlen kernel.
     "job-sdpa": {"BATCH_SIZE": "8", "ATTN_IMPLEMENTATION": "sdpa"},
     "job-compile": {"BATCH_SIZE": "8", "TORCH_COMPILE": "true"},
+    "job-compile-nf4": {"BATCH_SIZE": "8", "TORCH_COMPILE": "true", "DEQUANTIZE_BASE": "false"},
+    "job-b16": {"BATCH_SIZE": "16"},
+    "job-compile-b16": {"BATCH_SIZE": "16", "TORCH_COMPILE": "true"},
+    # Two GPUs against one on the same data and optimizer steps: 2 x batch 8 (DDP) vs 1 x batch 8 x accum 2.
+    "job-accum2": {"BATCH_SIZE": "8", "GRAD_ACCUM": "2"},
+    "job-ddp2": {"BATCH_SIZE": "8"},
 }
+# Recipes launched by torchrun on this many GPUs (one process each); every other recipe uses one GPU.
+GPUS = {"job-ddp2": 2, "job-compile-ddp2": 2}
+RECIPES["job-compile-accum2"] = {**RECIPES["job-accum2"], "TORCH_COMPILE": "true"}
+RECIPES["job-compile-ddp2"] = {**RECIPES["job-ddp2"], "TORCH_COMPILE": "true"}
 UNSLOTH = "unsloth"
 # Unsloth's padding, by recipe name. Its automatic choice keeps padding-free batches on cards it has no
 # measurement for (H100/H200 among them); padded batches with per-block compilation were its fastest
@@ -102,6 +115,7 @@ DEFAULT_PARTS = [
     *("job", UNSLOTH, "job-nf4", "trl", "trl-nogc", "seed"),
     *CHECKS,
     *("job-noliger", "job-sdpa", "job-compile"),
+    *("job-accum2", "job-ddp2"),
 ]
 FULL_DATASET_ROWS = 256_916  # ruslanmv/ai-medical-chatbot, train split
 
@@ -206,6 +220,36 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _sum_over_ranks(n: int) -> int:
+    """`n` summed over the DDP ranks (itself without DDP)."""
+    if not _distributed():
+        return n
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([n], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _rank0_says(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (`flag` itself without DDP)."""
+    if not _distributed():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def _empty_cache() -> None:
     import torch
 
@@ -241,14 +285,22 @@ class _CountingCollator:
         return batch
 
 
-def _timed_train(trainer, grad_accum: int, args) -> dict:
-    """Train with a per-step clock until the rate is stable plus `args.steps` steps (or the cap)."""
+def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None) -> dict:
+    """Train with a per-step clock until the rate is stable plus `args.steps` steps (or the cap).
+
+    With BENCH_PROFILE=N (a diagnosis run, not for the table) rank 0 records steps N and N+1 with
+    torch.profiler and writes its busiest operations to `profile_to`.
+    """
     from transformers import TrainerCallback
+
+    profile_at = int(os.environ.get("BENCH_PROFILE", "0"))
+    profiler: list[Any] = []
 
     counter = _CountingCollator(trainer.data_collator, trainer.processing_class.pad_token_id)
     trainer.data_collator = counter
     ends: list[float] = []
     seconds: list[float] = []
+    tokens: list[int] = []
     found: list[int] = []
 
     def step_tokens(j: int) -> int:
@@ -260,17 +312,30 @@ def _timed_train(trainer, grad_accum: int, args) -> dict:
             if not ends:
                 _sync()
                 ends.append(time.perf_counter())
+            if profile_at and profile_to and len(seconds) == profile_at and int(os.environ.get("RANK", "0")) == 0:
+                import torch
+
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                profiler.append(torch.profiler.profile(activities=acts))
+                profiler[0].__enter__()
 
         def on_step_end(self, a, state, control, **kw):
             _sync()
             ends.append(time.perf_counter())
             seconds.append(ends[-1] - ends[-2])  # step to step: data, forward, backward, optimizer, callbacks
+            tokens.append(_sum_over_ranks(step_tokens(len(seconds) - 1)))  # under DDP: every GPU's tokens
+            if profiler and len(seconds) == profile_at + 2:
+                profiler[0].__exit__(None, None, None)
+                avg = profiler.pop().key_averages()
+                profile_to.write_text(
+                    "\n\n".join(avg.table(sort_by=k, row_limit=30) for k in ("cuda_time_total", "self_cpu_time_total"))
+                )
             if not found:
-                rates = [step_tokens(j) / s for j, s in enumerate(seconds)]
-                start = stable_start(rates, args.stable_window, args.tolerance)
+                start = stable_start([t / s for t, s in zip(tokens, seconds)], args.stable_window, args.tolerance)
                 if start is not None:
                     found.append(start)
-            if found and len(seconds) >= found[0] + args.steps:
+            # Under DDP rank 0 decides, so every rank stops at the same step (or the collectives hang).
+            if _rank0_says(bool(found) and len(seconds) >= found[0] + args.steps):
                 control.should_training_stop = True
             return control
 
@@ -279,7 +344,6 @@ def _timed_train(trainer, grad_accum: int, args) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    tokens = [step_tokens(j) for j in range(len(seconds))]
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
         **timed_window(seconds, tokens, args.steps, args.stable_window, args.tolerance),
@@ -316,8 +380,13 @@ def measure_training(name: str, cfg, args) -> dict:
         disable_tqdm=True,
         report_to=[],
     )
-    out = _timed_train(trainer, rcfg.GRAD_ACCUM, args)
-    return {**out, "settings": RECIPES[name], "liger": bool(trainer.args.use_liger_kernel)}
+    out = _timed_train(trainer, rcfg.GRAD_ACCUM, args, profile_to=Path(args.out) / f"profile-{name}.txt")
+    return {
+        **out,
+        "settings": RECIPES[name],
+        "gpus": GPUS.get(name, 1),
+        "liger": bool(trainer.args.use_liger_kernel),
+    }
 
 
 def measure_unsloth(cfg, args, padding: str = "padded") -> dict:
@@ -386,16 +455,23 @@ def measure_unsloth(cfg, args, padding: str = "padded") -> dict:
 
 def _trained_adapter(cfg, precision: str):
     """A trainer whose adapter has taken a few steps (lora_B non-zero), saved where evaluation reads it."""
+    from job.model import model_code_restored
     from job.train import build_trainer
 
     trainer = build_trainer(
         cfg, RunPaths(cfg.run_dir), precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
     )
-    trainer.train()
+    with model_code_restored(trainer.model):  # as the train stage does
+        trainer.train()
     adapter = RunPaths(cfg.run_dir).adapter
     trainer.model.save_pretrained(adapter)
     trainer.processing_class.save_pretrained(adapter)
     return trainer
+
+
+def liger_modules(model) -> int:
+    """Modules of `model` whose forward is Liger's (its patch binds them per module)."""
+    return sum("liger_kernel" in (getattr(m.forward, "__module__", None) or "") for m in model.modules())
 
 
 def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
@@ -451,7 +527,7 @@ def check_equivalence(cfg) -> dict:
     plain = PeftModel.from_pretrained(load_model(cfg, precision), str(paths.adapter), is_trainable=True)
     rows = read_jsonl(paths.train_tokens)[:8]
     out = equivalence(trainer.model, rows, trainer.processing_class.pad_token_id, plain_model=plain)
-    return {**out, "job_base_weights": base_weights(cfg, trainer.model)}
+    return {**out, "job_base_weights": base_weights(cfg, trainer.model), "liger_modules": liger_modules(trainer.model)}
 
 
 def measure_generation(cfg) -> dict:
@@ -487,6 +563,7 @@ def measure_generation(cfg) -> dict:
         "tokens_per_s": passes["timed"]["tokens_per_s"],
         "tokens_per_s_first": passes["first"]["tokens_per_s"],
         "peak_gib": _peak_gib(),
+        "liger_modules": liger_modules(model),  # 0: training's patch did not reach the evaluation model
     }
 
 
@@ -557,9 +634,14 @@ def in_own_process(name: str, args, argv: list[str]) -> dict:
         # Unsloth's own stack in place of this process's path (it pins an older Transformers than the job);
         # the repository root so that `-m job.bench` imports.
         env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, str(Path(__file__).resolve().parents[1])])
+    launcher = [sys.executable]
+    if name in GPUS:  # torchrun: one process per GPU; rank 0 writes the result
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={GPUS[name]}"]
+    else:  # one GPU: Trainer would wrap the model in DataParallel over every visible GPU
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "job.bench", *argv, "--recipe-only", name, "--result", str(result)], env=env
+        [*launcher, "-m", "job.bench", *argv, "--recipe-only", name, "--result", str(result)], env=env
     )
     if proc.returncode != 0 or not result.exists():  # one broken part must not cost the others' figures
         log.error("%s failed (exit %d); its log is above", name, proc.returncode)
@@ -571,7 +653,7 @@ def add_derived(r: dict, setup: dict, model_config) -> None:
     """MFU and projected hours from a recipe's figures."""
     f = flops_per_token(model_config, setup["mean_tokens_per_row"], r["lora_params"])
     r["gflops_per_token"] = f / 1e9
-    r["mfu"] = r["tokens_per_s"]["median"] * f / (setup["peak_tflops"]["median"] * 1e12)
+    r["mfu"] = r["tokens_per_s"]["median"] * f / (setup["peak_tflops"]["median"] * 1e12 * r.get("gpus", 1))
     for label, n in (("1k", 1000), ("full", FULL_DATASET_ROWS)):
         r[f"hours_{label}"] = n * setup["mean_tokens_per_row"] / r["tokens_per_s"]["median"] / 3600
 
@@ -615,6 +697,15 @@ def markdown(r: dict) -> str:
     uv = next((rnd[UNSLOTH]["versions"] for rnd in r["rounds"] if "versions" in rnd.get(UNSLOTH, {})), None)
     if uv:
         lines += ["", "The unsloth process: " + ", ".join(f"{k} {val}" for k, val in uv.items()) + "."]
+    for rnd in r["rounds"]:
+        one, two = rnd.get("job-accum2", {}), rnd.get("job-ddp2", {})
+        if "tokens_per_s" in one and "tokens_per_s" in two:
+            lines += [
+                "",
+                f"Two GPUs (DDP, batch 8 each) vs one (batch 8 x accumulation 2), same data and optimizer steps: "
+                f"{two['tokens_per_s']['median']:,.0f} vs {one['tokens_per_s']['median']:,.0f} tokens/s, "
+                f"{_ratio(two, one)}.",
+            ]
     checks = next((rnd[CHECKS[0]] for rnd in r["rounds"] if CHECKS[0] in rnd), {})
     e = checks.get("equivalence", {})
     if "grad_cosine" in e:
@@ -626,6 +717,12 @@ def markdown(r: dict) -> str:
             f"{e['grad_cosine']:.5f}, rel. L2 {e['grad_rel_l2']:.1e}.",
         ]
     g = checks.get("generation", {})
+    if "liger_modules" in e and "liger_modules" in g:
+        lines += [
+            "",
+            f"Liger's forward ran in {e['liger_modules']} modules of the trained model and in {g['liger_modules']} "
+            "of the evaluated one, loaded afterwards in the same process (0: training's patch was put back).",
+        ]
     if "tokens_per_s" in g:
         lines += [
             "",
@@ -703,7 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_settings(args)
     if args.recipe_only:  # a child: one measurement
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        Path(args.result).write_text(json.dumps(run_part(args.recipe_only, cfg, args), default=str))
+        out = run_part(args.recipe_only, cfg, args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.result).write_text(json.dumps(out, default=str))
         return 0
 
     import torch
@@ -717,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(known)}")
         return 2
+    for name in [p for p in parts if GPUS.get(p, 1) > torch.cuda.device_count()]:
+        print(f"skipping {name}: it needs {GPUS[name]} GPUs, this machine has {torch.cuda.device_count()}")
+        parts.remove(name)
     t0 = time.perf_counter()
     setup = in_own_process("prepare", args, argv)
     if "failed" in setup:

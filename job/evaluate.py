@@ -20,7 +20,7 @@ from typing import Any
 from job import judge, safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
-from job.model import build_messages, load_model, load_tokenizer, resolve_precision, restore_stock_code
+from job.model import build_messages, load_model, load_tokenizer, resolve_precision
 from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ DECODE_ATTENTION = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 def load_tuned(cfg: Settings, adapter_dir: Path, precision: str):
     from peft import PeftModel
 
-    restore_stock_code()  # no training kernels (Liger's) in decoding: they slow it down
     base = load_model(cfg, precision)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()

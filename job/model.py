@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,21 @@ def torch_dtype(precision: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def check_one_process_per_gpu() -> None:
+    """Training runs one process per GPU. With several GPUs visible to a single process, Transformers'
+    Trainer would wrap the model in DataParallel, which TRL's SFTTrainer refuses once the model has loaded:
+    say so before anything loads."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise ConfigError(
+            f"{visible} GPUs are visible to this one process. Train on all of them with "
+            f"`torchrun --nproc_per_node={visible} -m job` (DDP: sky/train-multinode.yaml launches it so), "
+            "or on one with CUDA_VISIBLE_DEVICES=0."
+        )
 
 
 def check_quantization(cfg: Settings) -> None:
@@ -147,46 +163,40 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
-    _remember_stock_code(model)
     return model
 
 
-# Transformers' model code as this process first loaded it, before anything patched it: per modeling
-# module, its names and the methods of its classes. See restore_stock_code.
-_STOCK_CODE: dict[str, dict[tuple[str | None, str], Any]] = {}
+@contextmanager
+def model_code_restored(model: Any):
+    """Within this block a library may patch the modeling module of `model`; leaving it, every module-level
+    name and class method there is Transformers' own again. Yields nothing; logs how many names it put back.
 
-
-def _remember_stock_code(model: Any) -> None:
-    module = sys.modules[type(model).__module__]  # e.g. transformers.models.llama.modeling_llama
-    if module.__name__ in _STOCK_CODE:
-        return
-    saved: dict[tuple[str | None, str], Any] = {(None, k): v for k, v in vars(module).items()}
+    Why: with LIGER_KERNEL the Trainer's train() applies Liger to the model it trains, through
+    apply_liger_kernel_to_llama(model=...). That binds Liger's RMSNorm and SwiGLU forwards to the model's
+    own modules (what training needs), and also replaces the modeling module's RMSNorm and MLP classes and
+    its rotary embedding for the whole process, which would reach every model built later in it:
+    evaluation's and the benchmark's (Liger's kernels save training memory, job/bench.py, and slow
+    decoding down). The training stage wraps train() in this block, so no later stage sees the patch.
+    (Training in a child process would avoid the patch too, at the cost of re-importing the stack, ~10 s
+    per run, and of a second process group under torchrun.) tests/test_equivalence.py patches the way
+    Liger does; job/bench.py's checks count Liger's modules in the trained and in the evaluated model.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules[type(inner).__module__]  # e.g. transformers.models.llama.modeling_llama
+    saved: dict[tuple[Any, str], Any] = {(module, k): v for k, v in vars(module).items()}
     for cls in list(vars(module).values()):
         if isinstance(cls, type) and cls.__module__ == module.__name__:
-            saved |= {(cls.__name__, k): v for k, v in vars(cls).items() if callable(v)}
-    _STOCK_CODE[module.__name__] = saved
-
-
-def restore_stock_code() -> int:
-    """Put back Transformers' own model code where something patched it for the whole process.
-
-    Training with LIGER_KERNEL patches the modeling module of the model it trains (that is how Liger
-    works): its RMSNorm and MLP classes, its rotary embedding and the causal-LM forward replace
-    Transformers' for every model built later in the same process, the evaluation model included.
-    Its kernels pay in training (less memory, fewer launches per step) but slow decoding down (measured
-    by job/bench.py). Returns how many names were put back.
-    """
-    restored = 0
-    for name, saved in _STOCK_CODE.items():
-        module = sys.modules[name]
-        for (cls, key), value in saved.items():
-            owner = module if cls is None else saved[(None, cls)]
+            saved |= {(cls, k): v for k, v in vars(cls).items() if callable(v)}
+    try:
+        yield
+    finally:
+        restored = 0
+        for (owner, key), value in saved.items():
             if vars(owner).get(key) is not value:
                 setattr(owner, key, value)
                 restored += 1
-    if restored:
-        log.info("evaluation runs Transformers' own model code: put back %d names patched in training", restored)
-    return restored
+        if restored:
+            log.info("put back %d names of %s that training patched (Liger)", restored, module.__name__)
 
 
 def four_bit_layers(model: Any) -> list:

@@ -28,7 +28,13 @@ from job.errors import ConfigError
 from job.faults import maybe_die
 from job.files import atomic_write_text
 from job.lock import RunLock
-from job.model import check_base_model, check_quantization, is_main_process, resolve_precision
+from job.model import (
+    check_base_model,
+    check_one_process_per_gpu,
+    check_quantization,
+    is_main_process,
+    resolve_precision,
+)
 from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -162,6 +168,11 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
                 check(cfg)
             except ConfigError as e:
                 problems.append(str(e))
+    if "train" in selected:
+        try:
+            check_one_process_per_gpu()
+        except ConfigError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -30,6 +30,7 @@ from job.model import (
     load_model,
     load_tokenizer,
     lora_config,
+    model_code_restored,
     resolve_precision,
 )
 from job.paths import RunPaths
@@ -168,8 +169,8 @@ def use_liger(cfg: Settings) -> bool:
     import importlib.util
 
     # torch.compile cannot trace Liger's kernels, and Inductor fuses the same operations anyway. Liger
-    # patches Transformers' model code for the whole process; evaluation puts it back before it loads
-    # (model.restore_stock_code).
+    # patches Transformers' model code for the whole process; run() puts it back after training
+    # (model.model_code_restored).
     return (
         cfg.LIGER_KERNEL and not use_compile(cfg) and _cuda() and importlib.util.find_spec("liger_kernel") is not None
     )
@@ -343,7 +344,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     if resume:
         log.info("resuming from %s", resume.name)
     try:
-        with stop.during_training():
+        with stop.during_training(), model_code_restored(trainer.model):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(

@@ -193,23 +193,24 @@ def test_regional_compile_covers_every_decoder_layer(tiny_model_dir, monkeypatch
     assert not use_compile(on) and not use_liger(on)
 
 
-def test_evaluation_loads_transformers_own_code_after_training_patched_it(tiny_model_dir, tmp_path, monkeypatch):
-    """Liger's training patches replace Transformers' model code for the whole process; evaluation must
-    decode with Transformers' own (Liger needs Triton, absent here, so we patch the way it does)."""
+def test_training_patches_of_the_model_code_stay_with_the_trained_model(tiny_model_dir, tmp_path):
+    """Liger patches the trained model's modules and, process-wide, Transformers' modeling module; after the
+    training block every later model (evaluation's) is Transformers' own, while the trained model keeps its
+    kernels. Liger needs Triton, absent here, so we patch the way apply_liger_kernel_to_llama does."""
     import sys
+    from types import MethodType
 
     from peft import get_peft_model
 
     from job.evaluate import load_tuned
-    from job.model import restore_stock_code
+    from job.model import model_code_restored
 
     cfg = load_settings({"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none"}, env_file=None)
-    trained = load_model(cfg, "fp32")
-    get_peft_model(trained, lora_config(cfg, trained)).save_pretrained(tmp_path / "adapter")
-    code = sys.modules[type(trained).__module__]
+    trained = get_peft_model(load_model(cfg, "fp32"), lora_config(cfg, load_model(cfg, "fp32")))
+    trained.save_pretrained(tmp_path / "adapter")
+    code = sys.modules[type(trained.get_base_model()).__module__]
     stock = (code.LlamaRMSNorm, code.LlamaMLP, code.apply_rotary_pos_emb, code.LlamaForCausalLM.forward)
 
-    # What apply_liger_kernel_to_llama does: module-level names and the causal-LM forward.
     class PatchedNorm(code.LlamaRMSNorm):
         pass
 
@@ -222,17 +223,21 @@ def test_evaluation_loads_transformers_own_code_after_training_patched_it(tiny_m
     def patched_forward(self, *args, **kwargs):
         raise AssertionError("a patched causal-LM forward ran in evaluation")
 
-    monkeypatch.setattr(code, "LlamaRMSNorm", PatchedNorm)
-    monkeypatch.setattr(code, "LlamaMLP", PatchedMLP)
-    monkeypatch.setattr(code, "apply_rotary_pos_emb", patched_rope)
-    monkeypatch.setattr(code.LlamaForCausalLM, "forward", patched_forward)
-    later = load_model(cfg, "fp32")
-    assert type(later.model.norm) is PatchedNorm and type(later.model.layers[0].mlp) is PatchedMLP  # it reaches on
+    def instance_norm(self, x):
+        return x
 
-    tuned = load_tuned(cfg, tmp_path / "adapter", "fp32")
+    with model_code_restored(trained):  # what train.run wraps around trainer.train()
+        code.LlamaRMSNorm, code.LlamaMLP, code.apply_rotary_pos_emb = PatchedNorm, PatchedMLP, patched_rope
+        code.LlamaForCausalLM.forward = patched_forward
+        norm = trained.get_base_model().model.norm
+        norm.forward = MethodType(instance_norm, norm)  # the per-module part of the patch
+        during = load_model(cfg, "fp32")
+    assert type(during.model.norm) is PatchedNorm  # inside the block the patch reaches new models
+
     assert (code.LlamaRMSNorm, code.LlamaMLP, code.apply_rotary_pos_emb, code.LlamaForCausalLM.forward) == stock
+    assert norm.forward.__func__ is instance_norm  # the trained model keeps its own kernels
+    tuned = load_tuned(cfg, tmp_path / "adapter", "fp32")
     inner = tuned.get_base_model()
     assert type(inner.model.norm) is stock[0] and type(inner.model.layers[0].mlp) is stock[1]
     out = tuned(input_ids=torch.tensor([[1, 2, 3]]))  # runs: no patched forward or rotary embedding left
     assert torch.isfinite(out.logits).all()
-    assert restore_stock_code() == 0  # nothing left to put back

@@ -20,7 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from job import lock as run_lock
 from job import push
 from job.config import load_settings
-from job.errors import LOCAL_FAILURE, OK, ConfigError, LocalFailure, TransientError
+from job.errors import BAD_CONFIG, LOCAL_FAILURE, OK, ConfigError, LocalFailure, TransientError
 from job.files import atomic_write_text
 from job.lock import RunLock
 from job.paths import RunPaths
@@ -172,3 +172,21 @@ def test_card_metadata_is_valid_quoted_yaml():
         "ruslanmv/ai-medical-chatbot"
     ]
     assert "x" not in meta["tags"]
+
+
+def test_several_gpus_in_one_process_say_how_to_launch(demo_env, run_job, tmp_path, monkeypatch):
+    """A multi-GPU machine without torchrun: one message before anything loads (TRL would refuse DataParallel
+    with a traceback after loading the model); under torchrun (WORLD_SIZE set) the check stays quiet."""
+    import torch
+
+    from job.model import check_one_process_per_gpu
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    result = run_job(demo_env(tmp_path / "outputs", HUB_REPO_ID=""), "run")
+
+    assert result.exit_code == BAD_CONFIG, result.output[-2000:]
+    assert "4 GPUs are visible" in result.message and "torchrun --nproc_per_node=4 -m job" in result.message
+    assert "CUDA_VISIBLE_DEVICES=0" in result.message and "Traceback" not in result.output
+    assert not list((tmp_path / "outputs").rglob("*.jsonl"))  # nothing ran
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check_one_process_per_gpu()
