@@ -144,16 +144,18 @@ class Settings:
     GRADIENT_CHECKPOINTING: bool = _setting(
         False, "Recompute activations in the backward pass: less memory, slower.", "train", output=False
     )
-    TORCH_COMPILE: bool = _setting(
-        False,
-        "On CUDA: compile each decoder layer with torch.compile. A one-off compile, then faster steps: worth it "
-        "on large datasets, not on 1,000 rows.",
+    TORCH_COMPILE: str = _setting(
+        "auto",
+        "On CUDA: compile each decoder layer with torch.compile, a one-off compile in the first step for faster "
+        "steps after it. auto: only when training has enough optimizer steps to repay it (job/train.py, "
+        "COMPILE_AFTER_STEPS: large datasets, not 1,000 rows).",
         "train",
+        ("auto", "true", "false"),
         output=False,
     )
     LIGER_KERNEL: bool = _setting(
         True,
-        "On CUDA with liger-kernel installed and TORCH_COMPILE off: Liger's fused RMSNorm, RoPE and SwiGLU in "
+        "On CUDA with liger-kernel installed, when not compiling: Liger's fused RMSNorm, RoPE and SwiGLU in "
         "training (less memory).",
         "train",
         output=False,

@@ -165,19 +165,52 @@ def pin_cpu_threads(resume: Path | None) -> None:
 
 
 # --- training ---------------------------------------------------------------------------------
-def use_liger(cfg: Settings) -> bool:
+# TORCH_COMPILE=auto compiles from this many planned optimizer steps on. The compile is paid once, in the
+# first step, and each later step is faster by a few hundredths of a second: the break-even is the first
+# step of make bench's `job-compile` row over the per-step saving against `job` (s/step columns, bench.json
+# step_seconds). This sits above the break-even measured on an H200, so auto never makes a run slower there;
+# the default 1,000 conversations are far below it.
+COMPILE_AFTER_STEPS = 4000
+
+
+def planned_steps(cfg: Settings, rows: list[dict]) -> int:
+    """Optimizer steps this run takes: the rows as TRL will pack them (its own packer, same strategy), split
+    over the GPUs, in micro-batches, GRAD_ACCUM of them a step, EPOCHS times."""
+    n = len(rows)
+    if cfg.PACKING:
+        from datasets import Dataset
+        from trl.data_utils import pack_dataset
+
+        ids = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows]})
+        n = len(pack_dataset(ids, cfg.MAX_SEQ_LENGTH, strategy="bfd"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro_batches = math.ceil(math.ceil(n / world) / cfg.BATCH_SIZE)
+    return math.ceil(math.ceil(micro_batches / cfg.GRAD_ACCUM) * cfg.EPOCHS)
+
+
+def use_compile(cfg: Settings, rows: list[dict]) -> bool:
+    """TORCH_COMPILE: true, false, or auto (compile when the planned steps reach COMPILE_AFTER_STEPS); CUDA only."""
+    if not _cuda() or cfg.TORCH_COMPILE == "false":
+        return False
+    if cfg.TORCH_COMPILE == "true":
+        return True
+    steps = planned_steps(cfg, rows)
+    log.info(
+        "TORCH_COMPILE=auto: %d optimizer steps planned; compiling from %d on: %s",
+        steps,
+        COMPILE_AFTER_STEPS,
+        "compiling" if steps >= COMPILE_AFTER_STEPS else "not compiling",
+    )
+    return steps >= COMPILE_AFTER_STEPS
+
+
+def use_liger(cfg: Settings, compiled: bool) -> bool:
     import importlib.util
 
     # torch.compile cannot trace Liger's kernels, and Inductor fuses the same operations anyway. Liger
     # patches Transformers' model code for the whole process; run() puts it back after training
     # (model.model_code_restored).
-    return (
-        cfg.LIGER_KERNEL and not use_compile(cfg) and _cuda() and importlib.util.find_spec("liger_kernel") is not None
-    )
-
-
-def use_compile(cfg: Settings) -> bool:
-    return cfg.TORCH_COMPILE and _cuda()
+    return cfg.LIGER_KERNEL and not compiled and _cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def compile_layers(model: Any) -> int:
@@ -198,8 +231,9 @@ def compile_layers(model: Any) -> int:
     return len(layers)
 
 
-def sft_config(cfg: Settings, paths: RunPaths, precision: str, **overrides: Any) -> Any:
-    """TRL's configuration for our settings; `overrides` lets the benchmark set other recipes."""
+def sft_config(cfg: Settings, paths: RunPaths, precision: str, compiled: bool = False, **overrides: Any) -> Any:
+    """TRL's configuration for our settings (`compiled`: the decoder layers are compiled); `overrides` lets
+    the benchmark set other recipes."""
     from trl import SFTConfig
 
     kwargs = dict(
@@ -239,7 +273,7 @@ def sft_config(cfg: Settings, paths: RunPaths, precision: str, **overrides: Any)
         dataloader_num_workers=0,
         disable_tqdm=False,
         push_to_hub=False,
-        use_liger_kernel=use_liger(cfg),
+        use_liger_kernel=use_liger(cfg, compiled),
     )
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
@@ -267,9 +301,10 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, **overrides: A
     # created in fp32 whatever the base dtype (see job/model.py on fp16).
     set_seed(cfg.SEED)  # LoRA A matrices are drawn here: same seed, same initial adapter
     model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
-    if use_compile(cfg):
-        log.info("compiling %d decoder layers (one compile, in the first steps)", compile_layers(model))
-    args = sft_config(cfg, paths, precision, **overrides)
+    compiled = use_compile(cfg, rows)
+    if compiled:
+        log.info("compiling %d decoder layers (one compile, in the first step)", compile_layers(model))
+    args = sft_config(cfg, paths, precision, compiled, **overrides)
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -233,8 +233,18 @@ TEST_IMAGE = f"localhost/hippocratically:container-test-{os.getpid()}"  # one pe
 BASE_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 
 
+# What buildah's OCI runtime prints when it cannot seal its own memfd copy before starting a container: the
+# container never started, and the same command succeeds a moment later (seen once in ~10 CI runs on a
+# fresh clone). Retried; any other failure, and this one after the retries, fails the test.
+_RUNTIME_BUSY = "sealing memfd copy: Device or resource busy"
+
+
 def _buildah(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run(["buildah", "--storage-driver", "vfs", *args], capture_output=True, text=True, **kw)
+    for attempt in range(3):
+        result = subprocess.run(["buildah", "--storage-driver", "vfs", *args], capture_output=True, text=True, **kw)
+        if result.returncode == 0 or _RUNTIME_BUSY not in result.stdout + result.stderr:
+            break
+        time.sleep(1 + attempt)
     if check and result.returncode != 0:
         output = (result.stdout + result.stderr)[-6000:]
         pytest.fail(f"buildah {' '.join(args)} failed ({result.returncode}):\n{output}")

@@ -6,7 +6,7 @@ import torch
 
 from job import attention
 from job.bench import equivalence, flops_per_token
-from job.config import load_settings
+from job.config import load_settings, with_overrides
 from job.files import read_jsonl
 from job.formatting import tokenize_row
 from job.model import load_model, load_tokenizer, lora_config
@@ -190,7 +190,31 @@ def test_regional_compile_covers_every_decoder_layer(tiny_model_dir, monkeypatch
     assert [n for n, _ in model.named_parameters()] == names  # in place: PEFT's state-dict keys unchanged
     # CPU: neither compile nor Liger is used, whatever the settings say
     on = load_settings({"TORCH_COMPILE": "true", "LIGER_KERNEL": "true"}, env_file=None)
-    assert not use_compile(on) and not use_liger(on)
+    assert not use_compile(on, []) and not use_liger(on, compiled=False)
+
+
+def test_auto_compiles_only_runs_long_enough_to_repay_it(demo_run, monkeypatch):
+    """TORCH_COMPILE=auto decides from the optimizer steps planned before training (the rows packed by TRL's
+    own packer): the plan equals the steps the demo's training took."""
+    import json
+
+    from job import train
+    from job.paths import RunPaths
+
+    paths = RunPaths(demo_run.run_dir)
+    cfg = load_settings(demo_run.env, env_file=None)
+    history = json.loads(paths.train_log.read_text())["log_history"]
+    taken = max(e["step"] for e in history)
+    planned = train.planned_steps(cfg, read_jsonl(paths.train_tokens))
+    assert planned == taken
+    assert train.planned_steps(with_overrides(cfg, EPOCHS=4.0), read_jsonl(paths.train_tokens)) == 2 * taken
+
+    monkeypatch.setattr(train, "_cuda", lambda: True)
+    auto, never, always = (with_overrides(cfg, TORCH_COMPILE=v) for v in ("auto", "false", "true"))
+    monkeypatch.setattr(train, "planned_steps", lambda cfg, rows: train.COMPILE_AFTER_STEPS - 1)
+    assert not train.use_compile(auto, []) and not train.use_compile(never, []) and train.use_compile(always, [])
+    monkeypatch.setattr(train, "planned_steps", lambda cfg, rows: train.COMPILE_AFTER_STEPS)
+    assert train.use_compile(auto, []) and not train.use_compile(never, [])
 
 
 def test_training_patches_of_the_model_code_stay_with_the_trained_model(tiny_model_dir, tmp_path):
