@@ -67,15 +67,19 @@ image: ## Build the GPU image (IMAGE=hippocratically:latest; CUDA torch from doc
 # and shows every value, HF_TOKEN included, in `docker inspect`. The image fixes OUTPUT_DIR=/outputs and
 # HF_HOME=/cache (the environment wins over .env). --init reaps data-loader workers and forwards signals.
 # Re-running resumes: RUN_NAME is stable, so the job finds its run directory and newest checkpoint.
-train: image ## Fine-tune on this machine's GPUs in the container; outputs/$RUN_NAME
+# GPUS=1 runs the image's ENTRYPOINT (python -m job) on one GPU; GPUS=N starts one process per GPU with
+# torchrun (DDP), which reports any failure as exit 1 rather than the job's own codes.
+GPUS ?= 1
+TRAIN_COMMAND = $(if $(filter 1,$(GPUS)),$(IMAGE),--entrypoint torchrun $(IMAGE) --standalone --nproc_per_node=$(GPUS) -m job)
+train: image ## Fine-tune in the container on GPUS (default 1) of this machine's GPUs; outputs/$RUN_NAME
 	@[[ -f .env ]] || { echo "No .env: cp .env.example .env, then set HF_TOKEN (the base model is gated)." >&2; exit 2; }
 	mkdir -p outputs "$(HF_CACHE)"
-	docker run --rm --init --gpus all --shm-size=8g \
+	docker run --rm --init --gpus $(GPUS) --shm-size=8g \
 		-u "$$(id -u):$$(id -g)" \
 		-v "$(CURDIR)/.env:/app/.env:ro" \
 		-v "$(CURDIR)/outputs:/outputs" \
 		-v "$(HF_CACHE):/cache" \
-		$(IMAGE)
+		$(TRAIN_COMMAND)
 
 chat: install ## Talk to the fine-tuned adapter in outputs/$RUN_NAME/adapter
 	$(PY) -m job chat

@@ -213,12 +213,19 @@ def test_makefile_is_strict_self_documenting_and_runs_the_image_entrypoint():
     assert not undocumented, f"targets without a `## description` for `make help`: {undocumented}"
     for target in ("help", "install", "demo", "test", "lint", "image", "train", "chat", "bench", "sky-launch"):
         assert target in targets
-    # `make train` relies on the image's ENTRYPOINT: the image is the last word, no command after it.
-    train = makefile_recipe("train")
-    run = train[train.index("docker run") :]
-    assert run.rstrip().endswith("$(IMAGE)") and "--entrypoint" not in run, run
-    for flag in ("--gpus all", "--shm-size=", '-u "$$(id -u):$$(id -g)"', ":/outputs", ":/cache"):
-        assert flag in run, f"make train: missing {flag}"
+
+    # `make train` relies on the image's ENTRYPOINT on one GPU (the image is the last word); GPUS=N runs the
+    # same module under torchrun, one process per GPU.
+    def train_run(*args: str) -> str:
+        out = subprocess.run(["make", "-n", "train", "IMAGE=img:tag", *args], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return " ".join(out.stdout[out.stdout.index("docker run") :].replace("\\\n", " ").split())
+
+    one, two = train_run(), train_run("GPUS=2")
+    assert one.endswith("img:tag") and "--entrypoint" not in one and "--gpus 1 " in one, one
+    assert two.endswith("--entrypoint torchrun img:tag --standalone --nproc_per_node=2 -m job") and "--gpus 2 " in two
+    for flag in ("--shm-size=", "-u", ":/outputs", ":/cache", ":/app/.env:ro"):
+        assert flag in one, f"make train: missing {flag}"
     assert makefile_recipe("image").startswith("docker build -f docker/Dockerfile -t $(IMAGE) .")
     # The local targets call the same CLI the image's ENTRYPOINT does.
     assert "-m job demo" in makefile_recipe("demo") and "-m job chat" in makefile_recipe("chat")
