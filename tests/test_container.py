@@ -217,7 +217,10 @@ def test_makefile_is_strict_self_documenting_and_runs_the_image_entrypoint():
     # `make train` relies on the image's ENTRYPOINT on one GPU (the image is the last word); GPUS=N runs the
     # same module under torchrun, one process per GPU.
     def train_run(*args: str) -> str:
-        out = subprocess.run(["make", "-n", "train", "IMAGE=img:tag", *args], cwd=ROOT, capture_output=True, text=True)
+        # Under `make test` this is a sub-make: without the parent's flags, and no "Entering directory" lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        cmd = ["make", "--no-print-directory", "-n", "train", "IMAGE=img:tag", *args]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
         return " ".join(out.stdout[out.stdout.index("docker run") :].replace("\\\n", " ").split())
 
