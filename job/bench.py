@@ -687,6 +687,8 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {name}{tag} | {why} |" + " |" * (8 + bool(usd)))
                 continue
             t, vs_unsloth, vs_trl = x["tokens_per_s"], _ratio(x, rnd.get(UNSLOTH)), _ratio(x, rnd.get("trl"))
+            if x.get("gpus", 1) > 1:  # the peers ran on one GPU: say so where the ratio is read
+                vs_unsloth, vs_trl = (r if r == "–" else f"{r} on {x['gpus']} GPUs" for r in (vs_unsloth, vs_trl))
             warm = f"{x['warmup_steps']}" + ("" if x["stable"] else " (not stable: cap reached)")
             lines.append(
                 f"| {name}{tag} | {t['median']:,.0f} | {t['p10']:,.0f}–{t['p90']:,.0f} | "

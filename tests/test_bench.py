@@ -96,7 +96,7 @@ def test_markdown_table_has_every_recipe_ratios_and_the_checks():
     names = [*RECIPES, UNSLOTH]
     rnd = {name: _recipe(1000.0 * (i + 1)) for i, name in enumerate(names)}
     rnd[UNSLOTH] = _recipe(9000.0)
-    rnd["job-accum2"], rnd["job-ddp2"] = _recipe(10_000.0), _recipe(19_000.0)
+    rnd["job-accum2"], rnd["job-ddp2"] = _recipe(10_000.0), {**_recipe(19_000.0), "gpus": 2}
     rnd["job-sdpa"] = {"failed": "exit 1"}
     rnd["job-compile"] = {**_recipe(30_000.0), "stable": False, "warmup_steps": 60}
     rnd[UNSLOTH]["versions"] = {"unsloth": "2026.10.9", "transformers": "5.17.0"}
@@ -140,6 +140,7 @@ def test_markdown_table_has_every_recipe_ratios_and_the_checks():
     assert "LoRA gradient cosine 0.99850" in md and "8,000 new tokens/s" in md and "6,000 in the first" in md
     assert "The unsloth process: unsloth 2026.10.9, transformers 5.17.0." in md
     assert "19,000 vs 10,000 tokens/s, 1.90x" in md  # DDP's speed-up on the same data and steps
+    assert "| job-ddp2 | 19,000 | 17,480–20,520 | 0.200 | 2.11x on 2 GPUs |" in md  # unsloth ran on one
     rnd["checks"]["generation"] = {"failed": "OutOfMemory: boom"}
     assert "generation failed: OutOfMemory: boom" in markdown(results)
     # two rounds (the second in reverse order): each recipe gets a row per round
