@@ -13,7 +13,8 @@ the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
   job-noliger, job-sdpa, job-compile, job-compile-nf4, job-b16, job-compile-b16
                one lever of `job` changed each
   job-accum2, job-ddp2   one GPU (batch 8 x accumulation 2) and two GPUs under torchrun's DDP (batch 8
-               each): the same data and optimizer steps, so their tokens/s ratio is DDP's speed-up
+               each): the same data and optimizer steps, so their tokens/s ratio is DDP's speed-up;
+               job-compile-accum2, job-compile-ddp2 the same, compiled
   unsloth      Unsloth's fastest path, when Unsloth imports in its process (it is not a dependency
                of this project): 4-bit base, LoRA r8 on q_proj,v_proj, padded batches of 8 with its
                per-block compilation, its own SFTTrainer patches; `unsloth-pf` (not in the default
@@ -98,11 +99,11 @@ RECIPES: dict[str, dict[str, str]] = {
     # Two GPUs against one on the same data and optimizer steps: 2 x batch 8 (DDP) vs 1 x batch 8 x accum 2.
     "job-accum2": {"BATCH_SIZE": "8", "GRAD_ACCUM": "2"},
     "job-ddp2": {"BATCH_SIZE": "8"},
+    "job-compile-accum2": {"BATCH_SIZE": "8", "GRAD_ACCUM": "2", "TORCH_COMPILE": "true"},
+    "job-compile-ddp2": {"BATCH_SIZE": "8", "TORCH_COMPILE": "true"},
 }
 # Recipes launched by torchrun on this many GPUs (one process each); every other recipe uses one GPU.
 GPUS = {"job-ddp2": 2, "job-compile-ddp2": 2}
-RECIPES["job-compile-accum2"] = {**RECIPES["job-accum2"], "TORCH_COMPILE": "true"}
-RECIPES["job-compile-ddp2"] = {**RECIPES["job-ddp2"], "TORCH_COMPILE": "true"}
 UNSLOTH = "unsloth"
 # Unsloth's padding, by recipe name. Its automatic choice keeps padding-free batches on cards it has no
 # measurement for (H100/H200 among them); padded batches with per-block compilation were its fastest
@@ -226,28 +227,19 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _sum_over_ranks(n: int) -> int:
-    """`n` summed over the DDP ranks (itself without DDP)."""
+def _over_ranks(n: int, how: str) -> int:
+    """Under DDP, `n` summed over the ranks (how="sum") or rank 0's `n` (how="rank0"); `n` itself without."""
     if not _distributed():
         return n
     import torch
     import torch.distributed as dist
 
     t = torch.tensor([n], device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t)
+    if how == "sum":
+        dist.all_reduce(t)
+    else:
+        dist.broadcast(t, src=0)
     return int(t.item())
-
-
-def _rank0_says(flag: bool) -> bool:
-    """Rank 0's `flag` on every rank (`flag` itself without DDP)."""
-    if not _distributed():
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.broadcast(t, src=0)
-    return bool(t.item())
 
 
 def _empty_cache() -> None:
@@ -294,7 +286,7 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
     from transformers import TrainerCallback
 
     profile_at = int(os.environ.get("BENCH_PROFILE", "0"))
-    profiler: list[Any] = []
+    profiler: list[Any] = []  # the running torch.profiler, while steps N and N+1 are recorded
 
     counter = _CountingCollator(trainer.data_collator, trainer.processing_class.pad_token_id)
     trainer.data_collator = counter
@@ -317,15 +309,15 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
 
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 profiler.append(torch.profiler.profile(activities=acts))
-                profiler[0].__enter__()
+                profiler[0].start()
 
         def on_step_end(self, a, state, control, **kw):
             _sync()
             ends.append(time.perf_counter())
             seconds.append(ends[-1] - ends[-2])  # step to step: data, forward, backward, optimizer, callbacks
-            tokens.append(_sum_over_ranks(step_tokens(len(seconds) - 1)))  # under DDP: every GPU's tokens
+            tokens.append(_over_ranks(step_tokens(len(seconds) - 1), "sum"))  # under DDP: every GPU's tokens
             if profiler and len(seconds) == profile_at + 2:
-                profiler[0].__exit__(None, None, None)
+                profiler[0].stop()
                 avg = profiler.pop().key_averages()
                 profile_to.write_text(
                     "\n\n".join(avg.table(sort_by=k, row_limit=30) for k in ("cuda_time_total", "self_cpu_time_total"))
@@ -335,7 +327,7 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
                 if start is not None:
                     found.append(start)
             # Under DDP rank 0 decides, so every rank stops at the same step (or the collectives hang).
-            if _rank0_says(bool(found) and len(seconds) >= found[0] + args.steps):
+            if _over_ranks(bool(found) and len(seconds) >= found[0] + args.steps, "rank0"):
                 control.should_training_stop = True
             return control
 

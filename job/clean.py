@@ -520,10 +520,12 @@ RULES: list[tuple[str, Callable[[str], str]]] = [
     ("signoff", _signoff_rule),
     ("platform_prompt", _sub(_PLATFORM_PROMPT)),
 ]
-# Patients don't write platform boilerplate, and their "Dr." is a greeting; links and addresses go everywhere.
-# The platform's chat prompt stands in the patient's field only.
-ALL_FIELD_RULES = {"urls", "emails", "phones", "arrows"}
-PATIENT_RULES = {"platform_prompt"}
+# The field a rule cleans; rules not named here clean the doctor's reply alone (patients don't write platform
+# boilerplate, and their "Dr." is a greeting). Links and addresses go from every field; the platform's chat
+# prompt stands in the patient's message only.
+EVERY_FIELD = "*"
+RULE_FIELD = {"urls": EVERY_FIELD, "emails": EVERY_FIELD, "phones": EVERY_FIELD, "arrows": EVERY_FIELD}
+RULE_FIELD["platform_prompt"] = "patient"
 RULE_NAMES = ["whitespace"] + [name for name, _ in RULES]
 
 
@@ -538,7 +540,7 @@ def clean_text(text: Any, field: str = "doctor", changed: Counter | None = None)
         changed[f"{field}.whitespace"] += 1
     text = new
     for name, rule in RULES:
-        if name not in ALL_FIELD_RULES and field != ("patient" if name in PATIENT_RULES else "doctor"):
+        if RULE_FIELD.get(name, "doctor") not in (EVERY_FIELD, field):
             continue
         out = rule(text)
         if out == text:
