@@ -217,7 +217,7 @@ def test_auto_compiles_only_runs_long_enough_to_repay_it(demo_run, monkeypatch):
     assert train.use_compile(auto, []) and not train.use_compile(never, [])
 
 
-def test_training_patches_of_the_model_code_stay_with_the_trained_model(tiny_model_dir, tmp_path):
+def test_training_patches_of_the_model_code_stay_with_the_trained_model(tiny_model_dir, tmp_path, monkeypatch):
     """Liger patches the trained model's modules and, process-wide, Transformers' modeling module; after the
     training block every later model (evaluation's) is Transformers' own, while the trained model keeps its
     kernels. Liger needs Triton, absent here, so we patch the way apply_liger_kernel_to_llama does."""
@@ -230,7 +230,8 @@ def test_training_patches_of_the_model_code_stay_with_the_trained_model(tiny_mod
     from job.model import model_code_restored
 
     cfg = load_settings({"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none"}, env_file=None)
-    trained = get_peft_model(load_model(cfg, "fp32"), lora_config(cfg, load_model(cfg, "fp32")))
+    base = load_model(cfg, "fp32")
+    trained = get_peft_model(base, lora_config(cfg, base))
     trained.save_pretrained(tmp_path / "adapter")
     code = sys.modules[type(trained.get_base_model()).__module__]
     stock = (code.LlamaRMSNorm, code.LlamaMLP, code.apply_rotary_pos_emb, code.LlamaForCausalLM.forward)
@@ -251,8 +252,11 @@ def test_training_patches_of_the_model_code_stay_with_the_trained_model(tiny_mod
         return x
 
     with model_code_restored(trained):  # what train.run wraps around trainer.train()
-        code.LlamaRMSNorm, code.LlamaMLP, code.apply_rotary_pos_emb = PatchedNorm, PatchedMLP, patched_rope
-        code.LlamaForCausalLM.forward = patched_forward
+        # through monkeypatch, so a broken restore cannot leak the patch into later tests
+        monkeypatch.setattr(code, "LlamaRMSNorm", PatchedNorm)
+        monkeypatch.setattr(code, "LlamaMLP", PatchedMLP)
+        monkeypatch.setattr(code, "apply_rotary_pos_emb", patched_rope)
+        monkeypatch.setattr(code.LlamaForCausalLM, "forward", patched_forward)
         norm = trained.get_base_model().model.norm
         norm.forward = MethodType(instance_norm, norm)  # the per-module part of the patch
         during = load_model(cfg, "fp32")
