@@ -524,7 +524,9 @@ def check_equivalence(cfg) -> dict:
 
 def measure_generation(cfg) -> dict:
     """The evaluate stage's default generation (base and tuned rows in shared batches): one untimed pass,
-    then a timed one, so decoding kernels' first-use costs are not in the figure."""
+    then a timed one, so decoding kernels' first-use costs are not in the figure. Then the same rows in one
+    batch through three decoders, each warmed alike: job/decode.py with its CUDA graph (the default), the
+    same loop eager, and Transformers' generate; with how many rows' answers agree."""
 
     from job import evaluate, safety
     from job.files import read_jsonl
@@ -546,6 +548,7 @@ def measure_generation(cfg) -> dict:
     for name in ("first", "timed"):
         _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, [False] * n + [True] * n)
         log.info("generation, %s pass: %s", name, passes[name])
+    peak = _peak_gib()
     return {
         "prompts": n,
         "rows": 2 * n,
@@ -554,9 +557,54 @@ def measure_generation(cfg) -> dict:
         "passes": passes,
         "tokens_per_s": passes["timed"]["tokens_per_s"],
         "tokens_per_s_first": passes["first"]["tokens_per_s"],
-        "peak_gib": _peak_gib(),
+        "peak_gib": peak,
         "liger_modules": liger_modules(model),  # 0: training's patch did not reach the evaluation model
+        "decoders": compare_decoders(model, tok, prompts * 2, cfg.MAX_NEW_TOKENS, [False] * n + [True] * n),
     }
+
+
+def compare_decoders(model, tok, conversations: list, new_tokens: int, tuned: list[bool] | None = None) -> dict:
+    """One batch of `conversations` through each decoder, twice (the second timed); tokens/s and agreement.
+    With `tuned`, a PeftModel answers the flagged rows as the tuned model (evaluate.per_row_adapter)."""
+    from contextlib import nullcontext
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from job import decode, evaluate
+
+    tok.padding_side = "left"
+    enc = tok.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+    ).to(next(model.parameters()).device)
+    ids, mask, eos, pad = enc["input_ids"], enc["attention_mask"], tok.eos_token_id, tok.pad_token_id
+    decoders = {
+        "graph": lambda: decode.greedy(model, ids, mask, new_tokens, eos, pad, graph=True),
+        "eager_loop": lambda: decode.greedy(model, ids, mask, new_tokens, eos, pad, graph=False),
+        "transformers_generate": lambda: model.generate(
+            **enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+        )[:, ids.shape[1] :],
+    }
+    if not ids.is_cuda:
+        del decoders["graph"]  # CUDA graphs need CUDA (the CPU tests run this function too)
+    out, answers = {}, {}
+    attention = sdpa_kernel([getattr(SDPBackend, b) for b in evaluate.DECODE_ATTENTION])
+    rows = nullcontext() if tuned is None else evaluate.per_row_adapter(model, tuned)
+    with torch.no_grad(), attention, rows:
+        for name, run in decoders.items():
+            run()
+            _sync()
+            t0 = time.perf_counter()
+            tokens = run()
+            _sync()
+            seconds = time.perf_counter() - t0
+            answers[name] = [[t for t in row if t != pad] for row in tokens.tolist()]
+            count = sum(map(len, answers[name]))
+            out[name] = {"seconds": round(seconds, 3), "new_tokens": count, "tokens_per_s": round(count / seconds, 1)}
+    for name in decoders.keys() - {"eager_loop"}:  # rows whose whole answer equals the eager loop's
+        same = sum(a == b for a, b in zip(answers[name], answers["eager_loop"]))
+        out[name]["rows_equal_to_eager_loop"] = f"{same}/{len(conversations)}"
+    return out
 
 
 def prepare(cfg, args) -> dict:
@@ -724,6 +772,19 @@ def markdown(r: dict) -> str:
             f"rows of shared batches, up to {g['max_new_tokens']} new tokens, EVAL_BATCH_SIZE={g['batch']}): "
             f"{g['tokens_per_s']:,.0f} new tokens/s in the timed pass ({g['tokens_per_s_first']:,.0f} in the "
             f"first, untimed one); peak {g['peak_gib']:.1f} GiB.",
+        ]
+    d = g.get("decoders", {})
+    if d:
+        lines += [
+            "",
+            "The same rows in one batch, each decoder warmed alike (new tokens/s; rows whose answer equals the "
+            "eager loop's): "
+            + "; ".join(
+                f"{k} {x['tokens_per_s']:,.0f}"
+                + (f" ({x['rows_equal_to_eager_loop']})" if "rows_equal_to_eager_loop" in x else "")
+                for k, x in d.items()
+            )
+            + ".",
         ]
     if "failed" in checks:
         lines += ["", f"The checks' process failed: {checks['failed']}"]

@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from job import judge, safety
+from job import decode, judge, safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
 from job.model import build_messages, load_model, load_tokenizer, resolve_precision
@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 
 LOSS_CHUNK = 2048  # reply positions per lm_head call: 2048 x 128k vocab x 4 B = 1 GiB of fp32 logits
 # Attention kernels for decoding: all of PyTorch's sdpa backends but cuDNN's. cuDNN attention, which
-# PyTorch picks for masked attention on recent GPUs, builds an execution plan for each new key length,
-# and a growing KV cache has a new length at every step: a process's first generation pass took several
-# times as long with it (measured on an H200).
+# PyTorch picks for masked attention on recent GPUs, builds an execution plan for each new shape: with
+# Transformers' growing KV cache a process's first generation pass took several times as long with it
+# (measured on an H200; not re-measured with job/decode.py's static cache, whose shape varies per batch).
 DECODE_ATTENTION = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
@@ -49,21 +49,19 @@ def base_for_generation(model):
     overhead dominates. We dequantize the NF4 base once: the same values the 4-bit kernels compute with,
     at the speed of a plain 16-bit model, for 2 bytes per parameter of GPU memory.
     """
-    from job.attention import NAME as VARLEN
-
     base = model.unload()  # the base model with the LoRA layers taken out
     if getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None):
         base = base.dequantize()
-    if base.config._attn_implementation == VARLEN:
-        base.set_attn_implementation("sdpa")  # decoding has no packed rows; plain sdpa compiles cleanly
+    if base.config._attn_implementation not in ("sdpa", "eager"):
+        base.set_attn_implementation("sdpa")  # decoding has no packed rows, and job/decode.py passes 4D masks
     return base.eval()
 
 
 def shared_model_for_generation(model, adapter_dir: Path):
     """One model for base and tuned answers in the same batches: the 16-bit base, the adapter unmerged.
 
-    Which rows get the adapter is set per batch (per_row_adapter). An eager decoding step is bound by
-    launching kernels, not by the GPU, so twice the rows cost little more than one model's (job/bench.py
+    Which rows get the adapter is set per batch (per_row_adapter). A decoding step reads every weight
+    once whatever the number of rows, so twice the rows cost little more than one model's (job/bench.py
     measures it). The adapter is held in the base's 16-bit dtype, as merging it would round it.
     """
     from peft import PeftModel
@@ -148,13 +146,11 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
     the tuned model and the others as the base (per_row_adapter), so base and tuned answers share
     batches. Rows are sorted by prompt length so a batch carries little padding.
     """
-    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
-    model.config.use_cache = True
     lengths = [
         len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for c in conversations
@@ -176,20 +172,20 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
             return_tensors="pt",
         ).to(device)
         rows = nullcontext() if tuned_rows is None else per_row_adapter(model, [tuned_rows[i] for i in idx])
-        with torch.no_grad(), sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_ATTENTION]), rows:
-            out = model.generate(
-                **enc,
-                max_new_tokens=cfg.MAX_NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+        with sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_ATTENTION]), rows:
+            out = decode.greedy(
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                cfg.MAX_NEW_TOKENS,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
             )
-        for i, row in zip(idx, out[:, enc["input_ids"].shape[1] :]):
+        for i, row in zip(idx, out):
             row = row[row != tokenizer.pad_token_id]
             new_tokens += len(row)
             texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     seconds = time.perf_counter() - t0
-    model.config.use_cache = False
     return texts, {
         "answers": len(texts),
         "new_tokens": new_tokens,

@@ -116,6 +116,15 @@ def test_markdown_table_has_every_recipe_ratios_and_the_checks():
         "tokens_per_s": 8000.0,
         "tokens_per_s_first": 6000.0,
         "peak_gib": 17.0,
+        "decoders": {
+            "graph": {
+                "tokens_per_s": 20_000.0,
+                "seconds": 2.0,
+                "new_tokens": 40_000,
+                "rows_equal_to_eager_loop": "166/166",
+            },
+            "eager_loop": {"tokens_per_s": 5_000.0, "seconds": 8.0, "new_tokens": 40_000},
+        },
     }
     results = {
         "setup": {
@@ -138,6 +147,7 @@ def test_markdown_table_has_every_recipe_ratios_and_the_checks():
     assert "| job-sdpa | failed: exit 1 |" in md
     assert "60 (not stable: cap reached)" in md
     assert "LoRA gradient cosine 0.99850" in md and "8,000 new tokens/s" in md and "6,000 in the first" in md
+    assert "graph 20,000 (166/166); eager_loop 5,000." in md
     assert "The unsloth process: unsloth 2026.10.9, transformers 5.17.0." in md
     assert "19,000 vs 10,000 tokens/s, 1.90x" in md  # DDP's speed-up on the same data and steps
     assert "| job-ddp2 | 19,000 | 17,480–20,520 | 0.200 | 2.11x on 2 GPUs |" in md  # unsloth ran on one

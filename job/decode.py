@@ -1,0 +1,94 @@
+"""Greedy decoding for evaluation: a static KV cache, and on CUDA one decoding step replayed as a CUDA graph.
+
+Why our own loop rather than `model.generate`: an eager decoding step of a 3B model launches ~1,000 small
+kernels, and at evaluation's batch sizes the GPU finishes them faster than Python issues them (bench.py
+measures it), so the step is bound by the host. Transformers' route to CUDA graphs is `torch.compile` of the
+forward, whose one-off compile costs more than the whole eager generation of one evaluation. Capturing the
+step as it is costs one step. The loop gives the same tokens as `generate(do_sample=False)` with the same
+padding, positions and stopping (tests/test_decode.py checks it against Transformers on CPU).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+CHECK_EVERY = 8  # decoding steps between checks whether every row has finished (each check syncs the host)
+WARMUP_STEPS = 2  # eager steps on a side stream before capture: cuBLAS and the allocator set up outside it
+
+
+def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, pad_id: int, graph: bool | None = None):
+    """New tokens (rows, up to max_new_tokens) for left-padded `input_ids`; pad_id after a row's eos_id.
+
+    graph: capture the step as a CUDA graph (default: when the model is on CUDA).
+    """
+    import torch
+    from transformers import StaticCache
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = input_ids.device
+    rows, prompt = input_ids.shape
+    length = prompt + max_new_tokens
+    cache = StaticCache(config=lm.config, max_cache_len=length)
+    # Transformers 5.x renames past_key_values to cache (the old name is deprecated, then removed).
+    cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+    valid = torch.zeros(rows, length, dtype=torch.bool, device=device)  # keys a query may see: no padding
+    valid[:, :prompt] = attention_mask.bool()
+    # Positions as Transformers' generate counts them: real tokens from 0, left padding ignored.
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(prompt, length, dtype=torch.bool, device=device).tril()
+    # A padding query sees only itself (an all-masked row would be NaN); no real query attends to it.
+    own = torch.eye(prompt, length, dtype=torch.bool, device=device)
+    prefill_mask = ((causal & valid[:, None, :]) | own)[:, None]
+    # Additive masks in the model's dtype (0: attend), which sdpa and eager attention both take as they are.
+    blocked = torch.finfo(lm.dtype).min
+
+    def additive(allowed):
+        return torch.zeros(allowed.shape, dtype=lm.dtype, device=device).masked_fill_(~allowed, blocked)
+
+    def forward(ids, mask, pos):
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                 **{cache_arg: cache})  # fmt: skip
+        return out.logits[:, -1].argmax(-1)
+
+    eos = torch.tensor([eos_id], device=device)
+    new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    with torch.no_grad():
+        first = forward(input_ids, additive(prefill_mask), positions)
+        new[:, 0] = first
+        done = first == eos
+        token = first[:, None].clone()
+        pos = positions[:, -1:] + 1
+        step = torch.tensor([prompt], device=device)  # cache slot of the token fed in
+        mask = additive(valid[:, None, None, :])
+
+        def decode_step():
+            mask.index_fill_(3, step, 0.0)
+            nxt = torch.where(done, pad_id, forward(token, mask, pos))
+            new.index_copy_(1, step - prompt + 1, nxt[:, None])
+            done.logical_or_(nxt == eos)
+            token.copy_(nxt[:, None])
+            pos.add_(1)
+            step.add_(1)
+
+        steps = max_new_tokens - 1
+        use_graph = device.type == "cuda" if graph is None else graph
+        replay, taken = decode_step, 0
+        if use_graph and steps > WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # real steps: their tokens count
+                for _ in range(WARMUP_STEPS):
+                    decode_step()
+            torch.cuda.current_stream().wait_stream(side)
+            taken = WARMUP_STEPS
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):  # records the step; runs nothing
+                decode_step()
+            replay = cuda_graph.replay
+        while taken < steps:
+            if taken % CHECK_EVERY == 0 and bool(done.all()):
+                break
+            replay()
+            taken += 1
+    return new
