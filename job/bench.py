@@ -88,6 +88,8 @@ RECIPES: dict[str, dict[str, str]] = {
     "trl-nogc": {**_BASELINE, "BATCH_SIZE": "8", "GRAD_ACCUM": "1", "GRADIENT_CHECKPOINTING": "false"},
     "job": {"BATCH_SIZE": "8"},
     "job-nf4": {"BATCH_SIZE": "8", "DEQUANTIZE_BASE": "false"},
+    "job-nographs": {"BATCH_SIZE": "8", "CUDA_GRAPHS": "false"},
+    "job-nf4-nographs": {"BATCH_SIZE": "8", "DEQUANTIZE_BASE": "false", "CUDA_GRAPHS": "false"},
     "job-noliger": {"BATCH_SIZE": "8", "LIGER_KERNEL": "false"},
     # Transformers' stock sdpa: packed rows attend through a dense block-diagonal mask instead of
     # job/attention.py's varlen kernel.
@@ -113,7 +115,7 @@ UNSLOTH_PADDING = {UNSLOTH: "padded", "unsloth-pf": "padding_free"}
 CHECKS = ("checks",)
 # The order of a default run: the figures the issue's targets compare first, so a run cut short keeps them.
 DEFAULT_PARTS = [
-    *("job", UNSLOTH, "job-nf4", "trl", "trl-nogc", "seed"),
+    *("job", UNSLOTH, "job-nf4", "trl", "trl-nogc", "seed", "job-nographs", "job-nf4-nographs"),
     *CHECKS,
     *("job-noliger", "job-sdpa", "job-compile"),
     *("job-accum2", "job-ddp2"),
@@ -288,8 +290,13 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
     profile_at = int(os.environ.get("BENCH_PROFILE", "0"))
     profiler: list[Any] = []  # the running torch.profiler, while steps N and N+1 are recorded
 
-    counter = _CountingCollator(trainer.data_collator, trainer.processing_class.pad_token_id)
-    trainer.data_collator = counter
+    # Count before job/graphs.py's fixed-shape padding, if any: its padding is not trained on.
+    outer = trainer.data_collator
+    counter = _CountingCollator(getattr(outer, "inner", outer), trainer.processing_class.pad_token_id)
+    if hasattr(outer, "inner"):
+        outer.inner = counter
+    else:
+        trainer.data_collator = counter
     ends: list[float] = []
     seconds: list[float] = []
     tokens: list[int] = []
@@ -522,6 +529,50 @@ def check_equivalence(cfg) -> dict:
     return {**out, "job_base_weights": base_weights(cfg, trainer.model), "liger_modules": liger_modules(trainer.model)}
 
 
+def check_graphs(cfg) -> dict:
+    """job/graphs.py's replayed layers against the eager ones: one padded micro-batch of the `job` recipe,
+    dropout off, loss and LoRA gradients; then a second replay, which must repeat the first exactly."""
+    import torch
+
+    from job import graphs
+    from job.config import with_overrides
+    from job.model import resolve_precision, torch_dtype
+    from job.train import build_trainer
+
+    rcfg = with_overrides(_recipe_settings(cfg, RECIPES["job"]), LORA_DROPOUT=0.0)
+    precision, _ = resolve_precision(rcfg)
+    dtype = torch_dtype(precision)
+    trainer = build_trainer(rcfg, RunPaths(rcfg.run_dir), precision, max_steps=1, save_strategy="no", report_to=[])
+    fixed, model = trainer.data_collator, trainer.model
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.train()
+
+    def step() -> tuple[float, Any]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.float().item(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+
+    loss_eager, eager = step()
+    t0 = time.perf_counter()
+    release = graphs.capture_layers(model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=True)
+    capture_s = time.perf_counter() - t0
+    (loss_graph, graph), (loss_again, again) = step(), step()
+    release()
+    return {
+        "tokens": fixed.tokens,
+        "capture_s": round(capture_s, 2),
+        "layer_calls": release.calls,
+        "loss_eager": loss_eager,
+        "loss_graph": loss_graph,
+        "loss_rel_diff": abs(loss_graph - loss_eager) / abs(loss_eager),
+        "grad_cosine": float(torch.nn.functional.cosine_similarity(graph, eager, dim=0)),
+        "grad_rel_l2": float((graph - eager).norm() / eager.norm()),
+        "replay_repeats_exactly": loss_again == loss_graph and bool(torch.equal(again, graph)),
+    }
+
+
 def measure_generation(cfg) -> dict:
     """The evaluate stage's default generation (base and tuned rows in shared batches): one untimed pass,
     then a timed one, so decoding kernels' first-use costs are not in the figure. Then the same rows in one
@@ -652,7 +703,8 @@ def run_part(name: str, cfg, args) -> dict:
         out = measure_unsloth(cfg, args, UNSLOTH_PADDING[name])
     elif name in CHECKS:
         out = {}
-        for part, measure in (("equivalence", check_equivalence), ("generation", measure_generation)):
+        parts = (("equivalence", check_equivalence), ("graphs", check_graphs), ("generation", measure_generation))
+        for part, measure in parts:
             try:
                 out[part] = measure(cfg)
             except Exception as e:  # one failed check must not cost the other
@@ -758,6 +810,16 @@ def markdown(r: dict) -> str:
             f"vs {e['loss_padded']:.5f} (rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine "
             f"{e['grad_cosine']:.5f}, rel. L2 {e['grad_rel_l2']:.1e}.",
         ]
+    c = checks.get("graphs", {})
+    if "grad_cosine" in c:
+        lines += [
+            "",
+            f"CUDA graphs (job/graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout off, replayed "
+            f"layers vs eager: loss {c['loss_graph']:.5f} vs {c['loss_eager']:.5f} (rel. diff "
+            f"{c['loss_rel_diff']:.1e}), LoRA gradient cosine {c['grad_cosine']:.5f}, rel. L2 {c['grad_rel_l2']:.1e}; "
+            f"a second replay repeats the first exactly: {c['replay_repeats_exactly']}; captured in "
+            f"{c['capture_s']:.1f} s; layer calls {c['layer_calls']}.",
+        ]
     g = checks.get("generation", {})
     if "liger_modules" in e and "liger_modules" in g:
         lines += [
@@ -788,7 +850,7 @@ def markdown(r: dict) -> str:
         ]
     if "failed" in checks:
         lines += ["", f"The checks' process failed: {checks['failed']}"]
-    for name in ("equivalence", "generation"):
+    for name in ("equivalence", "graphs", "generation"):
         if "failed" in checks.get(name, {}):
             lines += ["", f"{name} failed: {checks[name]['failed']}"]
     return "\n".join(lines) + "\n"

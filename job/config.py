@@ -160,6 +160,14 @@ class Settings:
         "train",
         output=False,
     )
+    CUDA_GRAPHS: bool = _setting(
+        True,
+        "On CUDA with PACKING and ATTN_IMPLEMENTATION=sdpa_varlen, when not compiling and without gradient "
+        "checkpointing: replay each decoder layer's forward and backward as a CUDA graph (job/graphs.py). Packed "
+        "micro-batches are padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens; the loss and gradients do not change.",
+        "train",
+        output=False,
+    )
     OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.", "train")
     SAVE_STEPS: int = _setting(
         50, "Optimizer steps between checkpoints (a SIGKILL loses at most this many).", "train", output=False

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from job import stop
+from job import graphs, stop
 from job.config import Settings
 from job.errors import OutOfMemory, Stopped
 from job.faults import maybe_die
@@ -32,6 +32,7 @@ from job.model import (
     lora_config,
     model_code_restored,
     resolve_precision,
+    torch_dtype,
 )
 from job.paths import RunPaths
 
@@ -213,6 +214,56 @@ def use_liger(cfg: Settings, compiled: bool) -> bool:
     return cfg.LIGER_KERNEL and not compiled and _cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 
+def use_graphs(cfg: Settings, compiled: bool) -> bool:
+    """CUDA_GRAPHS where the step can be captured: packed rows through job/attention.py's varlen kernel (the
+    graph passes conversation boundaries, no mask), no compile, no gradient checkpointing."""
+    from job.attention import NAME as VARLEN
+
+    return (
+        cfg.CUDA_GRAPHS
+        and _cuda()
+        and cfg.PACKING
+        and cfg.ATTN_IMPLEMENTATION == VARLEN
+        and not compiled
+        and not cfg.GRADIENT_CHECKPOINTING
+    )
+
+
+def _graphs_callback(fixed: Any, precision: str):
+    """Captures the decoder layers when training begins (after the Trainer has applied Liger, whose kernels
+    the graphs must hold) and gives them back when it ends. A capture that fails leaves training eager."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Graphs(TrainerCallback):
+        release = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                self.release = graphs.capture_layers(
+                    model,
+                    fixed.tokens,
+                    fixed.max_length,
+                    fixed.slots,
+                    torch_dtype(precision),
+                    autocast=args.bf16 or args.fp16,
+                )
+            except Exception as e:  # a library the capture cannot hold: train eager, as without CUDA_GRAPHS
+                log.warning("CUDA graphs off (%s: %s); training eager", type(e).__name__, e)
+                fixed.tokens = -1  # no padding either
+                return
+            log.info("CUDA graphs: decoder layers captured in %.1f s", time.perf_counter() - t0)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.release:
+                self.release()
+                log.info("CUDA graphs: decoder layer calls %s", self.release.calls)
+
+    return Graphs()
+
+
 def compile_layers(model: Any) -> int:
     """Regional compilation (https://pytorch.org/tutorials/recipes/regional_compilation.html).
 
@@ -312,6 +363,17 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, **overrides: A
         processing_class=tokenizer,
         callbacks=[_completeness_callback(cfg.SAVE_TOTAL_LIMIT)],
     )
+    if use_graphs(cfg, compiled):
+        tokens = cfg.BATCH_SIZE * cfg.MAX_SEQ_LENGTH
+        fixed = graphs.FixedShape(
+            trainer.data_collator,
+            tokens,
+            cfg.MAX_SEQ_LENGTH,
+            graphs.slots_for(tokens, cfg.MAX_SEQ_LENGTH),
+            tokenizer.pad_token_id,
+        )
+        trainer.data_collator = fixed
+        trainer.add_callback(_graphs_callback(fixed, precision))
     # TRL casts LoRA weights of a quantized model to bf16. We keep them in fp32: fp16's gradient
     # scaler cannot unscale bf16 gradients, and a resumed run loads the adapter back in fp32
     # (PEFT's load_adapter), so bf16 here would make a resumed run differ from an uninterrupted one.

@@ -1,0 +1,64 @@
+"""job/graphs.py: the fixed-shape padding that CUDA graphs need leaves the loss and the gradients unchanged.
+(The capture itself needs CUDA: `make bench` checks graphed against eager steps on the GPU.)"""
+
+import torch
+
+from job.config import load_settings
+from job.files import read_jsonl
+from job.formatting import tokenize_row
+from job.graphs import FixedShape, slots_for
+from job.model import load_model, load_tokenizer, lora_config
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_dir):
+    from peft import get_peft_model
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from job.__main__ import FIXTURE
+
+    cfg = load_settings(
+        {"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "256"},
+        env_file=None,
+    )
+    tok = load_tokenizer(cfg)
+    rows = [tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)]
+    examples = [{"input_ids": r["input_ids"], "seq_lengths": [len(r["input_ids"])]} for r in rows[:3]]
+    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+    tokens, max_length = 4 * 256, 256
+    fixed = FixedShape(collate, tokens, max_length, slots_for(tokens, max_length), tok.pad_token_id)
+
+    plain, padded = collate(examples), fixed(examples)
+    real = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape == padded["labels"].shape == padded["position_ids"].shape == (1, tokens)
+    assert padded["cu_seq_lens_q"].shape == (slots_for(tokens, max_length) + 1,)
+    assert padded["cu_seq_lens_q"][:4].tolist() == plain["cu_seq_lens_q"].tolist()
+    assert padded["cu_seq_lens_q"][-1] == tokens and padded["max_length_q"] == max_length
+    assert (padded["labels"][0, real:] == -100).all()
+    pieces = padded["cu_seq_lens_q"].diff()
+    assert pieces.max() <= max_length and pieces[3:].sum() == tokens - real  # padding in pieces the kernel takes
+    assert (padded["position_ids"][0, real:][padded["position_ids"][0, real:] == 0]).numel() == (pieces[3:] > 0).sum()
+
+    base = load_model(cfg, "fp32")
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora_config(cfg, base))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
+            p.data.normal_(0, 0.02)
+    loss, grads = _loss_and_grads(model, plain)
+    loss_padded, grads_padded = _loss_and_grads(model, padded)
+    # fp32 on CPU: the same per-conversation attention and the same masked tokens, summed in another order
+    assert abs(loss_padded - loss) <= 1e-5 * abs(loss)
+    assert (grads_padded - grads).norm() <= 1e-4 * grads.norm()
+
+    # A micro-batch with more conversations than the capture holds is left as it is (it runs eager).
+    few = FixedShape(collate, tokens, max_length, 3, tok.pad_token_id)
+    assert few(examples)["input_ids"].shape[1] == real
+    # and one longer than the captured tokens
+    assert FixedShape(collate, real - 1, max_length, 99, tok.pad_token_id)(examples)["input_ids"].shape[1] == real
