@@ -554,11 +554,15 @@ def check_graphs(cfg) -> dict:
         loss.backward()
         return loss.float().item(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
 
-    loss_eager, eager = step()
+    def rel_l2(a, b) -> float:
+        return float((a - b).norm() / b.norm())
+
+    # Flash attention's backward adds with atomics, so two eager steps differ too: their distance is the floor.
+    (loss_eager, eager), (_, eager_again) = step(), step()
     t0 = time.perf_counter()
     release = graphs.capture_layers(model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=True)
     capture_s = time.perf_counter() - t0
-    (loss_graph, graph), (loss_again, again) = step(), step()
+    loss_graph, graph = step()
     release()
     return {
         "tokens": fixed.tokens,
@@ -568,8 +572,8 @@ def check_graphs(cfg) -> dict:
         "loss_graph": loss_graph,
         "loss_rel_diff": abs(loss_graph - loss_eager) / abs(loss_eager),
         "grad_cosine": float(torch.nn.functional.cosine_similarity(graph, eager, dim=0)),
-        "grad_rel_l2": float((graph - eager).norm() / eager.norm()),
-        "replay_repeats_exactly": loss_again == loss_graph and bool(torch.equal(again, graph)),
+        "grad_rel_l2": rel_l2(graph, eager),
+        "grad_rel_l2_eager_twice": rel_l2(eager_again, eager),
     }
 
 
@@ -816,9 +820,9 @@ def markdown(r: dict) -> str:
             "",
             f"CUDA graphs (job/graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout off, replayed "
             f"layers vs eager: loss {c['loss_graph']:.5f} vs {c['loss_eager']:.5f} (rel. diff "
-            f"{c['loss_rel_diff']:.1e}), LoRA gradient cosine {c['grad_cosine']:.5f}, rel. L2 {c['grad_rel_l2']:.1e}; "
-            f"a second replay repeats the first exactly: {c['replay_repeats_exactly']}; captured in "
-            f"{c['capture_s']:.1f} s; layer calls {c['layer_calls']}.",
+            f"{c['loss_rel_diff']:.1e}), LoRA gradient cosine {c['grad_cosine']:.5f}, rel. L2 {c['grad_rel_l2']:.1e} "
+            f"(two eager steps: {c['grad_rel_l2_eager_twice']:.1e}; flash attention's backward is not deterministic); "
+            f"captured in {c['capture_s']:.1f} s; layer calls {c['layer_calls']}.",
         ]
     g = checks.get("generation", {})
     if "liger_modules" in e and "liger_modules" in g:
