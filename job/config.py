@@ -469,23 +469,20 @@ def _optimizer_names() -> list[str]:
 
 def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
     """Read, parse and validate every setting; raise ConfigError listing all problems at once."""
-    env: dict[str, str] = {}
-    file_keys: set[str] = set()
+    from_file: dict[str, str] = {}
     if env_file and Path(env_file).is_file():
         from dotenv import dotenv_values
 
+        raw = Path(env_file).read_bytes()
         try:
-            Path(env_file).read_bytes().decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = Path(env_file).read_bytes()[: e.start].count(b"\n") + 1
+            line = raw[: e.start].count(b"\n") + 1
             raise ConfigError(
                 f"{env_file}: line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8."
             ) from None
-        for k, v in dotenv_values(env_file).items():
-            if v is not None:
-                env[k] = v
-                file_keys.add(k)
-    env.update(os.environ if environ is None else environ)  # the environment wins over .env
+        from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    env = {**from_file, **(os.environ if environ is None else environ)}  # the environment wins over .env
 
     problems: list[str] = []
     values: dict[str, Any] = {}
@@ -509,9 +506,8 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         if key in _RETIRED:
             problems.append(f"{key}: {_RETIRED[key]}")
             continue
-        from_file = key in file_keys
         close = difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.8)
-        if from_file and not key.startswith(_FOREIGN_PREFIXES):
+        if key in from_file and not key.startswith(_FOREIGN_PREFIXES):
             hint = f"; did you mean {close[0]}?" if close else "; see `python -m job config` for the list"
             problems.append(f"{key}: unknown setting in .env{hint}")
         elif close and not key.startswith(_FOREIGN_PREFIXES):
