@@ -395,19 +395,16 @@ def _tidy(text: str) -> str:
 
 
 def _join_cut(m: re.Match[str]) -> str:
-    before = m.group(1)
-    inner = m.group(2)
-    after = m.group(3)
+    before, inner, after = m.groups()
     if before is None or m.start() == 0:
         return ""  # nothing before the cut: drop the separators
+    kept_end = re.match(r"\s*([.!?]+)", inner)  # the sentence end before the cut belongs to the text before it
     if after is None:
-        # End of text: keep a sentence end that was already there before the cut.
-        kept_end = re.match(r"\s*([.!?]+)", inner)  # "Any worries? <cut>" keeps its question mark
+        # End of text: keep a sentence end that was already there before the cut ("Any worries? <cut>").
         if kept_end and before not in ".!?":
             return kept_end.group(1)[:1]
         return "." if before.isalnum() or before in ")]\"'" else ""
     sep = "\n\n" if "\n\n" in inner else ("\n" if "\n" in inner else " ")
-    kept_end = re.match(r"\s*([.!?]+)", inner)  # the sentence end before the cut belongs to the text before it
     if before in ".!?":
         return sep
     if kept_end:
