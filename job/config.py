@@ -58,8 +58,8 @@ def _setting(
 ):
     """One setting. `stage` is the stage that reads it; `output=False` marks settings that change only
     speed, memory or logging, never what a stage writes (changing them never invalidates finished work);
-    `also` names further stages whose output it changes; `min` and `max` bound a number (inclusive; checked
-    by `_check`, whose message names `unit`)."""
+    `also` names further stages whose output it changes; `min` and `max` bound a number (inclusive; `max` only
+    with `min`), checked by `_check`, whose message names `unit`."""
     return field(
         default=default,
         metadata={"help": help, "choices": choices, "secret": secret, "stage": stage, "output": output, "also": also}
