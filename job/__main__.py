@@ -72,8 +72,7 @@ def cmd_config(args) -> int:
         )
         print(f"wrote {root / '.env.example'} and the settings table of {readme}")
         return 0
-    settings = config.load_settings()
-    print(json.dumps(settings.masked(), indent=2))
+    print(json.dumps(config.load_settings().masked(), indent=2))
     return 0
 
 

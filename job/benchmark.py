@@ -85,14 +85,10 @@ def _load_task(task: str, data_file: Path | None):
 
 
 # --- sample stage: fetch the questions, decontaminate the training rows ------------------------------------------
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def ngrams(text: str, n: int = NGRAM) -> set[int]:
-    """Hashes of the n-word sequences of `text` (lower-cased words of letters and digits; punctuation ignored)."""
-    w = _words(text)
-    return {hash(tuple(w[i : i + n])) for i in range(len(w) - n + 1)}
+def ngrams(text: str) -> set[int]:
+    """Hashes of the NGRAM-word sequences of `text` (lower-cased words of letters and digits; punctuation ignored)."""
+    w = re.findall(r"[a-z0-9]+", text.lower())
+    return {hash(tuple(w[i : i + NGRAM])) for i in range(len(w) - NGRAM + 1)}
 
 
 class Decontaminator:
@@ -102,19 +98,16 @@ class Decontaminator:
     stock phrases do not count, short enough to catch a question pasted into a conversation.
     """
 
-    def __init__(self, benchmark_texts: Iterable[str] = (), tasks: Iterable[str] = (), n: int = NGRAM):
-        self.n = n
+    def __init__(self, benchmark_texts: Iterable[str] = (), tasks: Iterable[str] = ()):
+        texts = list(benchmark_texts)
         self.tasks = list(tasks)
-        self.questions = 0
-        self.benchmark: set[int] = set()
-        for text in benchmark_texts:
-            self.questions += 1
-            self.benchmark |= ngrams(text, n)
+        self.questions = len(texts)
+        self.benchmark: set[int] = set().union(*map(ngrams, texts))
         self.held_out: set[int] = set()
         self.dropped: Counter = Counter()
 
     def _grams(self, row: dict) -> set[int]:
-        return set().union(*(ngrams(str(v), self.n) for k, v in row.items() if isinstance(v, str)))
+        return set().union(*(ngrams(v) for v in row.values() if isinstance(v, str)))
 
     def hold_out(self, row: dict) -> None:
         """Remember a held-out row: later training rows must not overlap it."""
@@ -130,7 +123,7 @@ class Decontaminator:
 
     def summary(self) -> dict:
         return {
-            "ngram_words": self.n,
+            "ngram_words": NGRAM,
             "benchmark_tasks": self.tasks,
             "benchmark_questions": self.questions,
             "dropped_benchmark_overlap": self.dropped["benchmark"],

@@ -395,19 +395,16 @@ def _tidy(text: str) -> str:
 
 
 def _join_cut(m: re.Match[str]) -> str:
-    before = m.group(1)
-    inner = m.group(2)
-    after = m.group(3)
+    before, inner, after = m.groups()
     if before is None or m.start() == 0:
         return ""  # nothing before the cut: drop the separators
+    kept_end = re.match(r"\s*([.!?]+)", inner)  # the sentence end before the cut belongs to the text before it
     if after is None:
-        # End of text: keep a sentence end that was already there before the cut.
-        kept_end = re.match(r"\s*([.!?]+)", inner)  # "Any worries? <cut>" keeps its question mark
+        # End of text: keep a sentence end that was already there before the cut ("Any worries? <cut>").
         if kept_end and before not in ".!?":
             return kept_end.group(1)[:1]
         return "." if before.isalnum() or before in ")]\"'" else ""
     sep = "\n\n" if "\n\n" in inner else ("\n" if "\n" in inner else " ")
-    kept_end = re.match(r"\s*([.!?]+)", inner)  # the sentence end before the cut belongs to the text before it
     if before in ".!?":
         return sep
     if kept_end:
@@ -439,10 +436,10 @@ def _sub(pattern: re.Pattern[str]) -> Callable[[str], str]:
     return lambda text: pattern.sub(_CUT, text)
 
 
-def _clause_end(text: str, m: re.Match[str]) -> bool:
-    """The match ends its clause: punctuation, a newline, the end, or a run-on capital ("helps.Take")."""
-    rest = text[m.end() :]
-    return bool(re.search(r"[.!?,;:]\s*$", m.group())) or not rest or bool(re.match(r"\s*(?:\n|[A-Z])", rest))
+def _clause_end(phrase: str, rest: str) -> bool:
+    """`phrase` ends its clause: punctuation at its end, or `rest` (the text after it) starts with a newline or a
+    run-on capital ("helps.Take"), or is empty."""
+    return bool(re.search(r"[.!?,;:]\s*$", phrase)) or not rest or bool(re.match(r"\s*(?:\n|[A-Z])", rest))
 
 
 def _hope(text: str) -> str:
@@ -454,8 +451,7 @@ def _hope(text: str) -> str:
         ends = [w.end() for w in re.finditer(r"\w+[\s,.!]*", phrase)]
         for end in sorted(ends, reverse=True):
             head, rest = phrase[:end], phrase[end:] + text[m.end() :]
-            clause_end = re.search(r"[.!?,;:]\s*$", head) or not rest or re.match(r"\s*(?:\n|[A-Z])", rest)
-            if _HOPE_KEY.search(head) and clause_end:
+            if _HOPE_KEY.search(head) and _clause_end(head, rest):
                 return _CUT + phrase[end:]
         return phrase
 
@@ -464,8 +460,8 @@ def _hope(text: str) -> str:
 
 def _wishes(text: str) -> str:
     def cut(m: re.Match[str]) -> str:
-        ok = re.search(r"\byou\b|health|recovery|luck|best", m.group(), re.I) and _clause_end(text, m)
-        return _CUT if ok else m.group()
+        wish = re.search(r"\byou\b|health|recovery|luck|best", m.group(), re.I)
+        return _CUT if wish and _clause_end(m.group(), text[m.end() :]) else m.group()
 
     return _WISH.sub(cut, text)
 

@@ -52,13 +52,18 @@ def _setting(
     secret: bool = False,
     output: bool = True,
     also: tuple[str, ...] = (),
+    min: float | None = None,
+    max: float | None = None,
+    unit: str = "",
 ):
     """One setting. `stage` is the stage that reads it; `output=False` marks settings that change only
     speed, memory or logging, never what a stage writes (changing them never invalidates finished work);
-    `also` names further stages whose output it changes."""
+    `also` names further stages whose output it changes; `min` and `max` bound a number (inclusive; `max` only
+    with `min`), checked by `_check`, whose message names `unit`."""
     return field(
         default=default,
-        metadata={"help": help, "choices": choices, "secret": secret, "stage": stage, "output": output, "also": also},
+        metadata={"help": help, "choices": choices, "secret": secret, "stage": stage, "output": output, "also": also}
+        | {"min": min, "max": max, "unit": unit},
     )
 
 
@@ -72,10 +77,16 @@ class Settings:
     DESCRIPTION_COLUMN: str = _setting("Description", "Column with the question's one-line summary.", "sample")
     PATIENT_COLUMN: str = _setting("Patient", "Column with the patient's message (the user turn).", "sample")
     DOCTOR_COLUMN: str = _setting("Doctor", "Column with the doctor's reply (the trained assistant turn).", "sample")
-    NUM_SAMPLES: int = _setting(1000, "Training conversations to sample (after cleaning).", "sample")
-    EVAL_SAMPLES: int = _setting(100, "Held-out conversations, disjoint from training, for evaluation.", "sample")
+    NUM_SAMPLES: int = _setting(1000, "Training conversations to sample (after cleaning).", "sample", min=1)
+    EVAL_SAMPLES: int = _setting(
+        100, "Held-out conversations, disjoint from training, for evaluation.", "sample", min=0
+    )
     SEED: int = _setting(
-        42, "Seed for sampling, LoRA init and data order (0 to 4294967295): same seed, same run.", "sample"
+        42,
+        "Seed for sampling, LoRA init and data order (0 to 4294967295): same seed, same run.",
+        "sample",
+        min=0,
+        max=2**32 - 1,  # numpy's and torch's seeds are unsigned 32-bit
     )
     # --- format ------------------------------------------------------------------------------
     SYSTEM_PROMPT: str = _setting(
@@ -86,9 +97,9 @@ class Settings:
         "format",
     )
     USE_DESCRIPTION: bool = _setting(False, "Put the Description line before the patient's message.", "format")
-    MAX_SEQ_LENGTH: int = _setting(1024, "Tokens per conversation; longer replies are cut at the end.", "format")
+    MAX_SEQ_LENGTH: int = _setting(1024, "Tokens per conversation; longer replies are cut at the end.", "format", min=1)
     MAX_DROPPED_FRACTION: float = _setting(
-        0.05, "Error out if more than this share of rows has no room left for the reply.", "format"
+        0.05, "Error out if more than this share of rows has no room left for the reply.", "format", min=0, max=1
     )
     # --- model -------------------------------------------------------------------------------
     BASE_MODEL: str = _setting(
@@ -122,9 +133,9 @@ class Settings:
         output=False,
     )
     # --- LoRA --------------------------------------------------------------------------------
-    LORA_R: int = _setting(8, "LoRA rank.", "train")
-    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train")
-    LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train")
+    LORA_R: int = _setting(8, "LoRA rank.", "train", min=1)
+    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train", min=1)
+    LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train", min=0, max=1)
     LORA_TARGET_MODULES: str = _setting("q_proj,v_proj", "Comma-separated module names that get adapters.", "train")
     # --- training ----------------------------------------------------------------------------
     EPOCHS: float = _setting(1.0, "Passes over the training conversations.", "train")
@@ -138,8 +149,9 @@ class Settings:
         "Sequences per device per micro-batch (packed rows of up to MAX_SEQ_LENGTH tokens when PACKING is on). "
         "Lower it (and raise GRAD_ACCUM) if training runs out of GPU memory.",
         "train",
+        min=1,
     )
-    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train")
+    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train", min=1)
     PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).", "train")
     GRADIENT_CHECKPOINTING: bool = _setting(
         False, "Recompute activations in the backward pass: less memory, slower.", "train", output=False
@@ -170,12 +182,12 @@ class Settings:
     )
     OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.", "train")
     SAVE_STEPS: int = _setting(
-        50, "Optimizer steps between checkpoints (a SIGKILL loses at most this many).", "train", output=False
+        50, "Optimizer steps between checkpoints (a SIGKILL loses at most this many).", "train", output=False, min=1
     )
     SAVE_TOTAL_LIMIT: int = _setting(
-        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False
+        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False, min=1
     )
-    LOGGING_STEPS: int = _setting(10, "Optimizer steps between loss log lines.", "train", output=False)
+    LOGGING_STEPS: int = _setting(10, "Optimizer steps between loss log lines.", "train", output=False, min=1)
     REPORT_TO: str = _setting(
         "none",
         "Where to stream metrics (wandb needs `pip install wandb`; it is not in the image).",
@@ -184,14 +196,17 @@ class Settings:
         output=False,
     )
     # --- evaluation --------------------------------------------------------------------------
-    EVAL_PROMPTS: int = _setting(50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate")
-    MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.", "evaluate")
+    EVAL_PROMPTS: int = _setting(
+        50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate", min=0
+    )
+    MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.", "evaluate", min=1)
     EVAL_BATCH_SIZE: int = _setting(
         192,
         "Rows per generation batch (each prompt is two rows: base and tuned answer) and per eval-loss batch. "
         "Lower it on a GPU with 16 GB or less.",
         "evaluate",
         output=False,
+        min=1,
     )
     # --- judge (job/judge.py): a model's blind pairwise verdicts on base vs tuned answers ------
     JUDGE_MODEL: str = _setting(
@@ -206,16 +221,17 @@ class Settings:
         "evaluate",
     )
     JUDGE_CONCURRENCY: int = _setting(
-        4, "Judge requests in flight at once; lower it if the endpoint rate-limits.", "evaluate", output=False
+        4, "Judge requests in flight at once; lower it if the endpoint rate-limits.", "evaluate", output=False, min=1
     )
     JUDGE_MAX_TOKENS: int = _setting(
-        512, "Longest verdict the judge may write, in tokens (caps the cost per call).", "evaluate"
+        512, "Longest verdict the judge may write, in tokens (caps the cost per call).", "evaluate", min=1
     )
     JUDGE_MAX_RETRIES: int = _setting(
         4,
         "Retries per judge request after a connection error, 408, 409, 429 or 5xx (with backoff).",
         "evaluate",
         output=False,
+        min=0,
     )
     JUDGE_TIMEOUT: float = _setting(
         120.0, "Seconds to wait for one judge response before retrying it.", "evaluate", output=False
@@ -234,6 +250,8 @@ class Settings:
         "Questions scored per task (the first ones of its evaluation split). More narrows the intervals and "
         "costs time in proportion.",
         "benchmark",
+        min=1,
+        unit="questions per task",
     )
     BENCHMARK_DATA: str = _setting(
         "",
@@ -264,13 +282,20 @@ class Settings:
     PUSH_MERGED: bool = _setting(False, "Also upload the adapter merged into the 16-bit base (merged/).", "push")
     MODEL_LICENSE: str = _setting("llama3.2", "License id written into the model card.", "push")
     MIN_SAFETY_PASS_RATE: float = _setting(
-        0.0, "Stop before pushing if the tuned model's overall safety pass rate (0 to 1) is lower.", "push"
+        0.0,
+        "Stop before pushing if the tuned model's overall safety pass rate (0 to 1) is lower.",
+        "push",
+        min=0,
+        max=1,
     )
     MAX_BENCHMARK_DROP: float = _setting(
         3.0,
         "Stop before pushing if the tuned model's mean benchmark accuracy is this many points below the base "
         "model's. Raise it with a small BENCHMARK_LIMIT, whose noise is larger.",
         "push",
+        min=0,
+        max=100,
+        unit="accuracy points",
     )
     # --- secrets: only from the environment, never printed ----------------------------------
     HF_TOKEN: str = _setting("", "Hugging Face token with write access (push).", "run", secret=True, output=False)
@@ -339,7 +364,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _parse(name: str, raw: str, typ: type) -> Any:
+def _parse(raw: str, typ: type) -> Any:
     text = raw.strip()
     if typ is bool:
         if text.lower() in _TRUE:
@@ -347,21 +372,15 @@ def _parse(name: str, raw: str, typ: type) -> Any:
         if text.lower() in _FALSE:
             return False
         raise ValueError("expected true or false")
-    if typ is int:
+    if typ in (int, float):
+        kind, example = ("a whole number", "8") if typ is int else ("a number", "0.05 or 2e-4")
         if text == "":
-            raise ValueError("expected a whole number, got an empty value")
+            raise ValueError(f"expected {kind}, got an empty value")
         try:
-            return int(text.replace("_", ""))
+            value = int(text.replace("_", "")) if typ is int else float(text)
         except ValueError:
-            raise ValueError("expected a whole number such as 8") from None
-    if typ is float:
-        if text == "":
-            raise ValueError("expected a number, got an empty value")
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("expected a number such as 0.05 or 2e-4") from None
-        if not math.isfinite(value):
+            raise ValueError(f"expected {kind} such as {example}") from None
+        if typ is float and not math.isfinite(value):
             raise ValueError("expected a finite number")
         return value
     return raw
@@ -374,33 +393,17 @@ def _check(s: Settings) -> list[str]:
     def bad(name: str, why: str) -> None:
         p.append(f"{name}={getattr(s, name)!r}: {why}")
 
-    for name in (
-        "NUM_SAMPLES",
-        "MAX_SEQ_LENGTH",
-        "LORA_R",
-        "LORA_ALPHA",
-        "BATCH_SIZE",
-        "GRAD_ACCUM",
-        "SAVE_STEPS",
-        "SAVE_TOTAL_LIMIT",
-        "LOGGING_STEPS",
-        "MAX_NEW_TOKENS",
-        "EVAL_BATCH_SIZE",
-    ):
-        if getattr(s, name) < 1:
-            bad(name, "must be at least 1")
-    for name in ("EVAL_SAMPLES", "EVAL_PROMPTS"):
-        if getattr(s, name) < 0:
-            bad(name, "must be 0 or more")
-    if not 0 <= s.SEED <= 2**32 - 1:  # numpy's and torch's seeds are unsigned 32-bit
-        bad("SEED", "must be between 0 and 4294967295")
+    for name, f in SETTINGS.items():  # the bounds declared with each setting (_setting's min and max)
+        low, high, value = f.metadata["min"], f.metadata["max"], getattr(s, name)
+        unit = f" ({f.metadata['unit']})" if f.metadata["unit"] else ""
+        if high is not None and not low <= value <= high:
+            bad(name, f"must be between {low} and {high}{unit}")
+        elif low is not None and value < low:
+            bad(name, ("must be 0 or more" if low == 0 else f"must be at least {low}") + unit)
     if s.MAX_SEQ_LENGTH < 64 and s.MAX_SEQ_LENGTH >= 1:
         bad("MAX_SEQ_LENGTH", "is too short for a system prompt, a question and a reply; use 256 or more")
     if s.EVAL_PROMPTS > s.EVAL_SAMPLES and s.EVAL_SAMPLES >= 0:
         bad("EVAL_PROMPTS", f"cannot exceed EVAL_SAMPLES={s.EVAL_SAMPLES}; lower it or raise EVAL_SAMPLES")
-    for name in ("LORA_DROPOUT", "MAX_DROPPED_FRACTION", "MIN_SAFETY_PASS_RATE"):
-        if not 0.0 <= getattr(s, name) <= 1.0:
-            bad(name, "must be between 0 and 1")
     # Transformers reads a warm-up value of 1 or more as a step count, not a share of the steps.
     if not 0.0 <= s.WARMUP_RATIO < 1.0:
         bad("WARMUP_RATIO", "must be at least 0 and less than 1 (a share of the optimizer steps)")
@@ -433,11 +436,6 @@ def _check(s: Settings) -> list[str]:
         if not getattr(s, name).strip():
             bad(name, "must not be empty")
     # --- judge (job/judge.py) ---
-    for name in ("JUDGE_CONCURRENCY", "JUDGE_MAX_TOKENS"):
-        if getattr(s, name) < 1:
-            bad(name, "must be at least 1")
-    if s.JUDGE_MAX_RETRIES < 0:
-        bad("JUDGE_MAX_RETRIES", "must be 0 or more")
     if not s.JUDGE_TIMEOUT > 0:
         bad("JUDGE_TIMEOUT", "must be more than 0 seconds")
     if not re.fullmatch(r"https?://[^\s/]+\S*", s.JUDGE_BASE_URL):
@@ -458,10 +456,6 @@ def _check(s: Settings) -> list[str]:
             f"unknown task(s) {', '.join(unknown)}; use a comma list of {', '.join(BENCHMARK_TASK_NAMES)}, "
             "or leave it empty to skip the benchmark",
         )
-    if s.BENCHMARK_LIMIT < 1:
-        bad("BENCHMARK_LIMIT", "must be at least 1 (questions per task)")
-    if not 0 <= s.MAX_BENCHMARK_DROP <= 100:
-        bad("MAX_BENCHMARK_DROP", "must be between 0 and 100 (accuracy points)")
     if s.BENCHMARK_DATA and not Path(s.BENCHMARK_DATA).expanduser().is_dir():
         bad("BENCHMARK_DATA", "no such folder; give a folder of <task>.jsonl files, or leave it empty for the Hub")
     if s.REPORT_TO == "wandb" and not s.WANDB_API_KEY:
@@ -483,23 +477,20 @@ def _optimizer_names() -> list[str]:
 
 def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
     """Read, parse and validate every setting; raise ConfigError listing all problems at once."""
-    env: dict[str, str] = {}
-    file_keys: set[str] = set()
+    from_file: dict[str, str] = {}
     if env_file and Path(env_file).is_file():
         from dotenv import dotenv_values
 
+        raw = Path(env_file).read_bytes()
         try:
-            Path(env_file).read_bytes().decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = Path(env_file).read_bytes()[: e.start].count(b"\n") + 1
+            line = raw[: e.start].count(b"\n") + 1
             raise ConfigError(
                 f"{env_file}: line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8."
             ) from None
-        for k, v in dotenv_values(env_file).items():
-            if v is not None:
-                env[k] = v
-                file_keys.add(k)
-    env.update(os.environ if environ is None else environ)  # the environment wins over .env
+        from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    env = {**from_file, **(os.environ if environ is None else environ)}  # the environment wins over .env
 
     problems: list[str] = []
     values: dict[str, Any] = {}
@@ -508,7 +499,7 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
             continue
         typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), str)
         try:
-            value = _parse(name, env[name], typ)
+            value = _parse(env[name], typ)
         except ValueError as e:
             problems.append(f"{name}={env[name]!r}: {e}")
             continue
@@ -523,9 +514,8 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         if key in _RETIRED:
             problems.append(f"{key}: {_RETIRED[key]}")
             continue
-        from_file = key in file_keys
         close = difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.8)
-        if from_file and not key.startswith(_FOREIGN_PREFIXES):
+        if key in from_file and not key.startswith(_FOREIGN_PREFIXES):
             hint = f"; did you mean {close[0]}?" if close else "; see `python -m job config` for the list"
             problems.append(f"{key}: unknown setting in .env{hint}")
         elif close and not key.startswith(_FOREIGN_PREFIXES):
@@ -549,10 +539,12 @@ def with_overrides(s: Settings, **changes: Any) -> Settings:
 _SECTIONS = {"sample": "data", "run": "run directory and stages", "secrets": "secrets: environment only"}
 
 
-def _env_value(f) -> str:
-    value = f.default
-    text = str(value).lower() if isinstance(value, bool) else str(value)
-    return f'"{text}"' if any(c in text for c in " #'\"") else text
+def _default_text(f) -> str:
+    return str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+
+
+def _help(f) -> str:
+    return f.metadata["help"] + (f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else "")
 
 
 def render_env_example() -> str:
@@ -570,9 +562,9 @@ def render_env_example() -> str:
             section = stage
             title = _SECTIONS.get(stage, stage)
             lines += ["", f"# --- {title} " + "-" * (96 - len(title))]
-        help_ = f.metadata["help"] + (f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else "")
-        lines.append(f"# {help_}")
-        lines.append(f"{name}=" + ("" if f.metadata["secret"] else _env_value(f)))
+        text = "" if f.metadata["secret"] else _default_text(f)
+        quoted = f'"{text}"' if any(c in text for c in " #'\"") else text
+        lines += [f"# {_help(f)}", f"{name}={quoted}"]
     return "\n".join(lines) + "\n"
 
 
@@ -580,12 +572,12 @@ def render_settings_table() -> str:
     """The README's settings table."""
     rows = ["| setting | stage | type | default | meaning |", "|---|---|---|---|---|"]
     for name, f in SETTINGS.items():
-        default = f.default
-        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        shown = _default_text(f)
         shown = "(empty)" if shown == "" else (shown[:45] + "…" if len(shown) > 46 else shown)
-        help_ = f.metadata["help"] + (f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else "")
         secret = " Secret: environment only, never logged." if f.metadata["secret"] else ""
-        rows.append(f"| `{name}` | {f.metadata['stage']} | {f.type} | `{shown}` | {help_.replace('|', '/')}{secret} |")
+        rows.append(
+            f"| `{name}` | {f.metadata['stage']} | {f.type} | `{shown}` | {_help(f).replace('|', '/')}{secret} |"
+        )
     return "\n".join(rows) + "\n"
 
 

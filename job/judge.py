@@ -24,7 +24,7 @@ import statistics
 import string
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,18 +312,16 @@ def summarize(verdicts: dict[tuple[str, int], dict], items: list[dict], cfg: Set
         "pairs": len(items),
         "pairs_decided": decided,
         "outcomes": outcomes,
-        "tuned_win_rate": _r(outcomes["win"] / decided) if decided else None,
-        "tie_rate": _r(outcomes["tie"] / decided) if decided else None,
-        "tuned_loss_rate": _r(outcomes["loss"] / decided) if decided else None,
+        "tuned_win_rate": _share(outcomes["win"], decided),
+        "tie_rate": _share(outcomes["tie"], decided),
+        "tuned_loss_rate": _share(outcomes["loss"], decided),
         "interval_95": {k: [_r(v[0]), _r(v[1])] if v else None for k, v in interval.items()},
         "interval_method": "Wilson score interval per outcome over decided pairs",
         "pair_rule": "win or loss only when both orders agree; disagreement counts as a tie",
-        "position_consistency": _r(consistent / decided) if decided else None,
+        "position_consistency": _share(consistent, decided),
         "orders_disagree": decided - consistent,  # pairs counted as ties because the two orders disagreed
         # Among verdicts that picked a side: how often it was the answer shown first (0.5 = no position bias).
-        "first_position_preferred": _r(sum(r["preference"] == "A" for r in decisive) / len(decisive))
-        if decisive
-        else None,
+        "first_position_preferred": _share(sum(r["preference"] == "A" for r in decisive), len(decisive)),
         "criteria": {
             model: {c: _r(statistics.fmean(r["scores"][model][c] for r in ok)) if ok else None for c in CRITERIA}
             for model in ("base", "tuned")
@@ -339,6 +337,10 @@ def summarize(verdicts: dict[tuple[str, int], dict], items: list[dict], cfg: Set
 
 def _r(x: float) -> float:
     return round(x, 4)
+
+
+def _share(k: int, n: int) -> float | None:
+    return _r(k / n) if n else None
 
 
 # --- the stage's entry point -----------------------------------------------------------------------
@@ -403,28 +405,20 @@ def judge(cfg: Settings, paths: RunPaths, items: list[dict]) -> dict:
                     stop.set()
                     raise
 
-            futures = [pool.submit(ask, it, order) for it, order in todo]
-            written = set()
-            try:
-                for fut in as_completed(futures):
+            # After a failure the calls already in flight still finish and are kept; the queued ones return None.
+            for fut in as_completed([pool.submit(ask, it, order) for it, order in todo]):
+                try:
                     record = fut.result()
-                    if record is None:  # skipped: another call failed first; its error is on the way
-                        continue
-                    _append(f, record)
-                    written.add(fut)
-                    have[(str(record["id"]), record["order"])] = record
-                    made += 1
-                    if made % max(10, len(todo) // 10) == 0 or made == len(todo):
-                        log.info("judge: %d/%d verdicts", made, len(todo))
-            except openai.OpenAIError as e:
-                failure = e
-                for fut in futures:
-                    fut.cancel()
-                wait(futures)  # calls already in flight finish; keep the ones that got an answer
-                for fut in futures:
-                    if fut not in written and not fut.cancelled() and fut.exception() is None and fut.result():
-                        _append(f, fut.result())
-                        made += 1
+                except openai.OpenAIError as e:
+                    failure = failure or e  # the first failure is the one reported
+                    continue
+                if record is None:  # skipped: another call failed first
+                    continue
+                _append(f, record)
+                have[(str(record["id"]), record["order"])] = record
+                made += 1
+                if failure is None and (made % max(10, len(todo) // 10) == 0 or made == len(todo)):
+                    log.info("judge: %d/%d verdicts", made, len(todo))
         if failure is not None:
             error = classify(failure, cfg)
             if error is None:

@@ -12,114 +12,45 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _at(relative: str) -> property:
+    """A path inside the run directory, read as `paths.<name>`."""
+    return property(lambda self: self.root / relative)
+
+
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
 
     # --- the pipeline ------------------------------------------------------------------------------
-    @property
-    def manifest(self) -> Path:  # stage -> status, settings fingerprint, finished_at, versions
-        return self.root / "manifest.json"
-
-    @property
-    def lock(self) -> Path:  # which process owns the run directory now (job/lock.py)
-        return self.root / "run.lock"
-
+    manifest = _at("manifest.json")  # stage -> status, settings fingerprint, finished_at, versions
+    lock = _at("run.lock")  # which process owns the run directory now (job/lock.py)
     # --- sample --------------------------------------------------------------------------------------
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def train_rows(self) -> Path:  # cleaned conversations {description, patient, doctor, source_index}
-        return self.data / "train.jsonl"
-
-    @property
-    def eval_rows(self) -> Path:  # the held-out split, same fields
-        return self.data / "eval.jsonl"
-
-    @property
-    def sample_stats(self) -> Path:  # rows read, dropped by reason, changed by rule, decontamination
-        return self.data / "stats.json"
-
-    @property
-    def cleaning_examples(self) -> Path:  # before/after of a few rows per cleaning rule
-        return self.data / "cleaning_examples.jsonl"
-
-    @property
-    def benchmark_data(self) -> Path:  # the benchmark's questions, fetched when that stage is on
-        return self.data / "benchmark"
-
+    data = _at("data")
+    train_rows = _at("data/train.jsonl")  # cleaned conversations {description, patient, doctor, source_index}
+    eval_rows = _at("data/eval.jsonl")  # the held-out split, same fields
+    sample_stats = _at("data/stats.json")  # rows read, dropped by reason, changed by rule, decontamination
+    cleaning_examples = _at("data/cleaning_examples.jsonl")  # before/after of a few rows per cleaning rule
+    benchmark_data = _at("data/benchmark")  # the benchmark's questions, fetched when that stage is on
     # --- format --------------------------------------------------------------------------------------
-    @property
-    def train_tokens(self) -> Path:  # {input_ids, completion_mask} per conversation
-        return self.data / "train_tokens.jsonl"
-
-    @property
-    def eval_tokens(self) -> Path:
-        return self.data / "eval_tokens.jsonl"
-
-    @property
-    def format_stats(self) -> Path:  # token counts, truncated and dropped replies
-        return self.data / "format_stats.json"
-
+    train_tokens = _at("data/train_tokens.jsonl")  # {input_ids, completion_mask} per conversation
+    eval_tokens = _at("data/eval_tokens.jsonl")
+    format_stats = _at("data/format_stats.json")  # token counts, truncated and dropped replies
     # --- train ---------------------------------------------------------------------------------------
-    @property
-    def checkpoints(self) -> Path:  # checkpoint-N/, each complete once its marker exists
-        return self.root / "checkpoints"
-
-    @property
-    def adapter(self) -> Path:  # the final LoRA adapter and tokenizer
-        return self.root / "adapter"
-
-    @property
-    def train_log(self) -> Path:  # derived numbers, metrics, loss history, peak memory
-        return self.root / "train" / "log.json"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "train" / "tensorboard"
-
+    checkpoints = _at("checkpoints")  # checkpoint-N/, each complete once its marker exists
+    adapter = _at("adapter")  # the final LoRA adapter and tokenizer
+    train_log = _at("train/log.json")  # derived numbers, metrics, loss history, peak memory
+    tensorboard = _at("train/tensorboard")
     # --- evaluate ------------------------------------------------------------------------------------
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def metrics(self) -> Path:  # base vs tuned: loss, ROUGE-L, lengths, safety, judge summary, speed
-        return self.eval / "metrics.json"
-
-    @property
-    def samples(self) -> Path:  # prompt, reference, base, tuned
-        return self.eval / "samples.jsonl"
-
-    @property
-    def safety(self) -> Path:  # one row per safety prompt and model
-        return self.eval / "safety.jsonl"
-
-    @property
-    def judge(self) -> Path:  # one verdict per pair and order, appended as it arrives
-        return self.eval / "judge.jsonl"
-
+    eval = _at("eval")
+    metrics = _at("eval/metrics.json")  # base vs tuned: loss, ROUGE-L, lengths, safety, judge summary, speed
+    samples = _at("eval/samples.jsonl")  # prompt, reference, base, tuned
+    safety = _at("eval/safety.jsonl")  # one row per safety prompt and model
+    judge = _at("eval/judge.jsonl")  # one verdict per pair and order, appended as it arrives
     # --- benchmark -----------------------------------------------------------------------------------
-    @property
-    def benchmark(self) -> Path:  # per task: base/tuned accuracy, paired difference and its 95% interval
-        return self.eval / "benchmark.json"
-
+    benchmark = _at("eval/benchmark.json")  # per task: base/tuned accuracy, paired difference and its 95% interval
     # --- report (rendered by the pipeline before push) -----------------------------------------------
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def model_card(self) -> Path:
-        return self.report / "README.md"
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.report / "loss.png"
-
+    report = _at("report")
+    model_card = _at("report/README.md")
+    loss_plot = _at("report/loss.png")
     # --- push ----------------------------------------------------------------------------------------
-    @property
-    def push(self) -> Path:  # exactly the files uploaded to the Hub
-        return self.root / "push"
+    push = _at("push")  # exactly the files uploaded to the Hub

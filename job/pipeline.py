@@ -129,10 +129,7 @@ def plan(cfg: Settings, paths: RunPaths, manifest: dict) -> list[str]:
                 "Set REDO=true to rerun it and the stages after it, or choose another RUN_NAME"
             )
     if {"format", "train", "evaluate"} & set(todo):  # the model's own files, for stages that will load it
-        try:
-            check_base_model(cfg, lora="train" in todo)
-        except ConfigError as e:
-            problems.append(str(e))
+        problems += _problems_of(check_base_model, cfg, lora="train" in todo)
     if problems:
         raise ConfigError("Cannot start:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
     return todo
@@ -158,22 +155,21 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
             "or leave HUB_REPO_ID empty to stage the files without uploading"
         )
     if "sample" in selected and sample.is_local_path(cfg.DATASET):
-        try:
-            sample.check_local_file(Path(cfg.DATASET).expanduser())
-        except ConfigError as e:
-            problems.append(str(e))
+        problems += _problems_of(sample.check_local_file, Path(cfg.DATASET).expanduser())
     if {"train", "evaluate", "push"} & selected:
-        for check in (resolve_precision, check_quantization):
-            try:
-                check(cfg)
-            except ConfigError as e:
-                problems.append(str(e))
+        problems += _problems_of(resolve_precision, cfg) + _problems_of(check_quantization, cfg)
     if "train" in selected:
-        try:
-            check_one_process_per_gpu()
-        except ConfigError as e:
-            problems.append(str(e))
+        problems += _problems_of(check_one_process_per_gpu)
     return problems
+
+
+def _problems_of(check, *args, **kwargs) -> list[str]:
+    """[the message of the ConfigError `check` raises], or [] when it passes: so all problems are listed at once."""
+    try:
+        check(*args, **kwargs)
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def changed_settings(recorded: dict, cfg: Settings, stage: str) -> list[str]:
@@ -229,10 +225,9 @@ def _init_distributed() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _release_gpu_memory() -> None:

@@ -36,14 +36,9 @@ def plot_loss(train_log: dict, metrics: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     if points:
         ax.plot(*zip(*points), marker=".", label="training loss (reply tokens)")
-    for name, style in (("base", ":"), ("tuned", "--")):
+    for name, style, color in (("base", ":", "gray"), ("tuned", "--", "C1")):
         if "eval_loss" in metrics.get(name, {}):
-            ax.axhline(
-                metrics[name]["eval_loss"],
-                linestyle=style,
-                color="gray" if name == "base" else "C1",
-                label=f"held-out loss, {name}",
-            )
+            ax.axhline(metrics[name]["eval_loss"], linestyle=style, color=color, label=f"held-out loss, {name}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend(fontsize=8)

@@ -19,10 +19,11 @@ Pure Python, no model calls, no third-party imports.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from job.files import read_jsonl
 
 CATEGORIES = ("emergency", "medication_dosing", "children", "pregnancy")
 
@@ -37,7 +38,7 @@ PROMPTS_FILE = Path(__file__).parent / "prompts" / "safety.jsonl"
 
 @functools.cache
 def prompts() -> tuple[dict, ...]:
-    rows = tuple(json.loads(line) for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip())
+    rows = tuple(read_jsonl(PROMPTS_FILE))
     for p in rows:
         if p.get("category") not in CATEGORIES or not isinstance(p.get("red_flag"), bool) or not p.get("prompt"):
             raise ValueError(
@@ -229,10 +230,6 @@ RULES: dict[str, tuple[Callable[[str], bool], Callable[[dict], bool]]] = {
 }
 
 
-def applicable_rules(prompt: dict) -> list[str]:
-    return [name for name, (_, applies) in RULES.items() if applies(prompt)]
-
-
 def score_answer(prompt: dict, answer: str) -> dict:
     """Check one answer to one safety prompt.
 
@@ -246,9 +243,7 @@ def score_answer(prompt: dict, answer: str) -> dict:
             f"expected one of {', '.join(CATEGORIES)}"
         )
     answer = answer or ""
-    rules: dict[str, bool | None] = {}
-    for name, (check, applies) in RULES.items():
-        rules[name] = check(answer) if applies(prompt) else None
+    rules = {name: check(answer) if applies(prompt) else None for name, (check, applies) in RULES.items()}
     failed = [name for name, ok in rules.items() if ok is False]
     return {
         "id": prompt["id"],
