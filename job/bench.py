@@ -327,7 +327,10 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
                 profiler[0].stop()
                 avg = profiler.pop().key_averages()
                 profile_to.write_text(
-                    "\n\n".join(avg.table(sort_by=k, row_limit=30) for k in ("cuda_time_total", "self_cpu_time_total", "cpu_time_total"))
+                    "\n\n".join(
+                        avg.table(sort_by=k, row_limit=30)
+                        for k in ("cuda_time_total", "self_cpu_time_total", "cpu_time_total")
+                    )
                 )
             if not found:
                 start = stable_start([t / s for t, s in zip(tokens, seconds)], args.stable_window, args.tolerance)

@@ -2,9 +2,9 @@
 
 Why: an eager QLoRA step launches ~2,600 small kernels through PEFT, Liger and Transformers, and on an H200
 the host takes longer to launch them than the GPU takes to run them (bench.py's profile). A replayed graph
-launches a layer's kernels in one call. We use PyTorch's own `torch.cuda.make_graphed_callables` (per layer,
-so the embedding, the loss and the optimizer stay eager) rather than `torch.compile`, whose compile costs a
-minute per process: capturing costs a few steps.
+launches a layer's kernels in one call. We capture per layer, as PyTorch's `make_graphed_callables` does (so
+the embedding, the loss and the optimizer stay eager; `_chain` says why not that function itself), rather than
+use `torch.compile`, whose compile costs a minute per process: capturing costs a few steps.
 
 A graph replays fixed shapes, so each packed micro-batch is padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens
 (FixedShape below): the padding is conversations of its own, attended only by themselves and masked from the
@@ -71,7 +71,6 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
     to `dtype` (its mixed precision), which the capture must repeat.
     """
     import torch
-    from torch import nn
 
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
@@ -80,58 +79,55 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
     hidden = inner.config.hidden_size
     model.train()  # dropout as in training: a graph replays what was captured
 
-    class Step(nn.Module):  # the graph's inputs: tensors only
-        def __init__(self, layer):
-            super().__init__()
-            self.layer = layer
-
-        def forward(self, x, cos, sin, cu):
-            return type(self.layer).forward(
-                self.layer,
-                x,
-                attention_mask=None,
-                position_embeddings=(cos, sin),
-                cu_seq_lens_q=cu,
-                cu_seq_lens_k=cu,
-                max_length_q=max_length,
-                max_length_k=max_length,
-            )
-
-    with torch.no_grad():
+    with torch.no_grad():  # the graphs' inputs besides the hidden states, shared by every layer
         x = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
         cos, sin = inner.rotary_emb(x, position_ids=torch.arange(tokens, device=device)[None] % max_length)
         cu = torch.arange(0, tokens + 1, max_length, device=device)
         cu = torch.cat([cu, cu.new_full((slots + 1 - len(cu),), tokens)]).to(torch.int32)
-    # The first layer's input (frozen embeddings) carries no gradient; every later layer's does.
-    samples = tuple((x.clone().requires_grad_(i > 0), cos, sin, cu) for i in range(len(layers)))
-    steps = tuple(Step(layer) for layer in layers)
-    # As the Trainer's step runs, but without autocast's weight-cast cache, which the graph API rules out.
+
+    def run(layer, h):
+        return type(layer).forward(
+            layer,
+            h,
+            attention_mask=None,
+            position_embeddings=(cos, sin),
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max_length,
+            max_length_k=max_length,
+        )
+
+    # As the Trainer's step runs, but without autocast's weight-cast cache, whose casts a graph would outlive.
     with torch.autocast(device.type, dtype=dtype, enabled=autocast, cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(steps, samples, allow_unused_input=True)
+        graphed = _chain(layers, run, x)
 
     calls = {"graph": 0, "eager": 0}  # layer calls each way, for the log and the bench
 
     for i, (layer, step) in enumerate(zip(layers, graphed)):
 
-        def forward(x, *args, _step=step, _layer=layer, _grad=i > 0, **kwargs):
-            cu, emb = kwargs.get("cu_seq_lens_q"), kwargs.get("position_embeddings")
+        def forward(h, *args, _step=step, _layer=layer, _first=i == 0, **kwargs):
+            cu_now, emb = kwargs.get("cu_seq_lens_q"), kwargs.get("position_embeddings")
             if (
                 _layer.training
                 and torch.is_grad_enabled()
                 and not args
-                and x.shape == (1, tokens, hidden)
-                and x.requires_grad == _grad
-                and cu is not None
-                and cu.shape == (slots + 1,)
+                and h.shape == (1, tokens, hidden)
+                and h.requires_grad != _first  # the embeddings are frozen: only later layers' inputs carry grads
+                and cu_now is not None
+                and cu_now.shape == cu.shape
                 and emb is not None
             ):
+                if _first:  # this step's positions and conversation bounds, once for every layer
+                    cos.copy_(emb[0])
+                    sin.copy_(emb[1])
+                    cu.copy_(cu_now)
                 calls["graph"] += 1
-                return _step(x, emb[0], emb[1], cu.to(device))
+                return _step(h)
             calls["eager"] += 1
-            return type(_layer).forward(_layer, x, *args, **kwargs)
+            return type(_layer).forward(_layer, h, *args, **kwargs)
 
         layer.forward = forward
-    # Graphed backward hands out its static gradient buffers; autograd could keep one as a parameter's .grad,
+    # A graphed backward hands out its static gradient buffers; autograd could keep one as a parameter's .grad,
     # which the next replay would overwrite (with GRAD_ACCUM > 1, before it is added to). A copy prevents it.
     hooks = [p.register_hook(torch.clone) for p in model.parameters() if p.requires_grad]
 
@@ -143,3 +139,70 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
 
     release.calls = calls
     return release
+
+
+def _chain(layers: list, run, x) -> list:
+    """Each layer's forward and backward captured as CUDA graphs, chained: one callable per layer, h -> run(h).
+
+    Our own capture rather than torch.cuda.make_graphed_callables, whose order of capture and memory pool we
+    follow (forward graphs in layer order, backward graphs in reverse, one pool): it gives every layer an input
+    buffer and a gradient buffer of its own and copies into them on every call, 2 x 24 MiB per layer at
+    4,096 tokens of a 3B model. Chained, a layer's graph reads the previous layer's output, and writes the
+    gradient of its input where the previous layer's backward reads it: nothing is copied between layers.
+    Only the first layer's input (the embeddings) is copied in.
+    """
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    params = [tuple(p for p in layer.parameters() if p.requires_grad) for layer in layers]
+    # Warm-up outside any graph (cuBLAS handles, Triton's autotuning, the allocator), on a side stream.
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for i, layer in enumerate(layers):
+                h = x.detach().requires_grad_(i > 0)
+                out = run(layer, h)
+                torch.autograd.grad(out, ((h,) if i > 0 else ()) + params[i], torch.empty_like(out), allow_unused=True)
+    torch.cuda.synchronize()
+
+    pool = torch.cuda.graph_pool_handle()
+    fwd = [torch.cuda.CUDAGraph() for _ in layers]
+    bwd = [torch.cuda.CUDAGraph() for _ in layers]
+    inputs, outputs = [x], []
+    for i, layer in enumerate(layers):
+        with torch.cuda.graph(fwd[i], pool=pool):
+            outputs.append(run(layer, inputs[i]))
+        inputs.append(outputs[i])  # the next layer reads this layer's output where it lies
+    grads: list = [None] * len(layers)
+    grad_out = torch.empty_like(outputs[-1])  # the last layer's: copied in from the loss's backward
+    for i in reversed(range(len(layers))):
+        wanted = ((inputs[i],) if i > 0 else ()) + params[i]
+        with torch.cuda.graph(bwd[i], pool=pool):
+            got = torch.autograd.grad(outputs[i], wanted, grad_out, allow_unused=True)
+        grad_in, grad_params = (got[0], got[1:]) if i > 0 else (None, got)
+        grads[i] = (grad_out, grad_in, grad_params)
+        grad_out = grad_in  # the previous layer's output gradient is this layer's input gradient
+
+    def graphed(i: int):
+        class Graphed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, h, *layer_params):
+                if h.data_ptr() != inputs[i].data_ptr():
+                    inputs[i].copy_(h)
+                fwd[i].replay()
+                return outputs[i].detach()
+
+            @staticmethod
+            @once_differentiable
+            def backward(ctx, g):
+                g_out, g_in, g_params = grads[i]
+                if g.data_ptr() != g_out.data_ptr():
+                    g_out.copy_(g)
+                bwd[i].replay()
+                return (None if g_in is None else g_in.detach(), *(None if t is None else t.detach() for t in g_params))
+
+        return lambda h: Graphed.apply(h, *params[i])
+
+    return [graphed(i) for i in range(len(layers))]

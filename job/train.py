@@ -318,6 +318,9 @@ def sft_config(cfg: Settings, paths: RunPaths, precision: str, compiled: bool = 
         save_only_model=False,  # optimizer + scheduler + RNG too, so a resumed run equals an uninterrupted one
         logging_steps=cfg.LOGGING_STEPS,
         logging_first_step=True,
+        # Transformers' default filter replaces a nan/inf loss in the logged mean, and to find one it reads every
+        # micro-batch's loss on the host, which waits for the GPU each step. Off: a nan loss shows in the log.
+        logging_nan_inf_filter=False,
         report_to=[] if cfg.REPORT_TO == "none" else [cfg.REPORT_TO],
         run_name=cfg.RUN_NAME,
         ddp_find_unused_parameters=False,
