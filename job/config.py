@@ -174,9 +174,10 @@ class Settings:
     )
     CUDA_GRAPHS: bool = _setting(
         True,
-        "On CUDA with PACKING and ATTN_IMPLEMENTATION=sdpa_varlen, when not compiling and without gradient "
-        "checkpointing: replay each decoder layer's forward and backward as a CUDA graph (job/graphs.py). Packed "
-        "micro-batches are padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens; the loss and gradients do not change.",
+        "On one CUDA GPU (not under DDP), with PACKING and ATTN_IMPLEMENTATION=sdpa_varlen, not compiling and "
+        "without gradient checkpointing: replay each decoder layer's forward and backward as a CUDA graph "
+        "(job/graphs.py). Packed micro-batches are padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens; the loss and "
+        "gradients do not change.",
         "train",
         output=False,
     )

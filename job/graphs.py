@@ -85,10 +85,17 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
         cu = torch.arange(0, tokens + 1, max_length, device=device)
         cu = torch.cat([cu, cu.new_full((slots + 1 - len(cu),), tokens)]).to(torch.int32)
 
-    def run(layer, h, trainable: dict):
-        kwargs = {"attention_mask": None, "position_embeddings": (cos, sin), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
-        kwargs.update(max_length_q=max_length, max_length_k=max_length)
-        return torch.func.functional_call(layer, trainable, (h,), kwargs, strict=False)
+    def run(layer, h):
+        return type(layer).forward(
+            layer,
+            h,
+            attention_mask=None,
+            position_embeddings=(cos, sin),
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max_length,
+            max_length_k=max_length,
+        )
 
     # As the Trainer's step runs, but without autocast's weight-cast cache, whose casts a graph would outlive.
     with torch.autocast(device.type, dtype=dtype, enabled=autocast, cache_enabled=False):
@@ -147,15 +154,7 @@ def _chain(layers: list, run, x) -> list:
     import torch
     from torch.autograd.function import once_differentiable
 
-    named = [{n: p for n, p in layer.named_parameters() if p.requires_grad} for layer in layers]
-    params = [tuple(d.values()) for d in named]
-
-    def views(i: int) -> dict:
-        # The graphs differentiate with respect to views of the trainable weights, not the weights themselves:
-        # a weight's gradient accumulator belongs to the stream it was made on (under DDP, the default stream,
-        # when DDP wraps the model), and reaching it from inside a capture invalidates the capture.
-        return {n: p.view_as(p) for n, p in named[i].items()}
-
+    params = [tuple(p for p in layer.parameters() if p.requires_grad) for layer in layers]
     # Warm-up outside any graph (cuBLAS handles, Triton's autotuning, the allocator), on a side stream.
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -163,25 +162,23 @@ def _chain(layers: list, run, x) -> list:
     with torch.cuda.stream(side):
         for _ in range(3):
             for i, layer in enumerate(layers):
-                h, w = x.detach().requires_grad_(i > 0), views(i)
-                out = run(layer, h, w)
-                wanted = ((h,) if i > 0 else ()) + tuple(w.values())
-                torch.autograd.grad(out, wanted, torch.empty_like(out), allow_unused=True)
+                h = x.detach().requires_grad_(i > 0)
+                out = run(layer, h)
+                torch.autograd.grad(out, ((h,) if i > 0 else ()) + params[i], torch.empty_like(out), allow_unused=True)
     torch.cuda.synchronize()
 
     pool = torch.cuda.graph_pool_handle()
     fwd = [torch.cuda.CUDAGraph() for _ in layers]
     bwd = [torch.cuda.CUDAGraph() for _ in layers]
-    inputs, outputs, weights = [x], [], []
+    inputs, outputs = [x], []
     for i, layer in enumerate(layers):
-        weights.append(views(i))
         with torch.cuda.graph(fwd[i], pool=pool):
-            outputs.append(run(layer, inputs[i], weights[i]))
+            outputs.append(run(layer, inputs[i]))
         inputs.append(outputs[i])  # the next layer reads this layer's output where it lies
     grads: list = [None] * len(layers)
     grad_out = torch.empty_like(outputs[-1])  # the last layer's: copied in from the loss's backward
     for i in reversed(range(len(layers))):
-        wanted = ((inputs[i],) if i > 0 else ()) + tuple(weights[i].values())
+        wanted = ((inputs[i],) if i > 0 else ()) + params[i]
         with torch.cuda.graph(bwd[i], pool=pool):
             got = torch.autograd.grad(outputs[i], wanted, grad_out, allow_unused=True)
         grad_in, grad_params = (got[0], got[1:]) if i > 0 else (None, got)

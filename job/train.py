@@ -20,7 +20,7 @@ from typing import Any
 
 from job import graphs, stop
 from job.config import Settings
-from job.errors import OutOfMemory, Stopped
+from job.errors import JobError, OutOfMemory, Stopped
 from job.faults import maybe_die
 from job.files import atomic_write_text, read_jsonl
 from job.model import (
@@ -215,13 +215,16 @@ def use_liger(cfg: Settings, compiled: bool) -> bool:
 
 
 def use_graphs(cfg: Settings, compiled: bool) -> bool:
-    """CUDA_GRAPHS where the step can be captured: packed rows through job/attention.py's varlen kernel (the
-    graph passes conversation boundaries, no mask), no compile, no gradient checkpointing."""
+    """CUDA_GRAPHS where the step can be captured: one process (under DDP the capture fails: DDP's gradient
+    accumulators belong to the default stream, and the captured backward reaches them; measured on two H200s),
+    packed rows through job/attention.py's varlen kernel (the graph passes conversation boundaries, no mask),
+    no compile, no gradient checkpointing."""
     from job.attention import NAME as VARLEN
 
     return (
         cfg.CUDA_GRAPHS
         and _cuda()
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
         and cfg.PACKING
         and cfg.ATTN_IMPLEMENTATION == VARLEN
         and not compiled
@@ -231,9 +234,11 @@ def use_graphs(cfg: Settings, compiled: bool) -> bool:
 
 def _graphs_callback(fixed: Any, precision: str):
     """Captures the decoder layers when training begins (after the Trainer has applied Liger, whose kernels
-    the graphs must hold) and gives them back when it ends. A capture that fails leaves training eager."""
+    the graphs must hold) and gives them back when it ends. A capture that fails stops the job with the way
+    out: after a failed capture CUDA's random-number state is unusable, so training cannot go on eager."""
     import time
 
+    import torch
     from transformers import TrainerCallback
 
     class Graphs(TrainerCallback):
@@ -250,10 +255,13 @@ def _graphs_callback(fixed: Any, precision: str):
                     torch_dtype(precision),
                     autocast=args.bf16 or args.fp16,
                 )
-            except Exception as e:  # a library the capture cannot hold: train eager, as without CUDA_GRAPHS
-                log.warning("CUDA graphs off (%s: %s); training eager", type(e).__name__, e)
-                fixed.tokens = -1  # no padding either
-                return
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # a kernel or library that a CUDA graph cannot hold
+                raise JobError(
+                    f"capturing the decoder layers as CUDA graphs failed ({type(e).__name__}: {str(e)[:300]}). "
+                    "Set CUDA_GRAPHS=false to train without them (slower, same results)."
+                ) from None
             log.info("CUDA graphs: decoder layers captured in %.1f s", time.perf_counter() - t0)
 
         def on_train_end(self, args, state, control, **kwargs):

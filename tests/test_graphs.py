@@ -62,3 +62,44 @@ def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_di
     assert few(examples)["input_ids"].shape[1] == real
     # and one longer than the captured tokens
     assert FixedShape(collate, real - 1, max_length, 99, tok.pad_token_id)(examples)["input_ids"].shape[1] == real
+
+
+def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
+    from job import train
+    from job.config import with_overrides
+
+    monkeypatch.setattr(train, "_cuda", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = load_settings({}, env_file=None)
+    assert train.use_graphs(cfg, compiled=False)
+    assert not train.use_graphs(cfg, compiled=True)
+    for change in (
+        {"CUDA_GRAPHS": False},
+        {"PACKING": False},  # padded rows need a mask, which the graph does not pass
+        {"GRADIENT_CHECKPOINTING": True},
+        {"ATTN_IMPLEMENTATION": "sdpa"},  # would attend across the packed conversations without the varlen kernel
+    ):
+        assert not train.use_graphs(with_overrides(cfg, **change), compiled=False), change
+    monkeypatch.setenv("WORLD_SIZE", "2")  # DDP: the capture fails there (measured), so its ranks train eager
+    assert not train.use_graphs(cfg, compiled=False)
+    monkeypatch.setattr(train, "_cuda", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not train.use_graphs(cfg, compiled=False)
+
+
+def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
+    import types
+
+    import pytest
+
+    from job import graphs, train
+    from job.errors import BUG, JobError
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "capture_layers", fail)
+    callback = train._graphs_callback(types.SimpleNamespace(tokens=8, max_length=4, slots=3), "bf16")
+    with pytest.raises(JobError, match="CUDA_GRAPHS=false") as caught:
+        callback.on_train_begin(types.SimpleNamespace(bf16=True, fp16=False), None, None, model=None)
+    assert "stream is capturing" in str(caught.value) and caught.value.exit_code == BUG
