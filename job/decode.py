@@ -14,6 +14,9 @@ import inspect
 
 CHECK_EVERY = 8  # decoding steps between checks whether every row has finished (each check syncs the host)
 WARMUP_STEPS = 2  # eager steps on a side stream before capture: cuBLAS and the allocator set up outside it
+# Prompt positions per prefill forward. The static cache takes its full size before the prefill, so a whole
+# batch's prompt activations at once (166 rows x ~400 tokens x the MLP's 8,192 features) would come on top of it.
+PREFILL_TOKENS = 128
 
 
 def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, pad_id: int, graph: bool | None = None):
@@ -54,7 +57,9 @@ def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, p
     eos = torch.tensor([eos_id], device=device)
     new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     with torch.no_grad():
-        first = forward(input_ids, additive(prefill_mask), positions)
+        for start in range(0, prompt, PREFILL_TOKENS):  # the cache fills in order; the last chunk's token counts
+            end = min(start + PREFILL_TOKENS, prompt)
+            first = forward(input_ids[:, start:end], additive(prefill_mask[:, :, start:end]), positions[:, start:end])
         new[:, 0] = first
         done = first == eos
         token = first[:, None].clone()

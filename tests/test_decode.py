@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from job import decode
 from job.config import load_settings
 from job.decode import greedy
 from job.model import build_messages, load_model, load_tokenizer
@@ -44,9 +45,13 @@ def _transformers(model, batch, new_tokens, eos, pad):
     return out[:, batch["input_ids"].shape[1] :]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_greedy_gives_transformers_tokens(model_and_batch, attn):
+@pytest.mark.parametrize(
+    "attn,prefill", [("sdpa", decode.PREFILL_TOKENS), ("eager", decode.PREFILL_TOKENS), ("sdpa", 7)]
+)
+def test_greedy_gives_transformers_tokens(model_and_batch, attn, prefill, monkeypatch):
     model, tok, batch = model_and_batch
+    monkeypatch.setattr(decode, "PREFILL_TOKENS", prefill)  # 7: the prompts' prefill in several pieces
+    assert prefill == decode.PREFILL_TOKENS or batch["input_ids"].shape[1] > 2 * prefill
     model.set_attn_implementation(attn)
     try:
         # An end-of-turn id that no row produces: every row runs all 20 steps.
