@@ -25,6 +25,7 @@ class FixedShape:
 
     The padding is cut into conversations of at most `max_length` tokens (the varlen kernel's longest),
     and the conversation boundaries (cu_seq_lens) are filled up with empty conversations at the end.
+    TRL's logged `num_tokens` counts a micro-batch's length, so it includes this padding; the loss does not.
     """
 
     def __init__(self, inner, tokens: int, max_length: int, slots: int, pad_id: int):
