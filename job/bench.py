@@ -476,11 +476,34 @@ def liger_modules(model) -> int:
     return sum("liger_kernel" in (getattr(m.forward, "__module__", None) or "") for m in model.modules())
 
 
+def _loss_and_grads(model, batch: dict) -> tuple[float, Any]:
+    """One forward and backward of `batch`: the loss and the LoRA gradients, flattened in fp32."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+    model.zero_grad(set_to_none=True)
+    return loss.float().item(), grads
+
+
+def _compared(reference: tuple[float, Any], other: tuple[float, Any]) -> dict:
+    """How far `other`'s loss and gradients are from `reference`'s (each from _loss_and_grads)."""
+    import torch
+
+    (l1, g1), (l2, g2) = reference, other
+    return {
+        "loss_rel_diff": abs(l1 - l2) / abs(l1),
+        "grad_cosine": float(torch.nn.functional.cosine_similarity(g1, g2, dim=0)),
+        "grad_rel_l2": float((g1 - g2).norm() / g1.norm()),
+    }
+
+
 def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
     """Loss and LoRA gradients of the job's path (packed, padding-free, on `model`) vs the plain padded
     path on the same rows, on `plain_model` when given (the 4-bit base with the same adapter), else on
     `model` itself."""
-    import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     plain_model = model if plain_model is None else plain_model
@@ -497,22 +520,9 @@ def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
     results = {}
     for name, free, m in (("padded", False, plain_model), ("packed", True, model)):
         batch = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=free)(examples)
-        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-        m.zero_grad(set_to_none=True)
-        loss = m(**batch).loss
-        loss.backward()
-        grads = torch.cat([p.grad.float().flatten() for p in m.parameters() if p.requires_grad])
-        m.zero_grad(set_to_none=True)
-        results[name] = (loss.item(), grads)
-    (l1, g1), (l2, g2) = results["padded"], results["packed"]
-    cos = float(torch.nn.functional.cosine_similarity(g1, g2, dim=0))
-    return {
-        "loss_padded": l1,
-        "loss_packed": l2,
-        "loss_rel_diff": abs(l1 - l2) / abs(l1),
-        "grad_cosine": cos,
-        "grad_rel_l2": float((g1 - g2).norm() / g1.norm()),
-    }
+        results[name] = _loss_and_grads(m, {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
+    padded, packed = results["padded"], results["packed"]
+    return {"loss_padded": padded[0], "loss_packed": packed[0], **_compared(padded, packed)}
 
 
 def check_equivalence(cfg) -> dict:
@@ -534,7 +544,7 @@ def check_equivalence(cfg) -> dict:
 
 def check_graphs(cfg) -> dict:
     """job/graphs.py's replayed layers against the eager ones: one padded micro-batch of the `job` recipe,
-    dropout off, loss and LoRA gradients; then a second replay, which must repeat the first exactly."""
+    dropout off, loss and LoRA gradients; two eager steps give the noise floor to compare with."""
     import torch
 
     from job import graphs
@@ -551,32 +561,24 @@ def check_graphs(cfg) -> dict:
     model.train()
 
     def step() -> tuple[float, Any]:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype):
-            loss = model(**batch).loss
-        loss.backward()
-        return loss.float().item(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
-
-    def rel_l2(a, b) -> float:
-        return float((a - b).norm() / b.norm())
+        with torch.autocast("cuda", dtype=dtype):  # as the Trainer's forward runs
+            return _loss_and_grads(model, batch)
 
     # Flash attention's backward adds with atomics, so two eager steps differ too: their distance is the floor.
-    (loss_eager, eager), (_, eager_again) = step(), step()
+    eager, eager_again = step(), step()
     t0 = time.perf_counter()
     release = graphs.capture_layers(model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=True)
     capture_s = time.perf_counter() - t0
-    loss_graph, graph = step()
+    graph = step()
     release()
     return {
         "tokens": fixed.tokens,
         "capture_s": round(capture_s, 2),
         "layer_calls": release.calls,
-        "loss_eager": loss_eager,
-        "loss_graph": loss_graph,
-        "loss_rel_diff": abs(loss_graph - loss_eager) / abs(loss_eager),
-        "grad_cosine": float(torch.nn.functional.cosine_similarity(graph, eager, dim=0)),
-        "grad_rel_l2": rel_l2(graph, eager),
-        "grad_rel_l2_eager_twice": rel_l2(eager_again, eager),
+        "loss_eager": eager[0],
+        "loss_graph": graph[0],
+        **_compared(eager, graph),
+        "grad_rel_l2_eager_twice": _compared(eager, eager_again)["grad_rel_l2"],
     }
 
 
@@ -606,7 +608,7 @@ def measure_generation(cfg) -> dict:
     for name in ("first", "timed"):
         _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, [False] * n + [True] * n)
         log.info("generation, %s pass: %s", name, passes[name])
-    peak = _peak_gib()
+    peak = _peak_gib()  # the evaluate stage's own peak, before the comparison's extra decoders
     return {
         "prompts": n,
         "rows": 2 * n,
@@ -627,14 +629,10 @@ def compare_decoders(model, tok, conversations: list, new_tokens: int, tuned: li
     from contextlib import nullcontext
 
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from job import decode, evaluate
 
-    tok.padding_side = "left"
-    enc = tok.apply_chat_template(
-        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
-    ).to(next(model.parameters()).device)
+    enc = evaluate.prompt_batch(tok, conversations, next(model.parameters()).device)
     ids, mask, eos, pad = enc["input_ids"], enc["attention_mask"], tok.eos_token_id, tok.pad_token_id
     decoders = {
         "graph": lambda: decode.greedy(model, ids, mask, new_tokens, eos, pad, graph=True),
@@ -646,9 +644,8 @@ def compare_decoders(model, tok, conversations: list, new_tokens: int, tuned: li
     if not ids.is_cuda:
         del decoders["graph"]  # CUDA graphs need CUDA (the CPU tests run this function too)
     out, answers = {}, {}
-    attention = sdpa_kernel([getattr(SDPBackend, b) for b in evaluate.DECODE_ATTENTION])
     rows = nullcontext() if tuned is None else evaluate.per_row_adapter(model, tuned)
-    with torch.no_grad(), attention, rows:
+    with torch.no_grad(), evaluate.decoding_kernels(), rows:
         for name, run in decoders.items():
             run()
             _sync()

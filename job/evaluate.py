@@ -139,6 +139,21 @@ def eval_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> dict:
     return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3), "eval_tokens": count}
 
 
+def prompt_batch(tokenizer, conversations: list[list[dict]], device) -> Any:
+    """The conversations as one left-padded batch of chat-template prompts (input_ids, attention_mask)."""
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    return tokenizer.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+    ).to(device)
+
+
+def decoding_kernels():
+    """Context in which sdpa picks only the DECODE_ATTENTION kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_ATTENTION])
+
+
 def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, tuned_rows: list[bool] | None = None):
     """Greedy answers, one per conversation, in batches; returns texts and speed figures.
 
@@ -146,10 +161,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
     the tuned model and the others as the base (per_row_adapter), so base and tuned answers share
     batches. Rows are sorted by prompt length so a batch carries little padding.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from tqdm.auto import tqdm
 
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     device = next(model.parameters()).device
     lengths = [
         len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
@@ -163,16 +176,9 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
     new_tokens, t0 = 0, time.perf_counter()
     for start in tqdm(range(0, len(order), size), desc="generate", disable=None):
         idx = order[start : start + size]
-        enc = tokenizer.apply_chat_template(
-            [conversations[i] for i in idx],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            padding=True,
-            return_tensors="pt",
-        ).to(device)
+        enc = prompt_batch(tokenizer, [conversations[i] for i in idx], device)
         rows = nullcontext() if tuned_rows is None else per_row_adapter(model, [tuned_rows[i] for i in idx])
-        with sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_ATTENTION]), rows:
+        with decoding_kernels(), rows:
             out = decode.greedy(
                 model,
                 enc["input_ids"],

@@ -15,6 +15,7 @@ that does not fit the captured shape runs the eager layers.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class FixedShape:
 def slots_for(tokens: int, max_length: int) -> int:
     """Conversations a captured micro-batch holds: the padding's pieces plus one real conversation per 16
     tokens (shorter ones are rare; a micro-batch with more of them runs eager)."""
-    return tokens // 16 + -(-tokens // max_length) + 1
+    return tokens // 16 + math.ceil(tokens / max_length) + 1
 
 
 def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, autocast: bool):
@@ -73,8 +74,9 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
     """
     import torch
 
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    from job.model import decoder_layers
+
+    layers = decoder_layers(model)
     inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     device = next(model.parameters()).device
     hidden = inner.config.hidden_size

@@ -38,6 +38,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size() -> int:
+    """Processes training together (torchrun sets WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def decoder_layers(model: Any) -> list:
+    """The model's decoder layers (LlamaDecoderLayer ...): the blocks Transformers names in _no_split_modules."""
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in blocks]
+
+
 def resolve_precision(cfg: Settings) -> tuple[str, str]:
     """Return (precision, reason): one of bf16, fp16, fp32."""
     import torch
@@ -71,7 +82,7 @@ def check_one_process_per_gpu() -> None:
     import torch
 
     visible = torch.cuda.device_count()
-    if visible > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if visible > 1 and world_size() == 1:
         raise ConfigError(
             f"{visible} GPUs are visible to this one process. Train on all of them with "
             f"`torchrun --nproc_per_node={visible} -m job` (DDP: sky/train-multinode.yaml launches it so), "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from contextlib import nullcontext
@@ -33,7 +32,9 @@ from job.model import (
     check_one_process_per_gpu,
     check_quantization,
     is_main_process,
+    local_rank,
     resolve_precision,
+    world_size,
 )
 from job.paths import RunPaths
 
@@ -219,14 +220,14 @@ def _barrier() -> None:
 
 def _init_distributed() -> None:
     """Under torchrun, join the process group early so non-training stages can wait on rank 0."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_rank())
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 

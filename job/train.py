@@ -24,6 +24,7 @@ from job.errors import JobError, OutOfMemory, Stopped
 from job.faults import maybe_die
 from job.files import atomic_write_text, read_jsonl
 from job.model import (
+    decoder_layers,
     dequantize_for_training,
     four_bit_layers,
     is_main_process,
@@ -33,6 +34,7 @@ from job.model import (
     model_code_restored,
     resolve_precision,
     torch_dtype,
+    world_size,
 )
 from job.paths import RunPaths
 
@@ -184,7 +186,7 @@ def planned_steps(cfg: Settings, rows: list[dict]) -> int:
 
         ids = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows]})
         n = len(pack_dataset(ids, cfg.MAX_SEQ_LENGTH, strategy="bfd"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     micro_batches = math.ceil(math.ceil(n / world) / cfg.BATCH_SIZE)
     return math.ceil(math.ceil(micro_batches / cfg.GRAD_ACCUM) * cfg.EPOCHS)
 
@@ -224,7 +226,7 @@ def use_graphs(cfg: Settings, compiled: bool) -> bool:
     return (
         cfg.CUDA_GRAPHS
         and _cuda()
-        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        and world_size() == 1
         and cfg.PACKING
         and cfg.ATTN_IMPLEMENTATION == VARLEN
         and not compiled
@@ -283,8 +285,7 @@ def compile_layers(model: Any) -> int:
     PEFT's checkpoints depend on; Module.compile() keeps them. dynamic=True: packed rows differ in
     length every step, and one graph serves them all.
     """
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
@@ -404,7 +405,7 @@ def base_weights(cfg: Settings, model: Any) -> str:
 
 def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     """The derived numbers printed at start: what will actually run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     n_seq = len(trainer.train_dataset)
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else None
     per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM * world
