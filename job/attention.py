@@ -23,11 +23,21 @@ _FLASH = None
 
 
 def _flash_varlen():
+    import torch
+
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
         return None
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        return None  # FlashAttention-2 needs an Ampere GPU or newer: a T4 or V100 takes the reference path
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def flash_varlen() -> bool:
+    """Whether packed rows go through the flash kernel here (else the per-conversation loop, which reads the
+    conversation bounds on the host and so cannot be captured in a CUDA graph)."""
+    return _flash_varlen() is not None
 
 
 def _per_conversation(q, k, v, cu, scale):

@@ -88,17 +88,11 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
         cu = torch.arange(0, tokens + 1, max_length, device=device)
         cu = torch.cat([cu, cu.new_full((slots + 1 - len(cu),), tokens)]).to(torch.int32)
 
-    def run(layer, h):
-        return type(layer).forward(
-            layer,
-            h,
-            attention_mask=None,
-            position_embeddings=(cos, sin),
-            cu_seq_lens_q=cu,
-            cu_seq_lens_k=cu,
-            max_length_q=max_length,
-            max_length_k=max_length,
-        )
+    def run(layer, h, weights):
+        # The layer's trainable weights replaced by `weights` for this call (see _chain on why).
+        kwargs = dict(position_embeddings=(cos, sin), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+        kwargs |= dict(attention_mask=None, max_length_q=max_length, max_length_k=max_length)
+        return torch.func.functional_call(layer, weights, (h,), kwargs)
 
     # As the Trainer's step runs, but without autocast's weight-cast cache, whose casts a graph would outlive.
     with torch.autocast(device.type, dtype=dtype, enabled=autocast, cache_enabled=False):
@@ -145,7 +139,8 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
 
 
 def _chain(layers: list, run, x) -> list:
-    """Each layer's forward and backward captured as CUDA graphs, chained: one callable per layer, h -> run(h).
+    """Each layer's forward and backward captured as CUDA graphs, chained: one callable per layer, h -> run(h),
+    where run(layer, h, weights) runs a layer with its trainable weights replaced by `weights`.
 
     Our own capture rather than torch.cuda.make_graphed_callables, whose order of capture and memory pool we
     follow (forward graphs in layer order, backward graphs in reverse, one pool): it gives every layer an input
@@ -157,7 +152,12 @@ def _chain(layers: list, run, x) -> list:
     import torch
     from torch.autograd.function import once_differentiable
 
-    params = [tuple(p for p in layer.parameters() if p.requires_grad) for layer in layers]
+    named = [[(n, p) for n, p in layer.named_parameters() if p.requires_grad] for layer in layers]
+    params = [tuple(p for _, p in layer_named) for layer_named in named]
+
+    def views(i: int) -> dict:
+        return {n: p.view_as(p) for n, p in named[i]}
+
     # Warm-up outside any graph (cuBLAS handles, Triton's autotuning, the allocator), on a side stream.
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -165,28 +165,40 @@ def _chain(layers: list, run, x) -> list:
     with torch.cuda.stream(side):
         for _ in range(3):
             for i, layer in enumerate(layers):
-                h = x.detach().requires_grad_(i > 0)
-                out = run(layer, h)
-                torch.autograd.grad(out, ((h,) if i > 0 else ()) + params[i], torch.empty_like(out), allow_unused=True)
+                h, w = x.detach().requires_grad_(i > 0), views(i)
+                out = run(layer, h, w)
+                wanted = ((h,) if i > 0 else ()) + tuple(w.values())
+                torch.autograd.grad(out, wanted, torch.empty_like(out), allow_unused=True)
     torch.cuda.synchronize()
 
+    # The graphs differentiate with respect to views of the weights made inside the capture, not the weights:
+    # autograd synchronises with the stream of the node where it collects a gradient, and a weight's node (its
+    # gradient accumulator) can belong to the default stream, which a capture may not touch. DDP makes them
+    # there when it wraps the model, so differentiating with respect to the weights fails under DDP. A view
+    # made inside the capture belongs to the capture's stream. Outside the graphs, autograd then adds the
+    # replayed gradients to the weights (and DDP reduces them) as for any layer.
     pool = torch.cuda.graph_pool_handle()
     fwd = [torch.cuda.CUDAGraph() for _ in layers]
     bwd = [torch.cuda.CUDAGraph() for _ in layers]
-    inputs, outputs = [x], []
+    inputs, outputs, weights = [x], [], []
     for i, layer in enumerate(layers):
         with torch.cuda.graph(fwd[i], pool=pool):
-            outputs.append(run(layer, inputs[i]))
+            weights.append(views(i))
+            outputs.append(run(layer, inputs[i], weights[i]))
         inputs.append(outputs[i])  # the next layer reads this layer's output where it lies
     grads: list = [None] * len(layers)
     grad_out = torch.empty_like(outputs[-1])  # the last layer's: copied in from the loss's backward
     for i in reversed(range(len(layers))):
-        wanted = ((inputs[i],) if i > 0 else ()) + params[i]
+        wanted = ((inputs[i],) if i > 0 else ()) + tuple(weights[i].values())
         with torch.cuda.graph(bwd[i], pool=pool):
             got = torch.autograd.grad(outputs[i], wanted, grad_out, allow_unused=True)
         grad_in, grad_params = (got[0], got[1:]) if i > 0 else (None, got)
         grads[i] = (grad_out, grad_in, grad_params)
         grad_out = grad_in  # the previous layer's output gradient is this layer's input gradient
+    # The buffers stay; the autograd graph recorded during capture goes. It holds the weights' gradient
+    # accumulators, made on the capture's stream, and eager backward would synchronise with that stream.
+    inputs, outputs = [t.detach() for t in inputs], [t.detach() for t in outputs]
+    del weights
 
     def graphed(i: int):
         class Graphed(torch.autograd.Function):

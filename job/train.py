@@ -217,18 +217,17 @@ def use_liger(cfg: Settings, compiled: bool) -> bool:
 
 
 def use_graphs(cfg: Settings, compiled: bool) -> bool:
-    """CUDA_GRAPHS where the step can be captured: one process (under DDP the capture fails: DDP's gradient
-    accumulators belong to the default stream, and the captured backward reaches them; measured on two H200s),
-    packed rows through job/attention.py's varlen kernel (the graph passes conversation boundaries, no mask),
-    no compile, no gradient checkpointing."""
-    from job.attention import NAME as VARLEN
+    """CUDA_GRAPHS where the step can be captured: packed rows through job/attention.py's varlen kernel (the
+    graph passes conversation boundaries, no mask) on a GPU that has the flash kernel, no compile, no gradient
+    checkpointing."""
+    from job import attention
 
     return (
         cfg.CUDA_GRAPHS
         and _cuda()
-        and world_size() == 1
+        and attention.flash_varlen()
         and cfg.PACKING
-        and cfg.ATTN_IMPLEMENTATION == VARLEN
+        and cfg.ATTN_IMPLEMENTATION == attention.NAME
         and not compiled
         and not cfg.GRADIENT_CHECKPOINTING
     )
@@ -333,6 +332,9 @@ def sft_config(cfg: Settings, paths: RunPaths, precision: str, compiled: bool = 
         report_to=[] if cfg.REPORT_TO == "none" else [cfg.REPORT_TO],
         run_name=cfg.RUN_NAME,
         ddp_find_unused_parameters=False,
+        # DDP would broadcast the model's buffers from rank 0 before every forward; Llama's are the rotary
+        # frequencies, the same on every rank.
+        ddp_broadcast_buffers=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
         push_to_hub=False,

@@ -1,6 +1,7 @@
 """job/graphs.py: the fixed-shape padding that CUDA graphs need leaves the loss and the gradients unchanged.
-(The capture itself needs CUDA: `make bench` checks graphed against eager steps on the GPU.)"""
+(The capture itself needs CUDA: the last test runs on a GPU; `make bench` compares graphed and eager steps there.)"""
 
+import pytest
 import torch
 
 from job.config import load_settings
@@ -65,10 +66,11 @@ def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_di
 
 
 def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
-    from job import train
+    from job import attention, train
     from job.config import with_overrides
 
     monkeypatch.setattr(train, "_cuda", lambda: True)
+    monkeypatch.setattr(attention, "flash_varlen", lambda: True)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = load_settings({}, env_file=None)
     assert train.use_graphs(cfg, compiled=False)
@@ -80,10 +82,12 @@ def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
         {"ATTN_IMPLEMENTATION": "sdpa"},  # would attend across the packed conversations without the varlen kernel
     ):
         assert not train.use_graphs(with_overrides(cfg, **change), compiled=False), change
-    monkeypatch.setenv("WORLD_SIZE", "2")  # DDP: the capture fails there (measured), so its ranks train eager
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each DDP rank captures its own layers (the GPU test below)
+    assert train.use_graphs(cfg, compiled=False)
+    monkeypatch.setattr(attention, "flash_varlen", lambda: False)  # a T4 or V100: packed rows take the host loop
     assert not train.use_graphs(cfg, compiled=False)
+    monkeypatch.setattr(attention, "flash_varlen", lambda: True)
     monkeypatch.setattr(train, "_cuda", lambda: False)
-    monkeypatch.delenv("WORLD_SIZE")
     assert not train.use_graphs(cfg, compiled=False)
 
 
@@ -103,3 +107,67 @@ def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
     with pytest.raises(JobError, match="CUDA_GRAPHS=false") as caught:
         callback.on_train_begin(types.SimpleNamespace(bf16=True, fp16=False), None, None, model=None)
     assert "stream is capturing" in str(caught.value) and caught.value.exit_code == BUG
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+@pytest.mark.parametrize("ddp", [False, True], ids=["one-process", "ddp"])
+def test_graphed_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path, ddp):
+    """The captured layers replay the eager step, also inside DDP (which once invalidated the capture: its
+    gradient accumulators belong to the default stream). bf16 with fp32 LoRA weights under autocast, as the
+    Trainer trains; flash attention's backward is not deterministic, so two eager steps set the noise floor."""
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from job.__main__ import FIXTURE
+    from job.graphs import capture_layers
+
+    cfg = load_settings(
+        {"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "256"},
+        env_file=None,
+    )
+    tok = load_tokenizer(cfg)
+    rows = [tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)]
+    examples = [{"input_ids": r["input_ids"], "seq_lengths": [len(r["input_ids"])]} for r in rows if r][:3]
+    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+    tokens, max_length = 4 * 256, 256
+    fixed = FixedShape(collate, tokens, max_length, slots_for(tokens, max_length), tok.pad_token_id)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in fixed(examples).items()}
+
+    torch.manual_seed(0)
+    base = load_model(cfg, "bf16")
+    model = get_peft_model(base, lora_config(cfg, base), autocast_adapter_dtype=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
+            p.data.normal_(0, 0.02)
+    model.train()
+    step_model = model
+    if ddp:
+        dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+        step_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_model(**batch).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        return loss.item(), grads
+
+    try:
+        (loss, grads), (_, again) = step(), step()
+        release = capture_layers(model, tokens, max_length, fixed.slots, torch.bfloat16, autocast=True)
+        graphed_loss, graphed = step()
+        graphed_loss2, graphed2 = step()  # a replay again: the clone hooks keep .grad apart from the graph's buffers
+        release()
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+    layers = model.config.num_hidden_layers
+    assert release.calls == {"graph": 2 * layers, "eager": 0}
+    eps = 2**-8  # bf16's unit roundoff
+    assert abs(graphed_loss - loss) <= eps * abs(loss) and graphed_loss2 == graphed_loss
+    floor = ((again - grads).norm() / grads.norm()).item()
+    assert ((graphed - grads).norm() / grads.norm()).item() <= max(2 * floor, eps)
+    assert ((graphed2 - graphed).norm() / graphed.norm()).item() <= max(2 * floor, eps)
