@@ -9,7 +9,7 @@ the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
                gradient checkpointing), 4-bit layers
   trl-nogc     trl without gradient checkpointing
   job          this job's defaults (job/config.py)
-  job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept)
+  job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept, micro-batches split in two)
   job-noliger, job-sdpa, job-compile, job-compile-nf4, job-b16, job-compile-b16
                one lever of `job` changed each
   job-accum2, job-ddp2   one GPU (batch 8 x accumulation 2) and two GPUs under torchrun's DDP (batch 8
@@ -376,13 +376,16 @@ def measure_training(name: str, cfg, args) -> dict:
         rcfg,
         RunPaths(rcfg.run_dir),
         precision,
+        lean=name.startswith("job"),  # the seed and TRL recipes keep their own micro-batches
         max_steps=args.warmup_cap + args.steps,
         save_strategy="no",
         logging_steps=10,
         disable_tqdm=True,
         report_to=[],
     )
-    out = _timed_train(trainer, rcfg.GRAD_ACCUM, args, profile_to=Path(args.out) / f"profile-{name}.txt")
+    # the accumulation the trainer runs: the memory-lean path splits micro-batches (train.lean_micro_batches)
+    grad_accum = trainer.args.gradient_accumulation_steps
+    out = _timed_train(trainer, grad_accum, args, profile_to=Path(args.out) / f"profile-{name}.txt")
     return {
         **out,
         "settings": RECIPES[name],

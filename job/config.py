@@ -112,7 +112,8 @@ class Settings:
         "auto",
         "With QUANTIZATION=nf4: train on the NF4-rounded base weights held in 16-bit instead of packed in 4 bits "
         "(same weights, loss and gradients; faster, 2 bytes per base weight). auto: on a GPU where that copy takes "
-        "at most a quarter of its memory; false on a small GPU.",
+        "at most a quarter of its memory; false on a small GPU. Where the base stays in 4 bits on a GPU, each "
+        "micro-batch is also split in two, GRAD_ACCUM doubled (the same sequences per optimizer step).",
         "train",
         ("auto", "true", "false"),
         output=False,

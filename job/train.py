@@ -290,6 +290,28 @@ def compile_layers(model: Any) -> int:
     return len(layers)
 
 
+def lean_micro_batches(cfg: Settings, model: Any) -> Settings:
+    """The memory-lean path: where the base stays packed in 4 bits on a GPU (DEQUANTIZE_BASE, a card short of
+    memory), each micro-batch is split in two, GRAD_ACCUM doubled. An optimizer step then takes the same
+    sequences in the same order, and its loss is normalised by the tokens of all its micro-batches (TRL's
+    num_items_in_batch), so training is the same; the activations kept for backward, most of the step's memory
+    on a 3B model, halve. With CUDA graphs a smaller micro-batch costs little speed (make bench, job-nf4)."""
+    from job.config import with_overrides
+
+    if not (_cuda() and four_bit_layers(model) and cfg.BATCH_SIZE % 2 == 0):
+        return cfg
+    lean = with_overrides(cfg, BATCH_SIZE=cfg.BATCH_SIZE // 2, GRAD_ACCUM=cfg.GRAD_ACCUM * 2)
+    log.info(
+        "base in 4 bits, so memory is short: micro-batches of %d sequences, %d per optimizer step "
+        "(BATCH_SIZE=%d x GRAD_ACCUM=%d split in two; the same sequences per step)",
+        lean.BATCH_SIZE,
+        lean.GRAD_ACCUM,
+        cfg.BATCH_SIZE,
+        cfg.GRAD_ACCUM,
+    )
+    return lean
+
+
 def sft_config(cfg: Settings, paths: RunPaths, precision: str, compiled: bool = False, **overrides: Any) -> Any:
     """TRL's configuration for our settings (`compiled`: the decoder layers are compiled); `overrides` lets
     the benchmark set other recipes."""
@@ -350,7 +372,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_trainer(cfg: Settings, paths: RunPaths, precision: str, **overrides: Any) -> Any:
+def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = True, **overrides: Any) -> Any:
+    """SFTTrainer for our settings. `lean`: split micro-batches on the memory-lean path (lean_micro_batches);
+    the bench turns it off for the plain-TRL recipes it compares against. `overrides`: SFTConfig fields."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import set_seed
@@ -360,6 +384,8 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, **overrides: A
     rows = read_jsonl(paths.train_tokens)
     model = load_model(cfg, precision)
     dequantize_for_training(cfg, model)  # DEQUANTIZE_BASE: same weights, no 4-bit kernels in the step
+    if lean:
+        cfg = lean_micro_batches(cfg, model)
     if cfg.GRADIENT_CHECKPOINTING:
         model.enable_input_require_grads()  # frozen embeddings: let the checkpointed blocks get gradients
     # We wrap with PEFT ourselves rather than passing peft_config to TRL, so the LoRA weights are
@@ -410,7 +436,8 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     world = world_size()
     n_seq = len(trainer.train_dataset)
     steps = trainer.args.max_steps if trainer.args.max_steps > 0 else None
-    per_step = cfg.BATCH_SIZE * cfg.GRAD_ACCUM * world
+    batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
+    per_step = batch * accum * world
     if steps is None:
         steps = math.ceil(n_seq / per_step) * math.ceil(cfg.EPOCHS)
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -431,8 +458,8 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
         "packed rows" if cfg.PACKING else "conversations",
         cfg.MAX_SEQ_LENGTH,
         per_step,
-        cfg.BATCH_SIZE,
-        cfg.GRAD_ACCUM,
+        batch,
+        accum,
         world,
         precision,
         why,

@@ -269,3 +269,61 @@ def test_training_patches_of_the_model_code_stay_with_the_trained_model(tiny_mod
     assert type(inner.model.norm) is stock[0] and type(inner.model.layers[0].mlp) is stock[1]
     out = tuned(input_ids=torch.tensor([[1, 2, 3]]))  # runs: no patched forward or rotary embedding left
     assert torch.isfinite(out.logits).all()
+
+
+def _first_step_gradients(cfg, paths) -> torch.Tensor:
+    """The LoRA gradients that the first optimizer step applies (after accumulation and clipping)."""
+    from transformers import TrainerCallback
+
+    from job.train import build_trainer
+
+    seen = []
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            seen.append(torch.cat([p.grad.flatten().clone() for p in model.parameters() if p.requires_grad]))
+
+    trainer = build_trainer(cfg, paths, "fp32", max_steps=1, save_strategy="no", report_to=[], logging_steps=1)
+    trainer.add_callback(Grab())
+    trainer.train()
+    return seen[0]
+
+
+def test_lean_path_splits_micro_batches_into_the_same_optimizer_step(demo_run, tmp_path, monkeypatch):
+    """Where the base stays in 4 bits on a GPU, each micro-batch is split in two with GRAD_ACCUM doubled. The
+    first optimizer step then applies the gradients of the unsplit step: the same sequences, and the loss
+    normalised by the tokens of both micro-batches (TRL's num_items_in_batch). fp32 on CPU; a step over other
+    sequences (BATCH_SIZE=2 alone) is far from it, so the comparison can fail."""
+    from job import train
+    from job.paths import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    paths.data.mkdir(parents=True)
+    paths.train_tokens.write_bytes(RunPaths(demo_run.run_dir).train_tokens.read_bytes())
+    env = {**demo_run.env, "LORA_DROPOUT": "0", "QUANTIZATION": "none", "GRAD_ACCUM": "1"}
+    whole = _first_step_gradients(load_settings(env, env_file=None), paths)
+    split = _first_step_gradients(load_settings({**env, "BATCH_SIZE": "2", "GRAD_ACCUM": "2"}, env_file=None), paths)
+    other = _first_step_gradients(load_settings({**env, "BATCH_SIZE": "2"}, env_file=None), paths)
+    assert whole.norm() > 0
+    # the same sums of fp32 products, in two parts instead of one
+    assert (split - whole).norm() <= 1e-5 * whole.norm()
+    assert (other - whole).norm() > 1e-2 * whole.norm()
+
+    # When it splits: 4-bit layers kept, on a GPU, an even BATCH_SIZE
+    nf4 = load_settings({**env, "QUANTIZATION": "nf4", "BATCH_SIZE": "4", "GRAD_ACCUM": "3"}, env_file=None)
+    four_bit = load_model(nf4, "fp32")
+    unchanged = train.lean_micro_batches(nf4, four_bit)  # CPU: memory is not short
+    assert (unchanged.BATCH_SIZE, unchanged.GRAD_ACCUM) == (4, 3)
+    monkeypatch.setattr(train, "_cuda", lambda: True)
+    lean = train.lean_micro_batches(nf4, four_bit)
+    assert (lean.BATCH_SIZE, lean.GRAD_ACCUM) == (2, 6)
+    assert train.lean_micro_batches(with_overrides(nf4, BATCH_SIZE=3), four_bit).BATCH_SIZE == 3
+    assert train.lean_micro_batches(nf4, load_model(nf4, "fp32", quantization="none")).BATCH_SIZE == 4
+
+
+def test_packed_rows_take_the_flash_kernel_only_on_a_gpu_that_has_it(monkeypatch):
+    """FlashAttention-2 needs compute capability 8.0 (Ampere); a T4 (7.5) or V100 (7.0) takes the reference loop."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert attention.flash_varlen() is expected, capability
