@@ -175,9 +175,9 @@ class Settings:
     )
     CUDA_GRAPHS: bool = _setting(
         True,
-        "On one CUDA GPU (not under DDP), with PACKING and ATTN_IMPLEMENTATION=sdpa_varlen, not compiling and "
-        "without gradient checkpointing: replay each decoder layer's forward and backward as a CUDA graph "
-        "(job/graphs.py). Packed micro-batches are padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens; the loss and "
+        "On an Ampere or newer GPU (each DDP rank too), with PACKING and ATTN_IMPLEMENTATION=sdpa_varlen, not "
+        "compiling and without gradient checkpointing: replay each decoder layer's forward and backward as a CUDA "
+        "graph (job/graphs.py). Packed micro-batches are padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens; the loss and "
         "gradients do not change.",
         "train",
         output=False,
