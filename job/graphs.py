@@ -18,6 +18,8 @@ import logging
 import math
 from typing import Any
 
+from job.model import decoder_layers
+
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +75,6 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
     to `dtype` (its mixed precision), which the capture must repeat.
     """
     import torch
-
-    from job.model import decoder_layers
 
     layers = decoder_layers(model)
     inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model

@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from job import graphs, stop
-from job.config import Settings
+from job import attention, graphs, stop
+from job.config import Settings, with_overrides
 from job.errors import JobError, OutOfMemory, Stopped
 from job.faults import maybe_die
 from job.files import atomic_write_text, read_jsonl
@@ -220,8 +220,6 @@ def use_graphs(cfg: Settings, compiled: bool) -> bool:
     """CUDA_GRAPHS where the step can be captured: packed rows through job/attention.py's varlen kernel (the
     graph passes conversation boundaries, no mask) on a GPU that has the flash kernel, no compile, no gradient
     checkpointing."""
-    from job import attention
-
     return (
         cfg.CUDA_GRAPHS
         and _cuda()
@@ -296,8 +294,6 @@ def lean_micro_batches(cfg: Settings, model: Any) -> Settings:
     sequences in the same order, and its loss is normalised by the tokens of all its micro-batches (TRL's
     num_items_in_batch), so training is the same; the activations kept for backward, most of the step's memory
     on a 3B model, halve. With CUDA graphs a smaller micro-batch costs little speed (make bench, job-nf4)."""
-    from job.config import with_overrides
-
     if not (_cuda() and four_bit_layers(model) and cfg.BATCH_SIZE % 2 == 0):
         return cfg
     lean = with_overrides(cfg, BATCH_SIZE=cfg.BATCH_SIZE // 2, GRAD_ACCUM=cfg.GRAD_ACCUM * 2)
