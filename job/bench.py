@@ -58,8 +58,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from job.config import replace_section
+from job import decode, evaluate, formatting, graphs, safety, sample
+from job.config import load_settings, replace_section, with_overrides
+from job.files import atomic_write_text, read_jsonl
+from job.model import build_messages, load_model, model_code_restored, resolve_precision, torch_dtype
 from job.paths import RunPaths
+from job.random_llama import build_random_llama
+from job.train import base_weights, build_trainer
 
 log = logging.getLogger("job.bench")
 
@@ -359,17 +364,12 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
 
 
 def _recipe_settings(cfg, overrides: dict[str, str]):
-    from job.config import load_settings
-
     env = {k: str(v) for k, v in cfg.masked().items() if k not in ("HF_TOKEN", "WANDB_API_KEY")}
     return load_settings({**env, **overrides}, env_file=None)
 
 
 def measure_training(name: str, cfg, args) -> dict:
     """One of the job's recipes, through the job's own build_trainer."""
-    from job.model import resolve_precision
-    from job.train import build_trainer
-
     rcfg = _recipe_settings(cfg, RECIPES[name])
     precision, _ = resolve_precision(rcfg)
     trainer = build_trainer(
@@ -412,8 +412,6 @@ def measure_unsloth(cfg, args, padding: str = "padded") -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
-
-    from job.files import read_jsonl
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=cfg.BASE_MODEL, max_seq_length=cfg.MAX_SEQ_LENGTH, load_in_4bit=True, dtype=torch.bfloat16
@@ -460,9 +458,6 @@ def measure_unsloth(cfg, args, padding: str = "padded") -> dict:
 
 def _trained_adapter(cfg, precision: str):
     """A trainer whose adapter has taken a few steps (lora_B non-zero), saved where evaluation reads it."""
-    from job.model import model_code_restored
-    from job.train import build_trainer
-
     trainer = build_trainer(
         cfg, RunPaths(cfg.run_dir), precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
     )
@@ -532,10 +527,6 @@ def check_equivalence(cfg) -> dict:
     """The job's default path against the plain 4-bit padded path, same 8 rows and adapter, bf16."""
     from peft import PeftModel
 
-    from job.files import read_jsonl
-    from job.model import load_model, resolve_precision
-    from job.train import base_weights
-
     precision, _ = resolve_precision(cfg)
     trainer = _trained_adapter(cfg, precision)
     paths = RunPaths(cfg.run_dir)
@@ -549,11 +540,6 @@ def check_graphs(cfg) -> dict:
     """job/graphs.py's replayed layers against the eager ones: one padded micro-batch of the `job` recipe,
     dropout off, loss and LoRA gradients; two eager steps give the noise floor to compare with."""
     import torch
-
-    from job import graphs
-    from job.config import with_overrides
-    from job.model import resolve_precision, torch_dtype
-    from job.train import build_trainer
 
     rcfg = with_overrides(_recipe_settings(cfg, RECIPES["job"]), LORA_DROPOUT=0.0)
     precision, _ = resolve_precision(rcfg)
@@ -590,11 +576,6 @@ def measure_generation(cfg) -> dict:
     then a timed one, so decoding kernels' first-use costs are not in the figure. Then the same rows in one
     batch through three decoders, each warmed alike: job/decode.py with its CUDA graph (the default), the
     same loop eager, and Transformers' generate; with how many rows' answers agree."""
-
-    from job import evaluate, safety
-    from job.files import read_jsonl
-    from job.model import build_messages, resolve_precision
-
     precision, _ = resolve_precision(cfg)
     paths = RunPaths(cfg.run_dir)
     if not (paths.adapter / "adapter_config.json").exists():
@@ -633,8 +614,6 @@ def compare_decoders(model, tok, conversations: list, new_tokens: int, tuned: li
 
     import torch
 
-    from job import decode, evaluate
-
     enc = evaluate.prompt_batch(tok, conversations, next(model.parameters()).device)
     ids, mask, eos, pad = enc["input_ids"], enc["attention_mask"], tok.eos_token_id, tok.pad_token_id
     decoders = {
@@ -668,11 +647,6 @@ def compare_decoders(model, tok, conversations: list, new_tokens: int, tuned: li
 def prepare(cfg, args) -> dict:
     """The random-weight model (once), the rows, and the card's measured matmul peak."""
     import torch
-
-    from job import formatting, sample
-    from job.files import read_jsonl
-    from job.model import resolve_precision
-    from job.random_llama import build_random_llama
 
     model_dir = Path(cfg.BASE_MODEL)
     if not (model_dir / "config.json").exists():
@@ -864,8 +838,6 @@ def markdown(r: dict) -> str:
 
 
 def write_report(results: dict, out: Path, readme: Path | None) -> str:
-    from job.files import atomic_write_text
-
     md = markdown(results)
     atomic_write_text(out / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
     atomic_write_text(out / "bench.md", md)
@@ -899,8 +871,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_settings(args):
-    from job.config import load_settings
-
     env = {
         "BASE_MODEL": args.model_dir,
         "DATASET": args.data,

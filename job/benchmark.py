@@ -234,8 +234,8 @@ def evaluate_task(lm, task: str, data_file: Path, limit: int | None) -> list[dic
 
     Through `lm_eval.evaluator.evaluate`, the function `simple_evaluate` calls once it has built the tasks, with
     the one setting that matters here made as simple_evaluate(num_fewshot=0) makes it. simple_evaluate itself
-    then collects environment information (torch's collect_env runs `pip list` and more in subprocesses): 2.2 of
-    the 2.4 s of a call on the demo's fixture (2 CPU cores), and the stage makes two calls per task.
+    then collects environment information (torch's collect_env runs `pip list` and more in subprocesses), which
+    costs more than scoring a small task, and the stage makes two calls per task.
     """
     from lm_eval.evaluator import evaluate
 

@@ -111,8 +111,8 @@ def build_random_llama(out_dir: str | Path, texts: Iterable[str] = (), seed: int
     """Write a Llama model with random weights plus tokenizer to `out_dir`; return the path.
 
     shape="tiny": 2 layers, hidden 64, fp32 (tests, demo). shape="llama-3.2-3b": the real 3B
-    shape in bf16, built on the GPU when there is one (~10 s on an H100), with a 32k-token BPE
-    so that tokens per conversation are close to Llama 3's tokenizer.
+    shape in bf16, built on the GPU when there is one (random 3B weights are slow to draw on a CPU),
+    with a 32k-token BPE so that tokens per conversation are close to Llama 3's tokenizer.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -187,7 +187,7 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     seen_keys: set[str] = set()
     kept: list[dict] = []
     read = 0
-    chunk = 1024  # rows fetched from Arrow per call: one call per row is ~100x slower
+    chunk = 1024  # rows fetched from Arrow per call: one call per row pays Arrow's per-call overhead each time
     with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar:
         for start in range(0, len(order), chunk):
             idx = order[start : start + chunk].tolist()

@@ -7,6 +7,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
 from dotenv import dotenv_values
 
 from job.config import Settings, load_settings, render_env_example, render_settings_table, replace_section
@@ -46,3 +47,5 @@ def test_replace_section_keeps_the_markers_and_is_idempotent():
     text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb\n"
     once = replace_section(text, "x", "new\n")
     assert once == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb\n" and replace_section(once, "x", "new\n") == once
+    with pytest.raises(ValueError, match="markers"):
+        replace_section("a\n<!-- y:start -->\nb\n<!-- y:end -->\n", "x", "new\n")
