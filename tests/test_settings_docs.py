@@ -49,3 +49,21 @@ def test_replace_section_keeps_the_markers_and_is_idempotent():
     assert once == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb\n" and replace_section(once, "x", "new\n") == once
     with pytest.raises(ValueError, match="markers"):
         replace_section("a\n<!-- y:start -->\nb\n<!-- y:end -->\n", "x", "new\n")
+
+
+def test_readme_run_directory_listing_names_every_run_path():
+    """README's "What a run leaves" lists what job/paths.py declares: every top-level entry on a line of its own,
+    every file or folder name in its entry (a `*` pattern such as *_tokens.jsonl counts), and nothing else."""
+    from fnmatch import fnmatch
+
+    from job.paths import RunPaths
+
+    block = README.read_text().split("## What a run leaves", 1)[1].split("```")[1]
+    listed = {line.split()[0].split("/")[0] for line in block.splitlines() if line and not line[0].isspace()}
+    declared = [
+        getattr(RunPaths(Path()), name).as_posix() for name, v in vars(RunPaths).items() if isinstance(v, property)
+    ]
+    assert listed == {p.split("/")[0] for p in declared}, "README's run directory listing: top-level entries"
+    words = re.findall(r"[\w.*-]+", block)
+    unlisted = [p for p in declared if not any(fnmatch(Path(p).name, w) for w in words)]
+    assert not unlisted, f"README's run directory listing lacks {unlisted}"
