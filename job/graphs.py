@@ -90,8 +90,14 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
 
     def run(layer, h, weights):
         # The layer's trainable weights replaced by `weights` for this call (see _chain on why).
-        kwargs = dict(position_embeddings=(cos, sin), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-        kwargs |= dict(attention_mask=None, max_length_q=max_length, max_length_k=max_length)
+        kwargs = dict(
+            attention_mask=None,
+            position_embeddings=(cos, sin),
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max_length,
+            max_length_k=max_length,
+        )
         return torch.func.functional_call(layer, weights, (h,), kwargs)
 
     # As the Trainer's step runs, but without autocast's weight-cast cache, whose casts a graph would outlive.

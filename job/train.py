@@ -293,7 +293,7 @@ def lean_micro_batches(cfg: Settings, model: Any) -> Settings:
     memory), each micro-batch is split in two, GRAD_ACCUM doubled. An optimizer step then takes the same
     sequences in the same order, and its loss is normalised by the tokens of all its micro-batches (TRL's
     num_items_in_batch), so training is the same; the activations kept for backward, most of the step's memory
-    on a 3B model, halve. With CUDA graphs a smaller micro-batch costs little speed (make bench, job-nf4)."""
+    on a 3B model, halve. Smaller micro-batches cost some speed (make bench: job-nf4)."""
     if not (_cuda() and four_bit_layers(model) and cfg.BATCH_SIZE % 2 == 0):
         return cfg
     lean = with_overrides(cfg, BATCH_SIZE=cfg.BATCH_SIZE // 2, GRAD_ACCUM=cfg.GRAD_ACCUM * 2)

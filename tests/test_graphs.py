@@ -18,8 +18,12 @@ def _loss_and_grads(model, batch):
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_dir):
-    from peft import get_peft_model
+TOKENS, MAX_LENGTH = 4 * 256, 256  # the captured shape in these tests: 4 packed rows of 256 tokens
+
+
+def _batches(tiny_model_dir):
+    """Settings (fp32-exact: no quantization, no dropout), tokenizer, TRL's padding-free collator, three fixture
+    conversations, and that collator padded to the captured shape."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from job.__main__ import FIXTURE
@@ -30,10 +34,28 @@ def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_di
     )
     tok = load_tokenizer(cfg)
     rows = [tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)]
-    examples = [{"input_ids": r["input_ids"], "seq_lengths": [len(r["input_ids"])]} for r in rows[:3]]
+    examples = [{"input_ids": r["input_ids"], "seq_lengths": [len(r["input_ids"])]} for r in rows if r][:3]
     collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
-    tokens, max_length = 4 * 256, 256
-    fixed = FixedShape(collate, tokens, max_length, slots_for(tokens, max_length), tok.pad_token_id)
+    fixed = FixedShape(collate, TOKENS, MAX_LENGTH, slots_for(TOKENS, MAX_LENGTH), tok.pad_token_id)
+    return cfg, tok, collate, examples, fixed
+
+
+def _lora_model(cfg, precision: str):
+    """The tiny model with a seeded adapter whose B is non-zero (B starts at zero), so A gets gradients too."""
+    from peft import get_peft_model
+
+    base = load_model(cfg, precision)
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora_config(cfg, base))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    return model
+
+
+def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_dir):
+    cfg, tok, collate, examples, fixed = _batches(tiny_model_dir)
+    tokens, max_length = TOKENS, MAX_LENGTH
 
     plain, padded = collate(examples), fixed(examples)
     real = plain["input_ids"].shape[1]
@@ -46,12 +68,7 @@ def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_di
     assert pieces.max() <= max_length and pieces[3:].sum() == tokens - real  # padding in pieces the kernel takes
     assert (padded["position_ids"][0, real:][padded["position_ids"][0, real:] == 0]).numel() == (pieces[3:] > 0).sum()
 
-    base = load_model(cfg, "fp32")
-    torch.manual_seed(0)
-    model = get_peft_model(base, lora_config(cfg, base))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
-            p.data.normal_(0, 0.02)
+    model = _lora_model(cfg, "fp32")
     loss, grads = _loss_and_grads(model, plain)
     loss_padded, grads_padded = _loss_and_grads(model, padded)
     # fp32 on CPU: the same per-conversation attention and the same masked tokens, summed in another order
@@ -94,8 +111,6 @@ def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
 def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
     import types
 
-    import pytest
-
     from job import graphs, train
     from job.errors import BUG, JobError
 
@@ -117,30 +132,13 @@ def test_graphed_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_pa
     gradient accumulators belong to the default stream). bf16 with fp32 LoRA weights under autocast, as the
     Trainer trains; flash attention's backward is not deterministic, so two eager steps set the noise floor."""
     import torch.distributed as dist
-    from peft import get_peft_model
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from job.__main__ import FIXTURE
     from job.graphs import capture_layers
 
-    cfg = load_settings(
-        {"BASE_MODEL": str(tiny_model_dir), "QUANTIZATION": "none", "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "256"},
-        env_file=None,
-    )
-    tok = load_tokenizer(cfg)
-    rows = [tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)]
-    examples = [{"input_ids": r["input_ids"], "seq_lengths": [len(r["input_ids"])]} for r in rows if r][:3]
-    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
-    tokens, max_length = 4 * 256, 256
-    fixed = FixedShape(collate, tokens, max_length, slots_for(tokens, max_length), tok.pad_token_id)
+    cfg, _, _, examples, fixed = _batches(tiny_model_dir)
+    tokens, max_length = TOKENS, MAX_LENGTH
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in fixed(examples).items()}
-
-    torch.manual_seed(0)
-    base = load_model(cfg, "bf16")
-    model = get_peft_model(base, lora_config(cfg, base), autocast_adapter_dtype=True)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
-            p.data.normal_(0, 0.02)
+    model = _lora_model(cfg, "bf16")
     model.train()
     step_model = model
     if ddp:
