@@ -354,6 +354,9 @@ def sft_config(cfg: Settings, paths: RunPaths, precision: str, compiled: bool = 
         # frequencies, the same on every rank.
         ddp_broadcast_buffers=False,
         dataloader_num_workers=0,
+        # Copy each batch to the GPU from pinned memory (Transformers' default) without waiting for the copy:
+        # a blocking copy waits for every kernel queued before it, leaving the GPU idle at each step's start.
+        accelerator_config={"non_blocking": True},
         disable_tqdm=False,
         push_to_hub=False,
         use_liger_kernel=use_liger(cfg, compiled),
@@ -368,9 +371,74 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def trainer_class() -> type:
+    """TRL's SFTTrainer, with its training metrics read from the GPU once per log line instead of every
+    micro-batch.
+
+    TRL's compute_loss reads the entropy, the token accuracy and the token count back to the host after each
+    micro-batch (`.item()`). Each read waits for every kernel queued so far, so the GPU idles while the host
+    queues the next step. This subclass computes the same loss and the same metrics, keeps the metrics as GPU
+    tensors, and hands them to TRL's log() in one read. Any other loss (evaluation, label smoothing, DFT, a
+    mixture-of-experts aux loss, a custom loss, sequence parallelism) is TRL's own. It repeats TRL's code, so
+    tests/test_equivalence.py trains with both and compares loss, logged metrics and weights: a TRL upgrade
+    that changes either fails there.
+    """
+    import torch
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        _pending: list = []  # per micro-batch [entropy, accuracy] tensors since the last log
+        _pending_tokens: Any = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            plain = (
+                self.model.training
+                and not return_outputs
+                and self.compute_loss_func is None
+                and self.label_smoother is None
+                and self.args.loss_type == "nll"
+                and not self.aux_loss_enabled
+                and self.accelerator.parallelism_config is None
+            )
+            if not plain:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            out = model(**inputs, fused_lm_head=True)  # TRL's chunked LM head: log-probs without the logits
+            count = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -out.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            gather = self.accelerator.gather_for_metrics
+            valid = gather(out.label_mask.sum()).sum().clamp(min=1)  # both sums are 0 where nothing is valid
+            entropy = gather(out.entropy.detach().sum()).sum() / valid
+            accuracy = gather(out.is_top1.sum()).sum() / valid
+            self._pending = [*self._pending, torch.stack([entropy, accuracy])]
+            if "attention_mask" in inputs:
+                tokens = gather(inputs["attention_mask"].sum()).sum()
+            else:  # padding-free packing: one row of tokens
+                # a fill kernel: torch.tensor(n, device=...) would copy n from the host and wait for the GPU
+                tokens = gather(torch.full((), inputs["position_ids"].size(1), device=loss.device)).sum()
+            self._pending_tokens = self._pending_tokens + tokens // self._tp_size
+            return loss
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            if self._pending:
+                metrics = self._metrics["train"]
+                for entropy, accuracy in torch.stack(self._pending).tolist():  # the one read
+                    metrics["entropy"].append(entropy)
+                    metrics["mean_token_accuracy"].append(accuracy)
+                self._total_train_tokens += int(self._pending_tokens)
+                metrics["num_tokens"] = [self._total_train_tokens]
+                self._pending, self._pending_tokens = [], 0
+            super().log(logs, start_time)
+
+    return Trainer
+
+
 def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = True, **overrides: Any) -> Any:
-    """SFTTrainer for our settings. `lean`: split micro-batches on the memory-lean path (lean_micro_batches);
-    the bench turns it off for the plain-TRL recipes it compares against. `overrides`: SFTConfig fields."""
+    """SFTTrainer for our settings. `lean`: the job's own economies, split micro-batches on the memory-lean
+    path (lean_micro_batches) and training metrics read once per log line (trainer_class); the bench turns
+    them off for the plain-TRL recipes it compares against. `overrides`: SFTConfig fields."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import set_seed
@@ -392,7 +460,7 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = T
     if compiled:
         log.info("compiling %d decoder layers (one compile, in the first step)", compile_layers(model))
     args = sft_config(cfg, paths, precision, compiled, **overrides)
-    trainer = SFTTrainer(
+    trainer = (trainer_class() if lean else SFTTrainer)(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
