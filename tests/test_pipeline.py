@@ -97,6 +97,9 @@ def test_manifest_records_every_stage_done(demo_run):
         for artifact in rec["artifacts"]:
             assert (demo_run.run_dir / artifact).exists(), f"{stage}: {artifact} listed but missing"
     assert manifest["stages"]["train"]["fingerprint"]["LORA_R"] == 8
+    # The report has one writer, the pipeline: recorded once, under its own key, never as a stage's file.
+    assert manifest["report"]["artifacts"] == ["report/README.md", "report/loss.png"]
+    assert not any(a.startswith("report/") for rec in manifest["stages"].values() for a in rec["artifacts"])
     assert {"torch", "transformers", "peft", "trl"} <= set(manifest["versions"])
 
 
@@ -259,6 +262,20 @@ def test_a_done_stage_whose_files_are_gone_runs_again(demo_run_copy, run_job):
     assert "data/train_tokens.jsonl is gone: running it again" in result.output
     assert run.paths.train_tokens.is_file()
     assert "stage sample    already done" in result.output and "stage format    starting" in result.output
+
+
+def test_a_deleted_report_is_rendered_again_without_rerunning_a_stage(demo_run_copy, run_job):
+    run = demo_run_copy
+    card = run.paths.model_card.read_text()
+    stages = read_json(run.paths.manifest)["stages"]
+    run.paths.model_card.unlink()
+
+    result = run_job(run.env, "run")
+
+    assert result.exit_code == 0, result.output[-3000:]
+    assert run.paths.model_card.read_text() == card
+    assert read_json(run.paths.manifest)["stages"] == stages
+    assert sum("already done" in line for line in result.output.splitlines()) == len(STAGES)
 
 
 def test_stages_subset_runs_only_those_and_needs_upstream(demo_env, run_job, fake_hub, tmp_path):

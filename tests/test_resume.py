@@ -160,7 +160,8 @@ def _max_diff(a: Path, b: Path) -> float:
 
 def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[str]:
     """Whatever the manifest calls done is complete and equals the uninterrupted run's. Returns done stages."""
-    stages = _manifest(run_dir)["stages"]
+    manifest = _manifest(run_dir)
+    stages = manifest["stages"]
     done = [s for s in STAGES if stages.get(s, {}).get("status") == "done"]
     assert done == list(STAGES[: len(done)]), f"done stages are not a prefix of the pipeline: {stages}"
     for s in done:
@@ -180,7 +181,11 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
         assert _max_diff(RunPaths(run_dir).adapter, RunPaths(ref).adapter) <= RESUME_TOLERANCE
     if "evaluate" in done:
         json.loads(RunPaths(run_dir).metrics.read_text())
-        assert RunPaths(run_dir).model_card.is_file()
+    report = manifest.get("report")  # recorded only once its files are written
+    for artifact in report["artifacts"] if report else []:
+        assert (run_dir / artifact).exists(), f"the report is recorded but {artifact} is missing"
+    if "push" in done:
+        assert report and RunPaths(run_dir).model_card.is_file()
     if "push" in done:
         files = sorted(p.name for p in RunPaths(run_dir).push.iterdir())
         assert files == sorted(p.name for p in RunPaths(ref).push.iterdir())
