@@ -434,6 +434,6 @@ def test_bad_input_exit_status_and_stderr_of_a_real_process(extra, expect, model
     for fragment in expect:
         assert fragment in proc.stderr
     assert "(exit 2: bad setting or input" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "outputs" / "bad" / "manifest.json").exists()
+    assert not RunPaths(tmp_path / "outputs" / "bad").manifest.exists()
     if "NUM_SAMPLE" in extra:  # bad settings: nothing at all is written before they are valid
         assert not (tmp_path / "outputs").exists()

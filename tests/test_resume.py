@@ -167,14 +167,11 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
     for s in done:
         for artifact in stages[s]["artifacts"]:
             assert (run_dir / artifact).exists(), f"stage {s} is done but {artifact} is missing"
-    same = {
-        "sample": ["data/train.jsonl", "data/eval.jsonl"],
-        "format": ["data/train_tokens.jsonl", "data/eval_tokens.jsonl"],
-        "evaluate": ["eval/samples.jsonl"],
-    }
+    same = {"sample": ["train_rows", "eval_rows"], "format": ["train_tokens", "eval_tokens"], "evaluate": ["samples"]}
     for s in done:
         for name in same.get(s, []):
-            assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the reference"
+            mine, theirs = getattr(RunPaths(run_dir), name), getattr(RunPaths(ref), name)
+            assert mine.read_bytes() == theirs.read_bytes(), f"{mine} differs from the reference"
     if "train" in done:
         # Same steps, same RNG, same CPU thread count (the kill test checks the pin's log line). See
         # RESUME_TOLERANCE for the run-to-run noise.
@@ -186,7 +183,6 @@ def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[
         assert (run_dir / artifact).exists(), f"the report is recorded but {artifact} is missing"
     if "push" in done:
         assert report and RunPaths(run_dir).model_card.is_file()
-    if "push" in done:
         files = sorted(p.name for p in RunPaths(run_dir).push.iterdir())
         assert files == sorted(p.name for p in RunPaths(ref).push.iterdir())
         assert _max_diff(RunPaths(run_dir).push, RunPaths(ref).push) <= RESUME_TOLERANCE
