@@ -344,7 +344,7 @@ def _write(paths: RunPaths, cfg: Settings, key: dict, done: dict[str, dict]) -> 
     atomic_write_text(paths.benchmark, text)
 
 
-# --- the gate and the model card ---------------------------------------------------------------------------------
+# --- the gate ----------------------------------------------------------------------------------------------------
 def check_gate(cfg: Settings, paths: RunPaths) -> None:
     """Stop the push (exit 5) if the tuned model's mean accuracy fell by more than MAX_BENCHMARK_DROP points."""
     path = paths.benchmark
@@ -365,57 +365,3 @@ def check_gate(cfg: Settings, paths: RunPaths) -> None:
         f"Tasks that fell: {detail or 'none alone'}. Nothing was pushed. See eval/benchmark.json; train with a lower "
         "LEARNING_RATE or fewer EPOCHS, or raise MAX_BENCHMARK_DROP only if the drop is acceptable."
     )
-
-
-def card_section(paths: RunPaths) -> str:
-    """The model card's benchmark section, markdown: a table and one plain sentence. Empty if it did not run."""
-    if not paths.benchmark.is_file():
-        return ""
-    results = read_json(paths.benchmark)["tasks"]
-    if "overall" not in results:
-        return ""
-
-    def pct(x: float) -> str:
-        return f"{100 * x:.1f}%"
-
-    def diff(r: dict) -> str:
-        return f"{100 * r['difference']:+.1f} [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}]"
-
-    rows = [
-        f"| {t} | {r['n']} | {pct(r['base'])} | {pct(r['tuned'])} | {diff(r)} |"
-        for t, r in results.items()
-        if t != "overall"
-    ]
-    o = results["overall"]
-    rows.append(f"| **mean of {o['tasks']} tasks** | {o['n']} | {pct(o['base'])} | {pct(o['tuned'])} | {diff(o)} |")
-    sentence = {
-        "better": "The tuned model answers these medical questions **better** than the base model",
-        "worse": "The tuned model answers these medical questions **worse** than the base model: fine-tuning cost "
-        "medical knowledge",
-        "not distinguishable": "The tuned model is **not distinguishable** from the base model on these medical "
-        "questions",
-    }[o["verdict"]]
-    lines = [
-        "### Medical knowledge benchmark",
-        "",
-        "Zero-shot multiple choice (MultiMedQA), scored by lm-evaluation-harness on the log-likelihood of each "
-        "choice; base = the same weights with the adapter disabled. Difference in accuracy points, tuned minus "
-        "base, with a 95% paired bootstrap interval (questions resampled).",
-        "",
-        "| task | questions | base | tuned | difference [95% CI] |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-        f"{sentence} (mean accuracy {pct(o['tuned'])} vs {pct(o['base'])}, {o['n']} questions).",
-    ]
-    if paths.sample_stats.is_file():
-        d = read_json(paths.sample_stats).get("decontamination")
-        if d:
-            lines += [
-                "",
-                f"Decontamination: {d['dropped_benchmark_overlap']} training conversations sharing a "
-                f"{d['ngram_words']}-word sequence with one of the {d['benchmark_questions']} benchmark questions, "
-                f"and {d['dropped_held_out_overlap']} sharing one with the held-out split, were dropped before "
-                "training.",
-            ]
-    return "\n".join(lines) + "\n"

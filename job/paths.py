@@ -48,7 +48,7 @@ class RunPaths:
     judge = _at("eval/judge.jsonl")  # one verdict per pair and order, appended as it arrives
     # --- benchmark -----------------------------------------------------------------------------------
     benchmark = _at("eval/benchmark.json")  # per task: base/tuned accuracy, paired difference and its 95% interval
-    # --- report (rendered by the pipeline before push) -----------------------------------------------
+    # --- report (rendered once by the pipeline, after the last of evaluate/benchmark that ran) ---------
     report = _at("report")
     model_card = _at("report/README.md")
     loss_plot = _at("report/loss.png")

@@ -5,10 +5,11 @@
 A stage is done only when the manifest says so, its files still exist, and the settings its output
 depends on (job/config.py DEPENDS) are unchanged. The manifest is written (atomically) only after a
 stage's files are complete. A changed setting of a finished stage is an error naming it, unless
-REDO=true, which reruns that stage and the stages after it. The model card is rendered here after
-evaluation (job/report.py), so the push stage uploads it. One process owns the run directory at a
-time (job/lock.py). Under torchrun only training runs on every rank; rank 0 does the rest while the
-others wait.
+REDO=true, which reruns that stage and the stages after it. The report (job/report.py: the model card and
+loss plot) is rendered here, once, after the last stage whose files it shows (REPORT_INPUTS) and before the
+push that uploads it; the manifest records it apart from the stages, under "report". One process owns the
+run directory at a time (job/lock.py). Under torchrun only training runs on every rank; rank 0 does the
+rest while the others wait.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ RUNNERS = {
     "benchmark": benchmark.run,
     "push": push.run,
 }
+REPORT_INPUTS = ("evaluate", "benchmark")  # the stages whose files the model card shows
 
 
 def run(cfg: Settings) -> dict:
@@ -56,7 +58,11 @@ def run(cfg: Settings) -> dict:
     manifest = load_manifest(paths)
     todo = plan(cfg, paths, manifest)
     main = is_main_process()
+    # The report is rendered after the last stage it shows that runs now; if none runs, only when its files are gone.
+    report_after = next((s for s in reversed(todo) if s in REPORT_INPUTS), None)
     with stop.handling_sigterm(), RunLock(paths.lock) if main else nullcontext():
+        if main and report_after is None and _report_missing(paths, manifest):
+            _write_report(cfg, paths, manifest)
         for stage in STAGES:
             if stage not in cfg.stages:
                 continue
@@ -70,14 +76,14 @@ def run(cfg: Settings) -> dict:
             if main:  # anything downstream of a stage being (re)run is stale from now on
                 for later in STAGES[STAGES.index(stage) :]:
                     manifest["stages"].pop(later, None)
+                if stage != "push":
+                    manifest.pop("report", None)
                 manifest["stages"][stage] = {"status": "running", "started_at": _now()}
                 manifest["versions"] = versions()
                 save_manifest(paths, manifest)
             log.info("stage %-9s starting", stage)
             t0 = time.perf_counter()
             artifacts = RUNNERS[stage](cfg, paths)
-            if main and stage in ("evaluate", "benchmark"):  # the card shows what these measured
-                artifacts += report.write(cfg, paths)
             _release_gpu_memory()
             seconds = round(time.perf_counter() - t0, 1)
             maybe_die(f"{stage}.finished")
@@ -91,8 +97,26 @@ def run(cfg: Settings) -> dict:
                 }
                 save_manifest(paths, manifest)
             log.info("stage %-9s done in %.1f s", stage, seconds)
+            if main and stage == report_after:
+                _write_report(cfg, paths, manifest)
             _barrier()  # the other ranks wait here for rank 0's stages, and for each other after training
     return manifest
+
+
+# --- the report ----------------------------------------------------------------------------------------
+def _write_report(cfg: Settings, paths: RunPaths, manifest: dict) -> None:
+    """Render the model card and loss plot from the stages' files, and record them in the manifest."""
+    files = report.write(cfg, paths)
+    manifest["report"] = {"rendered_at": _now(), "artifacts": [str(f.relative_to(paths.root)) for f in files]}
+    save_manifest(paths, manifest)
+
+
+def _report_missing(paths: RunPaths, manifest: dict) -> bool:
+    """Evaluation is done but its report is unrecorded or gone (deleted, or the run was stopped before it)."""
+    if manifest["stages"].get("evaluate", {}).get("status") != "done":
+        return False
+    recorded = manifest.get("report", {}).get("artifacts")
+    return not recorded or not all((paths.root / a).exists() for a in recorded)
 
 
 # --- what to run ---------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The report: the model card pushed to the Hub, and the loss plot (job/paths.py).
 
-Rendered by the pipeline after evaluation, from the files the stages left, so it can be regenerated at
-any time and always agrees with the metrics. The card's text is a template (templates/model_card.md)
-that people can review without reading Python; huggingface_hub's ModelCard renders it and writes the
-metadata as valid, quoted YAML.
+Rendered once by the pipeline after the last of evaluate and benchmark that ran (job/pipeline.py), from
+the files the stages left, so it can be regenerated at any time and always agrees with the metrics. All the
+card's text, the benchmark and judge sections included, is a template (templates/model_card.md) that people
+can review without reading Python; the stages provide only numbers. huggingface_hub's ModelCard renders it
+and writes the metadata as valid, quoted YAML.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from job import benchmark
 from job.config import DEPENDS, Settings
 from job.files import atomic_write_text, read_json, read_jsonl
-from job.judge import card_section as judge_section
 from job.paths import RunPaths
 from job.sample import is_local_path
 
@@ -80,8 +79,6 @@ def card_data(cfg: Settings) -> ModelCardData:
 
 def model_card(cfg: Settings, paths: RunPaths) -> str:
     metrics = read_json(paths.metrics)
-    extra_sections = [benchmark.card_section(paths)]  # empty when the benchmark stage did not run
-    extra_sections += [judge_section(metrics["judge"])] if metrics.get("judge") else []
     train_log = read_json(paths.train_log)
     b, t = metrics["base"], metrics["tuned"]
     final_loss = next((e["loss"] for e in reversed(train_log.get("log_history", [])) if "loss" in e), None)
@@ -109,7 +106,8 @@ def model_card(cfg: Settings, paths: RunPaths) -> str:
             ),
         ],
         safety_rows=_safety_rows(metrics),
-        extra_sections=[x for x in extra_sections if x],
+        benchmark=read_json(paths.benchmark)["tasks"] if paths.benchmark.is_file() else None,  # stage off: None
+        judge=metrics.get("judge"),  # None when no JUDGE_MODEL was set
         samples=[{k: _quote(v) for k, v in s.items()} for s in read_jsonl(paths.samples)[:N_SAMPLES_SHOWN]],
         # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.
         training=[(n, getattr(cfg, n)) for n in DEPENDS["train"] if n != "SYSTEM_PROMPT"]
@@ -123,6 +121,14 @@ def model_card(cfg: Settings, paths: RunPaths) -> str:
         | read_json(paths.format_stats).get("train", {}),
     )
     return str(card)
+
+
+def render_section(name: str, **context) -> str:
+    """One `{% block %}` of the card template rendered alone, e.g. `render_section("judge", judge=summary)`."""
+    import jinja2
+
+    template = jinja2.Template(TEMPLATE.read_text())
+    return "".join(template.blocks[name](template.new_context(context)))
 
 
 def write(cfg: Settings, paths: RunPaths) -> list[Path]:

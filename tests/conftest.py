@@ -16,6 +16,10 @@ Fixtures for other test modules to reuse:
 - ``demo_run_copy`` (function): a private copy of ``demo_run``'s output folder; returns a ``DemoRun`` whose
   env points OUTPUT_DIR at the copy and whose ``hub`` is a fresh ``FakeHub`` patched in for this test only.
 - ``fake_hub`` (function): a fresh ``FakeHub`` patched in as ``job.push.HfApi`` for one test.
+
+And one function, for tests that need a real process (exit status, signals, torchrun):
+``job_process(env, *argv, cwd, command=("-m", "job"), kill_on_line=None, timeout=600)`` runs
+``python -m job *argv`` to its end and returns the ``subprocess.CompletedProcess`` (stdout, stderr as text).
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ import inspect
 import io
 import logging
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,6 +55,7 @@ from job.config import SETTINGS  # noqa: E402
 from job.files import read_jsonl  # noqa: E402
 from job.paths import RunPaths  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 CANARY_TOKEN = "hf_canary_DO_NOT_LEAK_7f3a9c"  # must never appear in any file, log or upload
 HUB_REPO_ID = "alice/med-test"
 RUN_NAME = "med-test"
@@ -200,6 +211,53 @@ def _run_job(env: dict[str, str], *argv: str, cwd: Path | None = None) -> JobRes
 def run_job():
     """run_job(env, *argv, cwd=None) -> JobResult: `python -m job *argv` (default: run) in-process, settings = env."""
     return _run_job
+
+
+def job_process(
+    env: dict[str, str],
+    *argv: str,
+    cwd: Path,
+    command: tuple[str, ...] = ("-m", "job"),
+    kill_on_line: re.Pattern | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """`python -m job *argv` (or `python *command *argv`) as a real process in `cwd`, waited for.
+
+    Its environment: this one without any setting name or HIPPO_KILL_AT, offline, plus `env`. PYTHONPATH is env's
+    own, then this checkout, so the child runs this code and not an installed copy. `kill_on_line`: SIGKILL it when
+    a line it writes to stderr matches (stderr is read as it is written; stdout goes to a file, so neither blocks).
+    """
+    environ = {k: v for k, v in os.environ.items() if k not in SETTINGS and k != "HIPPO_KILL_AT"}
+    environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    environ.update(env)
+    environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (env.get("PYTHONPATH"), str(REPO), os.environ.get("PYTHONPATH")) if p
+    )
+    args = [sys.executable, *command, *argv]
+    expired = threading.Event()
+    with (
+        tempfile.TemporaryFile("w+", errors="replace") as stdout,
+        subprocess.Popen(
+            args, cwd=cwd, env=environ, stdout=stdout, stderr=subprocess.PIPE, text=True, errors="replace"
+        ) as proc,
+    ):
+        timer = threading.Timer(timeout, lambda: (expired.set(), proc.kill()))
+        timer.start()
+        try:
+            lines = []
+            for line in proc.stderr:
+                lines.append(line)
+                if kill_on_line is not None and kill_on_line.search(line):
+                    proc.send_signal(signal.SIGKILL)
+                    kill_on_line = None
+            proc.wait()
+        finally:
+            timer.cancel()
+        stdout.seek(0)
+        done = subprocess.CompletedProcess(args, proc.returncode, stdout.read(), "".join(lines))
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(args, timeout, done.stdout, done.stderr)
+    return done
 
 
 # --- the tiny model and the shared run -------------------------------------------------------------------

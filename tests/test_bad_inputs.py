@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import SMALL_RUN
+from conftest import SMALL_RUN, job_process
 
-from job.config import SETTINGS
 from job.errors import BAD_CONFIG, OUT_OF_MEMORY, TRANSIENT
 from job.paths import RunPaths
 
@@ -425,15 +423,12 @@ def test_bad_input(case: Case, model_dir, tmp_path, monkeypatch, run_job):
 )
 def test_bad_input_exit_status_and_stderr_of_a_real_process(extra, expect, model_dir, tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"Patient": "caf\xe9", "Doctor": "ok"}\n')
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    env.update(BASE, BASE_MODEL=str(model_dir), OUTPUT_DIR=str(tmp_path / "outputs"), HF_HUB_OFFLINE="1", **extra)
-    proc = subprocess.run(
-        [sys.executable, "-m", "job"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    env = {**BASE, "BASE_MODEL": str(model_dir), "OUTPUT_DIR": str(tmp_path / "outputs"), **extra}
+    proc = job_process(env, cwd=tmp_path, timeout=300)
     assert proc.returncode == BAD_CONFIG, proc.stderr[-3000:]
     for fragment in expect:
         assert fragment in proc.stderr
     assert "(exit 2: bad setting or input" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "outputs" / "bad" / "manifest.json").exists()
+    assert not RunPaths(tmp_path / "outputs" / "bad").manifest.exists()
     if "NUM_SAMPLE" in extra:  # bad settings: nothing at all is written before they are valid
         assert not (tmp_path / "outputs").exists()

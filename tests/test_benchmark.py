@@ -14,6 +14,7 @@ from job.config import Settings, load_settings, with_overrides
 from job.errors import ConfigError, QualityGateError
 from job.files import read_json, read_jsonl
 from job.paths import RunPaths
+from job.report import render_section
 
 
 # --- statistics with a known answer ----------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def test_gate_stops_a_known_drop_and_names_the_tasks_that_fell(tmp_path):
     )
     benchmark.check_gate(with_overrides(cfg, MAX_BENCHMARK_DROP=10.0), RunPaths(tmp_path))  # a 10-point drop is allowed
     benchmark.check_gate(with_overrides(cfg, BENCHMARK_TASKS=""), RunPaths(tmp_path))  # the stage is off: no gate
-    card = benchmark.card_section(RunPaths(tmp_path))
+    card = render_section("benchmark", benchmark=read_json(RunPaths(tmp_path).benchmark)["tasks"], data={})
     assert "| medqa_4options | 100 | 60.0% | 40.0% | -20.0 [" in card
     assert "| **mean of 2 tasks** | 200 | 55.0% | 45.0% | -10.0 [" in card
     assert "**worse**" in card
@@ -271,7 +272,7 @@ def test_demo_run_benchmarks_every_task(demo_run):
         assert results[task]["n"] == len(read_jsonl(FIXTURE / f"{task}.jsonl"))
     stats = read_json(RunPaths(demo_run.run_dir).sample_stats)["decontamination"]
     assert stats["benchmark_questions"] == results["overall"]["n"]
-    card = benchmark.card_section(demo_run.paths)
+    card = demo_run.paths.model_card.read_text()
     assert "| task | questions | base | tuned | difference [95% CI] |" in card and "Decontamination:" in card
 
 

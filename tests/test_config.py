@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import job_process
 
 from job.config import SECRET_NAMES, SETTINGS, STAGES, Settings, load_settings
 from job.errors import ConfigError
@@ -220,17 +218,9 @@ def test_masked_hides_secrets_only():
 
 
 # --- the CLI, as a user runs it -------------------------------------------------------------------------------
-def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    environ.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "job", *args], cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_cli_config_prints_resolved_settings_with_secrets_masked(tmp_path):
     (tmp_path / ".env").write_text("SEED=5\n")
-    done = cli(tmp_path, "config", HF_TOKEN=CANARY, LORA_R="4")
+    done = job_process({"HF_TOKEN": CANARY, "LORA_R": "4"}, "config", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
     assert printed["HF_TOKEN"] == "***" and printed["LORA_R"] == 4 and printed["SEED"] == 5

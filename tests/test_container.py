@@ -387,15 +387,17 @@ def _check_image(tmp_path: Path, build_s: float) -> None:
     finally:
         _buildah("rm", container, check=False)
 
-    run_dir = outputs / "demo"
-    manifest = json.loads((run_dir / "manifest.json").read_text())
     from job.config import STAGES
+    from job.paths import RunPaths
+
+    run = RunPaths(outputs / "demo")
+    manifest = json.loads(run.manifest.read_text())
 
     assert {s: manifest["stages"].get(s, {}).get("status") for s in STAGES} == dict.fromkeys(STAGES, "done")
     assert manifest["versions"]["torch"].startswith(makefile_variable("TORCH_VERSION"))
-    assert (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert (run.adapter / "adapter_model.safetensors").stat().st_size > 0
+    metrics = json.loads(run.metrics.read_text())
     assert {"base", "tuned"} <= set(metrics)
-    assert (run_dir / "report" / "README.md").read_text().strip()
+    assert run.model_card.read_text().strip()
     # Recorded by the image's own Python: the run really happened inside the container.
     assert manifest["versions"]["python"] == image_python and manifest["versions"]["bitsandbytes"] != "absent"

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import job_process
 
 from job.paths import RunPaths
 
@@ -35,20 +33,14 @@ def test_torchrun_two_processes_one_writer(tmp_path, demo_env):
     spy.mkdir()
     (spy / "sitecustomize.py").write_text(textwrap.dedent(_SPY))
     out = tmp_path / "outputs"
-    env = {k: v for k, v in os.environ.items() if k not in demo_env(out)}
     small = {"NUM_SAMPLES": "24", "BATCH_SIZE": "2", "EPOCHS": "1", "SAVE_STEPS": "3", "STAGES": "sample,format,train"}
-    env.update(demo_env(out, **small))
-    env.update(
-        PYTHONPATH=f"{spy}{os.pathsep}{Path(__file__).resolve().parents[1]}",
-        SPY_ROOT=str(out),
-        SPY_LOG=str(spy),
-        OMP_NUM_THREADS="1",
-    )
+    env = {**demo_env(out, **small), "PYTHONPATH": str(spy), "SPY_ROOT": str(out), "SPY_LOG": str(spy)}
+    env["OMP_NUM_THREADS"] = "1"
     with socket.socket() as s:  # a free port, so parallel test runs don't collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "job"]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "job")
+    proc = job_process(env, cwd=tmp_path, command=torchrun)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     run_dir = out / env["RUN_NAME"]

@@ -20,6 +20,7 @@ from job.config import load_settings
 from job.errors import BAD_CONFIG, TRANSIENT, ConfigError, TransientError
 from job.files import read_jsonl
 from job.paths import RunPaths
+from job.report import render_section
 
 KEY = "sk-judgeTestKey-5e1d77"
 REFERENCE = "Rest, drink plenty of fluids and take paracetamol; see your doctor if the fever lasts three days."
@@ -113,7 +114,7 @@ def test_a_judge_that_always_says_a_is_zero_percent_consistent(server, paths):
     assert summary["outcomes"] == {"win": 0, "tie": 6, "loss": 0}  # not a 50% win rate
     assert summary["first_position_preferred"] == 1.0
     assert summary["criteria"]["base"] == summary["criteria"]["tuned"] == dict.fromkeys(J.CRITERIA, 3.0)
-    section = J.card_section(summary)
+    section = render_section("judge", judge=summary)
     assert "Position consistency: 0% of pairs" in section
     assert "| tie (6 of them: the two orders disagreed) | 6 | 100% |" in section
 
@@ -125,7 +126,7 @@ def test_malformed_verdicts_are_counted_failures_not_a_crash(server, paths):
     assert summary["tuned_win_rate"] is None and summary["interval_95"]["win"] is None
     rows = read_jsonl(paths.judge)
     assert all(not r["ok"] and r["error"] == "no JSON object in the answer" and r["raw"] for r in rows)
-    assert "12 judge calls (12 failed" in J.card_section(summary)
+    assert "12 judge calls (12 failed" in render_section("judge", judge=summary)
 
 
 @pytest.mark.parametrize("server", ["flaky"], indirect=True)

@@ -97,6 +97,10 @@ def test_manifest_records_every_stage_done(demo_run):
         for artifact in rec["artifacts"]:
             assert (demo_run.run_dir / artifact).exists(), f"{stage}: {artifact} listed but missing"
     assert manifest["stages"]["train"]["fingerprint"]["LORA_R"] == 8
+    # The report has one writer, the pipeline: recorded once, under its own key, never as a stage's file.
+    report = [str(p.relative_to(demo_run.run_dir)) for p in (demo_run.paths.model_card, demo_run.paths.loss_plot)]
+    assert manifest["report"]["artifacts"] == report
+    assert not set(report) & {a for rec in manifest["stages"].values() for a in rec["artifacts"]}
     assert {"torch", "transformers", "peft", "trl"} <= set(manifest["versions"])
 
 
@@ -256,9 +260,23 @@ def test_a_done_stage_whose_files_are_gone_runs_again(demo_run_copy, run_job):
     result = run_job(run.env, "run")
 
     assert result.exit_code == 0, result.output[-3000:]
-    assert "data/train_tokens.jsonl is gone: running it again" in result.output
+    assert f"{run.paths.train_tokens.relative_to(run.run_dir)} is gone: running it again" in result.output
     assert run.paths.train_tokens.is_file()
     assert "stage sample    already done" in result.output and "stage format    starting" in result.output
+
+
+def test_a_deleted_report_is_rendered_again_without_rerunning_a_stage(demo_run_copy, run_job):
+    run = demo_run_copy
+    card = run.paths.model_card.read_text()
+    stages = read_json(run.paths.manifest)["stages"]
+    run.paths.model_card.unlink()
+
+    result = run_job(run.env, "run")
+
+    assert result.exit_code == 0, result.output[-3000:]
+    assert run.paths.model_card.read_text() == card
+    assert read_json(run.paths.manifest)["stages"] == stages
+    assert sum("already done" in line for line in result.output.splitlines()) == len(STAGES)
 
 
 def test_stages_subset_runs_only_those_and_needs_upstream(demo_env, run_job, fake_hub, tmp_path):
@@ -271,7 +289,8 @@ def test_stages_subset_runs_only_those_and_needs_upstream(demo_env, run_job, fak
     manifest = read_json(RunPaths(run_dir).manifest)
     assert {s: r["status"] for s, r in manifest["stages"].items()} == {"sample": "done", "format": "done"}
     assert RunPaths(run_dir).train_tokens.is_file()
-    assert not any((run_dir / d).exists() for d in ("checkpoints", "adapter", "eval", "push"))
+    paths = RunPaths(run_dir)
+    assert not any(d.exists() for d in (paths.checkpoints, paths.adapter, paths.eval, paths.report, paths.push))
     assert fake_hub.calls == []
 
     # A later stage whose upstream never ran is refused before any work, naming what is missing.

@@ -119,20 +119,20 @@ def _owner(path: Path, **fields) -> None:
 def test_a_live_owner_keeps_the_run_directory(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _owner(tmp_path / "run.lock", pid=other.pid, started_at="2026-11-28T08:00:00+00:00")
+        _owner(RunPaths(tmp_path).lock, pid=other.pid, started_at="2026-11-28T08:00:00+00:00")
         with pytest.raises(TransientError, match=rf"pid {other.pid}, started 2026-11-28T08:00:00"):
-            RunLock(tmp_path / "run.lock").acquire()
+            RunLock(RunPaths(tmp_path).lock).acquire()
     finally:
         other.kill()
         other.wait()
     # Its process is gone now: the lock it left is taken over at once, not after a timeout.
-    with RunLock(tmp_path / "run.lock") as lock:
+    with RunLock(RunPaths(tmp_path).lock) as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-    assert not (tmp_path / "run.lock").exists()  # released
+    assert not (RunPaths(tmp_path).lock).exists()  # released
 
 
 def test_a_lock_from_another_machine_expires_with_its_heartbeat(tmp_path, monkeypatch):
-    path = tmp_path / "run.lock"
+    path = RunPaths(tmp_path).lock
     _owner(path, host="spot-vm-that-was-preempted", pid=1)
     with pytest.raises(TransientError, match="spot-vm-that-was-preempted"):
         RunLock(path).acquire()  # fresh heartbeat: that machine may still be running
@@ -148,14 +148,14 @@ def test_a_lock_from_another_machine_expires_with_its_heartbeat(tmp_path, monkey
 
 def test_the_owner_refreshes_its_heartbeat(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
-    with RunLock(tmp_path / "run.lock") as lock:
+    with RunLock(RunPaths(tmp_path).lock) as lock:
         first = json.loads(lock.path.read_text())["heartbeat_at"]
         time.sleep(0.3)
         assert json.loads(lock.path.read_text())["heartbeat_at"] > first
 
 
 def test_a_torn_lock_file_is_not_a_deadlock(tmp_path):
-    path = tmp_path / "run.lock"
+    path = RunPaths(tmp_path).lock
     path.write_text('{"host": "x", "pi')
     stale = time.time() - run_lock.STALE_S - 1
     os.utime(path, (stale, stale))

@@ -14,24 +14,21 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SMALL_RUN
+from conftest import SMALL_RUN, job_process
 from safetensors.torch import load_file, save_file
 
 from job import train
-from job.config import SETTINGS, STAGES
+from job.config import STAGES
 from job.errors import STOPPED
 from job.paths import RunPaths
 from job.train import MARKER, checkpoint_loads, complete_checkpoints, resume_point
 
-REPO = Path(__file__).resolve().parents[1]
 CANARY = "hf_canary_kill_test_5d21e0"  # the kill runs carry a token too: real stdout/stderr must not show it
 
 # conftest's SMALL_RUN: 12 optimizer steps, a checkpoint every 2. LORA_DROPOUT stays at its default (0.05):
@@ -87,21 +84,10 @@ def model_dir(tiny_model_dir) -> Path:
 
 # --- the kill test ------------------------------------------------------------------------------------------
 def _env(out: Path, model: Path, run_name: str, kill: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and k != "HIPPO_KILL_AT"}
+    env = {**SMALL, "BASE_MODEL": str(model), "OUTPUT_DIR": str(out), "RUN_NAME": run_name}
+    env["WANDB_API_KEY"] = CANARY + "_wandb"
     if kill in OTHER_THREADS:
         env["OMP_NUM_THREADS"] = "1" if torch.get_num_threads() > 1 else "2"
-    env.update(
-        SMALL,
-        BASE_MODEL=str(model),
-        OUTPUT_DIR=str(out),
-        RUN_NAME=run_name,
-        WANDB_API_KEY=CANARY + "_wandb",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-    )
     if kill:
         env["HIPPO_KILL_AT"] = kill
     return env
@@ -110,36 +96,16 @@ def _env(out: Path, model: Path, run_name: str, kill: str | None = None) -> dict
 def _job(cwd: Path, env: dict[str, str], kill_on_line: re.Pattern | None = None) -> SimpleNamespace:
     """Run `python -m job` to its end, or SIGKILL it when a stderr line matches `kill_on_line`."""
     t0 = time.perf_counter()
-    stdout_path = cwd / f"stdout-{time.monotonic_ns()}.txt"
-    with stdout_path.open("w") as stdout:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "job"],
-            cwd=cwd,
-            env=env,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if kill_on_line is not None and kill_on_line.search(line):
-                proc.send_signal(signal.SIGKILL)
-                kill_on_line = None
-        proc.wait()
-    stdout_text = stdout_path.read_text()
-    stdout_path.unlink()
-    stderr = "".join(lines)
-    resumed = re.search(r"resuming from checkpoint-(\d+)", stderr)
-    trained = "stage train     starting" in stderr
+    proc = job_process(env, cwd=cwd, kill_on_line=kill_on_line)
+    resumed = re.search(r"resuming from checkpoint-(\d+)", proc.stderr)
+    trained = "stage train     starting" in proc.stderr
     return SimpleNamespace(
         code=proc.returncode,
-        stdout=stdout_text,
-        stderr=stderr,
+        stdout=proc.stdout,
+        stderr=proc.stderr,
         seconds=time.perf_counter() - t0,
         start=(int(resumed.group(1)) if resumed else 0) if trained else None,
-        steps=len(re.findall(r"^\{'loss': ", stdout_text, re.M)),  # LOGGING_STEPS=1: one line per step
+        steps=len(re.findall(r"^\{'loss': ", proc.stdout, re.M)),  # LOGGING_STEPS=1: one line per step
     )
 
 
@@ -160,28 +126,29 @@ def _max_diff(a: Path, b: Path) -> float:
 
 def _check_consistent(run_dir: Path, ref: Path, corrupted: Path | None) -> list[str]:
     """Whatever the manifest calls done is complete and equals the uninterrupted run's. Returns done stages."""
-    stages = _manifest(run_dir)["stages"]
+    manifest = _manifest(run_dir)
+    stages = manifest["stages"]
     done = [s for s in STAGES if stages.get(s, {}).get("status") == "done"]
     assert done == list(STAGES[: len(done)]), f"done stages are not a prefix of the pipeline: {stages}"
     for s in done:
         for artifact in stages[s]["artifacts"]:
             assert (run_dir / artifact).exists(), f"stage {s} is done but {artifact} is missing"
-    same = {
-        "sample": ["data/train.jsonl", "data/eval.jsonl"],
-        "format": ["data/train_tokens.jsonl", "data/eval_tokens.jsonl"],
-        "evaluate": ["eval/samples.jsonl"],
-    }
+    same = {"sample": ["train_rows", "eval_rows"], "format": ["train_tokens", "eval_tokens"], "evaluate": ["samples"]}
     for s in done:
         for name in same.get(s, []):
-            assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the reference"
+            mine, theirs = getattr(RunPaths(run_dir), name), getattr(RunPaths(ref), name)
+            assert mine.read_bytes() == theirs.read_bytes(), f"{mine} differs from the reference"
     if "train" in done:
         # Same steps, same RNG, same CPU thread count (the kill test checks the pin's log line). See
         # RESUME_TOLERANCE for the run-to-run noise.
         assert _max_diff(RunPaths(run_dir).adapter, RunPaths(ref).adapter) <= RESUME_TOLERANCE
     if "evaluate" in done:
         json.loads(RunPaths(run_dir).metrics.read_text())
-        assert RunPaths(run_dir).model_card.is_file()
+    report = manifest.get("report")  # recorded only once its files are written
+    for artifact in report["artifacts"] if report else []:
+        assert (run_dir / artifact).exists(), f"the report is recorded but {artifact} is missing"
     if "push" in done:
+        assert report and RunPaths(run_dir).model_card.is_file()
         files = sorted(p.name for p in RunPaths(run_dir).push.iterdir())
         assert files == sorted(p.name for p in RunPaths(ref).push.iterdir())
         assert _max_diff(RunPaths(run_dir).push, RunPaths(ref).push) <= RESUME_TOLERANCE

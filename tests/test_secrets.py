@@ -126,8 +126,8 @@ def test_tokens_reach_the_hub_client_and_nothing_else(env, run_job, tmp_path, mo
     # The judge's key went to the judge endpoint, on every call (2 per held-out pair), and the judging ran once.
     assert len(judge_server.requests) == 2 * int(env["EVAL_PROMPTS"])
     assert {r["authorization"] for r in judge_server.requests} == {f"Bearer {JUDGE_CANARY}"}
-    assert read_json(run_dir / "eval" / "metrics.json")["judge"]["calls"] == len(judge_server.requests)
-    assert "### Model judge" in (run_dir / "report" / "README.md").read_text()
+    assert read_json(RunPaths(run_dir).metrics)["judge"]["calls"] == len(judge_server.requests)
+    assert "### Model judge" in RunPaths(run_dir).model_card.read_text()
 
     # What was searched exists, so "not found" means something.
     assert list(RunPaths(run_dir).tensorboard.rglob("events.out.tfevents.*")), "no TensorBoard events"
