@@ -220,27 +220,20 @@ def measure_peak_tflops(size: int = 8192, runs: int = 7, products: int = 50) -> 
     return spread(rates)
 
 
-def _sync() -> None:
-    """Wait for the GPU's queued work, so a clock reading covers it (a no-op on CPU, for the tests)."""
+def _cuda(call: str, otherwise: Any = None) -> Any:
+    """torch.cuda.<call>() on a GPU, `otherwise` without one (the CPU tests run the measuring code too)."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    return getattr(torch.cuda, call)() if torch.cuda.is_available() else otherwise
 
 
 def _over_ranks(n: int, how: str) -> int:
     """Under DDP, `n` summed over the ranks (how="sum") or rank 0's `n` (how="rank0"); `n` itself without."""
-    if not _distributed():
-        return n
     import torch
     import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
     t = torch.tensor([n], device="cuda" if torch.cuda.is_available() else "cpu")
     if how == "sum":
         dist.all_reduce(t)
@@ -249,38 +242,18 @@ def _over_ranks(n: int, how: str) -> int:
     return int(t.item())
 
 
-def _empty_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _reset_peak() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
 class _CountingCollator:
     """Wraps a trainer's collator to count the real (non-padding) tokens of each micro-batch."""
 
-    def __init__(self, inner, pad_id: int):
-        self.inner, self.pad_id, self.tokens = inner, pad_id, []
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, []
 
     def __call__(self, examples):
         batch = self.inner(examples)
-        if "attention_mask" in batch:
-            self.tokens.append(int(batch["attention_mask"].sum()))
-        else:  # padding-free: one flat row of real tokens
-            self.tokens.append(int(batch["input_ids"].numel()))
+        # without an attention mask the batch is padding-free: one flat row of real tokens
+        self.tokens.append(
+            int(batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
+        )
         return batch
 
 
@@ -290,64 +263,59 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
     With BENCH_PROFILE=N (a diagnosis run, not for the table) rank 0 records steps N and N+1 with
     torch.profiler and writes its busiest operations to `profile_to`.
     """
+    import torch
     from transformers import TrainerCallback
 
-    profile_at = int(os.environ.get("BENCH_PROFILE", "0"))
-    profiler: list[Any] = []  # the running torch.profiler, while steps N and N+1 are recorded
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    profile_at = int(os.environ.get("BENCH_PROFILE", "0")) if profile_to and rank0 else 0
+    profiler = None  # the running torch.profiler, while steps N and N+1 are recorded
 
     # Count before job/graphs.py's fixed-shape padding, if any: its padding is not trained on.
     outer = trainer.data_collator
-    counter = _CountingCollator(getattr(outer, "inner", outer), trainer.processing_class.pad_token_id)
+    counter = _CountingCollator(getattr(outer, "inner", outer))
     if hasattr(outer, "inner"):
         outer.inner = counter
     else:
         trainer.data_collator = counter
-    ends: list[float] = []
+    ends: list[float] = []  # clock readings: training's start, then the end of each step
     seconds: list[float] = []
     tokens: list[int] = []
-    found: list[int] = []
-
-    def step_tokens(j: int) -> int:
-        # Micro-batches are consumed in order; the dataloader may fetch ahead, so count by index.
-        return sum(counter.tokens[j * grad_accum : (j + 1) * grad_accum])
+    start: int | None = None  # the first step after warm-up, once found
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
+            nonlocal profiler
             if not ends:
-                _sync()
+                _cuda("synchronize")
                 ends.append(time.perf_counter())
-            if profile_at and profile_to and len(seconds) == profile_at and int(os.environ.get("RANK", "0")) == 0:
-                import torch
-
+            if profile_at and len(seconds) == profile_at:
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                profiler.append(torch.profiler.profile(activities=acts))
-                profiler[0].start()
+                profiler = torch.profiler.profile(activities=acts)
+                profiler.start()
 
         def on_step_end(self, a, state, control, **kw):
-            _sync()
+            nonlocal profiler, start
+            _cuda("synchronize")
             ends.append(time.perf_counter())
             seconds.append(ends[-1] - ends[-2])  # step to step: data, forward, backward, optimizer, callbacks
-            tokens.append(_over_ranks(step_tokens(len(seconds) - 1), "sum"))  # under DDP: every GPU's tokens
-            if profiler and len(seconds) == profile_at + 2:
-                profiler[0].stop()
-                avg = profiler.pop().key_averages()
-                profile_to.write_text(
-                    "\n\n".join(
-                        avg.table(sort_by=k, row_limit=30)
-                        for k in ("cuda_time_total", "self_cpu_time_total", "cpu_time_total")
-                    )
-                )
-            if not found:
+            # Micro-batches are consumed in order; the dataloader may fetch ahead, so count by index.
+            j = len(seconds) - 1
+            step_tokens = sum(counter.tokens[j * grad_accum : (j + 1) * grad_accum])
+            tokens.append(_over_ranks(step_tokens, "sum"))  # under DDP: every GPU's tokens
+            if profiler is not None and len(seconds) == profile_at + 2:
+                profiler.stop()
+                avg, profiler = profiler.key_averages(), None
+                sorts = ("cuda_time_total", "self_cpu_time_total", "cpu_time_total")
+                profile_to.write_text("\n\n".join(avg.table(sort_by=k, row_limit=30) for k in sorts))
+            if start is None:
                 start = stable_start([t / s for t, s in zip(tokens, seconds)], args.stable_window, args.tolerance)
-                if start is not None:
-                    found.append(start)
             # Under DDP rank 0 decides, so every rank stops at the same step (or the collectives hang).
-            if _over_ranks(bool(found) and len(seconds) >= found[0] + args.steps, "rank0"):
+            if _over_ranks(start is not None and len(seconds) >= start + args.steps, "rank0"):
                 control.should_training_stop = True
             return control
 
     trainer.add_callback(Clock())
-    _reset_peak()
+    _cuda("reset_peak_memory_stats")
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -357,7 +325,7 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
         "step_seconds": seconds,
         "step_tokens": tokens,
         "train_wall_s": wall,
-        "peak_gib": _peak_gib(),
+        "peak_gib": _cuda("max_memory_allocated", 0) / 2**30,
         "lora_params": trainer.model.get_nb_trainable_parameters()[0],
         "final_loss": losses[-1] if losses else None,
     }
@@ -581,18 +549,19 @@ def measure_generation(cfg) -> dict:
     if not (paths.adapter / "adapter_config.json").exists():
         _trained_adapter(cfg, precision)  # the trainer is dropped here; its memory goes back below
         gc.collect()
-        _empty_cache()
+        _cuda("empty_cache")
     tok = evaluate.load_tokenizer(cfg, str(paths.adapter))
     prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(paths.eval_rows)][: cfg.EVAL_PROMPTS]
     prompts += [build_messages(cfg, s["prompt"]) for s in safety.prompts()]
     n = len(prompts)
     model = evaluate.shared_model_for_generation(evaluate.load_tuned(cfg, paths.adapter, precision), paths.adapter)
-    _reset_peak()
+    _cuda("reset_peak_memory_stats")
     passes = {}
     for name in ("first", "timed"):
         _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, [False] * n + [True] * n)
         log.info("generation, %s pass: %s", name, passes[name])
-    peak = _peak_gib()  # the evaluate stage's own peak, before the comparison's extra decoders
+    # the evaluate stage's own peak, before the comparison's extra decoders
+    peak = _cuda("max_memory_allocated", 0) / 2**30
     return {
         "prompts": n,
         "rows": 2 * n,
@@ -630,10 +599,10 @@ def compare_decoders(model, tok, conversations: list, new_tokens: int, tuned: li
     with torch.no_grad(), evaluate.decoding_kernels(), rows:
         for name, run in decoders.items():
             run()
-            _sync()
+            _cuda("synchronize")
             t0 = time.perf_counter()
             tokens = run()
-            _sync()
+            _cuda("synchronize")
             seconds = time.perf_counter() - t0
             answers[name] = [[t for t in row if t != pad] for row in tokens.tolist()]
             count = sum(map(len, answers[name]))
@@ -692,7 +661,7 @@ def run_part(name: str, cfg, args) -> dict:
                 log.exception("%s failed", part)
                 out[part] = {"failed": f"{type(e).__name__}: {e}"}
             gc.collect()  # the first check's models go before the second loads its own
-            _empty_cache()
+            _cuda("empty_cache")
     else:
         out = measure_training(name, cfg, args)
     return {**out, "versions": _versions()}
