@@ -706,19 +706,20 @@ def _ratio(x: dict, ref: dict | None) -> str:
     return f"{x['tokens_per_s']['median'] / ref['tokens_per_s']['median']:.2f}x" if ok else "–"
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _listed(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
 def markdown(r: dict) -> str:
-    setup, v = r["setup"], r["setup"].get("versions", {})
-    usd = r.get("args", {}).get("usd_per_hour")
-    cost = " | full dataset, USD" if usd else ""
-    lines = [
-        f"Device: {setup['device']}, bf16 matmul peak measured {setup['peak_tflops']['median']:.0f} TFLOP/s; "
-        f"precision {setup['precision']}; {setup['rows']} conversations, mean {setup['mean_tokens_per_row']:.0f} "
-        f"tokens, max length 512. " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
-        "",
-        "| recipe | tokens/s (median) | p10–p90 | s/step | vs unsloth | vs trl | MFU | peak GiB | warm-up steps "
-        f"| full dataset ({FULL_DATASET_ROWS / 1000:.0f}k rows){cost} |",
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cost else ""),
-    ]
+    """The README's bench section: the setup, a table row per recipe and round, a paragraph per comparison."""
+    setup, usd = r["setup"], r.get("args", {}).get("usd_per_hour")
+    head = "recipe|tokens/s (median)|p10–p90|s/step|vs unsloth|vs trl|MFU|peak GiB|warm-up steps".split("|")
+    head += [f"full dataset ({FULL_DATASET_ROWS / 1000:.0f}k rows)", *(["full dataset, USD"] if usd else [])]
+    table = [_row(head), "|" + "---|" * len(head)]
     for i, rnd in enumerate(r["rounds"]):
         tag = f" (round {i + 1})" if len(r["rounds"]) > 1 else ""
         for name, x in rnd.items():
@@ -726,84 +727,80 @@ def markdown(r: dict) -> str:
                 continue
             if "tokens_per_s" not in x:
                 why = x.get("skipped") or f"failed: {x.get('failed')}"
-                lines.append(f"| {name}{tag} | {why} |" + " |" * (8 + bool(usd)))
+                table.append(_row([name + tag, why]) + " |" * (len(head) - 2))
                 continue
-            t, vs_unsloth, vs_trl = x["tokens_per_s"], _ratio(x, rnd.get(UNSLOTH)), _ratio(x, rnd.get("trl"))
+            t, ratios = x["tokens_per_s"], [_ratio(x, rnd.get(UNSLOTH)), _ratio(x, rnd.get("trl"))]
             if x.get("gpus", 1) > 1:  # the peers ran on one GPU: say so where the ratio is read
-                vs_unsloth, vs_trl = (r if r == "–" else f"{r} on {x['gpus']} GPUs" for r in (vs_unsloth, vs_trl))
+                ratios = [q if q == "–" else f"{q} on {x['gpus']} GPUs" for q in ratios]
             warm = f"{x['warmup_steps']}" + ("" if x["stable"] else " (not stable: cap reached)")
-            lines.append(
-                f"| {name}{tag} | {t['median']:,.0f} | {t['p10']:,.0f}–{t['p90']:,.0f} | "
-                f"{x['seconds_per_step']['median']:.3f} | {vs_unsloth} | {vs_trl} | "
-                f"{100 * x['mfu']:.1f}% | {x['peak_gib']:.1f} | {warm} | {x['hours_full']:.1f} h |"
-                + (f" {x['hours_full'] * usd:.0f} |" if usd else "")
-            )
+            s, gib, mfu, hours = x["seconds_per_step"]["median"], x["peak_gib"], x["mfu"], x["hours_full"]
+            cells = [name + tag, f"{t['median']:,.0f}", f"{t['p10']:,.0f}–{t['p90']:,.0f}", f"{s:.3f}", *ratios]
+            cells += [f"{100 * mfu:.1f}%", f"{gib:.1f}", warm, f"{hours:.1f} h"]
+            table.append(_row(cells + ([f"{hours * usd:.0f}"] if usd else [])))
+    paragraphs = [
+        f"Device: {setup['device']}, bf16 matmul peak measured {setup['peak_tflops']['median']:.0f} TFLOP/s; "
+        f"precision {setup['precision']}; {setup['rows']} conversations, mean {setup['mean_tokens_per_row']:.0f} "
+        f"tokens, max length 512. {_listed(setup.get('versions', {}))}.",
+        "\n".join(table),
+    ]
     uv = next((rnd[UNSLOTH]["versions"] for rnd in r["rounds"] if "versions" in rnd.get(UNSLOTH, {})), None)
     if uv:
-        lines += ["", "The unsloth process: " + ", ".join(f"{k} {val}" for k, val in uv.items()) + "."]
+        paragraphs.append(f"The unsloth process: {_listed(uv)}.")
     for rnd in r["rounds"]:
         one, two = rnd.get("job-accum2", {}), rnd.get("job-ddp2", {})
         if "tokens_per_s" in one and "tokens_per_s" in two:
-            lines += [
-                "",
+            paragraphs.append(
                 f"Two GPUs (DDP, batch 8 each) vs one (batch 8 x accumulation 2), same data and optimizer steps: "
                 f"{two['tokens_per_s']['median']:,.0f} vs {one['tokens_per_s']['median']:,.0f} tokens/s, "
-                f"{_ratio(two, one)}.",
-            ]
+                f"{_ratio(two, one)}."
+            )
     checks = next((rnd[CHECKS[0]] for rnd in r["rounds"] if CHECKS[0] in rnd), {})
-    e = checks.get("equivalence", {})
+    e, c, g = (checks.get(part, {}) for part in ("equivalence", "graphs", "generation"))
     if "grad_cosine" in e:
-        lines += [
-            "",
+        paragraphs.append(
             f"Equivalence: the job's path (packed rows, base weights {e['job_base_weights']}) vs the plain path "
             f"(padded rows, bitsandbytes' 4-bit layers), same 8 rows and adapter, bf16: loss {e['loss_packed']:.5f} "
             f"vs {e['loss_padded']:.5f} (rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine "
-            f"{e['grad_cosine']:.5f}, rel. L2 {e['grad_rel_l2']:.1e}.",
-        ]
-    c = checks.get("graphs", {})
+            f"{e['grad_cosine']:.5f}, rel. L2 {e['grad_rel_l2']:.1e}."
+        )
     if "grad_cosine" in c:
-        lines += [
-            "",
+        paragraphs.append(
             f"CUDA graphs (job/graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout off, replayed "
             f"layers vs eager: loss {c['loss_graph']:.5f} vs {c['loss_eager']:.5f} (rel. diff "
             f"{c['loss_rel_diff']:.1e}), LoRA gradient cosine {c['grad_cosine']:.5f}, rel. L2 {c['grad_rel_l2']:.1e} "
             f"(two eager steps: {c['grad_rel_l2_eager_twice']:.1e}; flash attention's backward is not deterministic); "
-            f"captured in {c['capture_s']:.1f} s; layer calls {c['layer_calls']}.",
-        ]
-    g = checks.get("generation", {})
+            f"captured in {c['capture_s']:.1f} s; layer calls {c['layer_calls']}."
+        )
     if "liger_modules" in e and "liger_modules" in g:
-        lines += [
-            "",
+        paragraphs.append(
             f"Liger's forward ran in {e['liger_modules']} modules of the trained model and in {g['liger_modules']} "
-            "of the evaluated one, loaded afterwards in the same process (0: training's patch was put back).",
-        ]
+            "of the evaluated one, loaded afterwards in the same process (0: training's patch was put back)."
+        )
     if "tokens_per_s" in g:
-        lines += [
-            "",
+        paragraphs.append(
             f"Generation (the evaluate stage's default: {g['prompts']} prompts answered by base and tuned model as "
             f"rows of shared batches, up to {g['max_new_tokens']} new tokens, EVAL_BATCH_SIZE={g['batch']}): "
             f"{g['tokens_per_s']:,.0f} new tokens/s in the timed pass ({g['tokens_per_s_first']:,.0f} in the "
-            f"first, untimed one); peak {g['peak_gib']:.1f} GiB.",
+            f"first, untimed one); peak {g['peak_gib']:.1f} GiB."
+        )
+    if g.get("decoders"):
+        speeds = [
+            f"{k} {x['tokens_per_s']:,.0f}"
+            + (f" ({x['rows_equal_to_eager_loop']})" if "rows_equal_to_eager_loop" in x else "")
+            for k, x in g["decoders"].items()
         ]
-    d = g.get("decoders", {})
-    if d:
-        lines += [
-            "",
+        paragraphs.append(
             "The same rows in one batch, each decoder warmed alike (new tokens/s; rows whose answer equals the "
-            "eager loop's): "
-            + "; ".join(
-                f"{k} {x['tokens_per_s']:,.0f}"
-                + (f" ({x['rows_equal_to_eager_loop']})" if "rows_equal_to_eager_loop" in x else "")
-                for k, x in d.items()
-            )
-            + ".",
-        ]
+            f"eager loop's): {'; '.join(speeds)}."
+        )
     if "failed" in checks:
-        lines += ["", f"The checks' process failed: {checks['failed']}"]
-    for name in ("equivalence", "graphs", "generation"):
-        if "failed" in checks.get(name, {}):
-            lines += ["", f"{name} failed: {checks[name]['failed']}"]
-    return "\n".join(lines) + "\n"
+        paragraphs.append(f"The checks' process failed: {checks['failed']}")
+    paragraphs += [
+        f"{p} failed: {checks[p]['failed']}"
+        for p in ("equivalence", "graphs", "generation")
+        if "failed" in checks.get(p, {})
+    ]
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def write_report(results: dict, out: Path, readme: Path | None) -> str:
