@@ -158,10 +158,8 @@ def stable_start(rates: list[float], window: int, tolerance: float) -> int | Non
 
 def spread(values: list[float]) -> dict[str, float]:
     """Median, p10, p90, min and max of per-step figures (p10/p90 by linear interpolation)."""
-    if len(values) == 1:
-        v = values[0]
-        return {"median": v, "p10": v, "p90": v, "min": v, "max": v, "n": 1}
-    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    # quantiles() needs two values or more; a single value is every decile
+    deciles = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values
     return {
         "median": statistics.median(values),
         "p10": deciles[0],
@@ -353,9 +351,8 @@ def measure_training(name: str, cfg, args) -> dict:
     )
     # the accumulation the trainer runs: the memory-lean path splits micro-batches (train.lean_micro_batches)
     grad_accum = trainer.args.gradient_accumulation_steps
-    out = _timed_train(trainer, grad_accum, args, profile_to=Path(args.out) / f"profile-{name}.txt")
     return {
-        **out,
+        **_timed_train(trainer, grad_accum, args, profile_to=Path(args.out) / f"profile-{name}.txt"),
         "settings": RECIPES[name],
         "gpus": GPUS.get(name, 1),
         "liger": bool(trainer.args.use_liger_kernel),
@@ -483,11 +480,12 @@ def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
         }
         for r in rows
     ]
-    results = {}
-    for name, free, m in (("padded", False, plain_model), ("packed", True, model)):
-        batch = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=free)(examples)
-        results[name] = _loss_and_grads(m, {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
-    padded, packed = results["padded"], results["packed"]
+
+    def loss_and_grads(m, padding_free: bool) -> tuple[float, Any]:
+        batch = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=padding_free)(examples)
+        return _loss_and_grads(m, {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
+
+    padded, packed = loss_and_grads(plain_model, False), loss_and_grads(model, True)
     return {"loss_padded": padded[0], "loss_packed": packed[0], **_compared(padded, packed)}
 
 
@@ -554,11 +552,12 @@ def measure_generation(cfg) -> dict:
     prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(paths.eval_rows)][: cfg.EVAL_PROMPTS]
     prompts += [build_messages(cfg, s["prompt"]) for s in safety.prompts()]
     n = len(prompts)
+    tuned = [False] * n + [True] * n  # each prompt twice: a base row, then a tuned row
     model = evaluate.shared_model_for_generation(evaluate.load_tuned(cfg, paths.adapter, precision), paths.adapter)
     _cuda("reset_peak_memory_stats")
     passes = {}
     for name in ("first", "timed"):
-        _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, [False] * n + [True] * n)
+        _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, tuned)
         log.info("generation, %s pass: %s", name, passes[name])
     # the evaluate stage's own peak, before the comparison's extra decoders
     peak = _cuda("max_memory_allocated", 0) / 2**30
@@ -572,7 +571,7 @@ def measure_generation(cfg) -> dict:
         "tokens_per_s_first": passes["first"]["tokens_per_s"],
         "peak_gib": peak,
         "liger_modules": liger_modules(model),  # 0: training's patch did not reach the evaluation model
-        "decoders": compare_decoders(model, tok, prompts * 2, cfg.MAX_NEW_TOKENS, [False] * n + [True] * n),
+        "decoders": compare_decoders(model, tok, prompts * 2, cfg.MAX_NEW_TOKENS, tuned),
     }
 
 
@@ -621,9 +620,10 @@ def prepare(cfg, args) -> dict:
     if not (model_dir / "config.json").exists():
         texts = [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)]
         build_random_llama(model_dir, texts, shape="llama-3.2-3b")
-    sample.run(cfg, RunPaths(cfg.run_dir))
-    formatting.run(cfg, RunPaths(cfg.run_dir))
-    rows = read_jsonl(RunPaths(cfg.run_dir).train_tokens)
+    paths = RunPaths(cfg.run_dir)
+    sample.run(cfg, paths)
+    formatting.run(cfg, paths)
+    rows = read_jsonl(paths.train_tokens)
     return {
         "device": torch.cuda.get_device_name(0),
         "precision": resolve_precision(cfg)[0],
@@ -897,16 +897,10 @@ def main(argv: list[str] | None = None) -> int:
             rnd[name] = r = in_own_process(name, args, argv)
             if name not in CHECKS and "tokens_per_s" in r:
                 add_derived(r, setup, model_config)
+                t, flag = r["tokens_per_s"], "" if r["stable"] else " (not stable)"
                 log.info(
-                    "%s: %.0f tok/s (p10-p90 %.0f-%.0f), MFU %.1f%%, peak %.1f GiB, warm-up %d%s",
-                    name,
-                    r["tokens_per_s"]["median"],
-                    r["tokens_per_s"]["p10"],
-                    r["tokens_per_s"]["p90"],
-                    100 * r["mfu"],
-                    r["peak_gib"],
-                    r["warmup_steps"],
-                    "" if r["stable"] else " (not stable)",
+                    f"{name}: {t['median']:.0f} tok/s (p10-p90 {t['p10']:.0f}-{t['p90']:.0f}), "
+                    f"MFU {100 * r['mfu']:.1f}%, peak {r['peak_gib']:.1f} GiB, warm-up {r['warmup_steps']}{flag}"
                 )
             results["wall_s"] = time.perf_counter() - t0
             # after every part: a run cut short keeps what it measured
