@@ -10,6 +10,7 @@ the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
   trl-nogc     trl without gradient checkpointing
   job          this job's defaults (job/config.py)
   job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept, micro-batches split in two)
+  job-nographs, job-nf4-nographs   job and job-nf4 without CUDA graphs
   job-noliger, job-sdpa, job-compile, job-compile-nf4, job-b16, job-compile-b16
                one lever of `job` changed each
   job-accum2, job-ddp2   one GPU (batch 8 x accumulation 2) and two GPUs under torchrun's DDP (batch 8
@@ -32,16 +33,11 @@ p10-p90 spread, seconds per step, peak GiB, MFU by DESIGN.md's formula against t
 measured on the card (median of several warmed runs), and the warm-up steps used.
 
 Also: an equivalence check (loss and LoRA gradients of the job's path, packed rows on its base weights,
-vs the plain path, padded rows through bitsandbytes' 4-bit layers, same rows and adapter), and the
-evaluate stage's generation speed (base and tuned rows in shared batches), one untimed pass then a
-timed one.
+vs the plain path, padded rows through bitsandbytes' 4-bit layers, same rows and adapter), the CUDA-graphed
+layers against the eager ones (one micro-batch), and the evaluate stage's generation speed (base and tuned
+rows in shared batches), one untimed pass then a timed one, then three decoders on the same rows.
 
-Options (see --help): --rows, --steps, --warmup-cap, --stable-window, --tolerance, --recipes (any of the
-names above, plus `checks`: equivalence, then generation, in one process), --repeat N (the recipe list
-N times, every other round in reverse order, so order effects show), --unsloth-site PATH (the unsloth
-process's PYTHONPATH, in place of this one's: Unsloth pins an older Transformers than this job),
---usd-per-hour (adds a cost column), --out DIR (bench.json with every per-step figure, bench.md with
-the table), --update-readme README.md (rewrites the section between the bench markers with bench.md).
+`--help` lists the options; `--out` gets bench.json (every per-step figure) and bench.md (the README section).
 """
 
 from __future__ import annotations
@@ -824,12 +820,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-cap", type=int, default=60, help="most warm-up steps before a recipe is 'not stable'")
     p.add_argument("--stable-window", type=int, default=5, help="steps per median compared for stability")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest relative change of that median")
-    p.add_argument("--recipes", default=",".join(DEFAULT_PARTS), help="what to measure, in this order")
-    p.add_argument("--repeat", type=int, default=1, help="rounds; every other one runs the list in reverse")
+    p.add_argument(
+        "--recipes",
+        default=",".join(DEFAULT_PARTS),
+        help="what to measure, in this order: " + ", ".join([*RECIPES, *UNSLOTH_PADDING, *CHECKS]),
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds; every other one runs the list in reverse, so order effects show"
+    )
     p.add_argument("--gen-prompts", type=int, default=50, help="held-out prompts (plus the safety suite)")
     p.add_argument("--usd-per-hour", type=float, default=None, help="price of this GPU: adds a cost column")
-    p.add_argument("--unsloth-site", default="", help="PYTHONPATH of the unsloth process (its own stack)")
-    p.add_argument("--out", default="bench-results")
+    p.add_argument(
+        "--unsloth-site",
+        default="",
+        help="PYTHONPATH of the unsloth process (its own stack: it pins an older Transformers)",
+    )
+    p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the parts' results")
     p.add_argument("--update-readme", type=Path, default=None, help="rewrite this README's bench section")
     p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: measure one part in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
