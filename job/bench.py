@@ -866,9 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_settings(args)
     if args.recipe_only:  # a child: one measurement
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        out = run_part(args.recipe_only, cfg, args)
+        measured = run_part(args.recipe_only, cfg, args)
         if int(os.environ.get("RANK", "0")) == 0:
-            Path(args.result).write_text(json.dumps(out, default=str))
+            Path(args.result).write_text(json.dumps(measured, default=str))
         return 0
 
     import torch
