@@ -10,6 +10,7 @@ the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
   trl-nogc     trl without gradient checkpointing
   job          this job's defaults (job/config.py)
   job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept, micro-batches split in two)
+  job-nographs, job-nf4-nographs   job and job-nf4 without CUDA graphs
   job-noliger, job-sdpa, job-compile, job-compile-nf4, job-b16, job-compile-b16
                one lever of `job` changed each
   job-accum2, job-ddp2   one GPU (batch 8 x accumulation 2) and two GPUs under torchrun's DDP (batch 8
@@ -32,16 +33,11 @@ p10-p90 spread, seconds per step, peak GiB, MFU by DESIGN.md's formula against t
 measured on the card (median of several warmed runs), and the warm-up steps used.
 
 Also: an equivalence check (loss and LoRA gradients of the job's path, packed rows on its base weights,
-vs the plain path, padded rows through bitsandbytes' 4-bit layers, same rows and adapter), and the
-evaluate stage's generation speed (base and tuned rows in shared batches), one untimed pass then a
-timed one.
+vs the plain path, padded rows through bitsandbytes' 4-bit layers, same rows and adapter), the CUDA-graphed
+layers against the eager ones (one micro-batch), and the evaluate stage's generation speed (base and tuned
+rows in shared batches), one untimed pass then a timed one, then three decoders on the same rows.
 
-Options (see --help): --rows, --steps, --warmup-cap, --stable-window, --tolerance, --recipes (any of the
-names above, plus `checks`: equivalence, then generation, in one process), --repeat N (the recipe list
-N times, every other round in reverse order, so order effects show), --unsloth-site PATH (the unsloth
-process's PYTHONPATH, in place of this one's: Unsloth pins an older Transformers than this job),
---usd-per-hour (adds a cost column), --out DIR (bench.json with every per-step figure, bench.md with
-the table), --update-readme README.md (rewrites the section between the bench markers with bench.md).
+`--help` lists the options; `--out` gets bench.json (every per-step figure) and bench.md (the README section).
 """
 
 from __future__ import annotations
@@ -158,10 +154,8 @@ def stable_start(rates: list[float], window: int, tolerance: float) -> int | Non
 
 def spread(values: list[float]) -> dict[str, float]:
     """Median, p10, p90, min and max of per-step figures (p10/p90 by linear interpolation)."""
-    if len(values) == 1:
-        v = values[0]
-        return {"median": v, "p10": v, "p90": v, "min": v, "max": v, "n": 1}
-    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    # quantiles() needs two values or more; a single value is every decile
+    deciles = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values
     return {
         "median": statistics.median(values),
         "p10": deciles[0],
@@ -220,27 +214,20 @@ def measure_peak_tflops(size: int = 8192, runs: int = 7, products: int = 50) -> 
     return spread(rates)
 
 
-def _sync() -> None:
-    """Wait for the GPU's queued work, so a clock reading covers it (a no-op on CPU, for the tests)."""
+def _cuda(call: str, otherwise: Any = None) -> Any:
+    """torch.cuda.<call>() on a GPU, `otherwise` without one (the CPU tests run the measuring code too)."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    return getattr(torch.cuda, call)() if torch.cuda.is_available() else otherwise
 
 
 def _over_ranks(n: int, how: str) -> int:
     """Under DDP, `n` summed over the ranks (how="sum") or rank 0's `n` (how="rank0"); `n` itself without."""
-    if not _distributed():
-        return n
     import torch
     import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
     t = torch.tensor([n], device="cuda" if torch.cuda.is_available() else "cpu")
     if how == "sum":
         dist.all_reduce(t)
@@ -249,38 +236,18 @@ def _over_ranks(n: int, how: str) -> int:
     return int(t.item())
 
 
-def _empty_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _reset_peak() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib() -> float:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
 class _CountingCollator:
     """Wraps a trainer's collator to count the real (non-padding) tokens of each micro-batch."""
 
-    def __init__(self, inner, pad_id: int):
-        self.inner, self.pad_id, self.tokens = inner, pad_id, []
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, []
 
     def __call__(self, examples):
         batch = self.inner(examples)
-        if "attention_mask" in batch:
-            self.tokens.append(int(batch["attention_mask"].sum()))
-        else:  # padding-free: one flat row of real tokens
-            self.tokens.append(int(batch["input_ids"].numel()))
+        # without an attention mask the batch is padding-free: one flat row of real tokens
+        self.tokens.append(
+            int(batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
+        )
         return batch
 
 
@@ -290,64 +257,59 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
     With BENCH_PROFILE=N (a diagnosis run, not for the table) rank 0 records steps N and N+1 with
     torch.profiler and writes its busiest operations to `profile_to`.
     """
+    import torch
     from transformers import TrainerCallback
 
-    profile_at = int(os.environ.get("BENCH_PROFILE", "0"))
-    profiler: list[Any] = []  # the running torch.profiler, while steps N and N+1 are recorded
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    profile_at = int(os.environ.get("BENCH_PROFILE", "0")) if profile_to and rank0 else 0
+    profiler = None  # the running torch.profiler, while steps N and N+1 are recorded
 
     # Count before job/graphs.py's fixed-shape padding, if any: its padding is not trained on.
     outer = trainer.data_collator
-    counter = _CountingCollator(getattr(outer, "inner", outer), trainer.processing_class.pad_token_id)
+    counter = _CountingCollator(getattr(outer, "inner", outer))
     if hasattr(outer, "inner"):
         outer.inner = counter
     else:
         trainer.data_collator = counter
-    ends: list[float] = []
+    ends: list[float] = []  # clock readings: training's start, then the end of each step
     seconds: list[float] = []
     tokens: list[int] = []
-    found: list[int] = []
-
-    def step_tokens(j: int) -> int:
-        # Micro-batches are consumed in order; the dataloader may fetch ahead, so count by index.
-        return sum(counter.tokens[j * grad_accum : (j + 1) * grad_accum])
+    start: int | None = None  # the first step after warm-up, once found
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
+            nonlocal profiler
             if not ends:
-                _sync()
+                _cuda("synchronize")
                 ends.append(time.perf_counter())
-            if profile_at and profile_to and len(seconds) == profile_at and int(os.environ.get("RANK", "0")) == 0:
-                import torch
-
+            if profile_at and len(seconds) == profile_at:
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                profiler.append(torch.profiler.profile(activities=acts))
-                profiler[0].start()
+                profiler = torch.profiler.profile(activities=acts)
+                profiler.start()
 
         def on_step_end(self, a, state, control, **kw):
-            _sync()
+            nonlocal profiler, start
+            _cuda("synchronize")
             ends.append(time.perf_counter())
             seconds.append(ends[-1] - ends[-2])  # step to step: data, forward, backward, optimizer, callbacks
-            tokens.append(_over_ranks(step_tokens(len(seconds) - 1), "sum"))  # under DDP: every GPU's tokens
-            if profiler and len(seconds) == profile_at + 2:
-                profiler[0].stop()
-                avg = profiler.pop().key_averages()
-                profile_to.write_text(
-                    "\n\n".join(
-                        avg.table(sort_by=k, row_limit=30)
-                        for k in ("cuda_time_total", "self_cpu_time_total", "cpu_time_total")
-                    )
-                )
-            if not found:
+            # Micro-batches are consumed in order; the dataloader may fetch ahead, so count by index.
+            j = len(seconds) - 1
+            step_tokens = sum(counter.tokens[j * grad_accum : (j + 1) * grad_accum])
+            tokens.append(_over_ranks(step_tokens, "sum"))  # under DDP: every GPU's tokens
+            if profiler is not None and len(seconds) == profile_at + 2:
+                profiler.stop()
+                avg, profiler = profiler.key_averages(), None
+                sorts = ("cuda_time_total", "self_cpu_time_total", "cpu_time_total")
+                profile_to.write_text("\n\n".join(avg.table(sort_by=k, row_limit=30) for k in sorts))
+            if start is None:
                 start = stable_start([t / s for t, s in zip(tokens, seconds)], args.stable_window, args.tolerance)
-                if start is not None:
-                    found.append(start)
             # Under DDP rank 0 decides, so every rank stops at the same step (or the collectives hang).
-            if _over_ranks(bool(found) and len(seconds) >= found[0] + args.steps, "rank0"):
+            if _over_ranks(start is not None and len(seconds) >= start + args.steps, "rank0"):
                 control.should_training_stop = True
             return control
 
     trainer.add_callback(Clock())
-    _reset_peak()
+    _cuda("reset_peak_memory_stats")
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -357,7 +319,7 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
         "step_seconds": seconds,
         "step_tokens": tokens,
         "train_wall_s": wall,
-        "peak_gib": _peak_gib(),
+        "peak_gib": _cuda("max_memory_allocated", 0) / 2**30,
         "lora_params": trainer.model.get_nb_trainable_parameters()[0],
         "final_loss": losses[-1] if losses else None,
     }
@@ -385,9 +347,8 @@ def measure_training(name: str, cfg, args) -> dict:
     )
     # the accumulation the trainer runs: the memory-lean path splits micro-batches (train.lean_micro_batches)
     grad_accum = trainer.args.gradient_accumulation_steps
-    out = _timed_train(trainer, grad_accum, args, profile_to=Path(args.out) / f"profile-{name}.txt")
     return {
-        **out,
+        **_timed_train(trainer, grad_accum, args, profile_to=Path(args.out) / f"profile-{name}.txt"),
         "settings": RECIPES[name],
         "gpus": GPUS.get(name, 1),
         "liger": bool(trainer.args.use_liger_kernel),
@@ -515,11 +476,12 @@ def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
         }
         for r in rows
     ]
-    results = {}
-    for name, free, m in (("padded", False, plain_model), ("packed", True, model)):
-        batch = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=free)(examples)
-        results[name] = _loss_and_grads(m, {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
-    padded, packed = results["padded"], results["packed"]
+
+    def loss_and_grads(m, padding_free: bool) -> tuple[float, Any]:
+        batch = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=padding_free)(examples)
+        return _loss_and_grads(m, {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
+
+    padded, packed = loss_and_grads(plain_model, False), loss_and_grads(model, True)
     return {"loss_padded": padded[0], "loss_packed": packed[0], **_compared(padded, packed)}
 
 
@@ -581,18 +543,20 @@ def measure_generation(cfg) -> dict:
     if not (paths.adapter / "adapter_config.json").exists():
         _trained_adapter(cfg, precision)  # the trainer is dropped here; its memory goes back below
         gc.collect()
-        _empty_cache()
+        _cuda("empty_cache")
     tok = evaluate.load_tokenizer(cfg, str(paths.adapter))
     prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(paths.eval_rows)][: cfg.EVAL_PROMPTS]
     prompts += [build_messages(cfg, s["prompt"]) for s in safety.prompts()]
     n = len(prompts)
+    tuned = [False] * n + [True] * n  # each prompt twice: a base row, then a tuned row
     model = evaluate.shared_model_for_generation(evaluate.load_tuned(cfg, paths.adapter, precision), paths.adapter)
-    _reset_peak()
+    _cuda("reset_peak_memory_stats")
     passes = {}
     for name in ("first", "timed"):
-        _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, [False] * n + [True] * n)
+        _, passes[name] = evaluate.generate(model, tok, prompts * 2, cfg, tuned)
         log.info("generation, %s pass: %s", name, passes[name])
-    peak = _peak_gib()  # the evaluate stage's own peak, before the comparison's extra decoders
+    # the evaluate stage's own peak, before the comparison's extra decoders
+    peak = _cuda("max_memory_allocated", 0) / 2**30
     return {
         "prompts": n,
         "rows": 2 * n,
@@ -603,7 +567,7 @@ def measure_generation(cfg) -> dict:
         "tokens_per_s_first": passes["first"]["tokens_per_s"],
         "peak_gib": peak,
         "liger_modules": liger_modules(model),  # 0: training's patch did not reach the evaluation model
-        "decoders": compare_decoders(model, tok, prompts * 2, cfg.MAX_NEW_TOKENS, [False] * n + [True] * n),
+        "decoders": compare_decoders(model, tok, prompts * 2, cfg.MAX_NEW_TOKENS, tuned),
     }
 
 
@@ -630,10 +594,10 @@ def compare_decoders(model, tok, conversations: list, new_tokens: int, tuned: li
     with torch.no_grad(), evaluate.decoding_kernels(), rows:
         for name, run in decoders.items():
             run()
-            _sync()
+            _cuda("synchronize")
             t0 = time.perf_counter()
             tokens = run()
-            _sync()
+            _cuda("synchronize")
             seconds = time.perf_counter() - t0
             answers[name] = [[t for t in row if t != pad] for row in tokens.tolist()]
             count = sum(map(len, answers[name]))
@@ -652,9 +616,10 @@ def prepare(cfg, args) -> dict:
     if not (model_dir / "config.json").exists():
         texts = [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)]
         build_random_llama(model_dir, texts, shape="llama-3.2-3b")
-    sample.run(cfg, RunPaths(cfg.run_dir))
-    formatting.run(cfg, RunPaths(cfg.run_dir))
-    rows = read_jsonl(RunPaths(cfg.run_dir).train_tokens)
+    paths = RunPaths(cfg.run_dir)
+    sample.run(cfg, paths)
+    formatting.run(cfg, paths)
+    rows = read_jsonl(paths.train_tokens)
     return {
         "device": torch.cuda.get_device_name(0),
         "precision": resolve_precision(cfg)[0],
@@ -692,7 +657,7 @@ def run_part(name: str, cfg, args) -> dict:
                 log.exception("%s failed", part)
                 out[part] = {"failed": f"{type(e).__name__}: {e}"}
             gc.collect()  # the first check's models go before the second loads its own
-            _empty_cache()
+            _cuda("empty_cache")
     else:
         out = measure_training(name, cfg, args)
     return {**out, "versions": _versions()}
@@ -737,19 +702,20 @@ def _ratio(x: dict, ref: dict | None) -> str:
     return f"{x['tokens_per_s']['median'] / ref['tokens_per_s']['median']:.2f}x" if ok else "–"
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _listed(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
 def markdown(r: dict) -> str:
-    setup, v = r["setup"], r["setup"].get("versions", {})
-    usd = r.get("args", {}).get("usd_per_hour")
-    cost = " | full dataset, USD" if usd else ""
-    lines = [
-        f"Device: {setup['device']}, bf16 matmul peak measured {setup['peak_tflops']['median']:.0f} TFLOP/s; "
-        f"precision {setup['precision']}; {setup['rows']} conversations, mean {setup['mean_tokens_per_row']:.0f} "
-        f"tokens, max length 512. " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
-        "",
-        "| recipe | tokens/s (median) | p10–p90 | s/step | vs unsloth | vs trl | MFU | peak GiB | warm-up steps "
-        f"| full dataset ({FULL_DATASET_ROWS / 1000:.0f}k rows){cost} |",
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cost else ""),
-    ]
+    """The README's bench section: the setup, a table row per recipe and round, a paragraph per comparison."""
+    setup, usd = r["setup"], r.get("args", {}).get("usd_per_hour")
+    head = "recipe|tokens/s (median)|p10–p90|s/step|vs unsloth|vs trl|MFU|peak GiB|warm-up steps".split("|")
+    head += [f"full dataset ({FULL_DATASET_ROWS / 1000:.0f}k rows)", *(["full dataset, USD"] if usd else [])]
+    table = [_row(head), "|" + "---|" * len(head)]
     for i, rnd in enumerate(r["rounds"]):
         tag = f" (round {i + 1})" if len(r["rounds"]) > 1 else ""
         for name, x in rnd.items():
@@ -757,84 +723,80 @@ def markdown(r: dict) -> str:
                 continue
             if "tokens_per_s" not in x:
                 why = x.get("skipped") or f"failed: {x.get('failed')}"
-                lines.append(f"| {name}{tag} | {why} |" + " |" * (8 + bool(usd)))
+                table.append(_row([name + tag, why]) + " |" * (len(head) - 2))
                 continue
-            t, vs_unsloth, vs_trl = x["tokens_per_s"], _ratio(x, rnd.get(UNSLOTH)), _ratio(x, rnd.get("trl"))
+            t, ratios = x["tokens_per_s"], [_ratio(x, rnd.get(UNSLOTH)), _ratio(x, rnd.get("trl"))]
             if x.get("gpus", 1) > 1:  # the peers ran on one GPU: say so where the ratio is read
-                vs_unsloth, vs_trl = (r if r == "–" else f"{r} on {x['gpus']} GPUs" for r in (vs_unsloth, vs_trl))
+                ratios = [q if q == "–" else f"{q} on {x['gpus']} GPUs" for q in ratios]
             warm = f"{x['warmup_steps']}" + ("" if x["stable"] else " (not stable: cap reached)")
-            lines.append(
-                f"| {name}{tag} | {t['median']:,.0f} | {t['p10']:,.0f}–{t['p90']:,.0f} | "
-                f"{x['seconds_per_step']['median']:.3f} | {vs_unsloth} | {vs_trl} | "
-                f"{100 * x['mfu']:.1f}% | {x['peak_gib']:.1f} | {warm} | {x['hours_full']:.1f} h |"
-                + (f" {x['hours_full'] * usd:.0f} |" if usd else "")
-            )
+            s, gib, mfu, hours = x["seconds_per_step"]["median"], x["peak_gib"], x["mfu"], x["hours_full"]
+            cells = [name + tag, f"{t['median']:,.0f}", f"{t['p10']:,.0f}–{t['p90']:,.0f}", f"{s:.3f}", *ratios]
+            cells += [f"{100 * mfu:.1f}%", f"{gib:.1f}", warm, f"{hours:.1f} h"]
+            table.append(_row(cells + ([f"{hours * usd:.0f}"] if usd else [])))
+    paragraphs = [
+        f"Device: {setup['device']}, bf16 matmul peak measured {setup['peak_tflops']['median']:.0f} TFLOP/s; "
+        f"precision {setup['precision']}; {setup['rows']} conversations, mean {setup['mean_tokens_per_row']:.0f} "
+        f"tokens, max length 512. {_listed(setup.get('versions', {}))}.",
+        "\n".join(table),
+    ]
     uv = next((rnd[UNSLOTH]["versions"] for rnd in r["rounds"] if "versions" in rnd.get(UNSLOTH, {})), None)
     if uv:
-        lines += ["", "The unsloth process: " + ", ".join(f"{k} {val}" for k, val in uv.items()) + "."]
+        paragraphs.append(f"The unsloth process: {_listed(uv)}.")
     for rnd in r["rounds"]:
         one, two = rnd.get("job-accum2", {}), rnd.get("job-ddp2", {})
         if "tokens_per_s" in one and "tokens_per_s" in two:
-            lines += [
-                "",
+            paragraphs.append(
                 f"Two GPUs (DDP, batch 8 each) vs one (batch 8 x accumulation 2), same data and optimizer steps: "
                 f"{two['tokens_per_s']['median']:,.0f} vs {one['tokens_per_s']['median']:,.0f} tokens/s, "
-                f"{_ratio(two, one)}.",
-            ]
+                f"{_ratio(two, one)}."
+            )
     checks = next((rnd[CHECKS[0]] for rnd in r["rounds"] if CHECKS[0] in rnd), {})
-    e = checks.get("equivalence", {})
+    e, c, g = (checks.get(part, {}) for part in ("equivalence", "graphs", "generation"))
     if "grad_cosine" in e:
-        lines += [
-            "",
+        paragraphs.append(
             f"Equivalence: the job's path (packed rows, base weights {e['job_base_weights']}) vs the plain path "
             f"(padded rows, bitsandbytes' 4-bit layers), same 8 rows and adapter, bf16: loss {e['loss_packed']:.5f} "
             f"vs {e['loss_padded']:.5f} (rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine "
-            f"{e['grad_cosine']:.5f}, rel. L2 {e['grad_rel_l2']:.1e}.",
-        ]
-    c = checks.get("graphs", {})
+            f"{e['grad_cosine']:.5f}, rel. L2 {e['grad_rel_l2']:.1e}."
+        )
     if "grad_cosine" in c:
-        lines += [
-            "",
+        paragraphs.append(
             f"CUDA graphs (job/graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout off, replayed "
             f"layers vs eager: loss {c['loss_graph']:.5f} vs {c['loss_eager']:.5f} (rel. diff "
             f"{c['loss_rel_diff']:.1e}), LoRA gradient cosine {c['grad_cosine']:.5f}, rel. L2 {c['grad_rel_l2']:.1e} "
             f"(two eager steps: {c['grad_rel_l2_eager_twice']:.1e}; flash attention's backward is not deterministic); "
-            f"captured in {c['capture_s']:.1f} s; layer calls {c['layer_calls']}.",
-        ]
-    g = checks.get("generation", {})
+            f"captured in {c['capture_s']:.1f} s; layer calls {c['layer_calls']}."
+        )
     if "liger_modules" in e and "liger_modules" in g:
-        lines += [
-            "",
+        paragraphs.append(
             f"Liger's forward ran in {e['liger_modules']} modules of the trained model and in {g['liger_modules']} "
-            "of the evaluated one, loaded afterwards in the same process (0: training's patch was put back).",
-        ]
+            "of the evaluated one, loaded afterwards in the same process (0: training's patch was put back)."
+        )
     if "tokens_per_s" in g:
-        lines += [
-            "",
+        paragraphs.append(
             f"Generation (the evaluate stage's default: {g['prompts']} prompts answered by base and tuned model as "
             f"rows of shared batches, up to {g['max_new_tokens']} new tokens, EVAL_BATCH_SIZE={g['batch']}): "
             f"{g['tokens_per_s']:,.0f} new tokens/s in the timed pass ({g['tokens_per_s_first']:,.0f} in the "
-            f"first, untimed one); peak {g['peak_gib']:.1f} GiB.",
+            f"first, untimed one); peak {g['peak_gib']:.1f} GiB."
+        )
+    if g.get("decoders"):
+        speeds = [
+            f"{k} {x['tokens_per_s']:,.0f}"
+            + (f" ({x['rows_equal_to_eager_loop']})" if "rows_equal_to_eager_loop" in x else "")
+            for k, x in g["decoders"].items()
         ]
-    d = g.get("decoders", {})
-    if d:
-        lines += [
-            "",
+        paragraphs.append(
             "The same rows in one batch, each decoder warmed alike (new tokens/s; rows whose answer equals the "
-            "eager loop's): "
-            + "; ".join(
-                f"{k} {x['tokens_per_s']:,.0f}"
-                + (f" ({x['rows_equal_to_eager_loop']})" if "rows_equal_to_eager_loop" in x else "")
-                for k, x in d.items()
-            )
-            + ".",
-        ]
+            f"eager loop's): {'; '.join(speeds)}."
+        )
     if "failed" in checks:
-        lines += ["", f"The checks' process failed: {checks['failed']}"]
-    for name in ("equivalence", "graphs", "generation"):
-        if "failed" in checks.get(name, {}):
-            lines += ["", f"{name} failed: {checks[name]['failed']}"]
-    return "\n".join(lines) + "\n"
+        paragraphs.append(f"The checks' process failed: {checks['failed']}")
+    paragraphs += [
+        f"{p} failed: {checks[p]['failed']}"
+        for p in ("equivalence", "graphs", "generation")
+        if "failed" in checks.get(p, {})
+    ]
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def write_report(results: dict, out: Path, readme: Path | None) -> str:
@@ -858,12 +820,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-cap", type=int, default=60, help="most warm-up steps before a recipe is 'not stable'")
     p.add_argument("--stable-window", type=int, default=5, help="steps per median compared for stability")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest relative change of that median")
-    p.add_argument("--recipes", default=",".join(DEFAULT_PARTS), help="what to measure, in this order")
-    p.add_argument("--repeat", type=int, default=1, help="rounds; every other one runs the list in reverse")
+    p.add_argument(
+        "--recipes",
+        default=",".join(DEFAULT_PARTS),
+        help="what to measure, in this order: " + ", ".join([*RECIPES, *UNSLOTH_PADDING, *CHECKS]),
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds; every other one runs the list in reverse, so order effects show"
+    )
     p.add_argument("--gen-prompts", type=int, default=50, help="held-out prompts (plus the safety suite)")
     p.add_argument("--usd-per-hour", type=float, default=None, help="price of this GPU: adds a cost column")
-    p.add_argument("--unsloth-site", default="", help="PYTHONPATH of the unsloth process (its own stack)")
-    p.add_argument("--out", default="bench-results")
+    p.add_argument(
+        "--unsloth-site",
+        default="",
+        help="PYTHONPATH of the unsloth process (its own stack: it pins an older Transformers)",
+    )
+    p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the parts' results")
     p.add_argument("--update-readme", type=Path, default=None, help="rewrite this README's bench section")
     p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: measure one part in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -894,9 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_settings(args)
     if args.recipe_only:  # a child: one measurement
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        out = run_part(args.recipe_only, cfg, args)
+        measured = run_part(args.recipe_only, cfg, args)
         if int(os.environ.get("RANK", "0")) == 0:
-            Path(args.result).write_text(json.dumps(out, default=str))
+            Path(args.result).write_text(json.dumps(measured, default=str))
         return 0
 
     import torch
@@ -931,16 +903,10 @@ def main(argv: list[str] | None = None) -> int:
             rnd[name] = r = in_own_process(name, args, argv)
             if name not in CHECKS and "tokens_per_s" in r:
                 add_derived(r, setup, model_config)
+                t, flag = r["tokens_per_s"], "" if r["stable"] else " (not stable)"
                 log.info(
-                    "%s: %.0f tok/s (p10-p90 %.0f-%.0f), MFU %.1f%%, peak %.1f GiB, warm-up %d%s",
-                    name,
-                    r["tokens_per_s"]["median"],
-                    r["tokens_per_s"]["p10"],
-                    r["tokens_per_s"]["p90"],
-                    100 * r["mfu"],
-                    r["peak_gib"],
-                    r["warmup_steps"],
-                    "" if r["stable"] else " (not stable)",
+                    f"{name}: {t['median']:.0f} tok/s (p10-p90 {t['p10']:.0f}-{t['p90']:.0f}), "
+                    f"MFU {100 * r['mfu']:.1f}%, peak {r['peak_gib']:.1f} GiB, warm-up {r['warmup_steps']}{flag}"
                 )
             results["wall_s"] = time.perf_counter() - t0
             # after every part: a run cut short keeps what it measured

@@ -9,6 +9,7 @@ stage's time, its peak memory and the prompt lengths are what this measures. Pri
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import time
@@ -35,6 +36,52 @@ WORDS = {
 }
 
 
+def random_adapter(model_dir: Path, adapter: Path) -> None:
+    """A LoRA adapter (r8 on q_proj,v_proj) with random, non-zero lora_B: base and tuned answers differ."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter)
+
+
+def synthetic_questions(paths: RunPaths, limit: int, vocab: list[str]) -> None:
+    """`limit` questions per task: the fixture's, cycled, each lengthened by WORDS random words of `vocab`."""
+    rng = random.Random(0)
+    for task, (field, words) in WORDS.items():
+        base = read_jsonl(benchmark.FIXTURE / f"{task}.jsonl")
+        rows = []
+        for i in range(limit):
+            d = copy.deepcopy(base[i % len(base)])
+            filler = " ".join(rng.choice(vocab) for _ in range(words))
+            if field == "context":
+                d["context"]["contexts"] = [filler]
+            else:
+                d[field] = filler + " " + d[field]
+            rows.append(d)
+        write_jsonl(paths.benchmark_data / f"{task}.jsonl", rows)
+
+
+def mean_prompt_tokens(model_dir: Path, paths: RunPaths, limit: int) -> dict[str, int]:
+    """Each task's mean prompt length in tokens of the random model's tokenizer, as lm-eval renders it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = {}
+    for task in WORDS:
+        t = benchmark._load_task(task, paths.benchmark_data / f"{task}.jsonl")
+        docs = list(t.eval_docs)[:limit]
+        out[task] = round(sum(len(tok.encode(t.doc_to_text(d))) for d in docs) / len(docs))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -49,57 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = work / f"{args.shape}-random"
     t_all = time.perf_counter()
     texts = [v for r in read_jsonl(FIXTURE) for v in r.values() if isinstance(v, str)]
-    vocab = " ".join(texts).split()
-    rng = random.Random(0)
     if not (model_dir / "config.json").exists():
         t = time.perf_counter()
         build_random_llama(model_dir, texts, shape=args.shape)
         print(f"built model in {time.perf_counter() - t:.1f} s", flush=True)
-
-    run_dir = work / f"run-{quant}-{limit}"
-    paths = RunPaths(run_dir)
+    paths = RunPaths(work / f"run-{quant}-{limit}")
     if not (paths.adapter / "adapter_config.json").exists():
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        m = AutoModelForCausalLM.from_pretrained(model_dir)
-        pm = get_peft_model(
-            m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-        )
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.01)  # a trained adapter is not zero: base and tuned differ
-        pm.save_pretrained(paths.adapter)
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(paths.adapter)
-        del m, pm
-
-    for task, (field, words) in WORDS.items():
-        base = read_jsonl(benchmark.FIXTURE / f"{task}.jsonl")
-        rows = []
-        for i in range(limit):
-            d = json.loads(json.dumps(base[i % len(base)]))
-            filler = " ".join(rng.choice(vocab) for _ in range(words))
-            if field == "context":
-                d["context"]["contexts"] = [filler]
-            else:
-                d[field] = filler + " " + d[field]
-            rows.append(d)
-        write_jsonl(paths.benchmark_data / f"{task}.jsonl", rows)
+        random_adapter(model_dir, paths.adapter)
+    synthetic_questions(paths, limit, " ".join(texts).split())
+    tokens = mean_prompt_tokens(model_dir, paths, limit)
+    print("mean prompt tokens per question (this random tokenizer):", tokens, flush=True)
 
     cfg = with_overrides(Settings(), BASE_MODEL=str(model_dir), BENCHMARK_LIMIT=limit, QUANTIZATION=quant)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tokens = {}
-    for task in WORDS:
-        t = benchmark._load_task(task, paths.benchmark_data / f"{task}.jsonl")
-        docs = list(t.eval_docs)[:limit]
-        tokens[task] = sum(len(tok.encode(t.doc_to_text(d))) for d in docs) / len(docs)
-    print(
-        "mean prompt tokens per question (this random tokenizer):", {k: round(v) for k, v in tokens.items()}, flush=True
-    )
-
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage_seconds": round(stage, 1),
         "per_task_seconds": result["seconds"],
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "mean_prompt_tokens": {k: round(v) for k, v in tokens.items()},
+        "mean_prompt_tokens": tokens,
         "tasks": {
             k: {kk: v[kk] for kk in ("n", "base", "tuned", "difference", "ci95")} for k, v in result["tasks"].items()
         },

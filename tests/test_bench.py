@@ -117,9 +117,10 @@ def test_markdown_ratios_and_flags():
     assert "| job (round 1) |" in md2 and "| job (round 2) |" in md2
 
 
-def test_a_recipe_warms_up_then_times_the_steps_asked_for(tiny_model_dir, tmp_path):
+def test_a_recipe_warms_up_then_times_the_steps_asked_for(tiny_model_dir, tmp_path, monkeypatch):
     """The child's measurement on the tiny model, on CPU: the job's own trainer, steps counted and timed,
-    training stopped once warm-up and the timed steps are done (or at the cap)."""
+    training stopped once warm-up and the timed steps are done (or at the cap); with BENCH_PROFILE=N,
+    steps N and N+1 profiled into the output folder."""
     from job import formatting, sample
     from job.bench import bench_settings, measure_training, parse_args
 
@@ -132,9 +133,11 @@ def test_a_recipe_warms_up_then_times_the_steps_asked_for(tiny_model_dir, tmp_pa
     cfg.run_dir.mkdir(parents=True)
     sample.run(cfg, RunPaths(cfg.run_dir))
     formatting.run(cfg, RunPaths(cfg.run_dir))
+    monkeypatch.setenv("BENCH_PROFILE", "1")
     r = measure_training("job", cfg, args)
     # any rate is "stable" within a tolerance of 1000%: warm-up is the first two windows, then 3 timed steps
     assert r["stable"] and r["warmup_steps"] == 4 and r["timed_steps"] == 3
     assert len(r["step_seconds"]) == len(r["step_tokens"]) == 7  # stopped early: the cap allowed 8
     assert all(t > 0 for t in r["step_tokens"]) and r["tokens_per_s"]["median"] > 0
     assert r["lora_params"] > 0
+    assert "Self CPU" in (tmp_path / "profile-job.txt").read_text()  # torch.profiler's table
