@@ -8,7 +8,7 @@ the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
   trl          plain TRL: packing + Liger kernels, batch 8, TRL's defaults otherwise (which include
                gradient checkpointing), 4-bit layers
   trl-nogc     trl without gradient checkpointing
-  job          this job's defaults (job/config.py)
+  job          this job's defaults (job/config.py) at the peers' batch of 8 (BATCH_SIZE=8; the default is 4)
   job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept, micro-batches split in two)
   job-nographs, job-nf4-nographs   job and job-nf4 without CUDA graphs
   job-noliger, job-sdpa, job-compile, job-compile-nf4, job-b16, job-compile-b16

@@ -387,8 +387,10 @@ def trainer_class() -> type:
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
-        _pending: list = []  # per micro-batch [entropy, accuracy] tensors since the last log
-        _pending_tokens: Any = 0
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._pending: list = []  # one [entropy, accuracy] GPU tensor per micro-batch since the last log
+            self._pending_tokens: Any = 0  # a GPU tensor once counting starts
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             plain = (
@@ -412,7 +414,7 @@ def trainer_class() -> type:
             valid = gather(out.label_mask.sum()).sum().clamp(min=1)  # both sums are 0 where nothing is valid
             entropy = gather(out.entropy.detach().sum()).sum() / valid
             accuracy = gather(out.is_top1.sum()).sum() / valid
-            self._pending = [*self._pending, torch.stack([entropy, accuracy])]
+            self._pending.append(torch.stack([entropy, accuracy]))
             if "attention_mask" in inputs:
                 tokens = gather(inputs["attention_mask"].sum()).sum()
             else:  # padding-free packing: one row of tokens
