@@ -161,7 +161,8 @@ class Settings:
         "auto",
         "On CUDA: compile each decoder layer with torch.compile, a one-off compile in the first step for faster "
         "steps after it. auto: only when training has enough optimizer steps to repay it (job/train.py, "
-        "COMPILE_AFTER_STEPS: large datasets, not 1,000 rows).",
+        "COMPILE_AFTER_STEPS: large datasets, not 1,000 rows) and the base is held in 16-bit (compiling the "
+        "4-bit kernels' step makes it slower).",
         "train",
         ("auto", "true", "false"),
         output=False,

@@ -191,12 +191,17 @@ def planned_steps(cfg: Settings, rows: list[dict]) -> int:
     return math.ceil(math.ceil(micro_batches / cfg.GRAD_ACCUM) * cfg.EPOCHS)
 
 
-def use_compile(cfg: Settings, rows: list[dict]) -> bool:
-    """TORCH_COMPILE: true, false, or auto (compile when the planned steps reach COMPILE_AFTER_STEPS); CUDA only."""
+def use_compile(cfg: Settings, rows: list[dict], packed_base: bool = False) -> bool:
+    """TORCH_COMPILE: true, false, or auto; CUDA only. auto compiles when the planned steps reach
+    COMPILE_AFTER_STEPS and the base is held in 16-bit: with the base packed in 4 bits (`packed_base`), the
+    compiled step is slower than the eager one (make bench: job-compile-nf4 against job-nf4)."""
     if not _cuda() or cfg.TORCH_COMPILE == "false":
         return False
     if cfg.TORCH_COMPILE == "true":
         return True
+    if packed_base:
+        log.info("TORCH_COMPILE=auto: not compiling, the base is packed in 4 bits")
+        return False
     steps = planned_steps(cfg, rows)
     log.info(
         "TORCH_COMPILE=auto: %d optimizer steps planned; compiling from %d on: %s",
@@ -458,7 +463,7 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = T
     # created in fp32 whatever the base dtype (see job/model.py on fp16).
     set_seed(cfg.SEED)  # LoRA A matrices are drawn here: same seed, same initial adapter
     model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
-    compiled = use_compile(cfg, rows)
+    compiled = use_compile(cfg, rows, packed_base=bool(four_bit_layers(model)))
     if compiled:
         log.info("compiling %d decoder layers (one compile, in the first step)", compile_layers(model))
     args = sft_config(cfg, paths, precision, compiled, **overrides)

@@ -195,7 +195,7 @@ def test_regional_compile_covers_every_decoder_layer(tiny_model_dir, monkeypatch
 
 def test_auto_compiles_only_runs_long_enough_to_repay_it(demo_run, monkeypatch):
     """TORCH_COMPILE=auto decides from the optimizer steps planned before training (the rows packed by TRL's
-    own packer): the plan equals the steps the demo's training took."""
+    own packer), and only where the base is held in 16-bit: the plan equals the steps the demo's training took."""
     import json
 
     from job import train
@@ -215,6 +215,8 @@ def test_auto_compiles_only_runs_long_enough_to_repay_it(demo_run, monkeypatch):
     assert not train.use_compile(auto, []) and not train.use_compile(never, []) and train.use_compile(always, [])
     monkeypatch.setattr(train, "planned_steps", lambda cfg, rows: train.COMPILE_AFTER_STEPS)
     assert train.use_compile(auto, []) and not train.use_compile(never, [])
+    # The base packed in 4 bits: auto never compiles (slower there), true still does
+    assert not train.use_compile(auto, [], packed_base=True) and train.use_compile(always, [], packed_base=True)
 
 
 def test_training_patches_of_the_model_code_stay_with_the_trained_model(tiny_model_dir, tmp_path, monkeypatch):
