@@ -7,6 +7,7 @@ Nothing else in the project defines a setting name: `.env.example`, the README's
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
@@ -470,11 +471,28 @@ def _check(s: Settings) -> list[str]:
 
 def _optimizer_names() -> list[str]:
     """Transformers' optimizer names; empty where Transformers is absent (the SkyPilot launcher's light venv
-    checks settings before the job's image starts, and the job itself checks again with Transformers)."""
+    checks settings before the job's image starts, and the job itself checks again with Transformers).
+
+    Read from the source of `OptimizerNames` rather than imported: importing transformers.training_args loads
+    PEFT and bitsandbytes, seconds on every command, `config` and a bad setting's exit included. Where the
+    source does not read as expected, the enum is imported. tests/test_config.py compares the two."""
     try:
-        from transformers.training_args import OptimizerNames
+        spec = importlib.util.find_spec("transformers.training_args")
     except ImportError:
         return []
+    if spec is None or spec.origin is None:
+        return []
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    enum = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OptimizerNames"), None)
+    names = [
+        n.value.value
+        for n in (enum.body if enum else [])
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+    ]
+    if names:
+        return names
+    from transformers.training_args import OptimizerNames
+
     return [o.value for o in OptimizerNames]
 
 

@@ -154,6 +154,17 @@ def test_values_that_would_fail_late_are_refused_up_front(name, raw, words):
     assert "OUTPUT_DIR=" not in msg  # the setting at fault is named, not another one
 
 
+def test_optimizer_names_read_from_source_are_transformers_own():
+    """config reads OptimizerNames from Transformers' source (importing it costs seconds). An upgrade that moves
+    or reshapes the enum fails here: the read must give exactly the imported enum's names."""
+    from transformers.training_args import OptimizerNames
+
+    from job.config import _optimizer_names
+
+    assert _optimizer_names() == [o.value for o in OptimizerNames]
+    assert "adamw_torch_fused" in _optimizer_names()
+
+
 def test_retired_settings_say_what_became_of_them():
     assert "EVAL_GENERATIONS: renamed EVAL_PROMPTS" in problems(EVAL_GENERATIONS="8")
     assert "EVAL_COMPILE: removed" in problems(EVAL_COMPILE="true")
