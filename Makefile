@@ -38,7 +38,7 @@ demo: install ## The whole pipeline on a tiny local model and bundled data, CPU,
 	$(PY) -m job demo
 
 test: install $(SKY_VENV)/.installed ## Run the tests (the container build test skips unless root with buildah and debootstrap)
-	$(PY) -m pytest -q --ignore=tests/test_sky.py
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --ignore=tests/test_sky.py
 	PYTHONPATH="$(CURDIR)" $(SKY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_sky.py
 
 # The SkyPilot YAML tests get a small venv of their own: SkyPilot pins click<8.2 and more, and next to
