@@ -171,9 +171,9 @@ def pin_cpu_threads(resume: Path | None) -> None:
 # TORCH_COMPILE=auto compiles from this many planned optimizer steps on. The compile is paid once, in the
 # first step, and each later step is faster by a few hundredths of a second: the break-even is the first
 # step of make bench's `job-compile` row over the per-step saving against `job` (s/step columns, bench.json
-# step_seconds). This sits above the break-even measured on an H200, so auto never makes a run slower there;
-# the default 1,000 conversations are far below it.
-COMPILE_AFTER_STEPS = 4000
+# step_seconds), with the compile cache empty, as on a new machine. This sits above the largest break-even
+# measured on an H200, so auto never makes a run slower there; the default 1,000 conversations are far below it.
+COMPILE_AFTER_STEPS = 6000
 
 
 def planned_steps(cfg: Settings, rows: list[dict]) -> int:
