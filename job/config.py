@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import math
 import os
@@ -469,7 +470,8 @@ def _check(s: Settings) -> list[str]:
     return p
 
 
-def _optimizer_names() -> list[str]:
+@functools.cache  # parsing the source takes a tenth of a second; settings are checked many times in tests
+def _optimizer_names() -> tuple[str, ...]:
     """Transformers' optimizer names; empty where Transformers is absent (the SkyPilot launcher's light venv
     checks settings before the job's image starts, and the job itself checks again with Transformers).
 
@@ -479,21 +481,21 @@ def _optimizer_names() -> list[str]:
     try:
         spec = importlib.util.find_spec("transformers.training_args")
     except ImportError:
-        return []
+        return ()
     if spec is None or spec.origin is None:
-        return []
+        return ()
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     enum = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OptimizerNames"), None)
-    names = [
+    names = tuple(
         n.value.value
         for n in (enum.body if enum else [])
         if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
-    ]
+    )
     if names:
         return names
     from transformers.training_args import OptimizerNames
 
-    return [o.value for o in OptimizerNames]
+    return tuple(o.value for o in OptimizerNames)
 
 
 def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:

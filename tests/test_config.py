@@ -161,7 +161,7 @@ def test_optimizer_names_read_from_source_are_transformers_own():
 
     from job.config import _optimizer_names
 
-    assert _optimizer_names() == [o.value for o in OptimizerNames]
+    assert _optimizer_names() == tuple(o.value for o in OptimizerNames)
     assert "adamw_torch_fused" in _optimizer_names()
 
 
