@@ -55,15 +55,13 @@ from job.config import SETTINGS  # noqa: E402
 from job.files import read_jsonl  # noqa: E402
 from job.paths import RunPaths  # noqa: E402
 
-# How `make test` spreads the tests over two xdist workers (--dist loadgroup --no-loadscope-reorder: the
-# workers take the tests in collection order, a group at a time):
-# - the two longest tests go first, one to each worker as xdist deals them out, so the image build (mostly
-#   downloads and disk) runs beside the kill chain instead of after it;
-# - the tests that read the shared pipeline run share one worker, so it runs once, not once per worker.
+# `make test` runs two xdist workers (--dist loadgroup --no-loadscope-reorder: with no groups marked, the
+# workers take the tests one at a time, in collection order). The two longest go first, so xdist deals them
+# one to each worker, and the image build (mostly downloads and disk) runs beside the kill chain instead of
+# after it.
 LONGEST = ("test_container.py::test_image_builds_and_runs_the_demo", "test_resume.py::test_kill_anywhere_then_rerun")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """LONGEST first, then the other slow tests, then the rest in file order. Only how long a run takes
     depends on this: every test is independent of the others."""
@@ -73,9 +71,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return rank.get(f"{item.path.name}::{item.name}", len(LONGEST)), item.get_closest_marker("slow") is None
 
     items.sort(key=key)
-    for item in items:
-        if {"demo_run", "demo_run_copy"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("demo_run"))
 
 
 REPO = Path(__file__).resolve().parents[1]
