@@ -455,6 +455,7 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = T
     rows = read_jsonl(paths.train_tokens)
     model = load_model(cfg, precision)
     dequantize_for_training(cfg, model)  # DEQUANTIZE_BASE: same weights, no 4-bit kernels in the step
+    packed_base = bool(four_bit_layers(model))  # read before PEFT wraps the layers
     if lean:
         cfg = lean_micro_batches(cfg, model)
     if cfg.GRADIENT_CHECKPOINTING:
@@ -463,7 +464,7 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = T
     # created in fp32 whatever the base dtype (see job/model.py on fp16).
     set_seed(cfg.SEED)  # LoRA A matrices are drawn here: same seed, same initial adapter
     model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
-    compiled = use_compile(cfg, rows, packed_base=bool(four_bit_layers(model)))
+    compiled = use_compile(cfg, rows, packed_base)
     if compiled:
         log.info("compiling %d decoder layers (one compile, in the first step)", compile_layers(model))
     args = sft_config(cfg, paths, precision, compiled, **overrides)
