@@ -40,11 +40,13 @@ def flash_varlen() -> bool:
     return _flash_varlen() is not None
 
 
-def _per_conversation(q, k, v, cu, scale):
+def _per_conversation(q, k, v, cu, scale, window: int | None = None):
     """Reference path (CPU, or a torch without varlen_attn): causal sdpa on each conversation.
 
-    q: (tokens, heads, dim); k, v: (tokens, kv_heads, dim). Same numbers as the flash kernel up to
-    float rounding; used by the CPU tests to check the packed path against the padded one.
+    q: (tokens, heads, dim); k, v: (tokens, kv_heads, dim). `window`: a sliding-window layer's size (Gemma 2/3,
+    Mistral): a token sees itself and the window - 1 tokens before it, as Transformers' sliding mask does. Same
+    numbers as the flash kernel up to float rounding; used by the CPU tests to check the packed path against
+    the padded one.
     """
     import torch
     import torch.nn.functional as F
@@ -56,7 +58,13 @@ def _per_conversation(q, k, v, cu, scale):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+        if window is not None and end - start > window:
+            i = torch.arange(end - start, device=q.device)
+            seen = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seen, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        out.append(o.transpose(0, 1))
     return torch.cat(out, 0)
 
 
@@ -87,12 +95,20 @@ def varlen_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if kwargs.get("softcap") is not None:  # neither kernel below caps the attention logits
+        raise ValueError(
+            f"{NAME} does not cap attention logits ({type(module).__name__} asks for softcap="
+            f"{kwargs['softcap']}); load the model with attention_for(config) (job/model.py does)"
+        )
+    window = kwargs.get("sliding_window")  # set on the sliding-window layers of Gemma 2/3 and Mistral
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
     flash = _FLASH
-    if flash is not None and q.is_cuda and q.dtype != torch.float32:  # flash kernels take 16-bit only
-        varlen_attn, params = flash
-        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if flash is not None and q.is_cuda and q.dtype != torch.float32 and (window is None or "window_size" in flash[1]):
+        varlen_attn, params = flash  # the flash kernels take 16-bit only
+        # window_size=(left, right): a token sees `left` tokens before it (-1: all) and `right` after it
+        left = -1 if window is None else window - 1
+        causal = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
         if q.shape[1] != k.shape[1]:
             if "enable_gqa" in params:
                 causal["enable_gqa"] = True
@@ -103,8 +119,23 @@ def varlen_attention_forward(
         max_len = max_length_q if max_length_q is not None else int(cu.diff().max())
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal)
     else:
-        out = _per_conversation(q, k, v, cu, scaling)
+        out = _per_conversation(q, k, v, cu, scaling, window)
     return out.unsqueeze(0), None
+
+
+def attention_for(config, wanted: str) -> tuple[str, str | None]:
+    """The attention implementation to load a model with, and why it differs from `wanted` (None: it does not).
+
+    Gemma 2 caps its attention logits (attn_logit_softcapping), which neither sdpa nor the varlen kernel does:
+    Transformers' eager attention is the one that computes that model as it was trained.
+    """
+    text = getattr(config, "text_config", None) or config
+    if getattr(text, "attn_logit_softcapping", None) is not None and wanted != "eager":
+        return "eager", (
+            f"{type(config).__name__} caps its attention logits (attn_logit_softcapping="
+            f"{text.attn_logit_softcapping}), which only eager attention computes: using eager instead of {wanted}"
+        )
+    return wanted, None
 
 
 def register() -> None:

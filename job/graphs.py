@@ -14,6 +14,7 @@ that does not fit the captured shape runs the eager layers.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Any
@@ -82,17 +83,26 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
     hidden = inner.config.hidden_size
     model.train()  # dropout as in training: a graph replays what was captured
 
-    with torch.no_grad():  # the graphs' inputs besides the hidden states, shared by every layer
+    # Gemma 3 rotates its sliding-window and its global layers by different bases: its rotary embedding takes
+    # the layer type, and each layer gets its type's (cos, sin). Llama-like models have one for every layer.
+    by_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
+    types = list(inner.config.layer_types) if by_type else [None] * len(layers)
+    with torch.no_grad():  # the graphs' inputs besides the hidden states, shared by every layer of a type
         x = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
-        cos, sin = inner.rotary_emb(x, position_ids=torch.arange(tokens, device=device)[None] % max_length)
+        positions = torch.arange(tokens, device=device)[None] % max_length
+        rope = {
+            t: inner.rotary_emb(x, positions, t) if by_type else inner.rotary_emb(x, position_ids=positions)
+            for t in dict.fromkeys(types)
+        }
         cu = torch.arange(0, tokens + 1, max_length, device=device)
         cu = torch.cat([cu, cu.new_full((slots + 1 - len(cu),), tokens)]).to(torch.int32)
+    layer_type = {id(layer): t for layer, t in zip(layers, types)}
 
     def run(layer, h, weights):
         # The layer's trainable weights replaced by `weights` for this call (see _chain on why).
         kwargs = dict(
             attention_mask=None,
-            position_embeddings=(cos, sin),
+            position_embeddings=rope[layer_type[id(layer)]],
             cu_seq_lens_q=cu,
             cu_seq_lens_k=cu,
             max_length_q=max_length,
@@ -106,9 +116,11 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
 
     calls = {"graph": 0, "eager": 0}  # layer calls each way, for the log and the bench
 
+    first_of_type = {t: types.index(t) for t in rope}  # the layer that copies in its type's (cos, sin)
     for i, (layer, step) in enumerate(zip(layers, graphed)):
+        own = i == first_of_type[types[i]]
 
-        def forward(h, *args, _step=step, _layer=layer, _first=i == 0, **kwargs):
+        def forward(h, *args, _step=step, _layer=layer, _first=i == 0, _rope=own, _cs=rope[types[i]], **kwargs):
             cu_now, emb = kwargs.get("cu_seq_lens_q"), kwargs.get("position_embeddings")
             if (
                 _layer.training
@@ -120,9 +132,10 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
                 and cu_now.shape == cu.shape
                 and emb is not None
             ):
-                if _first:  # this step's positions and conversation bounds, once for every layer
-                    cos.copy_(emb[0])
-                    sin.copy_(emb[1])
+                if _rope:  # this step's positions, once for every layer of this type
+                    _cs[0].copy_(emb[0])
+                    _cs[1].copy_(emb[1])
+                if _first:  # this step's conversation bounds, once for every layer
                     cu.copy_(cu_now)
                 calls["graph"] += 1
                 return _step(h)

@@ -172,6 +172,10 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
         **kwargs,
     )
     model.config.use_cache = False
+    implementation, why = attention.attention_for(model.config, cfg.ATTN_IMPLEMENTATION)
+    if why:
+        log.info("ATTN_IMPLEMENTATION: %s", why)
+        model.set_attn_implementation(implementation)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

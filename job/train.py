@@ -221,16 +221,17 @@ def use_liger(cfg: Settings, compiled: bool) -> bool:
     return cfg.LIGER_KERNEL and not compiled and _cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 
-def use_graphs(cfg: Settings, compiled: bool) -> bool:
+def use_graphs(cfg: Settings, compiled: bool, attn: str | None = None) -> bool:
     """CUDA_GRAPHS where the step can be captured: packed rows through job/attention.py's varlen kernel (the
     graph passes conversation boundaries, no mask) on a GPU that has the flash kernel, no compile, no gradient
-    checkpointing."""
+    checkpointing. `attn`: the attention the model was loaded with, when it is not ATTN_IMPLEMENTATION
+    (job/attention.py attention_for)."""
     return (
         cfg.CUDA_GRAPHS
         and _cuda()
         and attention.flash_varlen()
         and cfg.PACKING
-        and cfg.ATTN_IMPLEMENTATION == attention.NAME
+        and (attn or cfg.ATTN_IMPLEMENTATION) == attention.NAME
         and not compiled
         and not cfg.GRADIENT_CHECKPOINTING
     )
@@ -475,7 +476,7 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = T
         processing_class=tokenizer,
         callbacks=[_completeness_callback(cfg.SAVE_TOTAL_LIMIT)],
     )
-    if use_graphs(cfg, compiled):
+    if use_graphs(cfg, compiled, attn=model.config._attn_implementation):
         tokens = cfg.BATCH_SIZE * cfg.MAX_SEQ_LENGTH
         fixed = graphs.FixedShape(
             trainer.data_collator,

@@ -124,17 +124,46 @@ def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
     assert "stream is capturing" in str(caught.value) and caught.value.exit_code == BUG
 
 
+def _tiny_gemma3(tiny_model_dir, out):
+    """A 2-layer Gemma 3 text model with the tiny tokenizer: one sliding-window layer (window shorter than the
+    conversations) and one global layer, each with its own rotary base, as the real Gemma 3 has."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=2048,
+    )
+    Gemma3ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
-@pytest.mark.parametrize("ddp", [False, True], ids=["one-process", "ddp"])
-def test_graphed_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path, ddp):
+@pytest.mark.parametrize(
+    "ddp,family", [(False, "llama"), (True, "llama"), (False, "gemma3")], ids=["one-process", "ddp", "gemma3"]
+)
+def test_graphed_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path, ddp, family):
     """The captured layers replay the eager step, also inside DDP (which once invalidated the capture: its
-    gradient accumulators belong to the default stream). bf16 with fp32 LoRA weights under autocast, as the
-    Trainer trains; flash attention's backward is not deterministic, so two eager steps set the noise floor."""
+    gradient accumulators belong to the default stream), and for Gemma 3 (sliding-window layers, a rotary base
+    per layer type). bf16 with fp32 LoRA weights under autocast, as the Trainer trains; flash attention's
+    backward is not deterministic, so two eager steps set the noise floor."""
     import torch.distributed as dist
 
     from job.graphs import capture_layers
 
+    if family == "gemma3":
+        tiny_model_dir = _tiny_gemma3(tiny_model_dir, tmp_path / "gemma3")
     cfg, _, _, examples, fixed = _batches(tiny_model_dir)
     tokens, max_length = TOKENS, MAX_LENGTH
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in fixed(examples).items()}
