@@ -37,6 +37,11 @@ BENCHMARK_TASK_NAMES = (
     "mmlu_professional_medicine",
 )
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY")
+# URLs that may carry user:password@ or a key in the query: shown and recorded without them (job/redact.py).
+URL_NAMES = ("JUDGE_BASE_URL",)
+# Names, endpoints and keys: surrounding spaces are never meant ("  " would pass as a model name, a key pasted
+# with its newline would be refused), so they are stripped when read.
+STRIPPED_NAMES = ("JUDGE_MODEL", "JUDGE_BASE_URL", "HUB_REPO_ID", *SECRET_NAMES)
 # Variables that belong to libraries, shells and launchers, not to us: never "unknown".
 _FOREIGN_PREFIXES = ("HF_", "TRANSFORMERS_", "TORCH", "CUDA", "NCCL", "WANDB_", "SKYPILOT", "PYTORCH")
 # Settings that existed once: a .env that still sets one gets told what happened instead of "unknown".
@@ -337,11 +342,17 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = ("***" if value else "") if f.metadata["secret"] else value
+            out[f.name] = ("***" if value else "") if f.metadata["secret"] else self.shown(f.name)
         return out
 
+    def shown(self, name: str) -> Any:
+        """The value as logged and recorded: a URL without its password or query (neither changes the output)."""
+        from job.redact import public_url
+
+        return public_url(getattr(self, name)) if name in URL_NAMES else getattr(self, name)
+
     def fingerprint_for(self, names: tuple[str, ...]) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in names}
+        return {n: self.shown(n) for n in names}
 
 
 SETTINGS = {f.name: f for f in fields(Settings)}
@@ -448,7 +459,7 @@ def _check(s: Settings) -> list[str]:
     if s.JUDGE_MODEL.strip():
         if s.EVAL_PROMPTS == 0:
             bad("JUDGE_MODEL", "there is nothing to judge with EVAL_PROMPTS=0; raise it or unset JUDGE_MODEL")
-        if "api.openai.com" in s.JUDGE_BASE_URL and not s.JUDGE_API_KEY:
+        if _needs_key(s.JUDGE_BASE_URL) and not s.JUDGE_API_KEY:
             p.append(
                 f"JUDGE_MODEL={s.JUDGE_MODEL!r}: OpenAI's API needs JUDGE_API_KEY in the environment; "
                 "or point JUDGE_BASE_URL at your own server (vLLM, Ollama)"
@@ -468,6 +479,17 @@ def _check(s: Settings) -> list[str]:
     if s.REPORT_TO == "wandb" and importlib.util.find_spec("wandb") is None:
         p.append("REPORT_TO='wandb': the wandb package is not installed here (`pip install wandb`), or use tensorboard")
     return p
+
+
+def _needs_key(url: str) -> bool:
+    """Whether the judge endpoint is OpenAI's own (or Azure's), which answers 401 to every call without a key."""
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    except ValueError:
+        return False
+    return host == "openai.com" or host.endswith((".openai.com", ".openai.azure.com"))
 
 
 @functools.cache  # parsing the source takes a tenth of a second; settings are checked many times in tests
@@ -522,7 +544,7 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
             continue
         typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), str)
         try:
-            value = _parse(env[name], typ)
+            value = _parse(env[name].strip() if name in STRIPPED_NAMES else env[name], typ)
         except ValueError as e:
             problems.append(f"{name}={env[name]!r}: {e}")
             continue
