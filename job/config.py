@@ -288,7 +288,19 @@ class Settings:
     )
     # --- push --------------------------------------------------------------------------------
     HUB_REPO_ID: str = _setting("", "Hub repo to push to, as owner/name (empty: stage files, no upload).", "push")
-    HUB_PRIVATE: bool = _setting(True, "Create the Hub repo private.", "push")
+    HUB_PRIVATE: bool = _setting(
+        True,
+        "Create the Hub repo private. An existing public repo is refused while this is true (nothing is published); "
+        "an existing repo's visibility is never changed.",
+        "push",
+    )
+    HUB_TIMEOUT: float = _setting(
+        60.0,
+        "Seconds to wait for the Hub to connect or send each part of a reply before the push fails (exit 4).",
+        "push",
+        output=False,
+        unit="seconds",
+    )
     PUSH_MERGED: bool = _setting(False, "Also upload the adapter merged into the 16-bit base (merged/).", "push")
     MODEL_LICENSE: str = _setting("llama3.2", "License id written into the model card.", "push")
     MIN_SAFETY_PASS_RATE: float = _setting(
@@ -446,6 +458,8 @@ def _check(s: Settings) -> list[str]:
             "use 1 to 100 letters, digits, '.', '_' and '-', starting with a letter or digit "
             "(it becomes a folder inside OUTPUT_DIR)",
         )
+    if not s.HUB_TIMEOUT > 0:
+        bad("HUB_TIMEOUT", "must be more than 0 seconds")
     if s.HUB_REPO_ID and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", s.HUB_REPO_ID):
         bad("HUB_REPO_ID", "must look like owner/name, e.g. alice/llama-medical-qlora")
     for name in ("DESCRIPTION_COLUMN", "PATIENT_COLUMN", "DOCTOR_COLUMN", "DATASET", "BASE_MODEL", "OUTPUT_DIR"):
