@@ -168,7 +168,9 @@ def _ask(client, cfg: Settings, rubric: Rubric, item: dict, order: int) -> dict:
         max_tokens=cfg.JUDGE_MAX_TOKENS,
     )
     choice = _first_choice(response, cfg)
-    content = choice.message.content or ""
+    content = getattr(choice.message, "content", None)
+    if not isinstance(content, str):  # null, or a list or object where text belongs: an unreadable verdict
+        content = "" if content is None else json.dumps(content, default=str)
     usage = getattr(response, "usage", None)
     record = {
         "id": item["id"],
@@ -290,7 +292,7 @@ def read_verdicts(path: Path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-        except ValueError:  # JSONDecodeError, and a number too long to read
+        except (ValueError, RecursionError):  # not JSON, a number too long to read, nesting too deep
             problem = "not JSON" + (" (the last line, probably cut short by a kill)" if n == len(lines) else "")
         else:
             problem = _record_problem(row)
@@ -304,7 +306,8 @@ def read_verdicts(path: Path) -> list[dict]:
 def _record_problem(r: Any) -> str | None:
     """Why `r` is not a verdict record this module wrote, or None: every field the figures read, checked."""
     if not isinstance(r, dict):
-        return f"a JSON {type(r).__name__}, not an object"
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+        return f"not a JSON object but {kind.get(type(r), 'null')}"
     if not isinstance(r.get("id"), (str, int)) or isinstance(r.get("id"), bool):
         return "no pair id"
     if type(r.get("order")) is not int or r["order"] not in (0, 1):
@@ -461,6 +464,8 @@ def _call_all(client, cfg: Settings, rubric: Rubric, todo: list[tuple[dict, int]
             try:
                 it, order = jobs.get_nowait()
             except queue.Empty:
+                return
+            if stop.is_set():  # set while this thread took the job
                 return
             try:
                 done.put((_ask(client, cfg, rubric, it, order), None))

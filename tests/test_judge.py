@@ -277,10 +277,9 @@ def test_a_signal_while_judging_stops_at_once_and_keeps_every_verdict(serve, pat
     with stop.handling_sigterm(), pytest.raises(raised):  # what exits 7 (SIGTERM) or 130 (Ctrl-C) in job.__main__
         J.judge(cfg, paths, ITEMS)
     seconds = time.monotonic() - t0
-    asked, kept = len(server.requests), [json.loads(line) for line in _lines(paths.judge)]
-    time.sleep(0.5)
-    assert len(server.requests) == asked, "a queued call started after the stop"
-    assert asked <= len(kept) + 2, "more calls were made than were kept plus the two in flight"
+    kept = [json.loads(line) for line in _lines(paths.judge)]
+    time.sleep(0.5)  # a call in flight at the stop may reach the server after it; no queued call may follow
+    assert len(server.requests) <= len(kept) + 2, "more calls were made than were kept plus the two in flight"
     assert 2 <= len(kept) < 12 and all(r["ok"] for r in kept)
     assert seconds < 1.5
     assert Stopped.exit_code == STOPPED
@@ -322,11 +321,13 @@ def test_damaged_lines_in_judge_jsonl_are_skipped_with_a_warning(server, paths, 
     tampered["scores"]["base"]["accuracy"] = "high"  # same judge, rubric and answers: would be reused as it is
     wrong_order = json.loads(good[2]) | {"order": "0"}
     damaged = ["[1, 2]", '"x"', "null", "42", json.dumps(tampered), good[0][:30], json.dumps(wrong_order), "{}"]
+    damaged += ["[" * 100_000, "{{" + good[2][1:]]  # nesting too deep to read; a duplicated opening brace
     paths.judge.write_text("\n".join(damaged + good[3:]) + "\n")
     server.requests.clear()
     with caplog.at_level(logging.WARNING, logger="job.judge"):
         again = J.judge(settings(server.base_url), paths, ITEMS)
     assert again["calls_this_run"] == 3 and len(server.requests) == 3  # good[0:3] asked again, nothing more
+    assert "judge.jsonl line 1: not a JSON object but an array" in caplog.text
     assert again["pairs_decided"] == 6 and again["failures"] == 0
     warned = " ".join(r.getMessage() for r in caplog.records)
     for n in range(1, len(damaged) + 1):
