@@ -129,13 +129,23 @@ def test_a_hub_that_never_answers_times_out_with_exit_4(hub_at, silent_server, f
     assert "did not answer within HUB_TIMEOUT=0.5 s" in str(e.value) and silent_server in str(e.value)
 
 
-def test_a_web_page_instead_of_the_hub_api_is_a_config_error(hub_at, replying_server, folder):
-    url = replying_server(lambda h: (200, "text/html", "<!DOCTYPE html><html><body>Sign in to the proxy</body></html>"))
+@pytest.mark.parametrize(
+    ("content_type", "body", "says"),
+    [
+        ("text/html", "<!DOCTYPE html><html><body>Sign in to the proxy</body></html>", "not JSON"),
+        ("application/json", "{}", "could not read the reply: KeyError"),
+        ("application/json", "[]", "could not read the reply: TypeError"),
+        ("application/json", '"ok"', "could not read the reply: TypeError"),
+    ],
+    ids=["html", "empty-object", "array", "string"],
+)
+def test_a_reply_that_is_not_the_hub_api_is_a_config_error(hub_at, replying_server, folder, content_type, body, says):
+    url = replying_server(lambda h: (200, content_type, body))
     hub_at(url)
     with pytest.raises(ConfigError) as e:
         push.upload(settings(), folder)
     assert e.value.exit_code == BAD_CONFIG
-    assert "HF_ENDPOINT" in str(e.value) and "not JSON" in str(e.value) and url in str(e.value)
+    assert "HF_ENDPOINT" in str(e.value) and says in str(e.value) and url in str(e.value)
 
 
 def test_an_error_that_quotes_the_token_is_printed_without_it(hub_at, replying_server, folder, run_job, monkeypatch):
