@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from job import redact
 from job.errors import BUG, EXIT_CODES, INTERRUPTED, JobError, OutOfMemory, classify
 
 log = logging.getLogger("job")
@@ -42,6 +43,7 @@ DEMO = {
 
 
 def _setup_logging() -> None:
+    redact.install_log_scrubbing()  # no token or URL password reaches the log, from our code or a library's
     rank0 = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(
         level=logging.INFO if rank0 else logging.WARNING,
@@ -84,6 +86,8 @@ def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = 
     from job.paths import RunPaths
 
     cfg = load_settings(environ, env_file=env_file)
+    redact.register(cfg.HF_TOKEN, cfg.WANDB_API_KEY, cfg.JUDGE_API_KEY)
+    redact.register_url(cfg.JUDGE_BASE_URL)
     log.info("settings: %s", json.dumps(cfg.masked()))
     log.info("hardware: %s; torch %s", _hardware(), torch.__version__)
     log.info("run directory: %s; stages: %s", cfg.run_dir, ",".join(cfg.stages))
@@ -143,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         if err is None:
             log.exception("unexpected error")
             return BUG
-        print(f"\nerror: {err}\n(exit {err.exit_code}: {EXIT_CODES[err.exit_code]})", file=sys.stderr)
+        print(
+            f"\nerror: {redact.scrub(str(err))}\n(exit {err.exit_code}: {EXIT_CODES[err.exit_code]})", file=sys.stderr
+        )
         return err.exit_code
 
 

@@ -37,6 +37,11 @@ BENCHMARK_TASK_NAMES = (
     "mmlu_professional_medicine",
 )
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY")
+# URLs that may carry user:password@ or a key in the query: shown and recorded without them (job/redact.py).
+URL_NAMES = ("JUDGE_BASE_URL",)
+# Names, endpoints and keys: surrounding spaces are never meant ("  " would pass as a model name, a key pasted
+# with its newline would be refused), so they are stripped when read.
+STRIPPED_NAMES = ("JUDGE_MODEL", "JUDGE_BASE_URL", "HUB_REPO_ID", *SECRET_NAMES)
 # Variables that belong to libraries, shells and launchers, not to us: never "unknown".
 _FOREIGN_PREFIXES = ("HF_", "TRANSFORMERS_", "TORCH", "CUDA", "NCCL", "WANDB_", "SKYPILOT", "PYTORCH")
 # Settings that existed once: a .env that still sets one gets told what happened instead of "unknown".
@@ -283,7 +288,19 @@ class Settings:
     )
     # --- push --------------------------------------------------------------------------------
     HUB_REPO_ID: str = _setting("", "Hub repo to push to, as owner/name (empty: stage files, no upload).", "push")
-    HUB_PRIVATE: bool = _setting(True, "Create the Hub repo private.", "push")
+    HUB_PRIVATE: bool = _setting(
+        True,
+        "Create the Hub repo private. An existing public repo is refused while this is true (nothing is published); "
+        "an existing repo's visibility is never changed.",
+        "push",
+    )
+    HUB_TIMEOUT: float = _setting(
+        60.0,
+        "Seconds to wait for the Hub to connect or send each part of a reply before the push fails (exit 4).",
+        "push",
+        output=False,
+        unit="seconds",
+    )
     PUSH_MERGED: bool = _setting(False, "Also upload the adapter merged into the 16-bit base (merged/).", "push")
     MODEL_LICENSE: str = _setting("llama3.2", "License id written into the model card.", "push")
     MIN_SAFETY_PASS_RATE: float = _setting(
@@ -337,11 +354,17 @@ class Settings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = ("***" if value else "") if f.metadata["secret"] else value
+            out[f.name] = ("***" if value else "") if f.metadata["secret"] else self.shown(f.name)
         return out
 
+    def shown(self, name: str) -> Any:
+        """The value as logged and recorded: a URL without its password or query (neither changes the output)."""
+        from job.redact import public_url
+
+        return public_url(getattr(self, name)) if name in URL_NAMES else getattr(self, name)
+
     def fingerprint_for(self, names: tuple[str, ...]) -> dict[str, Any]:
-        return {n: getattr(self, n) for n in names}
+        return {n: self.shown(n) for n in names}
 
 
 SETTINGS = {f.name: f for f in fields(Settings)}
@@ -435,6 +458,8 @@ def _check(s: Settings) -> list[str]:
             "use 1 to 100 letters, digits, '.', '_' and '-', starting with a letter or digit "
             "(it becomes a folder inside OUTPUT_DIR)",
         )
+    if not s.HUB_TIMEOUT > 0:
+        bad("HUB_TIMEOUT", "must be more than 0 seconds")
     if s.HUB_REPO_ID and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", s.HUB_REPO_ID):
         bad("HUB_REPO_ID", "must look like owner/name, e.g. alice/llama-medical-qlora")
     for name in ("DESCRIPTION_COLUMN", "PATIENT_COLUMN", "DOCTOR_COLUMN", "DATASET", "BASE_MODEL", "OUTPUT_DIR"):
@@ -448,7 +473,7 @@ def _check(s: Settings) -> list[str]:
     if s.JUDGE_MODEL.strip():
         if s.EVAL_PROMPTS == 0:
             bad("JUDGE_MODEL", "there is nothing to judge with EVAL_PROMPTS=0; raise it or unset JUDGE_MODEL")
-        if "api.openai.com" in s.JUDGE_BASE_URL and not s.JUDGE_API_KEY:
+        if _needs_key(s.JUDGE_BASE_URL) and not s.JUDGE_API_KEY:
             p.append(
                 f"JUDGE_MODEL={s.JUDGE_MODEL!r}: OpenAI's API needs JUDGE_API_KEY in the environment; "
                 "or point JUDGE_BASE_URL at your own server (vLLM, Ollama)"
@@ -468,6 +493,17 @@ def _check(s: Settings) -> list[str]:
     if s.REPORT_TO == "wandb" and importlib.util.find_spec("wandb") is None:
         p.append("REPORT_TO='wandb': the wandb package is not installed here (`pip install wandb`), or use tensorboard")
     return p
+
+
+def _needs_key(url: str) -> bool:
+    """Whether the judge endpoint is OpenAI's own (or Azure's), which answers 401 to every call without a key."""
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    except ValueError:
+        return False
+    return host == "openai.com" or host.endswith((".openai.com", ".openai.azure.com"))
 
 
 @functools.cache  # parsing the source takes a tenth of a second; settings are checked many times in tests
@@ -522,7 +558,7 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
             continue
         typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), str)
         try:
-            value = _parse(env[name], typ)
+            value = _parse(env[name].strip() if name in STRIPPED_NAMES else env[name], typ)
         except ValueError as e:
             problems.append(f"{name}={env[name]!r}: {e}")
             continue

@@ -8,31 +8,40 @@ swayed by position shows up as low position consistency instead of as a result. 
 a file people can review and change: job/prompts/judge.md.
 
 Verdicts are appended to eval/judge.jsonl as they arrive; a rerun judges only the (pair, order) verdicts
-that are missing, so an endpoint that fails halfway costs only the calls not yet made.
+that are missing or failed, so an endpoint that fails halfway costs only the calls not yet made. A SIGTERM or
+Ctrl-C stops at once: queued calls are dropped, the calls in flight are abandoned, every verdict received is
+kept.
+
+The question, the reference and the answers are untrusted text (a dataset row, a model's output): each is
+escaped before it goes between its tags, so none can close its tag and pose as the rubric, and the rubric
+tells the judge that tagged text is data. Whatever the judge replies is scrubbed of secrets before it is
+stored (job/redact.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import statistics
 import string
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from job.config import Settings
 from job.errors import ConfigError, JobError, TransientError
 from job.paths import RunPaths
+from job.redact import public_url as _public_url
+from job.redact import scrub, scrub_obj
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +86,18 @@ def a_is_tuned(seed: int, item_id: Any, order: int) -> bool:
     return first if order == 0 else not first
 
 
+def fence(text: str) -> str:
+    """Untrusted text made safe to put between tags: &, < and > escaped as in HTML, so no text can write a
+    tag (close its own block, open another) and every text reads back exactly (html.unescape)."""
+    return html.escape(str(text), quote=False)
+
+
 def _messages(rubric: Rubric, item: dict, answer_a: str, answer_b: str) -> list[dict]:
     user = rubric.user.substitute(
-        question=item["prompt"], reference=item["reference"], answer_a=answer_a, answer_b=answer_b
+        question=fence(item["prompt"]),
+        reference=fence(item["reference"]),
+        answer_a=fence(answer_a),
+        answer_b=fence(answer_b),
     )
     return [{"role": "system", "content": rubric.system}, {"role": "user", "content": user}]
 
@@ -149,9 +167,11 @@ def _ask(client, cfg: Settings, rubric: Rubric, item: dict, order: int) -> dict:
         temperature=0,
         max_tokens=cfg.JUDGE_MAX_TOKENS,
     )
-    choice = response.choices[0] if response.choices else None
-    content = (choice.message.content if choice else None) or ""
-    usage = response.usage
+    choice = _first_choice(response, cfg)
+    content = getattr(choice.message, "content", None)
+    if not isinstance(content, str):  # null, or a list or object where text belongs: an unreadable verdict
+        content = "" if content is None else json.dumps(content, default=str)
+    usage = getattr(response, "usage", None)
     record = {
         "id": item["id"],
         "order": order,
@@ -159,14 +179,14 @@ def _ask(client, cfg: Settings, rubric: Rubric, item: dict, order: int) -> dict:
         "judge_model": cfg.JUDGE_MODEL,
         "rubric": rubric.digest,
         "item": _item_digest(item),
-        "prompt_tokens": usage.prompt_tokens if usage else None,
-        "completion_tokens": usage.completion_tokens if usage else None,
+        "prompt_tokens": _count(getattr(usage, "prompt_tokens", None)),
+        "completion_tokens": _count(getattr(usage, "completion_tokens", None)),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     try:
         verdict = parse_verdict(content)
     except ValueError as e:
-        cut = choice is not None and choice.finish_reason == "length"
+        cut = getattr(choice, "finish_reason", None) == "length"
         why = f"{e} (the answer was cut at JUDGE_MAX_TOKENS={cfg.JUDGE_MAX_TOKENS})" if cut else str(e)
         return record | {"ok": False, "error": why, "raw": content[:2000]}
     winner = "tie" if verdict["preference"] == "tie" else shown[verdict["preference"]]
@@ -179,15 +199,35 @@ def _ask(client, cfg: Settings, rubric: Rubric, item: dict, order: int) -> dict:
     }
 
 
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _first_choice(response: Any, cfg: Settings) -> Any:
+    """The reply's first choice; a ConfigError when the reply is not a chat completion at all.
+
+    The openai client hands back the body as text when it is not JSON (a web page, a proxy's login page) and
+    an object without `choices` when the JSON is something else: an endpoint that answers 200 like that to
+    a chat-completions request is not an OpenAI-compatible API, and will answer every retry the same way.
+    """
+    choices = getattr(response, "choices", None) if not isinstance(response, str) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if choice is not None and getattr(choice, "message", None) is not None:
+        return choice
+    if isinstance(response, str):
+        head = " ".join(response.split())[:120]
+        what = f"a non-JSON body ({head!r}{'...' if len(response) > 120 else ''})"
+    else:
+        what = "JSON without a 'choices' list" if not choices else "a choice without a 'message'"
+    raise ConfigError(
+        f"JUDGE_BASE_URL={_public_url(cfg.JUDGE_BASE_URL)}: answered a chat-completions request for "
+        f"JUDGE_MODEL={cfg.JUDGE_MODEL!r} with 200 and {scrub(what)}: not an OpenAI-compatible API. Point "
+        "JUDGE_BASE_URL at the API's base URL (usually ending in /v1, e.g. http://HOST:8000/v1) and check that "
+        "it serves JUDGE_MODEL. Verdicts so far are kept."
+    )
+
+
 # --- errors: typed, never read from message text ----------------------------------------------------
-def _scrub(text: str, secret: str) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
-def _public_url(url: str) -> str:
-    """The endpoint without user:password@ or a query string, either of which can carry a key."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
 def classify(error: Exception, cfg: Settings) -> JobError | None:
@@ -195,7 +235,7 @@ def classify(error: Exception, cfg: Settings) -> JobError | None:
     import openai
 
     url = _public_url(cfg.JUDGE_BASE_URL)
-    detail = _scrub(str(getattr(error, "message", error)), cfg.JUDGE_API_KEY)
+    detail = scrub(str(getattr(error, "message", error)))
     status = getattr(error, "status_code", None)
     if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return ConfigError(
@@ -241,15 +281,55 @@ def classify(error: Exception, cfg: Settings) -> JobError | None:
 
 # --- eval/judge.jsonl ------------------------------------------------------------------------------
 def read_verdicts(path: Path) -> list[dict]:
+    """The verdict records in eval/judge.jsonl; a line that is not one (cut short by a kill, edited by hand,
+    not JSON, not a record of the expected shape) is skipped with a warning, and that verdict asked again."""
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill mid-write: that verdict is asked for again
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON, a number too long to read, nesting too deep
+            problem = "not JSON" + (" (the last line, probably cut short by a kill)" if n == len(lines) else "")
+        else:
+            problem = _record_problem(row)
+        if problem:
+            log.warning("%s line %d: %s; it is ignored and that verdict asked for again", path, n, problem)
+            continue
+        rows.append(row)
     return rows
+
+
+def _record_problem(r: Any) -> str | None:
+    """Why `r` is not a verdict record this module wrote, or None: every field the figures read, checked."""
+    if not isinstance(r, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+        return f"not a JSON object but {kind.get(type(r), 'null')}"
+    if not isinstance(r.get("id"), (str, int)) or isinstance(r.get("id"), bool):
+        return "no pair id"
+    if type(r.get("order")) is not int or r["order"] not in (0, 1):
+        return "no order 0 or 1"
+    if not isinstance(r.get("ok"), bool):
+        return "no 'ok' true or false"
+    for k in ("prompt_tokens", "completion_tokens"):
+        if r.get(k) is not None and _count(r[k]) is None:
+            return f"{k} is not a count"
+    if not r["ok"]:
+        return None
+    if r.get("preference") not in PREFERENCES.values() or r.get("winner") not in ("tuned", "base", "tie"):
+        return "a verdict without a preference (A, B or tie) and winner (tuned, base or tie)"
+    scores = r.get("scores")
+    for model in ("base", "tuned"):
+        given = scores.get(model) if isinstance(scores, dict) else None
+        if not isinstance(given, dict) or not all(
+            isinstance(given.get(c), (int, float)) and not isinstance(given.get(c), bool) and 1 <= given[c] <= 5
+            for c in CRITERIA
+        ):
+            return f"a verdict without {model}'s scores from 1 to 5 on {', '.join(CRITERIA)}"
+    return None
 
 
 def _append(f, record: dict) -> None:
@@ -259,12 +339,16 @@ def _append(f, record: dict) -> None:
 
 
 def _current(records: list[dict], cfg: Settings, rubric: Rubric, items: list[dict]) -> dict[tuple[str, int], dict]:
-    """The newest record per (pair, order) given by this judge model, rubric and these exact answers."""
+    """The newest readable verdict per (pair, order) given by this judge model, rubric and these exact answers.
+
+    A failed call (an unreadable verdict) is not one: it is asked again on the next run, so a judge that was
+    broken for a while costs those calls once more instead of leaving the pairs undecided for good.
+    """
     digests = {str(it["id"]): _item_digest(it) for it in items}
     out = {}
     for r in records:
-        key = (str(r.get("id")), r.get("order"))
-        if r.get("judge_model") == cfg.JUDGE_MODEL and r.get("rubric") == rubric.digest:
+        key = (str(r["id"]), r["order"])
+        if r["ok"] and r.get("judge_model") == cfg.JUDGE_MODEL and r.get("rubric") == rubric.digest:
             if digests.get(key[0]) == r.get("item"):
                 out[key] = r
     return out
@@ -360,14 +444,86 @@ def _client(cfg: Settings):
     )
 
 
+def _call_all(client, cfg: Settings, rubric: Rubric, todo: list[tuple[dict, int]], keep) -> BaseException | None:
+    """Make the calls, JUDGE_CONCURRENCY at a time, passing each record to `keep` (in this thread) as it comes.
+
+    Returns the first failure, after the calls in flight when it happened have finished and been kept (no
+    new call starts after a failure). Anything raised here instead, a SIGTERM's Stopped or Ctrl-C's
+    KeyboardInterrupt, returns at once: the queued calls are dropped, the records already received are kept,
+    and the calls in flight are abandoned in their daemon threads, so the exit never waits on the endpoint.
+    (A ThreadPoolExecutor would: its threads are joined when the interpreter exits.)
+    """
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    for job in todo:
+        jobs.put(job)
+    done: queue.SimpleQueue = queue.SimpleQueue()  # (record, None) or (None, exception)
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                it, order = jobs.get_nowait()
+            except queue.Empty:
+                return
+            if stop.is_set():  # set while this thread took the job
+                return
+            try:
+                done.put((_ask(client, cfg, rubric, it, order), None))
+            except BaseException as e:  # the first failure stops new calls; it is reported by the caller
+                stop.set()
+                done.put((None, e))
+
+    threads = [
+        threading.Thread(target=worker, name=f"judge-{i}", daemon=True)
+        for i in range(min(cfg.JUDGE_CONCURRENCY, len(todo)))
+    ]
+    for t in threads:
+        t.start()
+    failure: BaseException | None = None
+    made = 0
+
+    def take(record: dict | None, error: BaseException | None) -> None:
+        nonlocal failure, made
+        if error is not None:
+            failure = failure or error  # the first failure is the one reported
+            return
+        keep(record)
+        made += 1
+        if failure is None and (made % max(10, len(todo) // 10) == 0 or made == len(todo)):
+            log.info("judge: %d/%d verdicts", made, len(todo))
+
+    try:
+        while True:
+            try:
+                # A short wait, so a signal's exception (raised in this thread) is never held up for long.
+                take(*done.get(timeout=0.2))
+            except queue.Empty:
+                if not any(t.is_alive() for t in threads) and done.empty():
+                    return failure
+    finally:
+        stop.set()  # no queued call starts after this; on an early exit, keep what already arrived
+        while True:
+            try:
+                record, error = done.get_nowait()
+            except queue.Empty:
+                break
+            if error is None:
+                try:
+                    keep(record)
+                except Exception:
+                    break  # e.g. a full disk: the exception already on its way out is the one to report
+
+
 def judge(cfg: Settings, paths: RunPaths, items: list[dict]) -> dict:
     """Judge every pair in both orders (only what eval/judge.jsonl lacks); return the summary for metrics.json.
 
     items: [{id, prompt, reference, base, tuned}]. Raises ConfigError (bad key, unknown model: exit 2) or
     TransientError (endpoint down, 5xx or 429 after retries: exit 4); verdicts already received stay on disk.
     """
-    import openai
+    from job import redact
 
+    redact.register(cfg.JUDGE_API_KEY)
+    redact.register_url(cfg.JUDGE_BASE_URL)
     rubric = load_rubric()
     have = _current(read_verdicts(paths.judge), cfg, rubric, items)
     todo = [(it, order) for it in items for order in (0, 1) if (str(it["id"]), order) not in have]
@@ -387,40 +543,22 @@ def judge(cfg: Settings, paths: RunPaths, items: list[dict]) -> dict:
     )
     made = 0
     if todo:
-        client = _client(cfg)
         paths.judge.parent.mkdir(parents=True, exist_ok=True)
         if paths.judge.is_file() and paths.judge.stat().st_size and not paths.judge.read_bytes().endswith(b"\n"):
             with paths.judge.open("a", encoding="utf-8") as f:
                 f.write("\n")  # end a line a kill cut short, so the next verdict starts on its own line
-        failure: Exception | None = None
-        with paths.judge.open("a", encoding="utf-8") as f, ThreadPoolExecutor(cfg.JUDGE_CONCURRENCY) as pool:
-            stop = threading.Event()  # set by the first failed call: no new calls after it
+        with paths.judge.open("a", encoding="utf-8") as f:
 
-            def ask(it: dict, order: int) -> dict | None:
-                if stop.is_set():
-                    return None
-                try:
-                    return _ask(client, cfg, rubric, it, order)
-                except BaseException:
-                    stop.set()
-                    raise
-
-            # After a failure the calls already in flight still finish and are kept; the queued ones return None.
-            for fut in as_completed([pool.submit(ask, it, order) for it, order in todo]):
-                try:
-                    record = fut.result()
-                except openai.OpenAIError as e:
-                    failure = failure or e  # the first failure is the one reported
-                    continue
-                if record is None:  # skipped: another call failed first
-                    continue
+            def keep(record: dict) -> None:
+                nonlocal made
+                record = scrub_obj(record)  # a reply that quotes a key or a URL's password is stored without it
                 _append(f, record)
                 have[(str(record["id"]), record["order"])] = record
                 made += 1
-                if failure is None and (made % max(10, len(todo) // 10) == 0 or made == len(todo)):
-                    log.info("judge: %d/%d verdicts", made, len(todo))
+
+            failure = _call_all(_client(cfg), cfg, rubric, todo, keep)
         if failure is not None:
-            error = classify(failure, cfg)
+            error = failure if isinstance(failure, JobError) else classify(failure, cfg)
             if error is None:
                 raise failure
             raise error from None  # the openai traceback adds nothing to the message, and may quote the request

@@ -2,10 +2,18 @@
 
 push/ is always written, so a run without HUB_REPO_ID (the demo, CI) shows precisely what
 would be uploaded. The quality gates run first: below MIN_SAFETY_PASS_RATE nothing is staged.
+
+The commit makes the repo hold exactly push/: files an earlier push uploaded that this one does not
+(merged/ after PUSH_MERGED is turned off, a file since renamed) are deleted in the same commit, so the card
+never sits beside weights it does not describe. The job never changes a repo's visibility: an existing public
+repo with HUB_PRIVATE=true is refused (nothing is uploaded), an existing private one with HUB_PRIVATE=false
+stays private (a warning says so). Every Hub request gives up after HUB_TIMEOUT seconds without an answer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -15,7 +23,7 @@ from huggingface_hub import HfApi
 
 from job import benchmark, safety
 from job.config import Settings
-from job.errors import QualityGateError, classify
+from job.errors import ConfigError, JobError, QualityGateError, TransientError, classify
 from job.faults import maybe_die
 from job.files import read_json
 from job.model import load_model, resolve_precision
@@ -85,21 +93,116 @@ def merge(cfg: Settings, adapter: Path, out: Path) -> None:
     log.info("merged model written to %s", out)
 
 
+def hub_offline() -> bool:
+    """Whether huggingface_hub will refuse every request (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    from job.redact import public_url
+
+    return public_url(constants.ENDPOINT)
+
+
+@contextlib.contextmanager
+def _timeout(seconds: float):
+    """huggingface_hub's shared httpx client waits forever by default (timeout=None): within this block, each
+    connect, read and write waits at most `seconds` (a per-operation limit, so a large upload is not cut)."""
+    import httpx
+    from huggingface_hub import get_session
+
+    session = get_session()
+    previous = session.timeout
+    session.timeout = httpx.Timeout(seconds)
+    try:
+        yield
+    finally:
+        session.timeout = previous
+
+
+def _check_visibility(api, cfg: Settings) -> None:
+    """Never publish what HUB_PRIVATE says is private, and never change a repo's visibility behind the user's back."""
+    private = getattr(api.repo_info(cfg.HUB_REPO_ID, repo_type="model", timeout=cfg.HUB_TIMEOUT), "private", None)
+    if cfg.HUB_PRIVATE and private is False:
+        raise ConfigError(
+            f"HUB_REPO_ID={cfg.HUB_REPO_ID!r} is a public repo, and HUB_PRIVATE=true: nothing was pushed, so nothing "
+            "was published. Set HUB_PRIVATE=false to push to it as a public repo, or make it private first "
+            f"(https://huggingface.co/{cfg.HUB_REPO_ID}/settings), or choose another HUB_REPO_ID."
+        )
+    if not cfg.HUB_PRIVATE and private is True:
+        log.warning(
+            "HUB_REPO_ID=%r already exists as a private repo and stays private (HUB_PRIVATE=false only applies to a "
+            "repo this job creates; it never changes visibility): make it public on its settings page if you mean to",
+            cfg.HUB_REPO_ID,
+        )
+
+
+def _push_error(e: Exception, cfg: Settings, what: str) -> JobError | None:
+    """The job error for a failed push: a timeout and a reply that is not the Hub's API get their own message;
+    the rest is classified by huggingface_hub's and httpx's exception types (job/errors.py)."""
+    import httpx
+
+    from job.errors import _chain
+
+    for x in _chain(e):
+        if isinstance(x, JobError):
+            return x
+        if isinstance(x, httpx.TimeoutException):
+            return TransientError(
+                f"{what}: the Hub at {_endpoint()} did not answer within HUB_TIMEOUT={cfg.HUB_TIMEOUT:g} s "
+                f"({type(x).__name__}). Retry later, or raise HUB_TIMEOUT on a slow link; nothing is lost, the files "
+                "stay staged in push/."
+            )
+        unreadable = isinstance(x, json.JSONDecodeError) or (
+            isinstance(x, (KeyError, IndexError, TypeError, AttributeError)) and _raised_in_huggingface_hub(x)
+        )
+        if unreadable:
+            return ConfigError(
+                f"{what}: {_endpoint()} answered, but not as the Hugging Face Hub's API does ("
+                + (
+                    "the reply is not JSON: a web page, a proxy's login page?"
+                    if isinstance(x, json.JSONDecodeError)
+                    else f"huggingface_hub could not read the reply: {type(x).__name__} {x}"
+                )
+                + "). Check HF_ENDPOINT (unset it for huggingface.co) and any HTTPS_PROXY; retrying with the same "
+                "settings fails the same way. Nothing was pushed."
+            )
+    return classify(e, what)
+
+
+def _raised_in_huggingface_hub(x: BaseException) -> bool:
+    """Whether `x` was raised inside huggingface_hub's own code: a KeyError or TypeError there, after the HTTP
+    status was checked, means a reply of the wrong shape (a JSON API that is not the Hub). The same error raised
+    in this project's code stays a bug (exit 1)."""
+    tb = x.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "huggingface_hub" in Path(tb.tb_frame.f_code.co_filename).parts
+
+
 def upload(cfg: Settings, folder: Path) -> str:
-    """One commit with everything in `folder`. Failures are classified by huggingface_hub's and httpx's
-    exception types (job/errors.py): unreachable or 5xx is worth a retry, a refused token is not."""
+    """One commit that makes the repo hold exactly `folder`. Failures are classified by type (_push_error):
+    unreachable, timed out or 5xx is worth a retry, a refused token or a wrong endpoint is not."""
     api = HfApi(token=cfg.HF_TOKEN)
     what = f"HUB_REPO_ID={cfg.HUB_REPO_ID!r}"
     try:
-        api.create_repo(cfg.HUB_REPO_ID, repo_type="model", private=cfg.HUB_PRIVATE, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=str(folder),
-            repo_id=cfg.HUB_REPO_ID,
-            repo_type="model",
-            commit_message=f"Hippocratically run {cfg.RUN_NAME}: adapter, tokenizer, metrics, model card",
-        )
+        with _timeout(cfg.HUB_TIMEOUT):
+            api.create_repo(cfg.HUB_REPO_ID, repo_type="model", private=cfg.HUB_PRIVATE, exist_ok=True)
+            _check_visibility(api, cfg)
+            info = api.upload_folder(
+                folder_path=str(folder),
+                repo_id=cfg.HUB_REPO_ID,
+                repo_type="model",
+                commit_message=f"Hippocratically run {cfg.RUN_NAME}: adapter, tokenizer, metrics, model card",
+                # Remote files this commit does not upload are deleted in it (the Hub keeps .gitattributes).
+                delete_patterns="*",
+            )
     except Exception as e:
-        err = classify(e, what)
+        err = _push_error(e, cfg, what)
         if err is None:
             raise
         raise err from None

@@ -25,6 +25,7 @@ And one function, for tests that need a real process (exit status, signals, torc
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import inspect
 import io
 import logging
@@ -109,6 +110,9 @@ class FakeHub:
       calls    -- [(method, arguments)] in call order (``self`` left out, defaults not filled in)
       uploads  -- one dict per ``upload_folder``: its arguments plus ``files``, the sorted relative paths in
                   ``folder_path`` at upload time, and ``copy``, a folder holding a copy of what was uploaded
+      repos    -- repo id -> {"private": bool, "files": set of paths in the repo}; set one before the job runs
+                  to stand for a repo that exists already. ``upload_folder`` applies ``delete_patterns`` as the
+                  Hub does (fnmatch against remote paths; ``.gitattributes`` is always kept).
     """
 
     def __init__(self, store: Path):
@@ -116,6 +120,7 @@ class FakeHub:
         self.tokens: list[str | None] = []
         self.calls: list[tuple[str, dict]] = []
         self.uploads: list[dict] = []
+        self.repos: dict[str, dict] = {}
 
     def methods(self, name: str) -> list[dict]:
         return [args for method, args in self.calls if method == name]
@@ -137,7 +142,13 @@ class FakeHub:
             def create_repo(self, *args, **kwargs):
                 a = bind("create_repo", args, kwargs)
                 hub.calls.append(("create_repo", a))
+                hub.repos.setdefault(a["repo_id"], {"private": bool(a.get("private")), "files": {".gitattributes"}})
                 return f"https://huggingface.co/{a['repo_id']}"
+
+            def repo_info(self, *args, **kwargs):
+                a = bind("repo_info", args, kwargs)
+                hub.calls.append(("repo_info", a))
+                return SimpleNamespace(id=a["repo_id"], private=hub.repos[a["repo_id"]]["private"])
 
             def upload_folder(self, *args, **kwargs):
                 a = bind("upload_folder", args, kwargs)
@@ -147,9 +158,27 @@ class FakeHub:
                 files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
                 hub.calls.append(("upload_folder", a))
                 hub.uploads.append({**a, "files": files, "copy": copy})
+                patterns = a.get("delete_patterns") or []
+                patterns = [patterns] if isinstance(patterns, str) else patterns
+                repo = hub.repos.setdefault(a["repo_id"], {"private": True, "files": {".gitattributes"}})
+                repo["files"] = {
+                    f
+                    for f in repo["files"]
+                    if f == ".gitattributes" or not any(fnmatch.fnmatch(f, p) for p in patterns)
+                } | set(files)
                 return SimpleNamespace(commit_url=f"https://huggingface.co/{a['repo_id']}/commit/fake")
 
         return FakeHfApi
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hub_reachable():
+    """The fake Hub answers whatever HF_HUB_OFFLINE says (set above so that no library reaches the network):
+    the job's check that refuses HUB_REPO_ID under HF_HUB_OFFLINE is told the Hub is online. A test of that
+    check patches job.push.hub_offline back, or runs the job as a process (job_process)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("job.push.hub_offline", lambda: False)
+        yield
 
 
 @pytest.fixture

@@ -17,6 +17,10 @@ and answers as its script says:
 - down         answers 503 to everything
 - rate-limited answers 429 to everything (Retry-After-Ms: 1)
 - no-quota     answers 429 insufficient_quota to everything, as OpenAI's API does for an account out of credit
+- slow         waits DELAY seconds (default 0.3), then answers as overlap: a judge to stop halfway
+- no-choices   answers 200 with a JSON object that has no 'choices' (an endpoint that is not chat completions)
+- html         answers 200 with a web page (a wrong URL, a proxy's login page)
+- echo-key     answers as overlap, quoting the request's API key in the verdict's reason and around it
 
 A request for a model other than MODEL gets OpenAI's 404 "model_not_found".
 """
@@ -24,13 +28,27 @@ A request for a model other than MODEL gets OpenAI's 404 "model_not_found".
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-SCRIPTS = ("overlap", "always-a", "malformed", "flaky", "reject-key", "down", "rate-limited", "no-quota")
+SCRIPTS = (
+    "overlap",
+    "always-a",
+    "malformed",
+    "flaky",
+    "reject-key",
+    "down",
+    "rate-limited",
+    "no-quota",
+    "slow",
+    "no-choices",
+    "html",
+    "echo-key",
+)
 _BLOCK = re.compile(r"<(question|reference|answer_a|answer_b)>\n?(.*?)\n?</\1>", re.DOTALL)
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -47,10 +65,15 @@ def _verdict(preference: str, reason: str) -> dict:
     return {"reason": reason, "A": dict.fromkeys(crit, a), "B": dict.fromkeys(crit, b), "preference": preference}
 
 
+def blocks(user_message: str) -> dict[str, str]:
+    """The tagged texts of the user message, unescaped (job/judge.py escapes &, < and > in each)."""
+    return {tag: html.unescape(text) for tag, text in _BLOCK.findall(user_message)}
+
+
 def overlap_verdict(user_message: str) -> dict:
-    blocks = dict(_BLOCK.findall(user_message))
-    ref = _words(blocks.get("reference", ""))
-    a, b = len(ref & _words(blocks.get("answer_a", ""))), len(ref & _words(blocks.get("answer_b", "")))
+    blocks_ = blocks(user_message)
+    ref = _words(blocks_.get("reference", ""))
+    a, b = len(ref & _words(blocks_.get("answer_a", ""))), len(ref & _words(blocks_.get("answer_b", "")))
     preference = "A" if a > b else "B" if b > a else "tie"
     return _verdict(preference, f"A shares {a} words with the reference, B {b}.")
 
@@ -63,11 +86,13 @@ class JudgeServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, script: str = "overlap", port: int = 0, model: str = "scripted", fail_first: int = 1):
+    def __init__(
+        self, script: str = "overlap", port: int = 0, model: str = "scripted", fail_first: int = 1, delay: float = 0.3
+    ):
         if script not in SCRIPTS:
             raise ValueError(f"script must be one of {SCRIPTS}")
         super().__init__(("127.0.0.1", port), _Handler)
-        self.script, self.model, self.fail_first = script, model, fail_first
+        self.script, self.model, self.fail_first, self.delay = script, model, fail_first, delay
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -134,11 +159,27 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(500, "Internal error, please retry.", "server_error", {"Retry-After-Ms": "1"})
         if body.get("model") != s.model:
             return self._error(404, f"The model `{body.get('model')}` does not exist.", "model_not_found")
+        if s.script == "html":
+            page = b"<!DOCTYPE html><html><head><title>Welcome</title></head><body><h1>It works!</h1></body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+            return None
+        if s.script == "no-choices":
+            return self._send(200, {"id": f"x-{n}", "object": "chat.completion", "model": s.model, "result": "ok"})
+        if s.script == "slow":
+            time.sleep(s.delay)
         user = next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
         if s.script == "malformed":
             content = "Answer A is kinder, but B is more thorough; I would pick one of them."
         elif s.script == "always-a":
             content = "Here is my verdict: " + json.dumps(_verdict("A", "A is better."))
+        elif s.script == "echo-key":
+            key = auth.removeprefix("Bearer ")
+            verdict = overlap_verdict(user) | {"reason": f"Checked with key {key}."}
+            content = f"(request signed with {key})\n" + json.dumps(verdict)
         else:  # overlap, and flaky once it works; in a code fence, as chat models often write it
             content = "```json\n" + json.dumps(overlap_verdict(user), indent=1) + "\n```"
         prompt_chars = sum(len(m.get("content", "")) for m in body.get("messages", []))
@@ -165,8 +206,9 @@ def main() -> None:
     parser.add_argument("--script", choices=SCRIPTS, default="overlap")
     parser.add_argument("--model", default="scripted", help="the model name it serves (others get 404)")
     parser.add_argument("--fail-first", type=int, default=1, help="flaky: requests answered 500 first")
+    parser.add_argument("--delay", type=float, default=0.3, help="slow: seconds before each answer")
     args = parser.parse_args()
-    server = JudgeServer(args.script, args.port, args.model, args.fail_first)
+    server = JudgeServer(args.script, args.port, args.model, args.fail_first, args.delay)
     print(f"scripted judge ({args.script}) serving model {args.model!r} at {server.base_url}", flush=True)
     try:
         server.serve_forever()

@@ -195,12 +195,15 @@ def test_model_card(demo_run):
 # --- what reaches the Hub -------------------------------------------------------------------------------
 def test_push_uploads_exactly_the_staged_files_once(demo_run):
     hub = demo_run.hub
-    assert [m for m, _ in hub.calls] == ["create_repo", "upload_folder"]
+    # repo_info: the repo's visibility is checked against HUB_PRIVATE before anything is uploaded.
+    assert [m for m, _ in hub.calls] == ["create_repo", "repo_info", "upload_folder"]
     (repo,) = hub.methods("create_repo")
     assert repo["repo_id"] == HUB_REPO_ID and repo["private"] is True
     assert repo.get("repo_type", "model") == "model"
     (upload,) = hub.uploads
     assert upload["repo_id"] == HUB_REPO_ID and upload.get("repo_type", "model") == "model"
+    assert upload["delete_patterns"] == "*"  # the repo holds exactly push/ after the commit
+    assert hub.repos[HUB_REPO_ID]["files"] == {".gitattributes", *upload["files"]}
     assert set(upload["files"]) - PUSHED_OPTIONAL == PUSHED, upload["files"]
     assert hub.tokens == [CANARY_TOKEN]  # the token goes to the client, and only there
     # The staged folder is what was uploaded, byte for byte.
