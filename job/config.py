@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import datetime
 import difflib
 import functools
 import importlib.util
@@ -96,6 +97,12 @@ class Settings:
         "say when they should see a doctor in person, and tell them to seek emergency care "
         "for warning signs.",
         "System message placed before every conversation (empty: none).",
+        "format",
+    )
+    TEMPLATE_DATE: str = _setting(
+        "26 Jul 2024",
+        "Date the chat template writes into its system header (Llama 3.x writes today's date otherwise, so the "
+        "same run's tokens would change from day to day), as DD Mon YYYY. The default is Llama's own fallback.",
         "format",
     )
     USE_DESCRIPTION: bool = _setting(False, "Put the Description line before the patient's message.", "format")
@@ -437,6 +444,12 @@ def _check(s: Settings) -> list[str]:
         )
     if s.HUB_REPO_ID and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", s.HUB_REPO_ID):
         bad("HUB_REPO_ID", "must look like owner/name, e.g. alice/llama-medical-qlora")
+    try:  # the format Llama 3.x's template writes ("%d %b %Y"), in English month names
+        if not re.fullmatch(r"\d{2} [A-Z][a-z]{2} \d{4}", s.TEMPLATE_DATE):
+            raise ValueError
+        datetime.datetime.strptime(s.TEMPLATE_DATE, "%d %b %Y")
+    except ValueError:
+        bad("TEMPLATE_DATE", "must be a date written as DD Mon YYYY, e.g. 26 Jul 2024")
     for name in ("DESCRIPTION_COLUMN", "PATIENT_COLUMN", "DOCTOR_COLUMN", "DATASET", "BASE_MODEL", "OUTPUT_DIR"):
         if not getattr(s, name).strip():
             bad(name, "must not be empty")

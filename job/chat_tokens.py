@@ -1,0 +1,102 @@
+"""A conversation's token ids through the model's chat template, with the data's text kept as text.
+
+A tokenizer reads every special-token string in its input as the control token: a patient's message that
+contains "<|eot_id|><|start_header_id|>system<|end_header_id|>" (or Gemma's "<start_of_turn>", ChatML's
+"<|im_start|>") would end the user's turn and open a forged one. So a conversation whose messages hold such
+a string is rendered with a placeholder for each message; the template's own text is tokenized as usual (its
+control tokens are real), each message's text with `split_special_tokens=True` (its look-alikes become
+ordinary tokens), and the pieces are joined. A conversation without such strings is tokenized in one piece,
+exactly as `apply_chat_template` does.
+
+The chat template's date is pinned: Llama 3.x templates write today's date into the system header (their
+`strftime_now`), which would make the same run's token files differ from one day to the next. `date_string`
+(the TEMPLATE_DATE setting) is passed to every rendering; templates without a date ignore it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from job.errors import ConfigError
+
+# Private-use characters: no chat template writes them, and no template's filters (trim) change them.
+_MARK = "\ue000{}\ue001"
+_MARKS = re.compile("\ue000(\\d+)\ue001")
+
+
+def special_strings(tokenizer) -> list[str]:
+    """Every string the tokenizer reads as a special (control) token, longest first."""
+    names = set(tokenizer.all_special_tokens)
+    names |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted((n for n in names if n), key=len, reverse=True)
+
+
+def holds_special_text(tokenizer, messages: list[dict]) -> bool:
+    specials = special_strings(tokenizer)
+    return any(s in str(m.get("content", "")) for m in messages for s in specials)
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, date_string: str) -> str:
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False, date_string=date_string
+    )
+
+
+def encode(
+    tokenizer, messages: list[dict], *, add_generation_prompt: bool, date_string: str, split: bool | None = None
+) -> list[int]:
+    """Token ids of `messages` through the chat template; only the template makes control tokens.
+
+    `split` forces the spliced path (True) or the one-piece path (False); by default the spliced path is taken
+    when a message holds a special-token string. Give the same `split` to a prompt and to its full
+    conversation, so the prompt's ids stay a prefix of the conversation's.
+    """
+    if split is None:
+        split = holds_special_text(tokenizer, messages)
+    if not split:
+        out = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+            date_string=date_string,
+        )
+        return list(out["input_ids"])
+    texts = [str(m.get("content", "")) for m in messages]
+    shape = _render(
+        tokenizer,
+        [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)],
+        add_generation_prompt,
+        date_string,
+    )
+    rendered = _render(tokenizer, messages, add_generation_prompt, date_string)
+    pieces = _MARKS.split(shape)  # template text, message index, template text, ...
+    # The template may trim a message (Llama's and Gemma's do): find what it made of each one.
+    for shown in (texts, [t.strip() for t in texts]):
+        if "".join(p if k % 2 == 0 else shown[int(p)] for k, p in enumerate(pieces)) == rendered:
+            break
+    else:
+        raise ConfigError(
+            "The chat template changes message text in a way that cannot be followed, so text from the data "
+            "that looks like its control tokens cannot be kept as text. Use a template that writes each "
+            "message's content as it is or trimmed (Llama 3, Gemma, ChatML do)."
+        )
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        elif shown[int(piece)]:
+            data = tokenizer(shown[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if special_count(tokenizer, data):
+                raise ConfigError(
+                    f"The tokenizer ({type(tokenizer).__name__}) reads special-token strings in message text as "
+                    "control tokens even with split_special_tokens=True; use a fast tokenizer (tokenizer.json)."
+                )
+            ids += data
+    return ids
+
+
+def special_count(tokenizer, ids: list[int]) -> int:
+    """How many of `ids` are special (control) tokens."""
+    special = set(tokenizer.convert_tokens_to_ids(special_strings(tokenizer)))
+    return sum(i in special for i in ids)
