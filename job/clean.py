@@ -47,7 +47,7 @@ _GREETING = (
     r"[\s,.!:;\-‘’“”\"']*"
     # after a greeting, a first name or user name and its comma: "Hi!Melissa, Welcome ...", "Hello Mr Rao. Thanks"
     rf"(?:(?!(?:{_VERBS})(?-i:(?![a-z])))"
-    r"[a-z][\w]*(?:\s+[a-z][\w]*)?\s*[,;:!.\-]+\s*)?"
+    r"(?:[a-z][\w]*\s*[,;:!.\-]+|[a-z][\w]*\s+[a-z][\w]*\s*[,;:!\-]+)\s*)?"  # "Hello. Exercise daily." is advice
     # without a greeting only one word and a comma ("Tanya, welcome ..."): "Stop smoking. Thanks for ..." is advice
     r"|[a-z][\w]*\s*[,;:!\-]+\s*)?"
 )
@@ -420,7 +420,7 @@ _INTRO = re.compile(
 
 # Words that only pointed at what was cut: "see <link> for more", "<link> for more details".
 _POINTER = re.compile(
-    r"(?<![\w])(?<!to\s)(?:please\s+)?(?:see|check|refer\s+to|go\s+to|click(?:\s+on)?|look\s+at|read)(?:\s+(?:this|here))?"
+    r"(?<![\w])(?<!to\s)(?:please\s+)?(?:see|check|visit|refer\s+to|go\s+to|click(?:\s+on)?|look\s+at|read)(?:\s+(?:this|here))?"
     r"\s*(?=[\"'‘“<\[(]?\s*\x00)",
     re.I,
 )
@@ -437,7 +437,7 @@ _LONE_CONJUNCTION = re.compile(r"(?:(?<=\x00)|(?<=[.!?]))\s*(?:and|but|or|so|the
 def _tidy(text: str) -> str:
     if _CUT not in text:
         return text
-    text = _LONE_CONJUNCTION.sub("", _OUTRO.sub(r"\g<close>", _POINTER.sub("", _INTRO.sub("", text))))
+    text = _LONE_CONJUNCTION.sub("", _OUTRO.sub(r"\g<close>", _INTRO.sub("", _POINTER.sub("", text))))
     text = re.sub(r"(?i)(?<![\w])(?:and|but|or|so)\s*(?=\x00\W*$)", "", text)
     # Punctuation and spaces around a cut collapse to one separator (see _join_cut).
     text = re.sub(r"(?:(?<=(.))|^)([\s,.;:!?\-\x00]*\x00[\s,;:!?.\-\x00]*)(?=(.)|$)", _join_cut, text, flags=re.S)
@@ -535,7 +535,7 @@ def _contact(text: str) -> str:
             # the clause may stop inside a run-on word ("any other questionKind regards"): finish that word
             rest = invite.group(1) + re.match(r"[a-z]*", text[m.end() :]).group()
             rest = re.sub(PLATFORM, " ", rest, flags=re.I)
-            if any(w not in _INVITE_WORDS for w in re.findall(r"[a-z]+", rest.lower())):
+            if any(w not in _INVITE_WORDS for w in re.findall(r"[a-z]+|\d+", rest.lower())):  # "call 911"
                 return m.group()  # advice that opens like an invitation
         return _CUT
 
@@ -563,12 +563,21 @@ def _phones(text: str) -> str:
         digits = sum(map(len, groups))
         if not 9 <= digits <= 15 or _UNIT_AFTER.match(text, m.end()):
             return m.group()
+        # The shapes numbers are written in: 98450 12345, 555-123-4567, 020 7946 0958, 0161 496 0000, 1-800-555-1234.
+        lengths = tuple(map(len, groups))
         shaped = (
-            len(groups) <= 4
-            and all(len(g) >= 3 for g in groups)
-            and len(groups[-1]) >= 4
-            and not all(g[-1] in "05" for g in groups)  # 250 500 1000: values, not a number to dial
-            and not all(re.fullmatch(r"(?:19|20)\d\d", g) for g in groups)  # years
+            (
+                lengths in {(5, 5), (4, 6), (3, 7)}
+                or len(lengths) == 3
+                and lengths[2] == 4
+                and {3, 4} >= set(lengths[:2])
+            )
+            or len(lengths) == 4
+            and lengths[0] <= 3
+            and lengths[1:] == (3, 3, 4)
+        ) and not (
+            all(g[-1] in "05" for g in groups)  # 250 500 1000: values, not a number to dial
+            or all(re.fullmatch(r"(?:19|20)\d\d", g) for g in groups)  # years
         )
         if m.group("cue") or num.startswith("+") or (len(groups) == 1 and digits >= 10) or shaped:
             return _CUT
