@@ -553,9 +553,9 @@ def _wishes(text: str) -> str:
 def _phones(text: str) -> str:
     """Cut a digit run only when it is shaped like a phone number: 9 to 15 digits (E.164 allows 15), no unit after
     it, and a phone cue before it ("Mob:", "call me on"), a "+" country code, one unbroken run of 10+ digits, or
-    groups of 3+ digits the last of 4+ (98450 12345, 555-123-4567, (022) 2345 6789) that are not all round values.
-    A reading or dose list ("140 90 150 95", "250 500 750 1000 mg"), a range ("100 - 101") or a schedule
-    ("200-0-0-1") is not a phone number."""
+    the grouping phone numbers are written in (below) with values that are not all round or all years. A reading
+    or dose list ("140 90 150 95", "250 500 750 1000 mg"), lab counts ("11234 12345 9876"), a range ("100 - 101")
+    or a schedule ("200-0-0-1") is not a phone number."""
 
     def cut(m: re.Match[str]) -> str:
         num = m.group("num")
@@ -563,22 +563,14 @@ def _phones(text: str) -> str:
         digits = sum(map(len, groups))
         if not 9 <= digits <= 15 or _UNIT_AFTER.match(text, m.end()):
             return m.group()
-        # The shapes numbers are written in: 98450 12345, 555-123-4567, 020 7946 0958, 0161 496 0000, 1-800-555-1234.
-        lengths = tuple(map(len, groups))
-        shaped = (
-            (
-                lengths in {(5, 5), (4, 6), (3, 7)}
-                or len(lengths) == 3
-                and lengths[2] == 4
-                and {3, 4} >= set(lengths[:2])
-            )
-            or len(lengths) == 4
-            and lengths[0] <= 3
-            and lengths[1:] == (3, 3, 4)
-        ) and not (
-            all(g[-1] in "05" for g in groups)  # 250 500 1000: values, not a number to dial
-            or all(re.fullmatch(r"(?:19|20)\d\d", g) for g in groups)  # years
-        )
+        # The shapes numbers are written in: 98450 12345, 022 24142841, 555-123-4567, 020 7946 0958, 0161 496 0000,
+        # 1-800-555-1234.
+        n = tuple(map(len, groups))
+        two = len(n) == 2 and 2 <= n[0] <= 5 <= n[1] <= 8  # area or operator code, then the number
+        three = len(n) == 3 and n[2] == 4 and {3, 4} >= set(n[:2])
+        four = len(n) == 4 and n[0] <= 3 and n[1:] == (3, 3, 4)  # a country code first
+        values = all(g[-1] in "05" for g in groups) or all(re.fullmatch(r"(?:19|20)\d\d", g) for g in groups)
+        shaped = (two or three or four) and not values  # 250 500 1000 and 2014 2015 2016 are values
         if m.group("cue") or num.startswith("+") or (len(groups) == 1 and digits >= 10) or shaped:
             return _CUT
         return m.group()
