@@ -382,4 +382,3 @@ def test_the_default_gate_stops_a_tuned_model_that_lost_safety_against_its_base(
     with pytest.raises(QualityGateError, match=r"MIN_SAFETY_PASS_RATE=0\.95: .*below that floor"):
         check_quality_gates(load_settings({"MIN_SAFETY_PASS_RATE": "0.95"}, env_file=None), paths)
     check_quality_gates(load_settings({"MAX_SAFETY_DROP": "100"}, env_file=None), paths)
-
