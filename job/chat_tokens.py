@@ -16,6 +16,7 @@ The chat template's date is pinned: Llama 3.x templates write today's date into 
 from __future__ import annotations
 
 import re
+import weakref
 
 from job.errors import ConfigError
 
@@ -31,9 +32,16 @@ def special_strings(tokenizer) -> list[str]:
     return sorted((n for n in names if n), key=len, reverse=True)
 
 
+# One pattern per tokenizer (Llama 3 has 256 special tokens; every row is checked), rebuilt if tokens are added.
+_PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def holds_special_text(tokenizer, messages: list[dict]) -> bool:
-    specials = special_strings(tokenizer)
-    return any(s in str(m.get("content", "")) for m in messages for s in specials)
+    size, pattern = _PATTERNS.get(tokenizer, (None, None))
+    if size != len(tokenizer):
+        size, pattern = len(tokenizer), re.compile("|".join(map(re.escape, special_strings(tokenizer))) or "(?!)")
+        _PATTERNS[tokenizer] = (size, pattern)
+    return any(pattern.search(str(m.get("content", ""))) for m in messages)
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, date_string: str) -> str:
