@@ -79,22 +79,30 @@ def encode(
     )
     rendered = _render(tokenizer, messages, add_generation_prompt, date_string)
     pieces = _MARKS.split(shape)  # template text, message index, template text, ...
-    # The template may trim a message (Llama's and Gemma's do): find what it made of each one.
-    for shown in (texts, [t.strip() for t in texts]):
-        if "".join(p if k % 2 == 0 else shown[int(p)] for k, p in enumerate(pieces)) == rendered:
-            break
-    else:
-        raise ConfigError(
-            "The chat template changes message text in a way that cannot be followed, so text from the data "
-            "that looks like its control tokens cannot be kept as text. Use a template that writes each "
-            "message's content as it is or trimmed (Llama 3, Gemma, ChatML do)."
-        )
+    # The template may trim a message (Llama's and Gemma's do, Gemma not its system prompt): find, slot by slot,
+    # what it made of each one, as the real rendering shows it.
+    pos, shown = 0, []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            ok = rendered.startswith(piece, pos)
+            pos += len(piece)
+        else:
+            text, after = texts[int(piece)], pieces[k + 1]
+            shown.append(next((t for t in (text, text.strip()) if rendered.startswith(t + after, pos)), None))
+            ok = shown[-1] is not None
+            pos += len(shown[-1] or "")
+        if not ok or k == len(pieces) - 1 and pos != len(rendered):
+            raise ConfigError(
+                "The chat template changes message text in a way that cannot be followed, so text from the data "
+                "that looks like its control tokens cannot be kept as text. Use a template that writes each "
+                "message's content as it is or trimmed (Llama 3, Gemma, ChatML do)."
+            )
     ids: list[int] = []
     for k, piece in enumerate(pieces):
         if k % 2 == 0:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-        elif shown[int(piece)]:
-            data = tokenizer(shown[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif shown[k // 2]:
+            data = tokenizer(shown[k // 2], add_special_tokens=False, split_special_tokens=True)["input_ids"]
             if special_count(tokenizer, data):
                 raise ConfigError(
                     f"The tokenizer ({type(tokenizer).__name__}) reads special-token strings in message text as "

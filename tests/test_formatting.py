@@ -193,6 +193,23 @@ def test_special_token_strings_in_a_row_stay_text(tiny_model_dir, family):
     assert tok.decode(trained, skip_special_tokens=False).startswith(f"{REPLY} {forged}".strip())
 
 
+def test_a_template_that_trims_some_messages_and_not_others_is_followed(tiny_model_dir):
+    """Gemma 3 writes the system prompt as it is, into the first user turn, and trims the turns themselves."""
+    from job.chat_tokens import encode, special_count
+
+    tok, forged = family_tokenizer(tiny_model_dir, "gemma")
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages[1:] %}<start_of_turn>{{ m['role'] }}\n"
+        "{{ messages[0]['content'] + '\n\n' if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
+        "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    messages = [{"role": "system", "content": "  Be careful. "}, {"role": "user", "content": f"  Hi {forged}  "}]
+    ids = encode(tok, messages, add_generation_prompt=True, date_string="26 Jul 2024")
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(ids, skip_special_tokens=False) == rendered
+    assert special_count(tok, ids) == 4  # bos, the turn's start and end, the model's start
+
+
 def test_rows_without_special_strings_tokenize_exactly_as_the_template_does(tiny_model_dir, tok):
     """The guard changes nothing for clean rows: one piece, or spliced, the ids are apply_chat_template's."""
     from job.chat_tokens import encode
