@@ -412,15 +412,16 @@ _INTRO = re.compile(
     r"|(?<![\w])(?:please\s+)?(?:(?:at|on|to|via|through|using|use|visit|following|with|in)\s+)?(?:the\s+|this\s+|my\s+)?"
     r"(?:(?:below|above|following)(?:\s+mentioned)?\s+)?"
     r"(?:url|link|website|web\s*site|blog|e-?mail(?:\s+id)?|mob(?:ile)?|phone|tel|landline|helpline)"
-    r"(?:\s+(?:no\.?|number))?\s*[.:\-]?|(?<![\w])(?:clinic|office)\s*:"
-    r"|(?<=\s)(?:at|to|on|via|by)\s*[:\-]?(?=\s*\x00))\s*\(?(?=\x00)",
+    r"(?:\s+(?:no\.?|number))?\s*[.:\-]?|(?<![\w])(?:clinic|office|source|reference|ref)\s*:"
+    r"|(?<=\s)(?:at|to|on|via|by)\s*[:\-]?(?=\s*\x00))\s*(?:\((?=\x00)|(?=[\"'‘“<\[]?\x00))",
     re.I,
 )
 
 
 # Words that only pointed at what was cut: "see <link> for more", "<link> for more details".
 _POINTER = re.compile(
-    r"(?<![\w])(?<!to\s)(?:please\s+)?(?:see|check|visit|refer\s+to|go\s+to|click(?:\s+on)?|look\s+at|read)(?:\s+(?:this|here))?"
+    r"(?<![\w])(?<!to\s)(?:for\s+(?:more|further)(?:\s+(?:info(?:rmation)?|details))?\s*,?\s*)?"
+    r"(?:please\s+)?(?:see|check|visit|refer\s+to|go\s+to|click(?:\s+on)?|look\s+at|read)(?:\s+(?:this|here))?"
     r"\s*(?=[\"'‘“<\[(]?\s*\x00)",
     re.I,
 )
@@ -437,6 +438,8 @@ _LONE_CONJUNCTION = re.compile(r"(?:(?<=\x00)|(?<=[.!?]))\s*(?:and|but|or|so|the
 def _tidy(text: str) -> str:
     if _CUT not in text:
         return text
+    # Quotes or brackets around nothing but a cut go with it: '"<link>"', "[<link>]", "(<link>)".
+    text = re.sub(r"[(\[<\"'‘“]\s*((?:\x00\s*)+)[)\]>\"'’”]", r"\1", text)
     text = _LONE_CONJUNCTION.sub("", _OUTRO.sub(r"\g<close>", _INTRO.sub("", _POINTER.sub("", text))))
     text = re.sub(r"(?i)(?<![\w])(?:and|but|or|so)\s*(?=\x00\W*$)", "", text)
     # Punctuation and spaces around a cut collapse to one separator (see _join_cut).
@@ -469,9 +472,7 @@ def _join_cut(m: re.Match[str]) -> str:
 
 
 def _finish(text: str, started_with: str) -> str:
-    for _ in range(2):  # "(<link>)" leaves "()", and '("<link>")' leaves '("")'
-        text = re.sub(r"\s*(?:\(\s*\)|\[\s*\]|<\s*>|\"\s*\"|“\s*”)", "", text)
-    text = whitespace(text)
+    text = whitespace(re.sub(r"\s*\(\s*\)", "", text))  # "(<link>)" leaves "()"
     text = re.sub(r"([.!?][)\]\"'’”]+)\.$", r"\1", text)  # "etc.)" + a cut sentence end is not "etc.)."
     text = re.sub(r"^[\s,.;:!?\-~]+", "", text)
     text = re.sub(r"(?<=[.!?])[\s~\-–]+$", "", text)
