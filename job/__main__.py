@@ -39,6 +39,9 @@ DEMO = {
     # the demo shows the benchmark table without letting chance stop its push (tests/test_benchmark.py
     # checks the gate itself on a known drop).
     "MAX_BENCHMARK_DROP": "100",
+    # Likewise the safety screen: a random 2-layer model's answers are noise, and whether its adapter passes a
+    # few more or fewer of them than its base says nothing (tests/test_safety.py checks the gate on a known drop).
+    "MAX_SAFETY_DROP": "100",
 }
 
 

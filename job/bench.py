@@ -567,18 +567,20 @@ def measure_generation(cfg) -> dict:
         "tokens_per_s_first": passes["first"]["tokens_per_s"],
         "peak_gib": peak,
         "liger_modules": liger_modules(model),  # 0: training's patch did not reach the evaluation model
-        "decoders": compare_decoders(model, tok, prompts * 2, cfg.MAX_NEW_TOKENS, tuned),
+        "decoders": compare_decoders(model, tok, prompts * 2, cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE, tuned),
     }
 
 
-def compare_decoders(model, tok, conversations: list, new_tokens: int, tuned: list[bool] | None = None) -> dict:
+def compare_decoders(
+    model, tok, conversations: list, new_tokens: int, date_string: str, tuned: list[bool] | None = None
+) -> dict:
     """One batch of `conversations` through each decoder, twice (the second timed); tokens/s and agreement.
     With `tuned`, a PeftModel answers the flagged rows as the tuned model (evaluate.per_row_adapter)."""
     from contextlib import nullcontext
 
     import torch
 
-    enc = evaluate.prompt_batch(tok, conversations, next(model.parameters()).device)
+    enc = evaluate.prompt_batch(tok, conversations, next(model.parameters()).device, date_string)
     ids, mask, eos, pad = enc["input_ids"], enc["attention_mask"], tok.eos_token_id, tok.pad_token_id
     decoders = {
         "graph": lambda: decode.greedy(model, ids, mask, new_tokens, eos, pad, graph=True),

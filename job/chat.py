@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from job import chat_tokens
 from job.config import load_settings
 from job.errors import ConfigError
 from job.model import build_messages, load_model, load_tokenizer, resolve_precision
@@ -31,13 +32,14 @@ def load(adapter: str, cfg):
     return model, tokenizer
 
 
-def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, stream: bool = True) -> str:
+def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, date_string: str, stream: bool = True) -> str:
     import torch
     from transformers import TextStreamer
 
-    enc = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    ).to(next(model.parameters()).device)
+    # The prompt is built as training built it: typed text never becomes a control token (job/chat_tokens.py).
+    ids = chat_tokens.encode(tokenizer, messages, add_generation_prompt=True, date_string=date_string)
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
+    enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
         out = model.generate(
@@ -55,7 +57,11 @@ def main(args) -> int:
     adapter = args.adapter or str(RunPaths(cfg.run_dir).adapter)
     model, tokenizer = load(adapter, cfg)
     if args.prompt is not None:
-        print(reply(model, tokenizer, build_messages(cfg, args.prompt), cfg.MAX_NEW_TOKENS, stream=False))
+        print(
+            reply(
+                model, tokenizer, build_messages(cfg, args.prompt), cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE, stream=False
+            )
+        )
         return 0
     print("Not medical advice. In an emergency call your local emergency number. Ctrl-D to quit.", file=sys.stderr)
     history = build_messages(cfg, "")[:-1]  # the system prompt only
@@ -68,4 +74,6 @@ def main(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        history.append({"role": "assistant", "content": reply(model, tokenizer, history, cfg.MAX_NEW_TOKENS)})
+        history.append(
+            {"role": "assistant", "content": reply(model, tokenizer, history, cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE)}
+        )

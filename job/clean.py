@@ -33,15 +33,23 @@ PLATFORM = (
     r"|[\"'‘’“”]?ask\s+a\s+doctor[\"'‘’“”]?(?=\s+service)|[\"'‘’“”]ask\s+a\s+doctor[\"'‘’“”])"
     r"(?:\s*(?:forum|services?|platform|website|site|portal)(?-i:(?![a-z])))?"
 )
+# Imperatives that open advice ("Stop smoking.", "Use Betadine"): never a name.
+_VERBS = (
+    r"use|apply|avoid|drink|eat|rest|wash|keep|stop|start|do|don'?t|try|continue|give|put|wear|stay|"
+    r"quit|follow|repeat|need|must|would|could|get|have|let|make|call|contact|write|ask|consult|see|visit|go"
+)
 # A greeting that opens a reply ("Hi", "Hello dear", "Hi friend", "Hi rick5547"); only cut together
 # with the platform phrase right after it, so "Hello, your fever is viral" keeps its "Hello,".
 _GREETING = (
-    r"(?:^|(?<=\n))[\s\"'‘’“”]*(?:(?:hi+|hello|hey|dear|respected|greetings|good\s+(?:morning|evening|afternoon|day))"
+    r"(?:^|(?<=\n))[\s\"'‘’“”]*(?:(?:hi+|hai|hello|hey|dear|respected|greetings|good\s+(?:morning|evening|afternoon|day))"
     r"(?:[\s,.!:;\-]*(?:(?:there|dear|friend|sir|madam|ma'?am|and|user|hi+|hello|mr\.?|mrs\.?|ms\.?|[a-z]+\d+)(?-i:(?![a-z]))"
     r"|sir\s*/\s*madam|dear(?=thank|welcome|well|warm)|hi(?=thank|welcome|well)))*"
-    r"[\s,.!:;\-‘’“”\"']*)?"
-    # a first name or user name, followed by its comma: "Hi!Melissa, Welcome ...", "Tanya, welcome ..."
-    r"(?:[a-z][\w]*(?:\s+[a-z][\w]*)?\s*[,;:!.\-]+\s*)?"
+    r"[\s,.!:;\-‘’“”\"']*"
+    # after a greeting, a first name or user name and its comma: "Hi!Melissa, Welcome ...", "Hello Mr Rao. Thanks"
+    rf"(?:(?!(?:{_VERBS})(?-i:(?![a-z])))"
+    r"(?:[a-z][\w]*\s*[,;:!.\-]+|[a-z][\w]*\s+[a-z][\w]*\s*[,;:!\-]+)\s*)?"  # "Hello. Exercise daily." is advice
+    # without a greeting only one word and a comma ("Tanya, welcome ..."): "Stop smoking. Thanks for ..." is advice
+    r"|[a-z][\w]*\s*[,;:!\-]+\s*)?"
 )
 _END = r"[\s]*[.!,;:‘’“”\"']*"  # the punctuation that belonged to the cut phrase
 _OBJ = r"(?:your|the|this|a|an|my|our)"
@@ -178,8 +186,13 @@ _ICLINIQ_AD = re.compile(
 )
 _ARROW = re.compile(r"(?:\s+online)?\s*\.?\s*-+\s*>+\s*", re.I)
 # Links, e-mail addresses and phone numbers (the words that introduce them go in _tidy, see _INTRO).
+# A link starts after anything but a letter, digit, "@" or "/" (a space, a quote, a bracket, "see:", a glued
+# sentence end "it.www..."): with www., a scheme, a shortener, or a bare domain followed by a path
+# ("healthcaremagic.com/questions/123"). It ends before closing punctuation and a space, or a run-on capital.
 _URL = re.compile(
-    r"(?:(?<=\s)|(?<=^)|(?<=[:(\-]))(?:https?://|www\.|(?:bit\.ly|goo\.gl|tinyurl\.com|t\.co)/)[^\s]+?(?=[.,;:!?)\]]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))",
+    r"(?<![\w@/])(?:https?://|www\.|(?:bit\.ly|goo\.gl|tinyurl\.com|t\.co)/"
+    r"|(?-i:(?![a-z0-9-]+\.(?:www|https?)\b)[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:com|org|net|edu|gov|info|in|uk|io|co)(?=/)))"
+    r"[^\s]+?(?=[.,;:!?)\]\"'’”>]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))",
     re.I,
 )
 _EMAIL = re.compile(
@@ -187,9 +200,18 @@ _EMAIL = re.compile(
     r"\(?[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|in|co|edu|gov|info|uk|us|ca|au)(?-i:(?=[^a-z]|$))\)?",
     re.I,
 )
+# A run of digits and phone separators; whether it is a phone number is decided in _phones from its shape.
 _PHONE = re.compile(
-    r"(?:(?:mob(?:ile)?|ph(?:one)?|tel|cell|contact|call)\s*(?:no\.?|number)?\s*[:\-.]?\s*)?"
-    r"(?<![\w.])\+?\(?\d[\d\s()\-]{7,}\d(?![\w.]*\s*(?:mg|ml|mcg|g|iu|units?|%|mm|cm|kg|times|days?)\b)",
+    r"(?P<cue>(?<![\w])(?:mob(?:ile)?|ph(?:one)?|tel(?:ephone)?|cell|contact|call|whats\s?app|helpline|fax)"
+    r"(?:\s*(?:no\.?|number|#))?(?:\s+(?:me|us))?(?:\s+(?:at|on))?\s*[:\-.]?\s*)?"
+    r"(?<![\w.+])(?P<num>\+?\(?\d(?:(?:[ \t]*[()\-][ \t]*|[ \t]+|\.(?=\d))?\d)*\)?)",
+    re.I,
+)
+# What follows a list of values rather than a phone number: a unit, a dose form, a time span.
+_UNIT_AFTER = re.compile(
+    r"[ \t]*(?:%|°|(?:mg|ml|mcg|µg|ug|g|gm|gms|kg|lbs?|iu|units?|mm|cm|mmhg|mmol|mg/dl|bpm|times|x|days?|weeks?|"
+    r"months?|years?|hrs?|hours?|min(?:ute)?s?|tabs?|tablets?|caps?|capsules?|doses?|drops?|puffs?|cells?|copies|"
+    r"per|/)(?![a-z]))",
     re.I,
 )
 
@@ -229,7 +251,18 @@ _DR = r"(?:dr(?-i:(?![a-z])(?![A-Z][A-Z]))|doctor(?-i:(?![a-z]))|prof(?-i:(?![a-
 _SIG_TOKEN = re.compile(r"[A-Za-z][\w'’.&]*|\d[\d\-/]*|[&]", re.U)
 
 
+# Degrees that are also everyday words count only as written in a signature: "DO", "MS", "Board", not the
+# "do" of "talk to your doctor. Please do not worry."
+_WORD_DEGREES = {"do": str.isupper, "ms": str.isupper, "od": str.isupper, "pa-c": str.isupper, "np": str.isupper}
+_WORD_DEGREES |= dict.fromkeys(
+    ("rn", "pg", "board", "fellow", "certified", "diploma", "unit"), lambda w: w[:1].isupper()
+)
+
+
 def _is_degree(word: str) -> bool:
+    written = _WORD_DEGREES.get(word.rstrip(".").lower())
+    if written is not None and not written(word.rstrip(".")):
+        return False
     return bool(re.fullmatch(rf"(?:{DEGREES})\.?", word, re.I)) or bool(re.fullmatch(r"(?:[A-Z]\.){2,}[A-Z]?\.?", word))
 
 
@@ -276,6 +309,14 @@ def _signature_tail(tail: str) -> bool:
             return False
         if any(not w[:1].isupper() for w in names):
             return False
+        # A name is shaped like one ("Jay", "O'Brien", "McDonald", "J.", "JOHN", "M.D.Pediatrician"): a short
+        # acronym or a mixed word is a test or a drug ("Thanks. CBC, ESR, CRP, HbA1c"), and three or more single
+        # words between commas are a list, not a name and its title.
+        name = r"[A-Z](?:[a-z'’\-]+(?:[A-Z][a-z'’\-]+)?|[A-Z]{3,})?\.?|(?:[A-Z]\.)+(?:[A-Z][a-z]+\.?)?"
+        if any(not re.fullmatch(name, w) for w in names):
+            return False
+        if sum(len(_SIG_TOKEN.findall(part)) == 1 for part in body.split(",")) >= 3:
+            return False
         if names and re.fullmatch(rf"(?:{_STOPWORDS}|{_VERBS})", names[0].strip(".'’"), re.I):
             return False  # an imperative, not a name
     # A clinic address may hold a word or two in lowercase ("Matunga east") and numbers.
@@ -288,10 +329,6 @@ _STOPWORDS = (
     r"these|those|please|also|immediately|first|once|then|for|who|which|regularly|who|and|or|to|the|a|an|of|in|"
     r"on|at|with|about|as|after|before|visit|see|consult|check|take|get|go|ask|advice|advise|opinion|examination|"
     r"exam|review|appointment|prescription|treatment|he|she|they|them|him|her|his|we|our|us|me|my|i"
-)
-_VERBS = (
-    r"use|apply|avoid|drink|eat|rest|wash|keep|stop|start|do|don'?t|try|continue|give|put|wear|stay|"
-    r"follow|repeat|need|must|would|could|get|have|let|make|call|contact|write|ask|consult|see|visit|go"
 )
 # Where a sign-off may begin: after a sentence end (with or without the space), after a comma or a
 # newline, at a run-on boundary ("applied the gel.Regards" / "momRegards"), or at the very start.
@@ -374,8 +411,22 @@ _INTRO = re.compile(
     r"(?:\s+(?:us|me|them|it|the\s+(?:photos?|pictures?|reports?)))?(?:\s+(?:at|on|to|in|via))\s*[:\-]?"
     r"|(?<![\w])(?:please\s+)?(?:(?:at|on|to|via|through|using|use|visit|following|with|in)\s+)?(?:the\s+|this\s+|my\s+)?"
     r"(?:(?:below|above|following)(?:\s+mentioned)?\s+)?"
-    r"(?:url|link|website|web\s*site|blog|e-?mail(?:\s+id)?|mob(?:ile)?|phone|tel)(?:\s+(?:no\.?|number))?\s*[.:\-]?"
-    r"|(?<=\s)(?:at|to|on|via|by)(?=\s*\x00))\s*\(?(?=\x00)",
+    r"(?:url|link|website|web\s*site|blog|e-?mail(?:\s+id)?|mob(?:ile)?|phone|tel|landline|helpline)"
+    r"(?:\s+(?:no\.?|number))?\s*[.:\-]?|(?<![\w])(?:clinic|office|source|reference|ref)\s*:"
+    r"|(?<=\s)(?:at|to|on|via|by)\s*[:\-]?(?=\s*\x00))\s*(?:\((?=\x00)|(?=[\"'‘“<\[]?\x00))",
+    re.I,
+)
+
+
+# Words that only pointed at what was cut: "see <link> for more", "<link> for more details".
+_POINTER = re.compile(
+    r"(?<![\w])(?<!to\s)(?:for\s+(?:more|further)(?:\s+(?:info(?:rmation)?|details))?\s*,?\s*)?"
+    r"(?:please\s+)?(?:see|check|visit|refer\s+to|go\s+to|click(?:\s+on)?|look\s+at|read)(?:\s+(?:this|here))?"
+    r"\s*(?=[\"'‘“<\[(]?\s*\x00)",
+    re.I,
+)
+_OUTRO = re.compile(
+    r"(?<=\x00)(?P<close>[\"'’”>\])]?)\s*for\s+(?:more|further)(?:\s+(?:info(?:rmation)?|details|reading))?(?=\s*(?:[.!?,;\n]|$))",
     re.I,
 )
 
@@ -387,7 +438,9 @@ _LONE_CONJUNCTION = re.compile(r"(?:(?<=\x00)|(?<=[.!?]))\s*(?:and|but|or|so|the
 def _tidy(text: str) -> str:
     if _CUT not in text:
         return text
-    text = _LONE_CONJUNCTION.sub("", _INTRO.sub("", text))
+    # Quotes or brackets around nothing but a cut go with it: '"<link>"', "[<link>]", "(<link>)".
+    text = re.sub(r"[(\[<\"'‘“]\s*((?:\x00\s*)+)[)\]>\"'’”]", r"\1", text)
+    text = _LONE_CONJUNCTION.sub("", _OUTRO.sub(r"\g<close>", _INTRO.sub("", _POINTER.sub("", text))))
     text = re.sub(r"(?i)(?<![\w])(?:and|but|or|so)\s*(?=\x00\W*$)", "", text)
     # Punctuation and spaces around a cut collapse to one separator (see _join_cut).
     text = re.sub(r"(?:(?<=(.))|^)([\s,.;:!?\-\x00]*\x00[\s,;:!?.\-\x00]*)(?=(.)|$)", _join_cut, text, flags=re.S)
@@ -458,6 +511,38 @@ def _hope(text: str) -> str:
     return _HOPE.sub(cut, text)
 
 
+# "Feel free to ..." and "don't hesitate to ..." invite the patient back to this doctor ("feel free to ask me at
+# HCM for any further queries") or give advice ("don't hesitate to call an ambulance if you have chest pain",
+# "feel free to contact your GP tomorrow for a blood test"). The clause is the invitation only when every word
+# after the opener is one an invitation is made of: asking, writing back, me/us, further queries, this platform.
+_INVITE_OPENER = re.compile(r"(?:feel\s+(?:free|easy)\s+to|hesitate\s+(?:to|in))\s+(.*)", re.I | re.S)
+_INVITE_WORDS = frozenset(
+    """ask asking contact contacting write writing revert reverting get getting come back post posting discuss
+    reach message follow up answer address call me us again anytime any time further more other additional query
+    queries question questions doubt doubts concern concerns clarification clarifications clarify detail details
+    anything else unclear unanswered if you u have has need needed require required there is are in this that
+    regard regards for with to at on through via direct directly the a an of case and or i we will would be glad
+    happy pleased help know want wish like it here forum platform site website service portal please also info
+    information related regarding your all whenever when any one some something so can may shall them they them
+    glad alleviate solve resolve clear thank thanks report reports result results photo photos picture pictures
+    image images update updates progress feedback""".split()
+)
+
+
+def _contact(text: str) -> str:
+    def cut(m: re.Match[str]) -> str:
+        invite = _INVITE_OPENER.search(m.group())
+        if invite:
+            # the clause may stop inside a run-on word ("any other questionKind regards"): finish that word
+            rest = invite.group(1) + re.match(r"[a-z]*", text[m.end() :]).group()
+            rest = re.sub(PLATFORM, " ", rest, flags=re.I)
+            if any(w not in _INVITE_WORDS for w in re.findall(r"[a-z]+|\d+", rest.lower())):  # "call 911"
+                return m.group()  # advice that opens like an invitation
+        return _CUT
+
+    return _CONTACT.sub(cut, text)
+
+
 def _wishes(text: str) -> str:
     def cut(m: re.Match[str]) -> str:
         wish = re.search(r"\byou\b|health|recovery|luck|best", m.group(), re.I)
@@ -467,9 +552,29 @@ def _wishes(text: str) -> str:
 
 
 def _phones(text: str) -> str:
-    # A phone number has 9+ digits; "100 - 101" (a fever range) or "200-0-0-1" (a dosing schedule) has fewer.
+    """Cut a digit run only when it is shaped like a phone number: 9 to 15 digits (E.164 allows 15), no unit after
+    it, and a phone cue before it ("Mob:", "call me on"), a "+" country code, one unbroken run of 10+ digits, or
+    the grouping phone numbers are written in (below) with values that are not all round or all years. A reading
+    or dose list ("140 90 150 95", "250 500 750 1000 mg"), lab counts ("11234 12345 9876"), a range ("100 - 101")
+    or a schedule ("200-0-0-1") is not a phone number."""
+
     def cut(m: re.Match[str]) -> str:
-        return _CUT if len(re.findall(r"\d", m.group())) >= 9 else m.group()
+        num = m.group("num")
+        groups = re.findall(r"\d+", num)
+        digits = sum(map(len, groups))
+        if not 9 <= digits <= 15 or _UNIT_AFTER.match(text, m.end()):
+            return m.group()
+        # The shapes numbers are written in: 98450 12345, 022 24142841, 555-123-4567, 020 7946 0958, 0161 496 0000,
+        # 1-800-555-1234.
+        n = tuple(map(len, groups))
+        two = len(n) == 2 and 2 <= n[0] <= 5 <= n[1] <= 8  # area or operator code, then the number
+        three = len(n) == 3 and n[2] == 4 and {3, 4} >= set(n[:2])
+        four = len(n) == 4 and n[0] <= 3 and n[1:] == (3, 3, 4)  # a country code first
+        values = all(g[-1] in "05" for g in groups) or all(re.fullmatch(r"(?:19|20)\d\d", g) for g in groups)
+        shaped = (two or three or four) and not values  # 250 500 1000 and 2014 2015 2016 are values
+        if m.group("cue") or num.startswith("+") or (len(groups) == 1 and digits >= 10) or shaped:
+            return _CUT
+        return m.group()
 
     return _PHONE.sub(cut, text)
 
@@ -481,6 +586,13 @@ def _arrows(text: str) -> str:
 def _platform(text: str) -> str:
     # A platform name left inside a sentence goes with its preposition ("In my experience at HCM this heals").
     prep = r"(?:(?:here\s+)?(?:at|on|to|in|from|with|through|via|using|of)\s+(?:the\s+)?)?"
+
+    # A platform name inside a link the link rule did not take ("healthcaremagic.com/questions/123") takes the
+    # whole link with it: cutting the name alone would leave "www./questions/123".
+    def link(m: re.Match[str]) -> str:
+        return _CUT if re.search(r"/|www\.|\.(?:com|org|net)", m.group(), re.I) else m.group()
+
+    text = re.sub(rf"[^\s\"'<>()\[\]]*?(?:{PLATFORM})[^\s\"'<>()\[\]]*", link, text, flags=re.I)
     return re.sub(rf"(?<![\w])(?:{prep})[\"'‘“]?{PLATFORM}(?:'s)?[\"'’”]?", _CUT, text, flags=re.I)
 
 
@@ -510,7 +622,7 @@ RULES: list[tuple[str, Callable[[str], str]]] = [
     ("template", _sub(_TEMPLATE)),
     ("wishes", _wishes),
     ("hope_this_helps", _hope),
-    ("contact_me", _sub(_CONTACT)),
+    ("contact_me", _contact),
     ("rate_answer", _sub(_RATE)),
     ("platform_name", _platform),
     ("signoff", _signoff_rule),

@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from job import decode, judge, safety
+from job import chat_tokens, decode, judge, safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
 from job.model import build_messages, load_model, load_tokenizer, resolve_precision
@@ -139,12 +139,16 @@ def eval_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> dict:
     return {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3), "eval_tokens": count}
 
 
-def prompt_batch(tokenizer, conversations: list[list[dict]], device) -> Any:
+def prompt_ids(tokenizer, conversation: list[dict], date_string: str) -> list[int]:
+    """A conversation's generation prompt, as training saw its prompts (job/chat_tokens.py: data text stays text)."""
+    return chat_tokens.encode(tokenizer, conversation, add_generation_prompt=True, date_string=date_string)
+
+
+def prompt_batch(tokenizer, conversations: list[list[dict]], device, date_string: str) -> Any:
     """The conversations as one left-padded batch of chat-template prompts (input_ids, attention_mask)."""
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    return tokenizer.apply_chat_template(
-        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
-    ).to(device)
+    ids = [prompt_ids(tokenizer, c, date_string) for c in conversations]
+    return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
 
 
 def decoding_kernels():
@@ -164,10 +168,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    lengths = [
-        len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        for c in conversations
-    ]
+    lengths = [len(prompt_ids(tokenizer, c, cfg.TEMPLATE_DATE)) for c in conversations]
     order = sorted(range(len(conversations)), key=lambda i: lengths[i])
     # Equal batches: 97 prompts at EVAL_BATCH_SIZE=96 run as 49 + 48, not 96 + a lone row that
     # costs a full set of decoding steps.
@@ -176,7 +177,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
     new_tokens, t0 = 0, time.perf_counter()
     for start in tqdm(range(0, len(order), size), desc="generate", disable=None):
         idx = order[start : start + size]
-        enc = prompt_batch(tokenizer, [conversations[i] for i in idx], device)
+        enc = prompt_batch(tokenizer, [conversations[i] for i in idx], device, cfg.TEMPLATE_DATE)
         rows = nullcontext() if tuned_rows is None else per_row_adapter(model, [tuned_rows[i] for i in idx])
         with decoding_kernels(), rows:
             out = decode.greedy(

@@ -4,7 +4,8 @@ We tokenize here rather than inside TRL so that the loss mask is ours to test an
 `completion_mask` is 1 exactly on the assistant reply and its end-of-turn token, 0 on the
 system and user turns. The mask comes from rendering the prompt (with the generation prompt)
 and the whole conversation and checking the first is a prefix of the second; this works for
-any chat template, unlike `{% generation %}` markers, which Llama 3.2's template lacks.
+any chat template, unlike `{% generation %}` markers, which Llama 3.2's template lacks. Text from the data
+never becomes a control token, and the template's date is TEMPLATE_DATE (job/chat_tokens.py).
 Writes the token files (TRL's pre-tokenized format) and their statistics (job/paths.py).
 """
 
@@ -15,6 +16,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from job.chat_tokens import encode, holds_special_text
 from job.config import Settings
 from job.errors import ConfigError
 from job.files import atomic_write_text, read_jsonl, write_jsonl
@@ -24,18 +26,16 @@ from job.paths import RunPaths
 log = logging.getLogger(__name__)
 
 
-def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
-    )
-    return list(out["input_ids"])
-
-
 def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]:
-    """Return ({input_ids, completion_mask}, status); status is ok, truncated or no_room."""
+    """Return ({input_ids, completion_mask}, status); status is ok, truncated or no_room.
+
+    Special-token strings in the row's text stay text (job/chat_tokens.py): only the template makes turns.
+    """
     prompt = build_messages(cfg, row["patient"], row.get("description", ""))
-    prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
-    full_ids = _ids(tokenizer, prompt + [{"role": "assistant", "content": row["doctor"]}], False)
+    full = prompt + [{"role": "assistant", "content": row["doctor"]}]
+    split = holds_special_text(tokenizer, full)  # one way for both, so the prompt stays a prefix
+    prompt_ids = encode(tokenizer, prompt, add_generation_prompt=True, date_string=cfg.TEMPLATE_DATE, split=split)
+    full_ids = encode(tokenizer, full, add_generation_prompt=False, date_string=cfg.TEMPLATE_DATE, split=split)
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ConfigError(
             f"BASE_MODEL={cfg.BASE_MODEL!r}: its chat template renders the prompt differently from the start "

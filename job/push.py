@@ -1,7 +1,8 @@
 """Stage 5, push: stage exactly the files to upload in push/, then upload them in one Hub commit.
 
 push/ is always written, so a run without HUB_REPO_ID (the demo, CI) shows precisely what
-would be uploaded. The quality gates run first: below MIN_SAFETY_PASS_RATE nothing is staged.
+would be uploaded. The quality gates run first: with the safety pass rate too far below the base model's
+(MAX_SAFETY_DROP) or below MIN_SAFETY_PASS_RATE, nothing is staged.
 
 The commit makes the repo hold exactly push/: files an earlier push uploaded that this one does not
 (merged/ after PUSH_MERGED is turned off, a file since renamed) are deleted in the same commit, so the card
@@ -46,14 +47,27 @@ def upload_set(paths: RunPaths) -> dict[Path, str]:
 
 
 def check_quality_gates(cfg: Settings, paths: RunPaths) -> None:
-    summary = read_json(paths.metrics)["tuned"]["safety"]
-    if safety.below_gate(summary, cfg.MIN_SAFETY_PASS_RATE):
-        rates = ", ".join(f"{c} {s['pass_rate']:.0%}" for c, s in summary["categories"].items())
-        raise QualityGateError(
-            f"MIN_SAFETY_PASS_RATE={cfg.MIN_SAFETY_PASS_RATE}: the tuned model passed "
-            f"{summary['overall']['pass_rate']:.0%} of the safety screen ({rates}). Nothing was pushed. See "
-            f"{paths.safety} for the answers; lower the threshold only after reading them."
+    metrics = read_json(paths.metrics)
+    base, summary = metrics["base"]["safety"], metrics["tuned"]["safety"]
+    drop, base_rate = safety.drop_points(base, summary), f"{base['overall']['pass_rate']:.0%}"
+    if drop > cfg.MAX_SAFETY_DROP:
+        setting, what = (
+            f"MAX_SAFETY_DROP={cfg.MAX_SAFETY_DROP}",
+            f"{drop:.1f} points below the base model's {base_rate}",
         )
+    elif safety.below_gate(summary, cfg.MIN_SAFETY_PASS_RATE):
+        setting, what = f"MIN_SAFETY_PASS_RATE={cfg.MIN_SAFETY_PASS_RATE}", f"below that floor (base model {base_rate})"
+    else:
+        return
+    rates = ", ".join(
+        f"{c} {s['pass_rate']:.0%} (base {base['categories'][c]['pass_rate']:.0%})"
+        for c, s in summary["categories"].items()
+    )
+    raise QualityGateError(
+        f"{setting}: the tuned model passed {summary['overall']['pass_rate']:.0%} of the safety screen, {what} "
+        f"({rates}). Nothing was pushed. See {paths.safety} for the answers; change the threshold only after "
+        "reading them."
+    )
 
 
 def stage_files(cfg: Settings, paths: RunPaths) -> Path:

@@ -9,7 +9,9 @@ and writes the metadata as valid, quoted YAML.
 
 from __future__ import annotations
 
+import html
 import logging
+import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -58,9 +60,16 @@ def _safety_rows(metrics: dict) -> list[tuple]:
     return rows + [("**all**", overall["total"], f"{base['overall']['pass_rate']:.0%}", f"{overall['pass_rate']:.0%}")]
 
 
+# Markdown's inline marks: a sample's "![x](http://...)" or "**" would render as an image or as bold.
+_MARKDOWN = re.compile(r"([\\`*_\[\]])")
+
+
 def _quote(text: str, limit: int = 600) -> str:
-    text = " ".join(text.split())
-    return (text[:limit] + " …") if len(text) > limit else text
+    """Text from the data or a model's answer as one line of the card that renders as the text it is: HTML
+    (`<script>`, `<img onerror=...>`, `<!--`) escaped, Markdown's inline marks backslashed."""
+    text = " ".join(str(text).split())
+    text = (text[:limit] + " …") if len(text) > limit else text
+    return _MARKDOWN.sub(r"\\\1", html.escape(text, quote=False))
 
 
 def card_data(cfg: Settings) -> ModelCardData:

@@ -5,8 +5,8 @@ Fine-tuning on forum replies can make a model *more* dangerous: it learns to sig
 skip "go to the emergency department" because many forum replies did. This module holds a fixed set of
 prompts written for this project (`prompts()`, read from prompts/safety.jsonl) and four small rules that
 each answer is checked against. The evaluate stage generates the answers (base and tuned model) and
-calls `score_answer`, `summarize`; the push stage's gate compares the overall pass rate with
-MIN_SAFETY_PASS_RATE.
+calls `score_answer`, `summarize`; the push stage's gate compares the tuned model's overall pass rate with
+the base model's (MAX_SAFETY_DROP) and with MIN_SAFETY_PASS_RATE.
 
 What this is not: clinical validation. The rules are regular expressions over the answer text. They catch
 missing referrals, false certainty in stock phrases, invented identities and boilerplate; they cannot tell
@@ -290,3 +290,8 @@ def below_gate(summary: dict, min_rate: float) -> bool:
     if not 0.0 <= min_rate <= 1.0:
         raise ValueError(f"min_rate={min_rate!r}: a safety pass rate threshold must be between 0.0 and 1.0")
     return summary["overall"]["pass_rate"] < min_rate
+
+
+def drop_points(base: dict, tuned: dict) -> float:
+    """How many points the tuned model's overall pass rate is below the base model's (negative: above)."""
+    return 100 * (base["overall"]["pass_rate"] - tuned["overall"]["pass_rate"])

@@ -1,12 +1,13 @@
 """Measure the cleaning on real rows: what is left that should not be, and which rows are dropped.
 
-    .venv/bin/python tests/cleaning_audit.py [FILE.jsonl] [--before GIT_REF]
+    .venv/bin/python tests/cleaning_audit.py [FILE.jsonl] [--before GIT_REF [--show N]]
 
 Reads the Doctor field of every row of FILE (default: the shared 2,656-row sample), cleans it with
-job/clean.py (or, with --before, with the cleaning in job/sample.py at GIT_REF), and prints counts a
-reader can check: kept replies still ending in a doctor's name or credentials, still naming the
-platform, still opening with a platform greeting; e-mails and URLs left; rows dropped per reason;
-rows changed per rule. Prints only; writes nothing.
+job/clean.py, and prints counts a reader can check: kept replies still ending in a doctor's name or
+credentials, still naming the platform, still opening with a platform greeting; e-mails and URLs left;
+rows dropped per reason; rows changed per rule. With --before, the same counts for the cleaning at
+GIT_REF (job/clean.py there, or job/sample.py for commits older than clean.py), then how many replies the
+two clean differently and the first N of those differences. Prints only; writes nothing.
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from difflib import SequenceMatcher
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" / "data" / "medical_dialogues_sample.jsonl"
+# The shared sample sits beside the checkout (or beside the folder of worktrees that holds it).
+SHARED = next(
+    (
+        p / "shared" / "data" / "medical_dialogues_sample.jsonl"
+        for p in REPO.parents
+        if (p / "shared" / "data").is_dir()
+    ),
+    REPO.parent / "shared" / "data" / "medical_dialogues_sample.jsonl",
+)
 MIN_REPLY_CHARS = 20  # job.sample.MIN_REPLY_CHARS
 
 DEGREE = r"MBBS|M\.?D|MS|DNB|DM|FRCS|DGO|DDVL|DCH|MRCP|FCPS|DDV|BAMS|BHMS|BDS|MDS|DVD|Ph\.?D"
@@ -45,14 +55,18 @@ URL = re.compile(r"https?://|www\.", re.I)
 
 
 def cleaner(ref: str | None):
-    """clean_text from job/clean.py, or from job/sample.py as it was at git `ref`."""
+    """clean_text from job/clean.py, or as it was at git `ref` (job/clean.py, or job/sample.py before it existed)."""
     if ref is None:
         from job.clean import clean_text
 
         return clean_text
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{ref}:job/sample.py"], check=True, capture_output=True, text=True
-    ).stdout
+    for path in ("job/clean.py", "job/sample.py"):
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:{path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            source = shown.stdout
+            break
+    else:
+        sys.exit(f"--before {ref}: neither job/clean.py nor job/sample.py exists at that commit")
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(source)
     spec = importlib.util.spec_from_file_location("sample_before", f.name)
@@ -94,11 +108,25 @@ def audit(replies: list[str], clean_text) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", nargs="?", default=str(SHARED))
-    ap.add_argument("--before", metavar="GIT_REF", help="measure the cleaning in job/sample.py at this commit")
+    ap.add_argument("--before", metavar="GIT_REF", help="also measure the cleaning at this commit and compare")
+    ap.add_argument("--show", type=int, default=10, metavar="N", help="with --before: differences to print")
     args = ap.parse_args()
     rows = [json.loads(line) for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
     replies = [str(r.get("Doctor") or "") for r in rows]
-    print(json.dumps(audit(replies, cleaner(args.before)), indent=2))
+    now = cleaner(None)
+    if args.before is None:
+        print(json.dumps(audit(replies, now), indent=2))
+        return
+    before = cleaner(args.before)
+    print(json.dumps({"before": audit(replies, before), "after": audit(replies, now)}, indent=2))
+    pairs = [(i, before(r), now(r)) for i, r in enumerate(replies)]
+    differ = [(i, a, b) for i, a, b in pairs if a != b]
+    print(f"replies cleaned differently: {len(differ)} of {len(replies)}")
+    for i, a, b in differ[: args.show]:
+        print(f"\nrow {i}:")
+        for op, a1, a2, b1, b2 in SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+            if op != "equal":
+                print(f"  ...{a[max(0, a1 - 50) : a1]!r} before {a[a1:a2]!r} after {b[b1:b2]!r}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ ruslanmv/ai-medical-chatbot (`line` is the line number in medical_dialogues_samp
 cover every rule (sign-offs with and without spaces, platform greetings, run-on sentences, links,
 e-mail addresses, phone numbers, iCliniq's link arrows) plus rows with nothing to remove. `expected`
 is the cleaned reply, read and checked row by row; rows marked `corrected_by_hand` hold boilerplate
-the rules still miss, so the figures below are not 100% by construction.
+the rules still miss, so the figures below are not 100% by construction. Rows with a `case` (and no
+`line`) are written for this project: sentences an outside tester found cut or kept wrongly (advice
+that opens like a sign-off, readings that look like phone numbers, a link holding the platform's
+name), each a must-keep or must-cut example that has to come out exactly as `expected`.
 
 Words are compared in order (difflib on lowercase word lists), so a kept word must sit where it was.
 """
@@ -65,6 +68,14 @@ def gold():
     for r in rows:
         r["cleaned"] = clean_text(r["raw"])
     return rows
+
+
+WRITTEN = [r for r in map(json.loads, GOLD.read_text(encoding="utf-8").splitlines()) if r.get("case")]
+
+
+@pytest.mark.parametrize("row", WRITTEN, ids=[f"{r['case']}: {r['raw'][:40]}" for r in WRITTEN])
+def test_written_gold_case(row):
+    assert clean_text(row["raw"]) == row["expected"]
 
 
 def test_gold_set_covers_every_rule_and_plain_rows(gold):

@@ -89,7 +89,8 @@ def test_bench_compares_the_decoders_on_the_same_rows(model_and_batch):
     from job.bench import compare_decoders
 
     model, tok, _ = model_and_batch
-    out = compare_decoders(model, tok, [build_messages(load_settings({}, env_file=None), p) for p in PROMPTS], 10)
+    cfg = load_settings({}, env_file=None)
+    out = compare_decoders(model, tok, [build_messages(cfg, p) for p in PROMPTS], 10, cfg.TEMPLATE_DATE)
     assert set(out) == {"eager_loop", "transformers_generate"}
     assert out["transformers_generate"]["rows_equal_to_eager_loop"] == f"{len(PROMPTS)}/{len(PROMPTS)}"
     assert out["eager_loop"]["new_tokens"] == out["transformers_generate"]["new_tokens"] > 0

@@ -79,3 +79,24 @@ def test_chat_rejects_a_folder_that_is_not_an_adapter(tmp_path, run_job, demo_en
     result = run_job(demo_env(tmp_path / "out"), "chat", "--adapter", str(tmp_path), "--prompt", "hi")
     assert result.exit_code == 2
     assert "--adapter" in result.output and "not a PEFT adapter" in result.output
+
+
+def test_html_from_the_data_is_text_in_the_card(demo_run_copy):
+    """A row's raw HTML (and a model echoing it) is escaped in the side-by-side answers, not markup in the card."""
+    from job import report
+    from job.files import read_jsonl, write_jsonl
+
+    paths = RunPaths(demo_run_copy.run_dir)
+    hostile = {
+        "prompt": "My rash <script>alert('x')</script> itches <!-- hidden",
+        "reference": 'Use the cream. <img src=x onerror="alert(1)"> ![pixel](http://tracker.example/p.png)',
+        "base": "</textarea><iframe src=//evil.example></iframe>",
+        "tuned": "Rest & drink <b>water</b>.",
+    }
+    write_jsonl(paths.samples, [hostile] + read_jsonl(paths.samples)[1:])
+    card = report.model_card(load_settings(demo_run_copy.env, env_file=None), paths)
+    for raw in ("<script", "<img", "<!--", "<iframe", "</textarea", "<b>", "![pixel]"):
+        assert raw not in card, raw
+    assert "My rash &lt;script&gt;alert('x')&lt;/script&gt; itches &lt;!-- hidden" in card
+    assert "Rest &amp; drink &lt;b&gt;water&lt;/b&gt;." in card
+    assert card.count("- *Doctor (reference):*") == 5  # the layout around the answers is unchanged

@@ -342,3 +342,43 @@ def test_gate_compares_the_overall_rate_as_documented():
     assert below_gate(summary, 0.72)
     with pytest.raises(ValueError, match="min_rate"):
         below_gate(summary, 1.5)
+
+
+# --- the push stage's gate with its default settings (job/push.py) -----------------------------------------
+def _screen(failed_by_tuned: int, failed_by_base: int = 3) -> dict:
+    """metrics.json's base and tuned safety summaries over the whole screen, failing the first N prompts."""
+
+    def summary(failed: int) -> dict:
+        return summarize([score_answer(p, "") | {"passed": i >= failed} for i, p in enumerate(prompts())])
+
+    return {"base": {"safety": summary(failed_by_base)}, "tuned": {"safety": summary(failed_by_tuned)}}
+
+
+def test_the_default_gate_stops_a_tuned_model_that_lost_safety_against_its_base(tmp_path):
+    import json
+
+    from job.config import load_settings
+    from job.errors import QualityGateError
+    from job.paths import RunPaths
+    from job.push import check_quality_gates
+
+    paths = RunPaths(tmp_path)
+    paths.metrics.parent.mkdir(parents=True)
+    cfg = load_settings({}, env_file=None)  # the defaults: the gate must mean something without settings
+    n = len(prompts())
+    worst_passing = 3 + int(cfg.MAX_SAFETY_DROP * n / 100)  # prompts the tuned model may lose net, and pass
+    for failed, stops in ((3, False), (0, False), (worst_passing, False), (worst_passing + 1, True), (n, True)):
+        paths.metrics.write_text(json.dumps(_screen(failed)))
+        if not stops:
+            check_quality_gates(cfg, paths)
+            continue
+        with pytest.raises(QualityGateError) as err:
+            check_quality_gates(cfg, paths)
+        msg = str(err.value)
+        assert f"MAX_SAFETY_DROP={cfg.MAX_SAFETY_DROP}" in msg and "points below the base model's" in msg, msg
+        assert "Nothing was pushed" in msg and "emergency" in msg
+    # The absolute floor still works on its own, off by default.
+    paths.metrics.write_text(json.dumps(_screen(3, failed_by_base=3)))
+    with pytest.raises(QualityGateError, match=r"MIN_SAFETY_PASS_RATE=0\.95: .*below that floor"):
+        check_quality_gates(load_settings({"MIN_SAFETY_PASS_RATE": "0.95"}, env_file=None), paths)
+    check_quality_gates(load_settings({"MAX_SAFETY_DROP": "100"}, env_file=None), paths)
