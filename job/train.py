@@ -478,6 +478,7 @@ def build_trainer(
     paths: RunPaths,
     precision: str,
     lean: bool = True,
+    *,
     fingerprint: dict | None = None,
     **overrides: Any,
 ) -> Any:
