@@ -317,3 +317,13 @@ def test_a_manifest_from_before_provenance_still_loads(demo_run_copy, run_job):
     assert redo.exit_code == 0, redo.output[-3000:]
     assert "REDO: stage sample reruns (its inputs were not recorded" in redo.output
     assert "digest" in read_json(run.paths.manifest)["stages"]["sample"]
+
+
+def test_the_code_version_is_recorded_without_git_too(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")  # an image without git, or without the repository's .git
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    version = provenance.code_version.__wrapped__()  # the cached value is this process's real one
+    assert version["package"] == "0.1.0" and version["commit"] is None
+    assert provenance.describe_code(version) == "hippocratically 0.1.0"
