@@ -432,7 +432,7 @@ def _input_line(name: str, inp: Any) -> str:
     if not isinstance(inp, dict):
         return f"{name}: {inp!r}"
     what = inp.get("id", "")
-    if inp.get("revision") is not None or ("revision" in inp):
+    if "revision" in inp:  # a Hub id
         ident = f"revision {inp.get('revision') or 'not pinned'}"
     elif inp.get("sha256"):
         ident = f"sha256 {inp['sha256']}"
