@@ -125,6 +125,14 @@ def provenance_rows(manifest: dict | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _benchmarked(paths: RunPaths, manifest: dict | None) -> bool:
+    """eval/benchmark.json exists and, where the manifest is known, the benchmark stage that wrote it is recorded
+    as done: a retrain drops that record (job/pipeline.py), so a benchmark of an earlier adapter is never shown."""
+    if not paths.benchmark.is_file():
+        return False
+    return manifest is None or manifest.get("stages", {}).get("benchmark", {}).get("status") == "done"
+
+
 def model_card(cfg: Settings, paths: RunPaths, manifest: dict | None = None) -> str:
     cfg = recorded_settings(cfg, manifest)
     metrics = read_json(paths.metrics)
@@ -155,7 +163,8 @@ def model_card(cfg: Settings, paths: RunPaths, manifest: dict | None = None) -> 
             ),
         ],
         safety_rows=_safety_rows(metrics),
-        benchmark=read_json(paths.benchmark)["tasks"] if paths.benchmark.is_file() else None,  # stage off: None
+        # Only a benchmark of this adapter: after a retrain, the file left by the one before is not shown.
+        benchmark=read_json(paths.benchmark)["tasks"] if _benchmarked(paths, manifest) else None,
         judge=metrics.get("judge"),  # None when no JUDGE_MODEL was set
         samples=[{k: _quote(v) for k, v in s.items()} for s in read_jsonl(paths.samples)[:N_SAMPLES_SHOWN]],
         # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.

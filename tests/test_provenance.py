@@ -114,6 +114,17 @@ def test_the_card_shows_the_recorded_settings_not_the_current_ones(demo_run):
     assert f"sha256 `{_sha256(FIXTURE)}`" in _card_row(card, "training data")
 
 
+def test_the_card_leaves_out_a_benchmark_of_an_earlier_adapter(demo_run):
+    """Retrained and evaluated, not benchmarked again (STAGES=train,evaluate): the pipeline dropped the benchmark
+    record, and the card must not show the file the earlier adapter's benchmark left."""
+    cfg = load_settings(demo_run.env, env_file=None)
+    manifest = read_json(demo_run.paths.manifest)
+    assert "### Medical knowledge benchmark" in report.model_card(cfg, demo_run.paths, manifest)
+    manifest["stages"].pop("benchmark")
+
+    assert "### Medical knowledge benchmark" not in report.model_card(cfg, demo_run.paths, manifest)
+
+
 # --- inputs by content -----------------------------------------------------------------------------------------
 def _edit_keeping_size_and_mtime(path: Path, old: bytes, new: bytes) -> None:
     """Replace `old` by `new` (same length) everywhere, then give the file back its size and modification time."""
