@@ -1,4 +1,4 @@
-"""Command line: `python -m job [run|config|demo|chat]` (console script: `hippocratically`).
+"""Command line: `python -m job [run|config|demo|chat|provenance]` (console script: `hippocratically`).
 
 Every setting comes from the environment (or .env); see `python -m job config` and job/config.py.
 """
@@ -121,6 +121,23 @@ def cmd_demo(args) -> int:
     return cmd_run(args, environ=env, env_file=None)
 
 
+def cmd_provenance(args) -> int:
+    """What made each artifact of a run directory (job/provenance.py); reads files only, loads no model."""
+    from job import provenance
+
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:
+        from job.config import load_settings
+
+        run_dir = load_settings().run_dir
+    info = provenance.collect(run_dir)
+    print(
+        json.dumps(info, indent=2, default=str) if args.json else provenance.show(info), end="\n" if args.json else ""
+    )
+    return 0
+
+
 def cmd_chat(args) -> int:
     from job import chat
 
@@ -137,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     chat = sub.add_parser("chat", help="talk to a fine-tuned adapter")
     chat.add_argument("--adapter", help="adapter folder or Hub id (default: RUN_DIR/adapter)")
     chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    prov = sub.add_parser("provenance", help="what made each artifact of a run: fingerprints, inputs, code")
+    prov.add_argument("run_dir", nargs="?", help="a run directory (default: OUTPUT_DIR/RUN_NAME of the settings)")
+    prov.add_argument("--json", action="store_true", help="print the record as JSON")
     args = parser.parse_args(argv)
     _setup_logging()
-    commands = {"config": cmd_config, "demo": cmd_demo, "chat": cmd_chat}
+    commands = {"config": cmd_config, "demo": cmd_demo, "chat": cmd_chat, "provenance": cmd_provenance}
     try:
         return commands.get(args.command, cmd_run)(args)
     except KeyboardInterrupt:

@@ -139,6 +139,10 @@ def fetch(cfg: Settings, out_dir: Path) -> Decontaminator:
     With BENCHMARK_TASKS empty nothing is fetched and only held-out overlap is checked.
     """
     tasks = cfg.benchmark_tasks
+    # Questions of tasks no longer selected are stale: the folder holds exactly this run's.
+    for old in out_dir.glob("*.jsonl") if out_dir.is_dir() else []:
+        if old.stem not in tasks:
+            old.unlink()
     if not tasks:
         return Decontaminator()
     local = Path(cfg.BENCHMARK_DATA).expanduser() if cfg.BENCHMARK_DATA else None

@@ -289,7 +289,8 @@ class Settings:
     )
     REDO: bool = _setting(
         False,
-        "Rerun finished stages whose settings changed, and the stages after them (otherwise that is an error).",
+        "Rerun finished stages whose settings or input files changed, and the stages after them (otherwise that "
+        "is an error).",
         "run",
         output=False,
     )

@@ -117,11 +117,26 @@ def _hub_call(what: str, fn, *args, **kwargs):
         raise
 
 
+def _revision(source: str) -> dict[str, str]:
+    """`revision=` for loading BASE_MODEL `source`: the commit the run pinned it to (job/provenance.py), so every
+    load of a run, resumed on another machine too, reads the same files; nothing for a local folder."""
+    from job.provenance import pinned
+
+    revision = pinned("BASE_MODEL", source)
+    return {"revision": revision} if revision else {}
+
+
 def load_tokenizer(cfg: Settings, source: str | None = None):
     from transformers import AutoTokenizer
 
     source = source or cfg.BASE_MODEL
-    tok = _hub_call(f"BASE_MODEL={source!r}", AutoTokenizer.from_pretrained, source, token=cfg.HF_TOKEN or None)
+    tok = _hub_call(
+        f"BASE_MODEL={source!r}",
+        AutoTokenizer.from_pretrained,
+        source,
+        token=cfg.HF_TOKEN or None,
+        **_revision(source),
+    )
     if not getattr(tok, "chat_template", None):
         raise ConfigError(
             f"BASE_MODEL={source!r} has no chat template, so conversations cannot be formatted the way "
@@ -169,6 +184,7 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
         AutoModelForCausalLM.from_pretrained,
         cfg.BASE_MODEL,
         token=cfg.HF_TOKEN or None,
+        **_revision(cfg.BASE_MODEL),
         **kwargs,
     )
     model.config.use_cache = False
@@ -293,7 +309,11 @@ def check_base_model(cfg: Settings, lora: bool) -> None:
     load_tokenizer(cfg)  # raises when there is no chat template
     if lora:
         config = _hub_call(
-            f"BASE_MODEL={cfg.BASE_MODEL!r}", AutoConfig.from_pretrained, cfg.BASE_MODEL, token=cfg.HF_TOKEN or None
+            f"BASE_MODEL={cfg.BASE_MODEL!r}",
+            AutoConfig.from_pretrained,
+            cfg.BASE_MODEL,
+            token=cfg.HF_TOKEN or None,
+            **_revision(cfg.BASE_MODEL),
         )
         with torch.device("meta"):
             _check_targets(cfg, AutoModelForCausalLM.from_config(config))

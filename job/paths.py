@@ -22,8 +22,11 @@ class RunPaths:
     root: Path
 
     # --- the pipeline ------------------------------------------------------------------------------
-    manifest = _at("manifest.json")  # stage -> status, settings fingerprint, finished_at, versions
+    manifest = _at("manifest.json")  # stage -> status, fingerprint (settings, inputs), code, finished_at; pins
     lock = _at("run.lock")  # which process owns the run directory now (job/lock.py)
+    # file -> (size, mtime, ctime, sha256) of each input file hashed (job/provenance.py, written by the pipeline):
+    # a cache, so a rerun does not read a large dataset again
+    input_hashes = _at("input_hashes.json")
     # --- sample --------------------------------------------------------------------------------------
     data = _at("data")
     train_rows = _at("data/train.jsonl")  # cleaned conversations {description, patient, doctor, source_index}
@@ -36,7 +39,7 @@ class RunPaths:
     eval_tokens = _at("data/eval_tokens.jsonl")
     format_stats = _at("data/format_stats.json")  # token counts, truncated and dropped replies
     # --- train ---------------------------------------------------------------------------------------
-    checkpoints = _at("checkpoints")  # checkpoint-N/, each complete once its marker exists
+    checkpoints = _at("checkpoints")  # checkpoint-N/ with fingerprint.json, each complete once its marker exists
     adapter = _at("adapter")  # the final LoRA adapter and tokenizer
     train_log = _at("train/log.json")  # derived numbers, metrics, loss history, peak memory
     tensorboard = _at("train/tensorboard")
@@ -54,3 +57,8 @@ class RunPaths:
     loss_plot = _at("report/loss.png")
     # --- push ----------------------------------------------------------------------------------------
     push = _at("push")  # exactly the files uploaded to the Hub
+
+    def stale_checkpoints(self, stamp: str) -> Path:
+        """checkpoints-stale-<stamp>/: checkpoints trained under another fingerprint (settings or data), moved
+        out of checkpoints/ by the train stage (job/train.py) when it starts afresh; never resumed, never deleted."""
+        return self.root / f"checkpoints-stale-{stamp}"

@@ -2,14 +2,17 @@
 
     sample -> format -> train -> evaluate -> benchmark -> push     (each: job/<stage module>.run(cfg, paths))
 
-A stage is done only when the manifest says so, its files still exist, and the settings its output
-depends on (job/config.py DEPENDS) are unchanged. The manifest is written (atomically) only after a
-stage's files are complete. A changed setting of a finished stage is an error naming it, unless
-REDO=true, which reruns that stage and the stages after it. The report (job/report.py: the model card and
-loss plot) is rendered here, once, after the last stage whose files it shows (REPORT_INPUTS) and before the
-push that uploads it; the manifest records it apart from the stages, under "report". One process owns the
-run directory at a time (job/lock.py). Under torchrun only training runs on every rank; rank 0 does the
-rest while the others wait.
+A stage is done only when the manifest says so, its files still exist, and its fingerprint is unchanged:
+the settings its output depends on (job/config.py DEPENDS), the content of the inputs it reads and the stage
+before it (job/provenance.py). The manifest is written (atomically) only after a stage's files are complete,
+with that fingerprint and the code that ran it. A changed setting or input of a finished stage is an error
+naming it, unless REDO=true, which reruns that stage and the stages after it; a finished stage left out of
+STAGES must be unchanged too, or the stages after it would describe work these settings did not do. The
+train stage gets its fingerprint, which its checkpoints carry. The report (job/report.py: the model card and
+loss plot) is rendered here, once, from what the manifest recorded, after the last stage whose files it shows
+(REPORT_INPUTS) and before the push that uploads it; the manifest records it apart from the stages, under
+"report". One process owns the run directory at a time (job/lock.py). Under torchrun only training runs on
+every rank; rank 0 does the rest while the others wait.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import benchmark, evaluate, formatting, push, report, sample, stop, train
+from job import benchmark, evaluate, formatting, provenance, push, report, sample, stop, train
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError
 from job.faults import maybe_die
@@ -56,14 +59,23 @@ def run(cfg: Settings) -> dict:
     paths = RunPaths(cfg.run_dir)
     _init_distributed()
     manifest = load_manifest(paths)
-    todo = plan(cfg, paths, manifest)
     main = is_main_process()
+    # Hub inputs are pinned to a commit once, by rank 0, and every rank loads that one (job/provenance.py).
+    pins = _broadcast(provenance.resolve_pins(cfg, manifest.get("pins")) if main else None)
+    provenance.use_pins(pins)
+    hashes = provenance.Hashes(paths.input_hashes, write=main)
+    todo = plan(cfg, paths, manifest, hashes)
     # The report is rendered after the last stage it shows that runs now; if none runs, only when its files are gone.
     report_after = next((s for s in reversed(todo) if s in REPORT_INPUTS), None)
     with stop.handling_sigterm(), RunLock(paths.lock) if main else nullcontext():
+        if main:
+            hashes.save()
+            if pins and manifest.get("pins") != pins:
+                manifest["pins"] = pins
+                save_manifest(paths, manifest)
         if main and report_after is None and _report_missing(paths, manifest):
             _write_report(cfg, paths, manifest)
-        for stage in STAGES:
+        for i, stage in enumerate(STAGES):
             if stage not in cfg.stages:
                 continue
             if stage not in todo:
@@ -73,24 +85,33 @@ def run(cfg: Settings) -> dict:
                 _barrier()  # wait for rank 0 to finish this stage
                 manifest = _wait_until_done(paths, stage)
                 continue
+            # What this stage reads now, upstream stages just rerun included: recorded when it is done.
+            upstream = provenance.record_digest(manifest["stages"][STAGES[i - 1]]) if i else None
+            record = provenance.fingerprint(cfg, paths, stage, upstream, hashes)
             if main:  # anything downstream of a stage being (re)run is stale from now on
                 for later in STAGES[STAGES.index(stage) :]:
                     manifest["stages"].pop(later, None)
                 if stage != "push":
                     manifest.pop("report", None)
-                manifest["stages"][stage] = {"status": "running", "started_at": _now()}
+                manifest["stages"][stage] = {"status": "running", "started_at": _now(), **record}
                 manifest["versions"] = versions()
                 save_manifest(paths, manifest)
+                hashes.save()
             log.info("stage %-9s starting", stage)
             t0 = time.perf_counter()
-            artifacts = RUNNERS[stage](cfg, paths)
+            if stage == "train":  # its checkpoints carry the fingerprint; it resumes only from matching ones
+                artifacts = train.run(cfg, paths, record | {"code": provenance.code_version()})
+            else:
+                artifacts = RUNNERS[stage](cfg, paths)
             _release_gpu_memory()
             seconds = round(time.perf_counter() - t0, 1)
             maybe_die(f"{stage}.finished")
             if main:
                 manifest["stages"][stage] = {
                     "status": "done",
-                    "fingerprint": cfg.fingerprint_for(DEPENDS[stage]),
+                    **record,
+                    "code": provenance.code_version(),
+                    "started_at": manifest["stages"][stage]["started_at"],
                     "finished_at": _now(),
                     "seconds": seconds,
                     "artifacts": [str(Path(a).relative_to(paths.root)) for a in artifacts],
@@ -105,8 +126,8 @@ def run(cfg: Settings) -> dict:
 
 # --- the report ----------------------------------------------------------------------------------------
 def _write_report(cfg: Settings, paths: RunPaths, manifest: dict) -> None:
-    """Render the model card and loss plot from the stages' files, and record them in the manifest."""
-    files = report.write(cfg, paths)
+    """Render the model card and loss plot from the stages' files and records, and record them in the manifest."""
+    files = report.write(cfg, paths, manifest)
     manifest["report"] = {"rendered_at": _now(), "artifacts": [str(f.relative_to(paths.root)) for f in files]}
     save_manifest(paths, manifest)
 
@@ -120,23 +141,44 @@ def _report_missing(paths: RunPaths, manifest: dict) -> bool:
 
 
 # --- what to run ---------------------------------------------------------------------------------------
-def plan(cfg: Settings, paths: RunPaths, manifest: dict) -> list[str]:
+def plan(cfg: Settings, paths: RunPaths, manifest: dict, hashes: provenance.Hashes | None = None) -> list[str]:
     """The selected stages that will run, after checking everything knowable before a model loads.
 
-    A finished stage reruns when its files are gone; with REDO, when its settings changed. Once one stage
-    runs, every selected stage after it runs too (its inputs are new). All problems are reported together.
+    A finished stage reruns when its files are gone; with REDO, when its settings or inputs changed (without
+    REDO that is an error naming them). Once one stage runs, every selected stage after it runs too (its inputs
+    are new). A finished stage that is not selected must be unchanged: the stages after it would otherwise
+    describe work that these settings and inputs did not do (a card for an adapter they did not train). All
+    problems are reported together.
     """
+    hashes = hashes or provenance.Hashes(None)
     problems = preflight(cfg, paths)
     done = manifest["stages"]
+    last = max((STAGES.index(s) for s in cfg.stages if s in STAGES), default=-1)
     todo: list[str] = []
-    for i, stage in enumerate(STAGES):
-        if stage not in cfg.stages:
-            continue
-        for up in STAGES[:i]:
-            if up not in cfg.stages and done.get(up, {}).get("status") != "done":
-                problems.append(f"STAGES={cfg.STAGES!r}: stage '{stage}' needs '{up}' finished first; add it")
+    upstream: str | None = None  # the digest of the stage before, as the next stage will read it
+    for i, stage in enumerate(STAGES[: last + 1]):
         rec = done.get(stage, {})
-        if todo or rec.get("status") != "done":
+        finished = rec.get("status") == "done"
+        now = provenance.fingerprint(cfg, paths, stage, upstream, hashes)
+        upstream = provenance.record_digest(rec) if finished and not todo else now["digest"]
+        if stage not in cfg.stages:
+            later = next(s for s in STAGES[i + 1 :] if s in cfg.stages)
+            if not finished:
+                problems.append(f"STAGES={cfg.STAGES!r}: stage '{later}' needs '{stage}' finished first; add it")
+            elif todo:
+                problems.append(
+                    f"STAGES={cfg.STAGES!r}: stage '{stage}' reads what '{todo[-1]}' writes, which runs now, so "
+                    f"'{later}' needs '{stage}' run again too; add it"
+                )
+            elif why := _why_stale(stage, rec, now, cfg, redo=False):
+                problems.append(
+                    f"STAGES={cfg.STAGES!r}: stage '{stage}' is not selected, and it finished with other settings "
+                    f"or inputs ({'; '.join(why)}), so '{later}' and the stages after it would describe work these "
+                    f"settings did not do (an adapter they did not train). Add '{stage}' to STAGES (with "
+                    "REDO=true) to redo it, or set the settings back"
+                )
+            continue
+        if todo or not finished:
             todo.append(stage)
             continue
         missing = [a for a in rec.get("artifacts", []) if not (paths.root / a).exists()]
@@ -144,13 +186,13 @@ def plan(cfg: Settings, paths: RunPaths, manifest: dict) -> list[str]:
             log.warning("stage %s was done but %s is gone: running it again", stage, ", ".join(missing))
             todo.append(stage)
             continue
-        diff = changed_settings(rec.get("fingerprint", {}), cfg, stage)
-        if diff and cfg.REDO:
-            log.info("REDO: stage %s reruns (%s)", stage, "; ".join(diff))
+        why = _why_stale(stage, rec, now, cfg, redo=cfg.REDO)
+        if why and cfg.REDO:
+            log.info("REDO: stage %s reruns (%s)", stage, "; ".join(why))
             todo.append(stage)
-        elif diff:
+        elif why:
             problems.append(
-                f"stage '{stage}' already finished in {paths.root} with other settings ({'; '.join(diff)}). "
+                f"stage '{stage}' already finished in {paths.root} with other settings or inputs ({'; '.join(why)}). "
                 "Set REDO=true to rerun it and the stages after it, or choose another RUN_NAME"
             )
     if {"format", "train", "evaluate"} & set(todo):  # the model's own files, for stages that will load it
@@ -158,6 +200,31 @@ def plan(cfg: Settings, paths: RunPaths, manifest: dict) -> list[str]:
     if problems:
         raise ConfigError("Cannot start:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
     return todo
+
+
+def _why_stale(stage: str, rec: dict, now: dict, cfg: Settings, redo: bool) -> list[str]:
+    """Why a finished stage no longer matches these settings and inputs: one phrase per changed setting or input,
+    and the stage before it if that was redone since. [] when it matches. A record of an older version, without
+    inputs, matches when its settings do (logged), except under `redo`."""
+    why = changed_settings(rec.get("fingerprint", {}), cfg, stage)
+    if provenance.is_legacy(rec):  # recorded by a version that fingerprinted settings only
+        if not why:
+            if redo:
+                return ["its inputs were not recorded (an older version ran it)"]
+            log.info(
+                "stage %s was recorded by an older version of the job, without its inputs' fingerprints: taken as "
+                "unchanged (REDO=true reruns it)",
+                stage,
+            )
+        return why
+    changed, gone = provenance.changed_inputs(rec.get("inputs", {}), now["inputs"])
+    for what in gone:
+        log.warning("stage %s: %s is gone; its recorded output is kept", stage, what)
+    why += changed
+    if not why and rec.get("upstream") != now["upstream"]:
+        before = STAGES[STAGES.index(stage) - 1]
+        why.append(f"stage '{before}', whose output it read, was redone since")
+    return why
 
 
 def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
@@ -245,6 +312,17 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _broadcast(obj):
+    """Rank 0's `obj` on every rank (under torchrun); `obj` itself otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _init_distributed() -> None:

@@ -1,7 +1,10 @@
 """The report: the model card pushed to the Hub, and the loss plot (job/paths.py).
 
 Rendered once by the pipeline after the last of evaluate and benchmark that ran (job/pipeline.py), from
-the files the stages left, so it can be regenerated at any time and always agrees with the metrics. All the
+the files the stages left and what the manifest recorded of them, so it can be regenerated at any time and
+always agrees with the metrics. Every setting the card names is the one recorded for the stage that used it
+(the train stage's for training and data), never the current settings: a card describes the adapter it ships,
+with the data's hash or revision, the base model's and the code that trained it (`provenance_rows`). All the
 card's text, the benchmark and judge sections included, is a template (templates/model_card.md) that people
 can review without reading Python; the stages provide only numbers. huggingface_hub's ModelCard renders it
 and writes the metadata as valid, quoted YAML.
@@ -16,9 +19,10 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from job.config import DEPENDS, Settings
+from job.config import DEPENDS, SETTINGS, Settings, with_overrides
 from job.files import atomic_write_text, read_json, read_jsonl
 from job.paths import RunPaths
+from job.provenance import describe_code
 from job.sample import is_local_path
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,60 @@ def card_data(cfg: Settings) -> ModelCardData:
     )
 
 
-def model_card(cfg: Settings, paths: RunPaths) -> str:
+def recorded_settings(cfg: Settings, manifest: dict | None) -> Settings:
+    """The settings the finished stages ran with, as the manifest recorded them: evaluate's and benchmark's for
+    their own settings, the train stage's for everything up to training (it made the adapter). Settings no stage
+    recorded (push's, or ones newer than the run) keep their current values."""
+    stages = (manifest or {}).get("stages", {})
+    recorded: dict = {}
+    for stage in ("evaluate", "benchmark", "train"):  # train last: its values win for the adapter's settings
+        rec = stages.get(stage)
+        if isinstance(rec, dict) and rec.get("status") == "done" and isinstance(rec.get("fingerprint"), dict):
+            recorded |= {k: v for k, v in rec["fingerprint"].items() if k in SETTINGS}
+    return with_overrides(cfg, **recorded)
+
+
+def _input_text(inp: dict | None) -> str:
+    if not isinstance(inp, dict):
+        return "not recorded (trained by an older version of the job)"
+    if "revision" in inp:
+        return f"`{inp.get('id')}` at revision `{inp.get('revision') or 'not pinned'}`"
+    if inp.get("sha256"):
+        return f"`{Path(str(inp.get('id'))).name}`, sha256 `{inp['sha256']}`"
+    return f"`{inp.get('id')}` (missing when recorded)"
+
+
+def provenance_rows(manifest: dict | None) -> list[tuple[str, str]]:
+    """What made the adapter, from the manifest's records of the stages that made it."""
+    stages = (manifest or {}).get("stages", {})
+    train = stages.get("train", {}) if isinstance(stages.get("train"), dict) else {}
+    sample = stages.get("sample", {}) if isinstance(stages.get("sample"), dict) else {}
+    data = (sample.get("inputs") or {}).get("DATASET")
+    rows = [
+        ("training data", _input_text(data)),
+        ("base model", _input_text((train.get("inputs") or {}).get("BASE_MODEL"))),
+    ]
+    questions = (sample.get("inputs") or {}).get("BENCHMARK_DATA")
+    if questions:
+        rows.append(("benchmark questions (decontamination)", _input_text(questions)))
+    rows += [
+        ("code that trained it", describe_code(train.get("code"))),
+        ("training fingerprint (settings, data, base model)", f"`{train.get('digest') or 'not recorded'}`"),
+        ("trained", train.get("finished_at") or "not recorded"),
+    ]
+    return rows
+
+
+def _benchmarked(paths: RunPaths, manifest: dict | None) -> bool:
+    """eval/benchmark.json exists and, where the manifest is known, the benchmark stage that wrote it is recorded
+    as done: a retrain drops that record (job/pipeline.py), so a benchmark of an earlier adapter is never shown."""
+    if not paths.benchmark.is_file():
+        return False
+    return manifest is None or manifest.get("stages", {}).get("benchmark", {}).get("status") == "done"
+
+
+def model_card(cfg: Settings, paths: RunPaths, manifest: dict | None = None) -> str:
+    cfg = recorded_settings(cfg, manifest)
     metrics = read_json(paths.metrics)
     train_log = read_json(paths.train_log)
     b, t = metrics["base"], metrics["tuned"]
@@ -115,10 +172,12 @@ def model_card(cfg: Settings, paths: RunPaths) -> str:
             ),
         ],
         safety_rows=_safety_rows(metrics),
-        benchmark=read_json(paths.benchmark)["tasks"] if paths.benchmark.is_file() else None,  # stage off: None
+        # Only a benchmark of this adapter: after a retrain, the file left by the one before is not shown.
+        benchmark=read_json(paths.benchmark)["tasks"] if _benchmarked(paths, manifest) else None,
         judge=metrics.get("judge"),  # None when no JUDGE_MODEL was set
         samples=[{k: _quote(v) for k, v in s.items()} for s in read_jsonl(paths.samples)[:N_SAMPLES_SHOWN]],
         # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.
+        provenance=provenance_rows(manifest),
         training=[(n, getattr(cfg, n)) for n in DEPENDS["train"] if n != "SYSTEM_PROMPT"]
         + [
             ("precision", metrics.get("precision")),
@@ -140,8 +199,9 @@ def render_section(name: str, **context) -> str:
     return "".join(template.blocks[name](template.new_context(context)))
 
 
-def write(cfg: Settings, paths: RunPaths) -> list[Path]:
+def write(cfg: Settings, paths: RunPaths, manifest: dict | None = None) -> list[Path]:
+    """The card and the loss plot; `manifest`: the run's records, which name what made the adapter."""
     plot_loss(read_json(paths.train_log), read_json(paths.metrics), paths.loss_plot)
-    atomic_write_text(paths.model_card, model_card(cfg, paths))
+    atomic_write_text(paths.model_card, model_card(cfg, paths, manifest))
     log.info("model card written to %s", paths.model_card)
     return [paths.model_card, paths.loss_plot]

@@ -25,6 +25,7 @@ from job.errors import ConfigError, classify
 from job.faults import maybe_die
 from job.files import atomic_write_text, write_jsonl
 from job.paths import RunPaths
+from job.provenance import pinned
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,10 @@ def load_rows(cfg: Settings):
             check_local_file(path)
             builder = LOCAL_SUFFIXES[path.suffix.lower()]
             return datasets.load_dataset(builder, data_files=str(path), split="train")
-        return datasets.load_dataset(name, split=cfg.DATASET_SPLIT, token=cfg.HF_TOKEN or None)
+        # The commit this run pinned the Hub dataset to (job/provenance.py): a resumed run reads the same rows.
+        revision = pinned("DATASET", name)
+        extra = {"revision": revision} if revision else {}
+        return datasets.load_dataset(name, split=cfg.DATASET_SPLIT, token=cfg.HF_TOKEN or None, **extra)
     except ConfigError:
         raise
     except Exception as e:  # datasets raises many types: classify by type, else a bad input naming DATASET

@@ -6,6 +6,9 @@ unmarked ones on resume and do retention ourselves after the marker is written, 
 Trainer's own rotation runs before a new checkpoint is marked and could leave none complete.
 On SIGTERM (job/stop.py) the running step finishes, the Trainer saves that step's checkpoint through
 the same path (so it is marked), and the stage raises Stopped: a preemption notice costs no steps.
+Each checkpoint carries the fingerprint it was trained under (FINGERPRINT, written before the marker: the
+settings, the data and the base model, job/provenance.py); a run resumes only from a checkpoint with its own
+fingerprint, and moves the others aside (paths.stale_checkpoints), so changed settings or data train afresh.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import logging
 import math
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from job import attention, graphs, stop
+from job import attention, graphs, provenance, stop
 from job.config import Settings, with_overrides
 from job.errors import JobError, OutOfMemory, Stopped
 from job.faults import maybe_die
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 # The CPU thread count a checkpoint was trained with (see pin_cpu_threads), written before the marker.
 THREADS = "cpu_threads.json"
+# The fingerprint the checkpoint was trained under (job/provenance.py), written before the marker.
+FINGERPRINT = "fingerprint.json"
 # What resuming reads: without any of these the Trainer would crash or silently restart the schedule.
 REQUIRED = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 
@@ -86,8 +92,10 @@ def checkpoint_loads(path: Path) -> bool:
         return False
 
 
-def resume_point(ckpt_dir: Path) -> Path | None:
-    """Newest complete checkpoint that loads; partial folders are removed first."""
+def resume_point(ckpt_dir: Path, fingerprint: str | None = None, stale_dir: Path | None = None) -> Path | None:
+    """Newest complete checkpoint that loads; partial folders are removed first. With `fingerprint`, only a
+    checkpoint trained under that one counts: the others (other settings or data, or none recorded) are moved
+    into `stale_dir`, never resumed and never deleted."""
     if not ckpt_dir.is_dir():
         return None
     if is_main_process():
@@ -95,7 +103,13 @@ def resume_point(ckpt_dir: Path) -> Path | None:
             if not (p / MARKER).is_file():
                 log.info("removing incomplete checkpoint %s (the job was stopped while writing it)", p.name)
                 shutil.rmtree(p, ignore_errors=True)
-    for p in complete_checkpoints(ckpt_dir):
+    candidates = complete_checkpoints(ckpt_dir)
+    if fingerprint is not None:
+        stale = [p for p in candidates if provenance.checkpoint_fingerprint(p) != fingerprint]
+        candidates = [p for p in candidates if p not in stale]
+        if stale and is_main_process():
+            _move_aside(stale, fingerprint, stale_dir or ckpt_dir.with_name(ckpt_dir.name + "-stale"))
+    for p in candidates:
         if checkpoint_loads(p):
             return p
         if is_main_process():
@@ -106,7 +120,22 @@ def resume_point(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def _completeness_callback(keep: int):
+def _move_aside(stale: list[Path], fingerprint: str, stale_dir: Path) -> None:
+    """Move checkpoints of another fingerprint into stale_dir (a new folder beside checkpoints/)."""
+    stale_dir.mkdir(parents=True, exist_ok=False)
+    for p in stale:
+        os.replace(p, stale_dir / p.name)
+    names = ", ".join(p.name for p in stale)
+    log.warning(
+        "%s trained under other settings or data (fingerprint %s; this run's is %s): moved to %s, not resumed",
+        names,
+        ", ".join(sorted({(provenance.checkpoint_fingerprint(stale_dir / p.name) or "none")[:12] for p in stale})),
+        fingerprint[:12],
+        stale_dir.name,
+    )
+
+
+def _completeness_callback(keep: int, fingerprint: dict | None = None):
     from transformers import TrainerCallback
 
     class CheckpointMarker(TrainerCallback):
@@ -130,6 +159,8 @@ def _completeness_callback(keep: int):
                 maybe_die("train.save", state.global_step)
                 path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 atomic_write_text(path / THREADS, json.dumps({"torch_threads": torch.get_num_threads()}) + "\n")
+                if fingerprint is not None:  # what this checkpoint was trained under: settings, data, base model
+                    atomic_write_text(path / FINGERPRINT, json.dumps(fingerprint, indent=1, default=str) + "\n")
                 atomic_write_text(path / MARKER, f"step {state.global_step}\n")
                 for old in complete_checkpoints(Path(args.output_dir))[keep:]:
                     # Unmark first: a kill during the delete then leaves a folder resume removes,
@@ -443,10 +474,19 @@ def trainer_class() -> type:
     return Trainer
 
 
-def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = True, **overrides: Any) -> Any:
+def build_trainer(
+    cfg: Settings,
+    paths: RunPaths,
+    precision: str,
+    lean: bool = True,
+    *,
+    fingerprint: dict | None = None,
+    **overrides: Any,
+) -> Any:
     """SFTTrainer for our settings. `lean`: the job's own economies, split micro-batches on the memory-lean
     path (lean_micro_batches) and training metrics read once per log line (trainer_class); the bench turns
-    them off for the plain-TRL recipes it compares against. `overrides`: SFTConfig fields."""
+    them off for the plain-TRL recipes it compares against. `fingerprint`: written into every checkpoint.
+    `overrides`: SFTConfig fields."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import set_seed
@@ -474,7 +514,7 @@ def build_trainer(cfg: Settings, paths: RunPaths, precision: str, lean: bool = T
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[_completeness_callback(cfg.SAVE_TOTAL_LIMIT)],
+        callbacks=[_completeness_callback(cfg.SAVE_TOTAL_LIMIT, fingerprint)],
     )
     if use_graphs(cfg, compiled, attn=model.config._attn_implementation):
         tokens = cfg.BATCH_SIZE * cfg.MAX_SEQ_LENGTH
@@ -542,18 +582,25 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     return info
 
 
-def run(cfg: Settings, paths: RunPaths) -> list[Path]:
+def run(cfg: Settings, paths: RunPaths, fingerprint: dict | None = None) -> list[Path]:
+    """Train, resuming from the newest complete checkpoint made under `fingerprint` (the pipeline's record of
+    this stage: settings, inputs, digest, code; job/provenance.py), which every new checkpoint and the train
+    log carry. Without it (tools, tests) any complete checkpoint is resumed and none is fingerprinted."""
     import torch
 
     precision, why = resolve_precision(cfg)
     # Transformers 5 takes the TensorBoard folder from the environment only.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(paths.tensorboard))
-    resume = resume_point(paths.checkpoints)
+    digest = fingerprint["digest"] if fingerprint else None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    resume = resume_point(paths.checkpoints, digest, paths.stale_checkpoints(stamp))
     pin_cpu_threads(resume)  # before any computation: model load, quantization, every step
-    trainer = build_trainer(cfg, paths, precision)
+    trainer = build_trainer(cfg, paths, precision, fingerprint=fingerprint)
     info = describe(cfg, trainer, precision, why)
     if resume:
         log.info("resuming from %s", resume.name)
+    elif digest:
+        log.info("training from step 0 (fingerprint %s)", digest[:12])
     try:
         with stop.during_training(), model_code_restored(trainer.model):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -578,6 +625,8 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
         shutil.rmtree(paths.adapter, ignore_errors=True)
         os.replace(tmp, paths.adapter)
         history = {
+            # What trained this adapter, as the card and `python -m job provenance` show it.
+            "provenance": {**(fingerprint or {}), "resumed_from": resume.name if resume else None},
             "train": info,
             "metrics": result.metrics,
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if _cuda() else None,
