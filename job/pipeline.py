@@ -21,6 +21,7 @@ import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from job import benchmark, evaluate, formatting, push, report, sample, stop, train
 from job.config import DEPENDS, STAGES, Settings
@@ -208,14 +209,46 @@ def load_manifest(paths: RunPaths) -> dict:
         return {"stages": {}}
     try:
         manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
-            raise ValueError("no 'stages' object")
+        _check_manifest_shape(manifest)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(
             f"{paths.manifest} is damaged ({e}), so which stages finished is unknown. Delete it to run every "
             f"stage again in {paths.root} (checkpoints are kept and training resumes), or choose another RUN_NAME."
         ) from None
     return manifest
+
+
+# The manifest's shape as the pipeline reads it: key -> type, for the whole file, each stage's record and the
+# report's. A hand-edited file with another type where the pipeline reads one would fail later with a traceback.
+_MANIFEST_SHAPE = {"stages": dict, "report": dict, "versions": dict}
+_RECORD_SHAPE = {"status": str, "fingerprint": dict, "artifacts": list, "finished_at": str, "started_at": str}
+
+
+def _check_manifest_shape(manifest: Any) -> None:
+    """ValueError naming the first field of `manifest` whose type is not what the pipeline reads."""
+
+    def check(record: Any, shape: dict[str, type], where: str) -> None:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is a JSON {_json_type(record)}, not an object")
+        for key, typ in shape.items():
+            if key in record and not isinstance(record[key], typ):
+                raise ValueError(f"{where}.{key} is a JSON {_json_type(record[key])}, not {_json_type(typ())}")
+
+    check(manifest, _MANIFEST_SHAPE, "the file")
+    if "stages" not in manifest:
+        raise ValueError("no 'stages' object")
+    records = [(f"stages.{name}", r) for name, r in manifest["stages"].items()]
+    for where, record in records + ([("report", manifest["report"])] if "report" in manifest else []):
+        check(record, _RECORD_SHAPE, where)
+        if not all(isinstance(a, str) for a in record.get("artifacts", [])):
+            raise ValueError(f"{where}.artifacts holds something other than file names")
+        if record.get("status") == "done" and where != "report" and "finished_at" not in record:
+            raise ValueError(f"{where} is done but has no finished_at")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "true/false", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def save_manifest(paths: RunPaths, manifest: dict) -> None:
