@@ -163,9 +163,67 @@ def fetch(cfg: Settings, out_dir: Path) -> Decontaminator:
                 raise err from None
             why = f"{type(e).__name__}: {e}"
             raise ConfigError(f"BENCHMARK_TASKS: {where} could not be read as task {task} ({why})") from None
+        check_questions(task, t, docs, source, f"BENCHMARK_DATA file {source}" if source else f"{task}'s Hub dataset")
         write_jsonl(out_dir / f"{task}.jsonl", docs)
         log.info("benchmark %s: %d questions from %s", task, len(docs), source or "the Hub")
     return Decontaminator(texts, tasks)
+
+
+# Tasks whose lm-eval target is a function, not a field name: the field it reads.
+ANSWER_FIELDS = {"medqa_4options": "label"}
+
+
+def check_questions(task: str, t: Any, docs: list[dict], source: Path | None, where: str) -> None:
+    """ConfigError naming the first question of `docs` (lm-eval task `t`) whose answer is not one of its choices,
+    by file line (`source`, a JSONL file) or row, and the field. lm-eval reads an answer as an index into the
+    choices: -1 would be graded against the last choice, null fails with a traceback when scoring, after
+    training. A question whose prompt cannot be built fails the same way."""
+    lines = _content_lines(source) if source is not None else None
+    # Whether the task's answers are words of the choices (pubmedqa: yes, no, maybe) or their numbers (the rest).
+    words = any(isinstance(d.get(t.config.doc_to_target), str) for d in docs if isinstance(t.config.doc_to_target, str))
+    bad: list[str] = []
+    for i, doc in enumerate(docs):
+        problem = _question_problem(task, t, doc, words)
+        if problem:
+            at = f"line {lines[i]}" if lines is not None and i < len(lines) else f"row {i + 1}"
+            bad.append(f"{at}: {problem}")
+    if bad:
+        more = f" ({len(bad) - 1} more question(s) like it)" if len(bad) > 1 else ""
+        fix = (
+            "Fix or delete that line"
+            if source is not None
+            else "That dataset is not what lm-eval's task expects; use BENCHMARK_DATA with a corrected copy"
+        )
+        raise ConfigError(f"BENCHMARK_TASKS: {where}, task {task}, {bad[0]}{more}. {fix}, then run again.")
+
+
+def _question_problem(task: str, t: Any, doc: dict, words: bool) -> str | None:
+    try:
+        choices = list(t.doc_to_choice(doc))
+        target = t.doc_to_target(doc)
+        text = t.doc_to_text(doc)
+    except Exception as e:  # lm-eval's prompt code on a row missing a field or of the wrong type
+        return f"lm-eval cannot build its prompt ({type(e).__name__}: {e})"
+    if not isinstance(text, str) or not text.strip():
+        return "the question is empty"
+    if isinstance(target, str) and target in choices:
+        return None
+    # A whole number; a column that holds one fraction reaches us as floats throughout (pyarrow's JSON reader).
+    number = isinstance(target, (int, float)) and not isinstance(target, bool) and float(target).is_integer()
+    if number and 0 <= target < len(choices):
+        return None
+    spec = t.config.doc_to_target
+    field = spec if isinstance(spec, str) and spec in doc else ANSWER_FIELDS.get(task, "the answer")
+    shown = "null" if target is None else json.dumps(target)
+    if words:
+        return f"field {field!r} is {shown}; it must be one of {', '.join(map(str, choices))}"
+    return f"field {field!r} is {shown}; it must be the number of the right choice, 0 to {len(choices) - 1}"
+
+
+def _content_lines(path: Path) -> list[int]:
+    """The line numbers of a JSONL file's non-blank lines: one question each, in the order lm-eval reads them."""
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
 # --- statistics --------------------------------------------------------------------------------------------------
@@ -275,6 +333,11 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
             f"BENCHMARK_TASKS={cfg.BENCHMARK_TASKS!r}: the questions of {', '.join(missing)} are not in "
             f"{paths.benchmark_data} (the sample stage fetches them). Rerun with REDO=true and STAGES=all."
         )
+    for task in tasks:  # a hand-edited question file fails here, before the model loads, not in lm-eval's scoring
+        data_file = paths.benchmark_data / f"{task}.jsonl"
+        t = _load_task(task, data_file)
+        where = f"{data_file} (fetched by the sample stage; delete it and rerun with REDO=true to fetch it again)"
+        check_questions(task, t, [dict(d) for d in t.eval_docs], data_file, where)
     # A task's results are reused only for the same adapter, BENCHMARK_LIMIT and questions: a rerun after a kill
     # skips finished tasks, and nothing stale survives a retrained adapter or refetched questions.
     key = {"limit": cfg.BENCHMARK_LIMIT, "adapter_sha256": _digest(sorted(paths.adapter.glob("adapter_*")))}

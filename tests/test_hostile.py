@@ -105,3 +105,66 @@ def test_benchmark_limit_above_64_bits_is_refused_up_front(demo_env, run_job, tm
     assert f"BENCHMARK_LIMIT={2**63 + 1}: must be between 1 and" in result.message
     assert "questions per task" in result.message and "Traceback" not in result.output
     assert not (tmp_path / "outputs").exists()  # nothing ran
+
+
+# --- benchmark questions whose answer is not one of the choices ------------------------------------------------
+BENCH_FIXTURE = Path(__file__).resolve().parents[1] / "job" / "fixtures" / "benchmark"
+
+
+def _questions(folder: Path, task: str, edit: dict, at: int = 1, blank_first: bool = False) -> Path:
+    """A copy of the bundled questions of `task` in `folder`, with question `at` (0-based) changed by `edit`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (BENCH_FIXTURE / f"{task}.jsonl").read_text().splitlines() if line.strip()]
+    rows[at].update(edit)
+    text = ("\n" if blank_first else "") + "".join(json.dumps(r) + "\n" for r in rows)
+    (folder / f"{task}.jsonl").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "task, edit, expect",
+    [
+        ("mmlu_anatomy", {"answer": -1}, "line 3: field 'answer' is -1; it must be the number of the right choice"),
+        ("mmlu_anatomy", {"answer": None}, "line 3: field 'answer' is null"),
+        ("mmlu_anatomy", {"answer": 4}, "field 'answer' is 4"),
+        ("mmlu_anatomy", {"answer": 1.5}, "field 'answer' is 1.5"),
+        ("medmcqa", {"cop": None}, "line 3: field 'cop' is null"),
+        ("medqa_4options", {"label": -2}, "line 3: field 'label' is -2"),
+        ("pubmedqa", {"final_decision": "perhaps"}, "field 'final_decision' is \"perhaps\"; it must be one of yes, no"),
+        ("pubmedqa", {"final_decision": None}, "field 'final_decision' is null; it must be one of yes, no, maybe"),
+    ],
+    ids=["minus-one", "null", "past-the-end", "float", "medmcqa-null", "medqa-negative", "word", "word-null"],
+)
+def test_fetch_refuses_an_answer_that_is_not_a_choice(task, edit, expect, tmp_path):
+    from job import benchmark
+    from job.config import Settings, with_overrides
+    from job.errors import ConfigError
+
+    folder = _questions(tmp_path / "bench", task, edit, blank_first=True)  # line numbers count the blank line
+    cfg = with_overrides(Settings(), BENCHMARK_DATA=str(folder), BENCHMARK_TASKS=task)
+    with pytest.raises(ConfigError) as caught:
+        benchmark.fetch(cfg, tmp_path / "out")
+    message = str(caught.value)
+    assert f"BENCHMARK_DATA file {folder / f'{task}.jsonl'}" in message and expect in message, message
+    assert "Fix or delete that line" in message
+    assert not (tmp_path / "out").exists()  # nothing half-fetched
+
+
+def test_a_bad_answer_stops_the_job_before_training_with_exit_2(demo_env, run_job, tmp_path):
+    folder = _questions(tmp_path / "bench", "mmlu_anatomy", {"answer": None})
+    env = demo_env(tmp_path / "outputs", BENCHMARK_DATA=str(folder), BENCHMARK_TASKS="mmlu_anatomy", HUB_REPO_ID="")
+    result = run_job(env, "run")
+    assert result.exit_code == 2, result.output[-3000:]
+    assert "mmlu_anatomy.jsonl, task mmlu_anatomy, line 2: field 'answer' is null" in result.message
+    assert "Traceback" not in result.output and "stage train" not in result.output
+
+
+def test_a_question_file_edited_after_fetching_is_refused_before_the_model_loads(demo_run_copy, run_job):
+    paths = demo_run_copy.paths
+    paths.benchmark.unlink()  # the benchmark stage runs again
+    _questions(paths.benchmark_data, "mmlu_anatomy", {"answer": -1})
+    result = run_job(demo_run_copy.env, "run")
+    assert result.exit_code == 2, result.output[-3000:]
+    assert f"{paths.benchmark_data / 'mmlu_anatomy.jsonl'}" in result.message
+    assert "line 2: field 'answer' is -1" in result.message and "REDO=true" in result.message
+    assert "Traceback" not in result.output
