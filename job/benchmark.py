@@ -342,7 +342,10 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     # skips finished tasks, and nothing stale survives a retrained adapter or refetched questions.
     key = {"limit": cfg.BENCHMARK_LIMIT, "adapter_sha256": _digest(sorted(paths.adapter.glob("adapter_*")))}
     questions = {t: _digest([paths.benchmark_data / f"{t}.jsonl"]) for t in tasks}
-    previous = read_json(paths.benchmark) if paths.benchmark.is_file() else {}
+    previous, damage = read_results(paths.benchmark)
+    if damage:
+        log.warning("%s is damaged (%s): scoring every task again", paths.benchmark, damage)
+    previous = previous or {}
     done: dict[str, dict] = previous.get("raw", {}) if previous.get("key") == key else {}
     done = {t: r for t, r in done.items() if t in tasks and r.get("questions_sha256") == questions[t]}
 
@@ -407,17 +410,73 @@ def _write(paths: RunPaths, cfg: Settings, key: dict, done: dict[str, dict]) -> 
     atomic_write_text(paths.benchmark, text)
 
 
+# --- reading the results back ------------------------------------------------------------------------------------
+def read_results(path: Path) -> tuple[dict | None, str | None]:
+    """(eval/benchmark.json's contents, None); (None, None) without the file; (None, what is wrong) when it does
+    not parse or lacks the shape `_write` gives it (a disk fault, a hand edit)."""
+    if not path.is_file():
+        return None, None
+    try:
+        body = read_json(path)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"{type(e).__name__}: {e}"
+    problem = _results_problem(body)
+    return (None, problem) if problem else (body, None)
+
+
+def _results_problem(body: Any) -> str | None:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(body, dict) or not isinstance(body.get("tasks"), dict) or not isinstance(body.get("raw"), dict):
+        return "not an object with 'tasks' and 'raw'"
+    if not isinstance(body.get("key"), dict):
+        return "'key' is not an object"
+    for task, r in body["tasks"].items():
+        fields = ("n", "base", "tuned", "difference")
+        if not isinstance(r, dict) or not all(number(r.get(f)) for f in fields):
+            return f"tasks.{task} lacks one of {', '.join(fields)}"
+        ci = r.get("ci95")
+        if not (isinstance(ci, list) and len(ci) == 2 and all(map(number, ci))):
+            return f"tasks.{task}.ci95 is not two numbers"
+    for task, r in body["raw"].items():
+        if not isinstance(r, dict):
+            return f"raw.{task} is not an object"
+        base, tuned, ids = r.get("base_correct"), r.get("tuned_correct"), r.get("doc_ids")
+        lists = [x for x in (base, tuned, ids) if isinstance(x, list)]
+        if len(lists) < 3 or not base or not len(base) == len(tuned) == len(ids):
+            return f"raw.{task}: base_correct, tuned_correct and doc_ids are not lists of one length"
+        if not all(v in (0, 1) and not isinstance(v, float) for v in base + tuned) or not number(r.get("seconds")):
+            return f"raw.{task}: answers are not 0 or 1, or seconds is not a number"
+    return None
+
+
+def results(paths: RunPaths) -> dict | None:
+    """The per-task summary that the push gate and the model card read (None without a file). A damaged file is
+    moved aside, so the same command scores the benchmark again (the pipeline reruns a stage whose file is gone)."""
+    body, damage = read_results(paths.benchmark)
+    if damage:
+        aside = paths.benchmark.with_name(paths.benchmark.name + ".damaged")
+        paths.benchmark.replace(aside)
+        raise ConfigError(
+            f"{paths.benchmark} is damaged ({damage}); it was moved to {aside.name}. Run the same command again: the "
+            "benchmark stage scores the tasks again and the push follows."
+        )
+    return body["tasks"] if body else None
+
+
 # --- the gate ----------------------------------------------------------------------------------------------------
 def check_gate(cfg: Settings, paths: RunPaths) -> None:
     """Stop the push (exit 5) if the tuned model's mean accuracy fell by more than MAX_BENCHMARK_DROP points."""
-    path = paths.benchmark
-    if not cfg.benchmark_tasks or not path.is_file():
+    if not cfg.benchmark_tasks:
         return
-    results = read_json(path)["tasks"]
-    overall = results.get("overall")
+    tasks = results(paths)
+    if tasks is None:
+        return
+    overall = tasks.get("overall")
     if overall is None or -100 * overall["difference"] <= cfg.MAX_BENCHMARK_DROP:
         return
-    fell = [(t, r) for t, r in results.items() if t != "overall" and r["difference"] < 0]
+    fell = [(t, r) for t, r in tasks.items() if t != "overall" and r["difference"] < 0]
     detail = "; ".join(
         f"{t} {100 * r['base']:.1f}% -> {100 * r['tuned']:.1f}% ({100 * r['difference']:+.1f} points)" for t, r in fell
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from job import benchmark
 from job.config import DEPENDS, Settings
 from job.files import atomic_write_text, read_json, read_jsonl
 from job.paths import RunPaths
@@ -106,7 +107,7 @@ def model_card(cfg: Settings, paths: RunPaths) -> str:
             ),
         ],
         safety_rows=_safety_rows(metrics),
-        benchmark=read_json(paths.benchmark)["tasks"] if paths.benchmark.is_file() else None,  # stage off: None
+        benchmark=benchmark.results(paths),  # stage off: None
         judge=metrics.get("judge"),  # None when no JUDGE_MODEL was set
         samples=[{k: _quote(v) for k, v in s.items()} for s in read_jsonl(paths.samples)[:N_SAMPLES_SHOWN]],
         # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.

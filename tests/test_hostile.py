@@ -168,3 +168,36 @@ def test_a_question_file_edited_after_fetching_is_refused_before_the_model_loads
     assert f"{paths.benchmark_data / 'mmlu_anatomy.jsonl'}" in result.message
     assert "line 2: field 'answer' is -1" in result.message and "REDO=true" in result.message
     assert "Traceback" not in result.output
+
+
+# --- a damaged eval/benchmark.json -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "damage",
+    ['{"tasks": {"overall": {"base": 0.5', '{"tasks": [], "raw": {}, "key": {}}', "[]"],
+    ids=["truncated", "tasks-a-list", "a-list"],
+)
+def test_a_damaged_benchmark_file_is_scored_again_on_rerun(damage, demo_run_copy, run_job):
+    paths = demo_run_copy.paths
+    paths.benchmark.write_text(damage)
+    result = run_job({**demo_run_copy.env, "REDO": "true", "BENCHMARK_LIMIT": "2"}, "run")  # benchmark reruns
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "benchmark.json is damaged" in result.output and "scoring every task again" in result.output
+    assert json.loads(paths.benchmark.read_text())["tasks"]["overall"]["n"] > 0
+
+
+def test_a_damaged_benchmark_file_read_by_the_push_is_one_message_then_a_rerun_heals(demo_run_copy, run_job):
+    import shutil
+
+    paths = demo_run_copy.paths
+    paths.benchmark.write_text('{"tasks": {"overall": "fine"}, "raw": {}, "key": {}}')
+    shutil.rmtree(paths.push)  # the push stage runs again and reads the benchmark's results for its gate
+    first = run_job(demo_run_copy.env, "run")
+    assert first.exit_code == 2, first.output[-3000:]
+    assert "benchmark.json is damaged (tasks.overall lacks one of" in first.message
+    assert "moved to benchmark.json.damaged" in first.message and "Run the same command again" in first.message
+    assert "Traceback" not in first.output
+
+    again = run_job(demo_run_copy.env, "run")
+    assert again.exit_code == 0, again.output[-3000:]
+    assert "stage benchmark starting" in again.output
+    assert json.loads(paths.benchmark.read_text())["tasks"]["overall"]["n"] > 0
