@@ -19,7 +19,7 @@ import logging
 import platform
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# How long a collective may wait. The other ranks wait in a barrier while rank 0 alone samples, evaluates (with
+# a judge), benchmarks and pushes: hours with a large dataset, BENCHMARK_LIMIT or EVAL_PROMPTS, a slow judge
+# endpoint or a merged upload. NCCL's default of 10 minutes would abort them mid-run. A rank that dies is caught
+# by torchrun, which stops the others; this timeout only bounds a hang with every process alive.
+COLLECTIVE_TIMEOUT = timedelta(hours=24)
+
+
 def _init_distributed() -> None:
     """Under torchrun, join the process group early so non-training stages can wait on rank 0."""
     if world_size() <= 1:
@@ -285,7 +292,8 @@ def _init_distributed() -> None:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
 
 
 def _release_gpu_memory() -> None:

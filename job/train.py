@@ -114,7 +114,7 @@ def _completeness_callback(keep: int):
 
         def on_step_end(self, args, state, control, **kwargs):
             maybe_die("train.step", state.global_step)
-            if stop.requested():  # SIGTERM (job/stop.py): save this step's checkpoint, then stop
+            if stop_agreed():  # SIGTERM (job/stop.py) on any rank: every rank saves this step, then stops
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -139,6 +139,34 @@ def _completeness_callback(keep: int):
             return control
 
     return CheckpointMarker()
+
+
+_control_group: Any = None  # torch.distributed's gloo group for the stop flag (stop_agreed), made once
+
+
+def stop_agreed() -> bool:
+    """Whether any rank has been asked to stop (SIGTERM, job/stop.py), agreed by every rank at the same optimizer
+    step: a SIGTERM can reach one rank only (one node's notice, a kill of one process), and a rank that saved and
+    stopped alone would leave the others waiting in the next step's gradient all-reduce.
+
+    One all-reduce of a flag per optimizer step, on a gloo (CPU) group of its own: on the NCCL group the flag
+    would be a GPU tensor whose read waits for the step's kernels, idling the GPU while the host queues the next
+    step. A rank that learns of another's SIGTERM notes it as its own (stop.request), so it exits STOPPED too."""
+    global _control_group
+    import torch
+    import torch.distributed as dist
+
+    mine = stop.requested()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return mine
+    if _control_group is None:  # every rank reaches its first step end: new_group is collective
+        _control_group = dist.new_group(backend="gloo")
+    flag = torch.tensor([int(mine)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control_group)
+    if flag.item() and not mine:
+        log.warning("another rank received SIGTERM: saving this step's checkpoint with it, then stopping")
+        stop.request()
+    return bool(flag.item())
 
 
 def pin_cpu_threads(resume: Path | None) -> None:
