@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from job import stop
+from job import errors, stop
 from job.errors import BUG, EXIT_CODES, INTERRUPTED, JobError, OutOfMemory, classify
 from job.faults import maybe_die
 
@@ -92,6 +92,9 @@ def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = 
     from job.paths import RunPaths
 
     cfg = load_settings(environ, env_file=env_file)
+    from huggingface_hub import constants
+
+    errors.folders_written[:] = [str(cfg.run_dir), constants.HF_HOME]  # named when a write error names no file
     log.info("settings: %s", json.dumps(cfg.masked()))
     log.info("hardware: %s; torch %s", _hardware(), torch.__version__)
     log.info("run directory: %s; stages: %s", cfg.run_dir, ",".join(cfg.stages))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from job import benchmark, evaluate, formatting, push, report, sample, stop, train
+from job import benchmark, errors, evaluate, formatting, push, report, sample, stop, train
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError
 from job.faults import maybe_die
@@ -168,9 +169,16 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
         paths.root.mkdir(parents=True, exist_ok=True)
         if is_main_process():  # one writer: the other ranks never write into the run directory
             probe = paths.root / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            try:
+                with probe.open("w") as f:
+                    f.write("ok")
+                    f.flush()
+                    os.fsync(f.fileno())  # a full disk may take the write into memory and refuse it only here
+            finally:
+                probe.unlink(missing_ok=True)
     except OSError as e:
+        if e.errno in errors.DISK_ERRNOS:  # the disk or the folder's permissions: exit 6, not a bad setting
+            raise errors.disk_error(e, f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}", str(paths.root)) from None
         problems.append(
             f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}: cannot write {paths.root} ({e.strerror}); choose a writable folder"
         )

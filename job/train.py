@@ -10,6 +10,7 @@ the same path (so it is marked), and the stage raises Stopped: a preemption noti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from job import attention, graphs, stop
+from job import attention, errors, graphs, stop
 from job.config import Settings, with_overrides
 from job.errors import JobError, OutOfMemory, Stopped
 from job.faults import maybe_die
@@ -569,6 +570,34 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     return info
 
 
+@contextlib.contextmanager
+def _disk_checked(folder: Path, trainer: Any):
+    """Within: an error that is not ours, not GPU memory and not classified by type (torch.save's RuntimeError,
+    safetensors' SafetensorError: neither carries an errno) is a LocalFailure (exit 6) when `folder`'s disk
+    cannot take a checkpoint now (errors.disk_failure); otherwise it stays what it was."""
+    import torch
+
+    try:
+        yield
+    except (JobError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:
+        if errors.classify(e, "train") is not None:
+            raise  # typed (an OSError's errno, the Hub's errors): __main__ classifies it
+        err = errors.disk_failure(folder, _checkpoint_bytes(trainer), f"train: writing {folder}", e)
+        if err is None:
+            raise
+        raise err from e
+
+
+def _checkpoint_bytes(trainer: Any) -> int:
+    """About what one checkpoint takes on disk, rounded up: the trainable weights and Adam's two moments, 4 bytes
+    each, plus 64 MiB for the tokenizer the Trainer saves beside them (Llama 3's tokenizer.json alone is 9 MB)
+    and its small files (state, scheduler, RNG)."""
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return 3 * 4 * trainable + 64 * 2**20
+
+
 def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     import torch
 
@@ -582,7 +611,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     if resume:
         log.info("resuming from %s", resume.name)
     try:
-        with stop.during_training(), model_code_restored(trainer.model):
+        with stop.during_training(), model_code_restored(trainer.model), _disk_checked(paths.checkpoints, trainer):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(
@@ -599,8 +628,9 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     if trainer.is_world_process_zero():
         tmp = paths.adapter.with_name(paths.adapter.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp)
-        trainer.processing_class.save_pretrained(tmp)
+        with _disk_checked(tmp, trainer):
+            trainer.model.save_pretrained(tmp)
+            trainer.processing_class.save_pretrained(tmp)
         maybe_die("train.adapter")
         shutil.rmtree(paths.adapter, ignore_errors=True)
         os.replace(tmp, paths.adapter)

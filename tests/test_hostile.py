@@ -225,3 +225,136 @@ def test_a_second_sigterm_while_shutting_down_keeps_exit_7(demo_env, tmp_path):
     assert proc.returncode == 7, (proc.returncode, proc.stderr[-3000:])
     assert "stopped by SIGTERM; finished stages are kept" in proc.stderr and "Traceback" not in proc.stderr
     assert not RunPaths(out / env["RUN_NAME"]).lock.exists()  # the shutdown finished: the lock was released
+
+
+# --- full and read-only disks ----------------------------------------------------------------------------------
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+TRAIN_ONLY = {"STAGES": "sample,format,train", "HUB_REPO_ID": "", "SAVE_STEPS": "2", "NUM_SAMPLES": "16"}
+
+
+@needs_dev_full
+@pytest.mark.parametrize("how", ["free-space", "probe-write"])
+def test_a_full_disk_during_a_checkpoint_save_is_exit_6(how, demo_env, run_job, tmp_path, monkeypatch):
+    """torch.save reports the kernel's ENOSPC as RuntimeError("... file write failed"), with no errno: the disk
+    itself is checked. `free-space`: statvfs says the disk is full; `probe-write`: it claims room, but a write
+    there fails with ENOSPC."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    env = demo_env(tmp_path / "outputs", **TRAIN_ONLY)
+    paths = RunPaths(tmp_path / "outputs" / env["RUN_NAME"])
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def save(obj, f, *args, **kwargs):  # the checkpoint's files go to a disk that takes nothing: /dev/full
+        full = isinstance(f, (str, os.PathLike)) and str(paths.checkpoints) in str(f)
+        return real_save(obj, "/dev/full" if full else f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    if how == "free-space":
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(
+            shutil, "disk_usage", lambda p: usage(2**40, 2**40, 0) if str(paths.root) in str(p) else real_usage(p)
+        )
+    else:
+        paths.checkpoints.mkdir(parents=True)
+        (paths.checkpoints / f".disk-probe-{os.getpid()}").symlink_to("/dev/full")
+
+    result = run_job(env, "run")
+
+    assert result.exit_code == 6, result.output[-3000:]
+    message = result.message
+    assert f"train: writing {paths.checkpoints}" in message and "RuntimeError" in message, message
+    assert "GiB free on the disk of" in message and "run the same command again" in message
+    if how == "probe-write":
+        assert f"disk full writing {paths.checkpoints} ({os.strerror(errno.ENOSPC)}" in message
+    assert "Traceback" not in result.output
+    assert not list(paths.checkpoints.glob(".disk-probe-*"))  # the probe leaves nothing behind
+
+
+def test_an_error_in_training_on_a_disk_with_room_stays_a_bug(demo_env, run_job, tmp_path, monkeypatch):
+    """The check is of the disk, not of the error: a RuntimeError on a disk that takes the probe is exit 1."""
+    import torch
+
+    def broken(*a, **k):
+        raise RuntimeError("a defect in saving")
+
+    monkeypatch.setattr(torch, "save", broken)
+    result = run_job(demo_env(tmp_path / "outputs", **TRAIN_ONLY), "run")
+    assert result.exit_code == 1, result.output[-3000:]
+    assert "a defect in saving" in result.output
+
+
+@needs_dev_full
+def test_a_full_disk_at_start_is_exit_6_naming_the_folder_and_its_free_space(demo_env, run_job, tmp_path):
+    env = demo_env(tmp_path / "outputs", HUB_REPO_ID="")
+    paths = RunPaths(tmp_path / "outputs" / env["RUN_NAME"])
+    paths.root.mkdir(parents=True)
+    (paths.root / ".write-test").symlink_to("/dev/full")  # the start's test write lands on a disk that is full
+
+    result = run_job(env, "run")
+
+    assert result.exit_code == 6, result.output[-3000:]
+    message = result.message
+    assert f"OUTPUT_DIR={env['OUTPUT_DIR']!r}: disk full writing {paths.root}" in message, message
+    assert f"GiB free on the disk of {paths.root}" in message and "Free space on that disk" in message
+    assert "Traceback" not in result.output
+
+
+def test_a_read_only_disk_at_start_is_exit_6(demo_env, run_job, tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    env = demo_env(tmp_path / "outputs", HUB_REPO_ID="")
+    root = tmp_path / "outputs" / env["RUN_NAME"]
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # what a read-only mount answers
+        if self == root:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    result = run_job(env, "run")
+    assert result.exit_code == 6, result.output[-3000:]
+    message = result.message
+    assert f"cannot write {root} (Read-only file system; " in message and "GiB free on the disk of" in message
+    assert "remount it writable or choose a folder on another disk" in message
+
+
+@needs_dev_full
+def test_a_write_error_names_the_file_and_its_own_disk(tmp_path, monkeypatch):
+    """write() and flush() errors carry no file name: the file is found in the traceback, and the free space is
+    of its disk, not of the current folder's."""
+    from job.errors import LocalFailure, classify
+
+    target = tmp_path / "eval" / "metrics.json"
+    target.parent.mkdir()
+    target.symlink_to("/dev/full")
+    monkeypatch.chdir("/")
+
+    def stage_writes():
+        with open(target, "w") as f:
+            f.write("{}")
+            f.flush()
+
+    with pytest.raises(OSError) as caught:
+        stage_writes()
+    assert caught.value.filename is None  # what the kernel's error gives
+    err = classify(caught.value, "evaluate")
+    assert isinstance(err, LocalFailure)
+    assert f"disk full writing {target}" in str(err) and f"free on the disk of {target}" in str(err), str(err)
+    assert "a file" not in str(err) and "disk of /)" not in str(err)
+
+
+def test_a_write_error_with_no_file_anywhere_names_the_folders_written(tmp_path, monkeypatch):
+    import errno
+
+    from job import errors
+
+    monkeypatch.setattr(errors, "folders_written", [str(tmp_path / "run"), str(tmp_path / "hf")])
+    err = errors.classify(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "push")
+    assert "a file it did not name" in str(err)
+    assert f"free on the disk of {tmp_path}" in str(err) and str(err).count("GiB free") == 2
