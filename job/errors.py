@@ -20,7 +20,7 @@ BAD_CONFIG = 2  # bad setting or input data: fix it, a retry fails the same way
 OUT_OF_MEMORY = 3  # GPU memory ran out: lower BATCH_SIZE or MAX_SEQ_LENGTH
 TRANSIENT = 4  # the Hub, the network or the judge endpoint failed, or another run holds the run directory
 QUALITY_GATE = 5  # the safety screen or the medical benchmark stopped the push: nothing was pushed
-LOCAL_FAILURE = 6  # this machine's disk is full or a folder is not writable
+LOCAL_FAILURE = 6  # this machine's disk is full or read-only, or a folder is not writable
 STOPPED = 7  # SIGTERM (spot preemption, docker stop): finished work and a checkpoint were saved
 INTERRUPTED = 130  # Ctrl-C (SIGINT), the shell's convention: finished stages and checkpoints are kept
 
@@ -32,7 +32,8 @@ EXIT_CODES = {
     TRANSIENT: "outside failure (Hub, network, judge endpoint, run directory busy): retry later; managed cloud "
     "jobs retry this automatically",
     QUALITY_GATE: "a quality gate (safety screen or medical benchmark) stopped the push: nothing was pushed",
-    LOCAL_FAILURE: "local failure (disk full, folder not writable): fix the machine, then run the same command again",
+    LOCAL_FAILURE: "local failure (disk full or read-only, folder not writable): fix the machine, then run the same "
+    "command again",
     STOPPED: "stopped by a signal after saving: run the same command again to resume",
     INTERRUPTED: "interrupted (Ctrl-C): run the same command again to resume",
 }
