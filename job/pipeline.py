@@ -237,12 +237,13 @@ def _check_manifest_shape(manifest: Any) -> None:
 
     def check(record: Any, shape: dict[str, type], where: str) -> None:
         if not isinstance(record, dict):
-            raise ValueError(f"{where} is a JSON {_json_type(record)}, not an object")
+            raise ValueError(f"{where or 'the file'} is a JSON {_json_type(record)}, not an object")
         for key, typ in shape.items():
             if key in record and not isinstance(record[key], typ):
-                raise ValueError(f"{where}.{key} is a JSON {_json_type(record[key])}, not {_json_type(typ())}")
+                name = f"{where}.{key}" if where else key
+                raise ValueError(f"{name} is a JSON {_json_type(record[key])}, not {_json_type(typ(), article=True)}")
 
-    check(manifest, _MANIFEST_SHAPE, "the file")
+    check(manifest, _MANIFEST_SHAPE, "")
     if "stages" not in manifest:
         raise ValueError("no 'stages' object")
     records = [(f"stages.{name}", r) for name, r in manifest["stages"].items()]
@@ -254,9 +255,10 @@ def _check_manifest_shape(manifest: Any) -> None:
             raise ValueError(f"{where} is done but has no finished_at")
 
 
-def _json_type(value: Any) -> str:
+def _json_type(value: Any, article: bool = False) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "true/false", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+    name = "null" if value is None else names.get(type(value), type(value).__name__)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}" if article else name
 
 
 def save_manifest(paths: RunPaths, manifest: dict) -> None:

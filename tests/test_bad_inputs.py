@@ -214,7 +214,7 @@ CASES = [
         for what, text, field in [
             ("a stage that is a string", '{"stages": {"train": "done"}}', "stages.train is a JSON string"),
             ("a stage that is a list", '{"stages": {"sample": ["done"]}}', "stages.sample is a JSON array"),
-            ("stages that are a list", '{"stages": ["sample"]}', "the file.stages is a JSON array"),
+            ("stages that are a list", '{"stages": ["sample"]}', "stages is a JSON array, not an object"),
             ("a manifest that is a list", '[{"stages": {}}]', "the file is a JSON array"),
             (
                 "a fingerprint that is not an object",
