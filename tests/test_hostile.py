@@ -215,6 +215,7 @@ def test_sigterm_while_python_imports_the_job_is_exit_7_with_a_message(demo_env,
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_while_shutting_down_keeps_exit_7(demo_env, tmp_path):
     from conftest import job_process
 
