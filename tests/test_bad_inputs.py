@@ -184,7 +184,7 @@ CASES = [
     Case("empty text setting", {"BASE_MODEL": " "}, ("BASE_MODEL", "must not be empty")),
     Case("value not among the choices", {"QUANTIZATION": "int8"}, ("QUANTIZATION='int8'", "nf4, none")),
     Case("out of range", {"LORA_DROPOUT": "1.5"}, ("LORA_DROPOUT=1.5", "between 0 and 1")),
-    Case("zero batch", {"BATCH_SIZE": "0"}, ("BATCH_SIZE=0", "at least 1")),
+    Case("zero batch", {"BATCH_SIZE": "0"}, ("BATCH_SIZE=0", "between 1 and")),
     Case("MAX_SEQ_LENGTH too short", {"MAX_SEQ_LENGTH": "32"}, ("MAX_SEQ_LENGTH=32", "256 or more")),
     Case(
         "more generations than eval rows",
@@ -232,7 +232,6 @@ CASES = [
                 "stages.sample.artifacts holds something other than file names",
             ),
             ("a status that is not text", '{"stages": {"sample": {"status": true}}}', "stages.sample.status is a JSON"),
-            ("a done stage without its time", '{"stages": {"sample": {"status": "done"}}}', "has no finished_at"),
             ("a report that is a list", '{"stages": {}, "report": []}', "report is a JSON array"),
         ]
     ),

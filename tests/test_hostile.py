@@ -359,3 +359,12 @@ def test_a_write_error_with_no_file_anywhere_names_the_folders_written(tmp_path,
     err = errors.classify(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "push")
     assert "a file it did not name" in str(err)
     assert f"free on the disk of {tmp_path}" in str(err) and str(err).count("GiB free") == 2
+
+
+def test_a_done_stage_without_its_time_loads(tmp_path):
+    """Only the skip's log line reads finished_at; a hand-edited record without it was a KeyError there."""
+    from job.pipeline import load_manifest
+
+    paths = RunPaths(tmp_path)
+    paths.manifest.write_text('{"stages": {"sample": {"status": "done", "fingerprint": {}, "artifacts": []}}}')
+    assert load_manifest(paths)["stages"]["sample"]["finished_at"] == "time not recorded"
