@@ -5,6 +5,12 @@ Every setting comes from the environment (or .env); see `python -m job config` a
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m job`: SIGTERM is handled from here on, before the slow imports (job/stop.py)
+    from job import faults, stop
+
+    stop.install()
+    faults.maybe_die("job.imports")
+
 import argparse
 import json
 import logging
@@ -12,8 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-from job import redact
+from job import errors, redact, stop
 from job.errors import BUG, EXIT_CODES, INTERRUPTED, JobError, OutOfMemory, classify
+from job.faults import maybe_die
 
 log = logging.getLogger("job")
 
@@ -91,6 +98,9 @@ def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = 
     cfg = load_settings(environ, env_file=env_file)
     redact.register(cfg.HF_TOKEN, cfg.WANDB_API_KEY, cfg.JUDGE_API_KEY)
     redact.register_url(cfg.JUDGE_BASE_URL)
+    from huggingface_hub import constants
+
+    errors.folders_written[:] = [str(cfg.run_dir), constants.HF_HOME]  # named when a write error names no file
     log.info("settings: %s", json.dumps(cfg.masked()))
     log.info("hardware: %s; torch %s", _hardware(), torch.__version__)
     log.info("run directory: %s; stages: %s", cfg.run_dir, ",".join(cfg.stages))
@@ -161,19 +171,30 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     commands = {"config": cmd_config, "demo": cmd_demo, "chat": cmd_chat, "provenance": cmd_provenance}
     try:
-        return commands.get(args.command, cmd_run)(args)
+        with stop.handling_sigterm():
+            code = commands.get(args.command, cmd_run)(args)
     except KeyboardInterrupt:
         print(f"\ninterrupted (exit {INTERRUPTED}): run the same command again to resume", file=sys.stderr)
-        return INTERRUPTED
+        code = INTERRUPTED
     except Exception as e:
         err = _as_job_error(e)
         if err is None:
             log.exception("unexpected error")
-            return BUG
-        print(
-            f"\nerror: {redact.scrub(str(err))}\n(exit {err.exit_code}: {EXIT_CODES[err.exit_code]})", file=sys.stderr
-        )
-        return err.exit_code
+            code = BUG
+        else:
+            print(
+                f"\nerror: {redact.scrub(str(err))}\n(exit {err.exit_code}: {EXIT_CODES[err.exit_code]})",
+                file=sys.stderr,
+            )
+            code = err.exit_code
+    maybe_die("job.exit")  # a test hook: a signal while the process shuts down
+    return code
+
+
+def cli() -> None:
+    """The `hippocratically` console script: `python -m job` with SIGTERM handled for the whole process."""
+    stop.install()
+    sys.exit(main())
 
 
 def _as_job_error(e: Exception) -> JobError | None:

@@ -167,9 +167,67 @@ def fetch(cfg: Settings, out_dir: Path) -> Decontaminator:
                 raise err from None
             why = f"{type(e).__name__}: {e}"
             raise ConfigError(f"BENCHMARK_TASKS: {where} could not be read as task {task} ({why})") from None
+        check_questions(task, t, docs, source, f"BENCHMARK_DATA file {source}" if source else f"{task}'s Hub dataset")
         write_jsonl(out_dir / f"{task}.jsonl", docs)
         log.info("benchmark %s: %d questions from %s", task, len(docs), source or "the Hub")
     return Decontaminator(texts, tasks)
+
+
+# Tasks whose lm-eval target is a function, not a field name: the field it reads.
+ANSWER_FIELDS = {"medqa_4options": "label"}
+
+
+def check_questions(task: str, t: Any, docs: list[dict], source: Path | None, where: str) -> None:
+    """ConfigError naming the first question of `docs` (lm-eval task `t`) whose answer is not one of its choices,
+    by file line (`source`, a JSONL file) or row, and the field. lm-eval reads an answer as an index into the
+    choices: -1 would be graded against the last choice, null fails with a traceback when scoring, after
+    training. A question whose prompt cannot be built fails the same way."""
+    lines = _content_lines(source) if source is not None else None
+    # Whether the task's answers are words of the choices (pubmedqa: yes, no, maybe) or their numbers (the rest).
+    words = any(isinstance(d.get(t.config.doc_to_target), str) for d in docs if isinstance(t.config.doc_to_target, str))
+    bad: list[str] = []
+    for i, doc in enumerate(docs):
+        problem = _question_problem(task, t, doc, words)
+        if problem:
+            at = f"line {lines[i]}" if lines is not None and i < len(lines) else f"row {i + 1}"
+            bad.append(f"{at}: {problem}")
+    if bad:
+        more = f" ({len(bad) - 1} more question(s) like it)" if len(bad) > 1 else ""
+        fix = (
+            "Fix or delete that line"
+            if source is not None
+            else "That dataset is not what lm-eval's task expects; use BENCHMARK_DATA with a corrected copy"
+        )
+        raise ConfigError(f"BENCHMARK_TASKS: {where}, task {task}, {bad[0]}{more}. {fix}, then run again.")
+
+
+def _question_problem(task: str, t: Any, doc: dict, words: bool) -> str | None:
+    try:
+        choices = list(t.doc_to_choice(doc))
+        target = t.doc_to_target(doc)
+        text = t.doc_to_text(doc)
+    except Exception as e:  # lm-eval's prompt code on a row missing a field or of the wrong type
+        return f"lm-eval cannot build its prompt ({type(e).__name__}: {e})"
+    if not isinstance(text, str) or not text.strip():
+        return "the question is empty"
+    if isinstance(target, str) and target in choices:
+        return None
+    # A whole number; a column that holds one fraction reaches us as floats throughout (pyarrow's JSON reader).
+    number = isinstance(target, (int, float)) and not isinstance(target, bool) and float(target).is_integer()
+    if number and 0 <= target < len(choices):
+        return None
+    spec = t.config.doc_to_target
+    field = spec if isinstance(spec, str) and spec in doc else ANSWER_FIELDS.get(task, "the answer")
+    shown = "null" if target is None else json.dumps(target)
+    if words:
+        return f"field {field!r} is {shown}; it must be one of {', '.join(map(str, choices))}"
+    return f"field {field!r} is {shown}; it must be the number of the right choice, 0 to {len(choices) - 1}"
+
+
+def _content_lines(path: Path) -> list[int]:
+    """The line numbers of a JSONL file's non-blank lines: one question each, in the order lm-eval reads them."""
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
 # --- statistics --------------------------------------------------------------------------------------------------
@@ -279,11 +337,19 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
             f"BENCHMARK_TASKS={cfg.BENCHMARK_TASKS!r}: the questions of {', '.join(missing)} are not in "
             f"{paths.benchmark_data} (the sample stage fetches them). Rerun with REDO=true and STAGES=all."
         )
+    for task in tasks:  # a hand-edited question file fails here, before the model loads, not in lm-eval's scoring
+        data_file = paths.benchmark_data / f"{task}.jsonl"
+        t = _load_task(task, data_file)
+        where = f"{data_file} (fetched by the sample stage; delete it and rerun with REDO=true to fetch it again)"
+        check_questions(task, t, [dict(d) for d in t.eval_docs], data_file, where)
     # A task's results are reused only for the same adapter, BENCHMARK_LIMIT and questions: a rerun after a kill
     # skips finished tasks, and nothing stale survives a retrained adapter or refetched questions.
     key = {"limit": cfg.BENCHMARK_LIMIT, "adapter_sha256": _digest(sorted(paths.adapter.glob("adapter_*")))}
     questions = {t: _digest([paths.benchmark_data / f"{t}.jsonl"]) for t in tasks}
-    previous = read_json(paths.benchmark) if paths.benchmark.is_file() else {}
+    previous, damage = read_results(paths.benchmark)
+    if damage:
+        log.warning("%s is damaged (%s): scoring every task again", paths.benchmark, damage)
+    previous = previous or {}
     done: dict[str, dict] = previous.get("raw", {}) if previous.get("key") == key else {}
     done = {t: r for t, r in done.items() if t in tasks and r.get("questions_sha256") == questions[t]}
 
@@ -348,17 +414,73 @@ def _write(paths: RunPaths, cfg: Settings, key: dict, done: dict[str, dict]) -> 
     atomic_write_text(paths.benchmark, text)
 
 
+# --- reading the results back ------------------------------------------------------------------------------------
+def read_results(path: Path) -> tuple[dict | None, str | None]:
+    """(eval/benchmark.json's contents, None); (None, None) without the file; (None, what is wrong) when it does
+    not parse or lacks the shape `_write` gives it (a disk fault, a hand edit)."""
+    if not path.is_file():
+        return None, None
+    try:
+        body = read_json(path)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"{type(e).__name__}: {e}"
+    problem = _results_problem(body)
+    return (None, problem) if problem else (body, None)
+
+
+def _results_problem(body: Any) -> str | None:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(body, dict) or not isinstance(body.get("tasks"), dict) or not isinstance(body.get("raw"), dict):
+        return "not an object with 'tasks' and 'raw'"
+    if not isinstance(body.get("key"), dict):
+        return "'key' is not an object"
+    for task, r in body["tasks"].items():
+        fields = ("n", "base", "tuned", "difference")
+        if not isinstance(r, dict) or not all(number(r.get(f)) for f in fields):
+            return f"tasks.{task} lacks one of {', '.join(fields)}"
+        ci = r.get("ci95")
+        if not (isinstance(ci, list) and len(ci) == 2 and all(map(number, ci))):
+            return f"tasks.{task}.ci95 is not two numbers"
+    for task, r in body["raw"].items():
+        if not isinstance(r, dict):
+            return f"raw.{task} is not an object"
+        base, tuned, ids = r.get("base_correct"), r.get("tuned_correct"), r.get("doc_ids")
+        lists = [x for x in (base, tuned, ids) if isinstance(x, list)]
+        if len(lists) < 3 or not base or not len(base) == len(tuned) == len(ids):
+            return f"raw.{task}: base_correct, tuned_correct and doc_ids are not lists of one length"
+        if not all(v in (0, 1) and not isinstance(v, float) for v in base + tuned) or not number(r.get("seconds")):
+            return f"raw.{task}: answers are not 0 or 1, or seconds is not a number"
+    return None
+
+
+def results(paths: RunPaths) -> dict | None:
+    """The per-task summary that the push gate and the model card read (None without a file). A damaged file is
+    moved aside, so the same command scores the benchmark again (the pipeline reruns a stage whose file is gone)."""
+    body, damage = read_results(paths.benchmark)
+    if damage:
+        aside = paths.benchmark.with_name(paths.benchmark.name + ".damaged")
+        paths.benchmark.replace(aside)
+        raise ConfigError(
+            f"{paths.benchmark} is damaged ({damage}); it was moved to {aside.name}. Run the same command again: the "
+            "benchmark stage scores the tasks again and the push follows."
+        )
+    return body["tasks"] if body else None
+
+
 # --- the gate ----------------------------------------------------------------------------------------------------
 def check_gate(cfg: Settings, paths: RunPaths) -> None:
     """Stop the push (exit 5) if the tuned model's mean accuracy fell by more than MAX_BENCHMARK_DROP points."""
-    path = paths.benchmark
-    if not cfg.benchmark_tasks or not path.is_file():
+    if not cfg.benchmark_tasks:
         return
-    results = read_json(path)["tasks"]
-    overall = results.get("overall")
+    tasks = results(paths)
+    if tasks is None:
+        return
+    overall = tasks.get("overall")
     if overall is None or -100 * overall["difference"] <= cfg.MAX_BENCHMARK_DROP:
         return
-    fell = [(t, r) for t, r in results.items() if t != "overall" and r["difference"] < 0]
+    fell = [(t, r) for t, r in tasks.items() if t != "overall" and r["difference"] < 0]
     detail = "; ".join(
         f"{t} {100 * r['base']:.1f}% -> {100 * r['tuned']:.1f}% ({100 * r['difference']:+.1f} points)" for t, r in fell
     )

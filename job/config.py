@@ -13,6 +13,7 @@ import datetime
 import difflib
 import functools
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 STAGES = ("sample", "format", "train", "evaluate", "benchmark", "push")
 # lm-eval's task names, also the user-facing names of BENCHMARK_TASKS: MultiMedQA's multiple-choice suite.
@@ -50,6 +53,12 @@ _RETIRED = {
     "EVAL_GENERATIONS": "renamed EVAL_PROMPTS",
     "EVAL_COMPILE": "removed: the compiled decoding path was slower than the default; delete the line",
 }
+
+# Upper bounds of the whole-number settings: far above any real use, far below where a library fails (numpy,
+# torch and lm-eval take counts as 64-bit integers, so 2**63 questions passed the checks and crashed after training).
+COUNT_MAX = 10**9  # rows, questions, prompts, steps: the default dataset has 257k rows
+TOKENS_MAX = 2**20  # tokens in a sequence or an answer: above every context window of the models in reach (128k)
+WIDTH_MAX = 2**16  # ranks, sequences per batch, micro-batches per step: above every model width and GPU's memory
 
 
 def _setting(
@@ -85,9 +94,11 @@ class Settings:
     DESCRIPTION_COLUMN: str = _setting("Description", "Column with the question's one-line summary.", "sample")
     PATIENT_COLUMN: str = _setting("Patient", "Column with the patient's message (the user turn).", "sample")
     DOCTOR_COLUMN: str = _setting("Doctor", "Column with the doctor's reply (the trained assistant turn).", "sample")
-    NUM_SAMPLES: int = _setting(1000, "Training conversations to sample (after cleaning).", "sample", min=1)
+    NUM_SAMPLES: int = _setting(
+        1000, "Training conversations to sample (after cleaning).", "sample", min=1, max=COUNT_MAX
+    )
     EVAL_SAMPLES: int = _setting(
-        100, "Held-out conversations, disjoint from training, for evaluation.", "sample", min=0
+        100, "Held-out conversations, disjoint from training, for evaluation.", "sample", min=0, max=COUNT_MAX
     )
     SEED: int = _setting(
         42,
@@ -111,7 +122,9 @@ class Settings:
         "format",
     )
     USE_DESCRIPTION: bool = _setting(False, "Put the Description line before the patient's message.", "format")
-    MAX_SEQ_LENGTH: int = _setting(1024, "Tokens per conversation; longer replies are cut at the end.", "format", min=1)
+    MAX_SEQ_LENGTH: int = _setting(
+        1024, "Tokens per conversation; longer replies are cut at the end.", "format", min=1, max=TOKENS_MAX
+    )
     MAX_DROPPED_FRACTION: float = _setting(
         0.05, "Error out if more than this share of rows has no room left for the reply.", "format", min=0, max=1
     )
@@ -148,8 +161,8 @@ class Settings:
         output=False,
     )
     # --- LoRA --------------------------------------------------------------------------------
-    LORA_R: int = _setting(8, "LoRA rank.", "train", min=1)
-    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train", min=1)
+    LORA_R: int = _setting(8, "LoRA rank.", "train", min=1, max=WIDTH_MAX)
+    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train", min=1, max=WIDTH_MAX)
     LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train", min=0, max=1)
     LORA_TARGET_MODULES: str = _setting("q_proj,v_proj", "Comma-separated module names that get adapters.", "train")
     # --- training ----------------------------------------------------------------------------
@@ -165,8 +178,9 @@ class Settings:
         "Lower it (and raise GRAD_ACCUM) if training runs out of GPU memory.",
         "train",
         min=1,
+        max=WIDTH_MAX,
     )
-    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train", min=1)
+    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train", min=1, max=WIDTH_MAX)
     PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).", "train")
     GRADIENT_CHECKPOINTING: bool = _setting(
         False, "Recompute activations in the backward pass: less memory, slower.", "train", output=False
@@ -199,12 +213,19 @@ class Settings:
     )
     OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.", "train")
     SAVE_STEPS: int = _setting(
-        50, "Optimizer steps between checkpoints (a SIGKILL loses at most this many).", "train", output=False, min=1
+        50,
+        "Optimizer steps between checkpoints (a SIGKILL loses at most this many).",
+        "train",
+        output=False,
+        min=1,
+        max=COUNT_MAX,
     )
     SAVE_TOTAL_LIMIT: int = _setting(
-        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False, min=1
+        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False, min=1, max=COUNT_MAX
     )
-    LOGGING_STEPS: int = _setting(10, "Optimizer steps between loss log lines.", "train", output=False, min=1)
+    LOGGING_STEPS: int = _setting(
+        10, "Optimizer steps between loss log lines.", "train", output=False, min=1, max=COUNT_MAX
+    )
     REPORT_TO: str = _setting(
         "none",
         "Where to stream metrics (wandb needs `pip install wandb`; it is not in the image).",
@@ -214,9 +235,11 @@ class Settings:
     )
     # --- evaluation --------------------------------------------------------------------------
     EVAL_PROMPTS: int = _setting(
-        50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate", min=0
+        50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate", min=0, max=COUNT_MAX
     )
-    MAX_NEW_TOKENS: int = _setting(256, "Longest generated answer in evaluation, in tokens.", "evaluate", min=1)
+    MAX_NEW_TOKENS: int = _setting(
+        256, "Longest generated answer in evaluation, in tokens.", "evaluate", min=1, max=TOKENS_MAX
+    )
     EVAL_BATCH_SIZE: int = _setting(
         192,
         "Rows per generation batch (each prompt is two rows: base and tuned answer) and per eval-loss batch. "
@@ -224,6 +247,7 @@ class Settings:
         "evaluate",
         output=False,
         min=1,
+        max=WIDTH_MAX,
     )
     # --- judge (job/judge.py): a model's blind pairwise verdicts on base vs tuned answers ------
     JUDGE_MODEL: str = _setting(
@@ -238,10 +262,19 @@ class Settings:
         "evaluate",
     )
     JUDGE_CONCURRENCY: int = _setting(
-        4, "Judge requests in flight at once; lower it if the endpoint rate-limits.", "evaluate", output=False, min=1
+        4,
+        "Judge requests in flight at once; lower it if the endpoint rate-limits.",
+        "evaluate",
+        output=False,
+        min=1,
+        max=1024,
     )
     JUDGE_MAX_TOKENS: int = _setting(
-        512, "Longest verdict the judge may write, in tokens (caps the cost per call).", "evaluate", min=1
+        512,
+        "Longest verdict the judge may write, in tokens (caps the cost per call).",
+        "evaluate",
+        min=1,
+        max=TOKENS_MAX,
     )
     JUDGE_MAX_RETRIES: int = _setting(
         4,
@@ -249,6 +282,7 @@ class Settings:
         "evaluate",
         output=False,
         min=0,
+        max=100,
     )
     JUDGE_TIMEOUT: float = _setting(
         120.0, "Seconds to wait for one judge response before retrying it.", "evaluate", output=False
@@ -268,6 +302,7 @@ class Settings:
         "costs time in proportion.",
         "benchmark",
         min=1,
+        max=COUNT_MAX,
         unit="questions per task",
     )
     BENCHMARK_DATA: str = _setting(
@@ -564,6 +599,27 @@ def _optimizer_names() -> tuple[str, ...]:
     return tuple(o.value for o in OptimizerNames)
 
 
+# Long runs of letters and digits in an ignored .env line are shown cut: a token pasted without its NAME= is
+# still a secret (HF and OpenAI keys are 30 or more such characters).
+_SECRET_LIKE = re.compile(r"(?=[\w-]*\d)(?=[\w-]*[A-Za-z])([\w-]{4})[\w-]{12,}")
+
+
+def _ignored_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, text shown) of each .env line that python-dotenv ignores: one without '=' or one it cannot
+    parse (an unclosed quote). Blank lines and comments are not listed."""
+    import io
+
+    from dotenv.parser import parse_stream
+
+    out = []
+    for b in parse_stream(io.StringIO(text)):
+        if b.error or (b.key is not None and b.value is None):
+            first = b.original.string.strip().splitlines()[0] if b.original.string.strip() else ""
+            line = b.original.line + b.original.string[: b.original.string.find(first)].count("\n")
+            out.append((line, repr(_SECRET_LIKE.sub(r"\1…", first[:80]))))
+    return out
+
+
 def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
     """Read, parse and validate every setting; raise ConfigError listing all problems at once."""
     from_file: dict[str, str] = {}
@@ -578,7 +634,20 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
             raise ConfigError(
                 f"{env_file}: line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8."
             ) from None
-        from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        for line, text in _ignored_lines(raw.decode("utf-8")):
+            log.warning(
+                "%s: line %d ignored (%s): not a setting; write it as NAME=value, or start it with # for a comment",
+                env_file,
+                line,
+                text,
+            )
+        dotenv_log = logging.getLogger("dotenv.main")  # says "could not parse" without the text: ours says both
+        level = dotenv_log.level
+        dotenv_log.setLevel(logging.ERROR)
+        try:
+            from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        finally:
+            dotenv_log.setLevel(level)
     env = {**from_file, **(os.environ if environ is None else environ)}  # the environment wins over .env
 
     problems: list[str] = []

@@ -7,7 +7,12 @@ fails the same way twice.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
+import os
+import shutil
+from pathlib import Path
 
 OK = 0
 BUG = 1  # an unexpected exception: a defect in this project, report it
@@ -15,7 +20,7 @@ BAD_CONFIG = 2  # bad setting or input data: fix it, a retry fails the same way
 OUT_OF_MEMORY = 3  # GPU memory ran out: lower BATCH_SIZE or MAX_SEQ_LENGTH
 TRANSIENT = 4  # the Hub, the network or the judge endpoint failed, or another run holds the run directory
 QUALITY_GATE = 5  # the safety screen or the medical benchmark stopped the push: nothing was pushed
-LOCAL_FAILURE = 6  # this machine's disk is full or a folder is not writable
+LOCAL_FAILURE = 6  # this machine's disk is full or read-only, or a folder is not writable
 STOPPED = 7  # SIGTERM (spot preemption, docker stop): finished work and a checkpoint were saved
 INTERRUPTED = 130  # Ctrl-C (SIGINT), the shell's convention: finished stages and checkpoints are kept
 
@@ -27,7 +32,8 @@ EXIT_CODES = {
     TRANSIENT: "outside failure (Hub, network, judge endpoint, run directory busy): retry later; managed cloud "
     "jobs retry this automatically",
     QUALITY_GATE: "a quality gate (safety screen or medical benchmark) stopped the push: nothing was pushed",
-    LOCAL_FAILURE: "local failure (disk full, folder not writable): fix the machine, then run the same command again",
+    LOCAL_FAILURE: "local failure (disk full or read-only, folder not writable): fix the machine, then run the same "
+    "command again",
     STOPPED: "stopped by a signal after saving: run the same command again to resume",
     INTERRUPTED: "interrupted (Ctrl-C): run the same command again to resume",
 }
@@ -105,21 +111,64 @@ def classify(e: BaseException, what: str) -> JobError | None:
             return ConfigError(f"{what}: the Hub rejected the request ({status}): {x}")
         if isinstance(x, (httpx.TransportError, ConnectionError, TimeoutError)):
             return TransientError(f"{what}: the network or the Hub could not be reached ({type(x).__name__}); retry")
-        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
-            return LocalFailure(
-                f"{what}: disk full writing {x.filename or 'a file'} ({disk_free(x.filename)}). A run directory needs "
-                "about 1 GB (plus 7 GB with PUSH_MERGED), the Hugging Face cache (HF_HOME) about 7 GB for the 3B "
-                "model. Free space, then run the same command again: finished stages and checkpoints are kept."
-            )
-        if isinstance(x, OSError) and x.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return LocalFailure(f"{what}: cannot write {x.filename or 'a file'} ({x.strerror}); fix its permissions")
+        if isinstance(x, OSError) and x.errno in DISK_ERRNOS:
+            return disk_error(x, what, file_being_written(x))
     return None
 
 
-def disk_free(path: str | None) -> str:
-    import shutil
-    from pathlib import Path
+# The errors of a disk that takes no more (full, over quota, read-only) or of a folder we may not write.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_ERRNOS = (*DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM)
+# What a run needs, for the message: the run directory and the Hugging Face cache (the 3B model).
+_NEEDS = (
+    "A run directory needs about 1 GB (plus 7 GB with PUSH_MERGED), the Hugging Face cache (HF_HOME) about 7 GB "
+    "for the 3B model."
+)
+# The folders this job writes to (the run directory, the Hugging Face cache), set when a run starts
+# (job/__main__.py): a write error that names no file gets the free space of each.
+folders_written: list[str] = []
 
+
+def disk_error(x: OSError, what: str, file: str | None) -> LocalFailure:
+    """The LocalFailure for OSError `x` (an errno of DISK_ERRNOS) raised writing `file` (None: unknown)."""
+    if file:
+        where, free = file, disk_free(file)
+    else:
+        where = "a file it did not name"
+        free = "; ".join(disk_free(f) for f in folders_written) or disk_free(None)
+    if x.errno in DISK_FULL:
+        return LocalFailure(
+            f"{what}: disk full writing {where} ({x.strerror}; {free}). {_NEEDS} Free space on that disk, then run "
+            "the same command again: finished stages and checkpoints are kept."
+        )
+    if x.errno == errno.EROFS:
+        fix = "remount it writable or choose a folder on another disk"
+    else:
+        fix = f"fix its permissions (the job runs as user id {os.getuid()}) or choose a writable folder"
+    return LocalFailure(f"{what}: cannot write {where} ({x.strerror}; {free}); {fix}, then run the same command again")
+
+
+def file_being_written(e: BaseException) -> str | None:
+    """The file an OSError (or one it caused) was about: its own filename, else the file object open for writing
+    in the innermost frame of its traceback that holds one. A failed write() or fsync() names no file, so
+    without this the message would say "a file" and give the free space of the wrong disk."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and (x.filename or x.filename2):
+            return str(x.filename or x.filename2)
+    tb, frames = e.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):  # innermost first
+        for value in list(frame.f_locals.values()):
+            mode, name = getattr(value, "mode", None), getattr(value, "name", None)
+            if isinstance(value, io.IOBase) and isinstance(mode, str) and set(mode) & set("wax+"):
+                if isinstance(name, str):
+                    return name
+    return None
+
+
+def disk_free(path: str | os.PathLike | None) -> str:
     p = Path(path or ".").absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -127,3 +176,45 @@ def disk_free(path: str | None) -> str:
         return f"{shutil.disk_usage(p).free / 2**30:.1f} GiB free on the disk of {p}"
     except OSError:
         return "free space unknown"
+
+
+def disk_failure(folder: Path, need_bytes: int, what: str, cause: BaseException) -> LocalFailure | None:
+    """A LocalFailure when `folder`'s disk cannot take `need_bytes` more, for an error raised while writing there
+    that carries no errno: torch.save reports a full disk as RuntimeError("... file write failed"), safetensors
+    as its own SafetensorError. Judged on the disk itself, never on the message: its free space for this user
+    (statvfs), then a write of `need_bytes` (at most PROBE_MAX) with fsync, whose OSError has the errno. None
+    when the disk takes it: then `cause` was something else."""
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    why = f"{type(cause).__name__}: {str(cause)[:200]}"
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        free = None
+    if free is not None and free < need_bytes:
+        return LocalFailure(
+            f"{what}: the disk of {folder} is full ({why}): {disk_free(existing)}, about {need_bytes / 2**20:.0f} MiB "
+            f"needed. {_NEEDS} Free space on that disk, then run the same command again: finished stages and "
+            "complete checkpoints are kept."
+        )
+    probe = existing / f".disk-probe-{os.getpid()}"
+    try:
+        with probe.open("wb") as f:
+            block = b"\0" * 2**20
+            for _ in range(max(1, min(need_bytes, PROBE_MAX) // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may take the write into memory and refuse it only here
+    except OSError as x:
+        if x.errno in DISK_ERRNOS:
+            return disk_error(x, f"{what} ({why})", str(folder))
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+PROBE_MAX = 256 * 2**20  # bytes the probe writes at most: a checkpoint of the 3B model's adapter is ~30 MB

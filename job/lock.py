@@ -4,8 +4,10 @@ Two jobs with the same RUN_NAME would race on checkpoints and the manifest. fcnt
 bucket mounts (s3fs, gcsfuse, rclone), and a lock held by a preempted machine must not block its own
 recovery forever. So the lock is a small JSON file: created only if absent (O_EXCL), naming the owner
 (host, pid, start time), and refreshed by a heartbeat thread every HEARTBEAT_S seconds. A lock counts as
-abandoned when its owner is a process on this host that no longer exists, or when its heartbeat is
-older than STALE_S (a preempted or killed machine stops refreshing it). Taking over an abandoned lock
+abandoned when its owner is a process on this host that no longer exists, or this very process (a container
+restarted under the same host name runs the job under the same pid again), or when its heartbeat is older
+than STALE_S whatever its pid (a preempted or killed machine stops refreshing it, and in a container a pid
+of the dead owner can belong to another process, or to us). Taking over an abandoned lock
 rewrites it and reads it back after a moment, so of two runs taking over at once, one wins.
 """
 
@@ -46,20 +48,24 @@ class RunLock:
             return {}  # torn or unreadable: treat as abandoned once its file is old enough
 
     def _abandoned(self, owner: dict) -> bool:
-        if owner.get("host") == self.me["host"] and isinstance(owner.get("pid"), int):
-            try:
-                os.kill(owner["pid"], 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                pass  # alive, another user's
-            else:
-                return False
+        # The heartbeat's age first: a live pid proves nothing after a restart, since pids are reused (in a
+        # container the job is often pid 1 every time). A running owner rewrites the file every HEARTBEAT_S.
         try:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return True
-        return age > STALE_S
+        if age > STALE_S:
+            return True
+        if owner.get("host") == self.me["host"] and isinstance(owner.get("pid"), int):
+            if owner["pid"] == self.me["pid"]:
+                return True  # this process does not hold the lock yet: a previous run under the same pid left it
+            try:
+                os.kill(owner["pid"], 0)
+            except ProcessLookupError:
+                return True  # its owner is gone: take it over at once
+            except (PermissionError, OSError):
+                pass  # alive, another user's
+        return False
 
     def _is_mine(self, owner: dict | None) -> bool:
         return bool(owner) and all(owner.get(k) == v for k, v in self.me.items())

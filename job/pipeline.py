@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
-from job import benchmark, evaluate, formatting, provenance, push, report, sample, stop, train
+from job import benchmark, errors, evaluate, formatting, provenance, push, report, sample, stop, train
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError
 from job.faults import maybe_die
@@ -234,9 +236,16 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
         paths.root.mkdir(parents=True, exist_ok=True)
         if is_main_process():  # one writer: the other ranks never write into the run directory
             probe = paths.root / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            try:
+                with probe.open("w") as f:
+                    f.write("ok")
+                    f.flush()
+                    os.fsync(f.fileno())  # a full disk may take the write into memory and refuse it only here
+            finally:
+                probe.unlink(missing_ok=True)
     except OSError as e:
+        if e.errno in errors.DISK_ERRNOS:  # the disk or the folder's permissions: exit 6, not a bad setting
+            raise errors.disk_error(e, f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}", str(paths.root)) from None
         problems.append(
             f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}: cannot write {paths.root} ({e.strerror}); choose a writable folder"
         )
@@ -280,14 +289,48 @@ def load_manifest(paths: RunPaths) -> dict:
         return {"stages": {}}
     try:
         manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
-            raise ValueError("no 'stages' object")
+        _check_manifest_shape(manifest)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(
             f"{paths.manifest} is damaged ({e}), so which stages finished is unknown. Delete it to run every "
             f"stage again in {paths.root} (checkpoints are kept and training resumes), or choose another RUN_NAME."
         ) from None
     return manifest
+
+
+# The manifest's shape as the pipeline reads it: key -> type, for the whole file, each stage's record and the
+# report's. A hand-edited file with another type where the pipeline reads one would fail later with a traceback.
+_MANIFEST_SHAPE = {"stages": dict, "report": dict, "versions": dict}
+_RECORD_SHAPE = {"status": str, "fingerprint": dict, "artifacts": list, "finished_at": str, "started_at": str}
+
+
+def _check_manifest_shape(manifest: Any) -> None:
+    """ValueError naming the first field of `manifest` whose type is not what the pipeline reads."""
+
+    def check(record: Any, shape: dict[str, type], where: str) -> None:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where or 'the file'} is a JSON {_json_type(record)}, not an object")
+        for key, typ in shape.items():
+            if key in record and not isinstance(record[key], typ):
+                name = f"{where}.{key}" if where else key
+                raise ValueError(f"{name} is a JSON {_json_type(record[key])}, not {_json_type(typ(), article=True)}")
+
+    check(manifest, _MANIFEST_SHAPE, "")
+    if "stages" not in manifest:
+        raise ValueError("no 'stages' object")
+    records = [(f"stages.{name}", r) for name, r in manifest["stages"].items()]
+    for where, record in records + ([("report", manifest["report"])] if "report" in manifest else []):
+        check(record, _RECORD_SHAPE, where)
+        if not all(isinstance(a, str) for a in record.get("artifacts", [])):
+            raise ValueError(f"{where}.artifacts holds something other than file names")
+        if record.get("status") == "done":
+            record.setdefault("finished_at", "time not recorded")  # only the log reads it
+
+
+def _json_type(value: Any, article: bool = False) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "true/false", int: "number", float: "number"}
+    name = "null" if value is None else names.get(type(value), type(value).__name__)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}" if article else name
 
 
 def save_manifest(paths: RunPaths, manifest: dict) -> None:
@@ -325,6 +368,13 @@ def _broadcast(obj):
     return box[0]
 
 
+# How long a collective may wait. The other ranks wait in a barrier while rank 0 alone samples, evaluates (with
+# a judge), benchmarks and pushes: hours with a large dataset, BENCHMARK_LIMIT or EVAL_PROMPTS, a slow judge
+# endpoint or a merged upload. NCCL's default of 10 minutes would abort them mid-run. A rank that dies is caught
+# by torchrun, which stops the others; this timeout only bounds a hang with every process alive.
+COLLECTIVE_TIMEOUT = timedelta(hours=24)
+
+
 def _init_distributed() -> None:
     """Under torchrun, join the process group early so non-training stages can wait on rank 0."""
     if world_size() <= 1:
@@ -335,7 +385,8 @@ def _init_distributed() -> None:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
 
 
 def _release_gpu_memory() -> None:

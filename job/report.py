@@ -19,6 +19,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from job import benchmark
 from job.config import DEPENDS, SETTINGS, Settings, with_overrides
 from job.files import atomic_write_text, read_json, read_jsonl
 from job.paths import RunPaths
@@ -173,7 +174,7 @@ def model_card(cfg: Settings, paths: RunPaths, manifest: dict | None = None) -> 
         ],
         safety_rows=_safety_rows(metrics),
         # Only a benchmark of this adapter: after a retrain, the file left by the one before is not shown.
-        benchmark=read_json(paths.benchmark)["tasks"] if _benchmarked(paths, manifest) else None,
+        benchmark=benchmark.results(paths) if _benchmarked(paths, manifest) else None,
         judge=metrics.get("judge"),  # None when no JUDGE_MODEL was set
         samples=[{k: _quote(v) for k, v in s.items()} for s in read_jsonl(paths.samples)[:N_SAMPLES_SHOWN]],
         # Every setting the adapter depends on (the train stage's fingerprint); the prompt is quoted above.

@@ -1,11 +1,18 @@
 """SIGTERM: what spot VMs, `docker stop` and Kubernetes send seconds to minutes before they kill the job.
 
-Outside training the handler raises `Stopped` at once: every file is written whole or not at all
-(job/files.py) and the manifest marks a stage done only after its files, so nothing finished is lost.
-Inside training (`during_training`) it only records the request: the train stage's callback then lets
-the running optimizer step finish, has the Trainer save a complete, marked checkpoint, and stops, so
-a preemption notice costs no steps. Either way the job exits with STOPPED (job/errors.py) and the same
-command resumes.
+`python -m job` installs the handler first thing (`install`), before it imports anything heavy, and keeps it
+until the process ends, so a SIGTERM at any moment ends in STOPPED (job/errors.py) with a message, never in
+the shell's 143:
+- before the job's work begins (Python still importing, settings being read): noted, and the job stops as
+  soon as its command starts (`handling_sigterm`), with nothing to save;
+- outside training: the handler raises `Stopped` at once. Every file is written whole or not at all
+  (job/files.py) and the manifest marks a stage done only after its files, so nothing finished is lost;
+- inside training (`during_training`): it only notes the request. The train stage's callback then lets the
+  running optimizer step finish, has the Trainer save a complete, marked checkpoint, and stops, so a
+  preemption notice costs no steps. Under torchrun the ranks agree on that step (job/train.py);
+- after the first: further SIGTERMs are only noted, so the shutdown the first one began (the checkpoint,
+  the lock's release) finishes and the exit code stays STOPPED.
+The same command resumes.
 """
 
 from __future__ import annotations
@@ -17,31 +24,58 @@ import threading
 from job.errors import Stopped
 
 _requested = threading.Event()
-_deferred = False
+_deferred = False  # in training: the train stage's callback stops at the end of the step
+_active = 0  # depth of handling_sigterm blocks: the handler raises only inside one
+_process_wide = False  # install() was called: the handler stays for the life of the process
 
 
 def _handler(signum, frame) -> None:
+    first = not _requested.is_set()
     _requested.set()
-    if not _deferred:
+    if first and _active and not _deferred:
         raise Stopped("stopped by SIGTERM; finished stages are kept: run the same command again to resume")
+
+
+def install() -> None:
+    """Handle SIGTERM for the rest of this process's life (`python -m job` calls this before anything else)."""
+    global _process_wide
+    signal.signal(signal.SIGTERM, _handler)
+    _process_wide = True
 
 
 @contextlib.contextmanager
 def handling_sigterm():
-    """Within this block SIGTERM stops the job as described above (main thread only, as Python requires)."""
+    """Within this block SIGTERM stops the job as described above (main thread only, as Python requires).
+
+    Blocks nest. Without install() (the job called in-process, by the tests) the outermost block installs the
+    handler, forgets an earlier run's request, and puts the previous handler back when it ends."""
+    global _active
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _requested.clear()
-    previous = signal.signal(signal.SIGTERM, _handler)
+    outer = _active == 0
+    previous = None
+    if outer and not _process_wide:
+        _requested.clear()
+        previous = signal.signal(signal.SIGTERM, _handler)
+    _active += 1
     try:
+        if outer and _requested.is_set():  # it came while Python was still importing the job
+            raise Stopped("stopped by SIGTERM before the job started; nothing to save: run the same command again")
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _active -= 1
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def requested() -> bool:
     return _requested.is_set()
+
+
+def request() -> None:
+    """Note a stop as a SIGTERM would, without raising: a rank that learns another rank's SIGTERM (job/train.py)."""
+    _requested.set()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ fingerprint, and moves the others aside (paths.stale_checkpoints), so changed se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from job import attention, graphs, provenance, stop
+from job import attention, errors, graphs, provenance, stop
 from job.config import Settings, with_overrides
 from job.errors import JobError, OutOfMemory, Stopped
 from job.faults import maybe_die
@@ -143,7 +144,7 @@ def _completeness_callback(keep: int, fingerprint: dict | None = None):
 
         def on_step_end(self, args, state, control, **kwargs):
             maybe_die("train.step", state.global_step)
-            if stop.requested():  # SIGTERM (job/stop.py): save this step's checkpoint, then stop
+            if stop_agreed():  # SIGTERM (job/stop.py) on any rank: every rank saves this step, then stops
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -170,6 +171,34 @@ def _completeness_callback(keep: int, fingerprint: dict | None = None):
             return control
 
     return CheckpointMarker()
+
+
+_control_group: Any = None  # torch.distributed's gloo group for the stop flag (stop_agreed), made once
+
+
+def stop_agreed() -> bool:
+    """Whether any rank has been asked to stop (SIGTERM, job/stop.py), agreed by every rank at the same optimizer
+    step: a SIGTERM can reach one rank only (one node's notice, a kill of one process), and a rank that saved and
+    stopped alone would leave the others waiting in the next step's gradient all-reduce.
+
+    One all-reduce of a flag per optimizer step, on a gloo (CPU) group of its own: on the NCCL group the flag
+    would be a GPU tensor whose read waits for the step's kernels, idling the GPU while the host queues the next
+    step. A rank that learns of another's SIGTERM notes it as its own (stop.request), so it exits STOPPED too."""
+    global _control_group
+    import torch
+    import torch.distributed as dist
+
+    mine = stop.requested()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return mine
+    if _control_group is None:  # every rank reaches its first step end: new_group is collective
+        _control_group = dist.new_group(backend="gloo")
+    flag = torch.tensor([int(mine)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control_group)
+    if flag.item() and not mine:
+        log.warning("another rank received SIGTERM: saving this step's checkpoint with it, then stopping")
+        stop.request()
+    return bool(flag.item())
 
 
 def pin_cpu_threads(resume: Path | None) -> None:
@@ -582,6 +611,34 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     return info
 
 
+@contextlib.contextmanager
+def _disk_checked(folder: Path, trainer: Any):
+    """Within: an error that is not ours, not GPU memory and not classified by type (torch.save's RuntimeError,
+    safetensors' SafetensorError: neither carries an errno) is a LocalFailure (exit 6) when `folder`'s disk
+    cannot take a checkpoint now (errors.disk_failure); otherwise it stays what it was."""
+    import torch
+
+    try:
+        yield
+    except (JobError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as e:
+        if errors.classify(e, "train") is not None:
+            raise  # typed (an OSError's errno, the Hub's errors): __main__ classifies it
+        err = errors.disk_failure(folder, _checkpoint_bytes(trainer), f"train: writing {folder}", e)
+        if err is None:
+            raise
+        raise err from e
+
+
+def _checkpoint_bytes(trainer: Any) -> int:
+    """About what one checkpoint takes on disk, rounded up: the trainable weights and Adam's two moments, 4 bytes
+    each, plus 64 MiB for the tokenizer the Trainer saves beside them (Llama 3's tokenizer.json alone is 9 MB)
+    and its small files (state, scheduler, RNG)."""
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return 3 * 4 * trainable + 64 * 2**20
+
+
 def run(cfg: Settings, paths: RunPaths, fingerprint: dict | None = None) -> list[Path]:
     """Train, resuming from the newest complete checkpoint made under `fingerprint` (the pipeline's record of
     this stage: settings, inputs, digest, code; job/provenance.py), which every new checkpoint and the train
@@ -602,7 +659,7 @@ def run(cfg: Settings, paths: RunPaths, fingerprint: dict | None = None) -> list
     elif digest:
         log.info("training from step 0 (fingerprint %s)", digest[:12])
     try:
-        with stop.during_training(), model_code_restored(trainer.model):
+        with stop.during_training(), model_code_restored(trainer.model), _disk_checked(paths.checkpoints, trainer):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(
@@ -619,8 +676,9 @@ def run(cfg: Settings, paths: RunPaths, fingerprint: dict | None = None) -> list
     if trainer.is_world_process_zero():
         tmp = paths.adapter.with_name(paths.adapter.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp)
-        trainer.processing_class.save_pretrained(tmp)
+        with _disk_checked(tmp, trainer):
+            trainer.model.save_pretrained(tmp)
+            trainer.processing_class.save_pretrained(tmp)
         maybe_die("train.adapter")
         shutil.rmtree(paths.adapter, ignore_errors=True)
         os.replace(tmp, paths.adapter)

@@ -285,10 +285,23 @@ def job_process(
     with (
         tempfile.TemporaryFile("w+", errors="replace") as stdout,
         subprocess.Popen(
-            args, cwd=cwd, env=environ, stdout=stdout, stderr=subprocess.PIPE, text=True, errors="replace"
+            args,
+            cwd=cwd,
+            env=environ,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group: a timeout kills torchrun's ranks too
         ) as proc,
     ):
-        timer = threading.Timer(timeout, lambda: (expired.set(), proc.kill()))
+
+        def expire() -> None:  # the ranks of a hung torchrun hold stderr open: kill the whole group, not only it
+            expired.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, expire)
         timer.start()
         try:
             lines = []
