@@ -19,10 +19,20 @@ WARMUP_STEPS = 2  # eager steps on a side stream before capture: cuBLAS and the 
 PREFILL_TOKENS = 128
 
 
-def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, pad_id: int, graph: bool | None = None):
-    """New tokens (rows, up to max_new_tokens) for left-padded `input_ids`; pad_id after a row's eos_id.
+def greedy(
+    model,
+    input_ids,
+    attention_mask,
+    max_new_tokens: int,
+    eos_id: int | list[int],
+    pad_id: int,
+    graph: bool | None = None,
+):
+    """New tokens (rows, up to max_new_tokens) for left-padded `input_ids`; pad_id after a row's end token.
 
-    graph: capture the step as a CUDA graph (default: when the model is on CUDA).
+    eos_id: the token or tokens that end a row (job/model.py end_of_turn_ids: eos and the chat template's
+    end-of-turn token, which a chat model writes instead of eos). graph: capture the step as a CUDA graph
+    (default: when the model is on CUDA).
     """
     import torch
     from transformers import StaticCache
@@ -54,14 +64,14 @@ def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, p
                  **{cache_arg: cache})  # fmt: skip
         return out.logits[:, -1].argmax(-1)
 
-    eos = torch.tensor([eos_id], device=device)
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     with torch.no_grad():
         for start in range(0, prompt, PREFILL_TOKENS):  # the cache fills in order; the last chunk's token counts
             end = min(start + PREFILL_TOKENS, prompt)
             first = forward(input_ids[:, start:end], additive(prefill_mask[:, :, start:end]), positions[:, start:end])
         new[:, 0] = first
-        done = first == eos
+        done = torch.isin(first, eos)
         token = first[:, None].clone()
         pos = positions[:, -1:] + 1
         step = torch.tensor([prompt], device=device)  # cache slot of the token fed in
@@ -71,7 +81,7 @@ def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, p
             mask.index_fill_(3, step, 0.0)
             nxt = torch.where(done, pad_id, forward(token, mask, pos))
             new.index_copy_(1, step - prompt + 1, nxt[:, None])
-            done.logical_or_(nxt == eos)
+            done.logical_or_(torch.isin(nxt, eos))
             token.copy_(nxt[:, None])
             pos.add_(1)
             step.add_(1)

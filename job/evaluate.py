@@ -20,7 +20,7 @@ from typing import Any
 from job import decode, judge, safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
-from job.model import build_messages, load_model, load_tokenizer, resolve_precision
+from job.model import build_messages, end_of_turn_ids, load_model, load_tokenizer, resolve_precision
 from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
     # costs a full set of decoding steps.
     size = math.ceil(len(order) / max(math.ceil(len(order) / cfg.EVAL_BATCH_SIZE), 1))
     texts: list[str] = [""] * len(conversations)
+    stop = end_of_turn_ids(tokenizer)  # eos and the template's end-of-turn token (<end_of_turn> for Gemma)
     new_tokens, t0 = 0, time.perf_counter()
     for start in tqdm(range(0, len(order), size), desc="generate", disable=None):
         idx = order[start : start + size]
@@ -184,7 +185,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
                 enc["input_ids"],
                 enc["attention_mask"],
                 cfg.MAX_NEW_TOKENS,
-                eos_id=tokenizer.eos_token_id,
+                eos_id=stop,
                 pad_id=tokenizer.pad_token_id,
             )
         for i, row in zip(idx, out):
