@@ -110,7 +110,8 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The file's metadata keys: numbers, booleans and strings as they are, each array as its length.
+    """The file's metadata keys: numbers, booleans and strings as they are, each array as its length. Raises
+    ValueError for a file that is not GGUF or is damaged.
 
     Our own reader of the header rather than gguf's GGUFReader or Transformers' reader: both turn every array
     into Python objects, and a Gemma file's vocabulary is three arrays of 262,144 entries (tens of seconds on a
@@ -118,10 +119,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
     """
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
         if blob[:4] != b"GGUF":
-            raise ConfigError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF').")
+            raise ValueError("not a GGUF file (it does not start with the bytes 'GGUF')")
         version, _tensors, count = struct.unpack_from("<IQQ", blob, 4)
         if version not in (2, 3):
-            raise ConfigError(f"{path}: GGUF version {version}; Transformers reads versions 2 and 3.")
+            raise ValueError(f"GGUF version {version}; Transformers reads versions 2 and 3")
         pos, out = 24, {}
 
         def string(at: int) -> tuple[str, int]:
@@ -141,7 +142,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
                 for _ in range(n):  # strings or nested arrays: each carries its own length
                     _, at = value(inner, at, keep=False)
                 return n, at
-            raise ConfigError(f"{path}: damaged GGUF metadata (value type {kind}).")
+            raise ValueError(f"damaged GGUF metadata (value type {kind})")
 
         try:
             for _ in range(count):
@@ -149,7 +150,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
                 (kind,) = struct.unpack_from("<I", blob, pos)
                 out[key], pos = value(kind, pos + 4, keep=True)
         except struct.error:
-            raise ConfigError(f"{path}: the GGUF file is cut short or damaged (its metadata ends early).") from None
+            raise ValueError("the GGUF file is cut short or damaged (its metadata ends early)") from None
     return out
 
 
@@ -185,10 +186,18 @@ def check(cfg: Settings) -> Path:
     """What can be told from the file's header, before the minutes of conversion: it is there, Transformers can
     load its architecture, and a chat template comes with it or from CHAT_TEMPLATE. Returns the file's path."""
     path = locate(cfg)
-    metadata = read_metadata(path)
-    arch = metadata.get("general.architecture")
+    try:
+        metadata = read_metadata(path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(
+            f"{describe(cfg)}: {e}. Give a .gguf file written by llama.cpp or the gguf package."
+        ) from None
+    arch = str(metadata.get("general.architecture"))
     loadable = _loadable_architectures()
-    if arch not in loadable:
+    # The loader's own renames of llama.cpp's names (transformers/modeling_gguf_pytorch_utils.py): qwen2moe is
+    # its qwen2_moe, gpt-oss its gpt_oss, t5encoder its t5; a name it cannot map still fails in _convert.
+    names = {arch, arch.replace("-", "_"), re.sub(r"(?<=\w)moe$", "_moe", arch), arch.replace("encoder", "")}
+    if not names & loadable:
         raise ConfigError(
             f"{describe(cfg)}: a GGUF of architecture {arch!r}, which Transformers cannot load from GGUF "
             f"(it loads: {', '.join(sorted(loadable))}). Use a GGUF of one of those, or the model's safetensors "
@@ -206,7 +215,7 @@ def _loadable_architectures() -> set[str]:
     """`general.architecture` values Transformers' GGUF loader knows: its legacy table and its newer one."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    names = set(GGUF_SUPPORTED_ARCHITECTURES)
+    names = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # its table's non-architecture keys
     try:  # Transformers 5.2x: architectures converted by integrations/gguf (qwen35, lfm2 ...)
         from transformers.integrations.gguf import GGUF_ARCHS
 

@@ -205,7 +205,7 @@ def _check_template(cfg: Settings, tok) -> None:
     if end is None:
         raise ConfigError(
             f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}: the template ends an assistant turn with text that is not one "
-            f"token of {gguf_base.describe(cfg)}'s vocabulary, so generation could not stop there. Use the "
+            f"token of the vocabulary of {gguf_base.describe(cfg)}, so generation could not stop there. Use the "
             "template of the model's family (gemma for Gemma, llama3 for Llama 3, chatml for Qwen)."
         )
 

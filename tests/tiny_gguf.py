@@ -50,6 +50,7 @@ def write_llama_gguf(model_dir: Path, out: Path, chat_template: str | None = Non
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), arch="llama")
     writer.add_name("Tiny Llama for tests")
     for key, value in (metadata or {}).items():
