@@ -40,11 +40,12 @@ def flash_varlen() -> bool:
     return _flash_varlen() is not None
 
 
-def _per_conversation(q, k, v, cu, scale):
+def _per_conversation(q, k, v, cu, scale, window: int | None = None):
     """Reference path (CPU, or a torch without varlen_attn): causal sdpa on each conversation.
 
-    q: (tokens, heads, dim); k, v: (tokens, kv_heads, dim). Same numbers as the flash kernel up to
-    float rounding; used by the CPU tests to check the packed path against the padded one.
+    q: (tokens, heads, dim); k, v: (tokens, kv_heads, dim). window: a sliding-window layer's span (a query sees
+    itself and the window - 1 tokens before it, as Transformers' sliding masks count it). Same numbers as the
+    flash kernel up to float rounding; used by the CPU tests to check the packed path against the padded one.
     """
     import torch
     import torch.nn.functional as F
@@ -56,7 +57,14 @@ def _per_conversation(q, k, v, cu, scale):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+        if window is not None and end - start > window:
+            distance = torch.arange(end - start, device=q.device)
+            distance = distance[:, None] - distance[None, :]
+            allowed = (distance >= 0) & (distance < window)
+            attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        else:
+            attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        out.append(attn.transpose(0, 1))
     return torch.cat(out, 0)
 
 
@@ -89,10 +97,19 @@ def varlen_attention_forward(
         )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    # Gemma's, Mistral's ... sliding-window layers pass their span: a query sees itself and window - 1 tokens
+    # back (Transformers' sliding_window_overlay), flash's window_size=(window - 1, 0).
+    window = kwargs.get("sliding_window")
     flash = _FLASH
-    if flash is not None and q.is_cuda and q.dtype != torch.float32:  # flash kernels take 16-bit only
+    if (
+        flash is not None
+        and q.is_cuda
+        and q.dtype != torch.float32  # flash kernels take 16-bit only
+        and (window is None or "window_size" in flash[1])  # an older kernel without windows: the loop below
+    ):
         varlen_attn, params = flash
-        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        left = window - 1 if window is not None else -1
+        causal = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
         if q.shape[1] != k.shape[1]:
             if "enable_gqa" in params:
                 causal["enable_gqa"] = True
@@ -103,7 +120,7 @@ def varlen_attention_forward(
         max_len = max_length_q if max_length_q is not None else int(cu.diff().max())
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal)
     else:
-        out = _per_conversation(q, k, v, cu, scaling)
+        out = _per_conversation(q, k, v, cu, scaling, window)
     return out.unsqueeze(0), None
 
 
