@@ -114,7 +114,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     atomic_write_text(paths.format_stats, json.dumps(all_stats, indent=2))
     written = [paths.train_tokens, paths.eval_tokens, paths.format_stats]
     if gguf_base.is_gguf(cfg):  # the card names the file and the model it came from (job/report.py)
-        record = gguf_base.source_record(Path(base_source(cfg)))
+        record = gguf_base.source_record(cfg, Path(base_source(cfg)))
         record["end_of_turn"] = tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))
         atomic_write_text(paths.base_model, json.dumps(record, indent=2))
         written.append(paths.base_model)

@@ -296,8 +296,10 @@ def _convert(cfg: Settings, path: Path, dtype, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def source_record(folder: Path) -> dict[str, Any]:
-    """What a prepared folder says about its GGUF: file, sha256, Hub repo, general.* metadata, source model."""
+def source_record(cfg: Settings, folder: Path) -> dict[str, Any]:
+    """The GGUF base as this run names it (file, Hub repo) and as its prepared folder describes it (sha256, size,
+    general.* metadata), with the model it was converted from. The folder is shared by every run of the same
+    bytes, so the file's name and repo come from the settings, not from the run that converted it."""
     record = json.loads((folder / SOURCE_FILE).read_text())
-    record["source_model"] = source_model(record["metadata"])
+    record |= {"file": locate(cfg).name, "hub_repo": hub_repo(cfg), "source_model": source_model(record["metadata"])}
     return record

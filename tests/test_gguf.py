@@ -311,3 +311,16 @@ def test_greedy_stops_at_any_of_several_end_tokens(tiny_model_dir):
     assert stop not in free[:4]
     out = greedy(model, batch["input_ids"], batch["attention_mask"], 12, [-1, stop], tok.pad_token_id)[0].tolist()
     assert out[:5] == free[:5] and set(out[5:]) == {tok.pad_token_id}
+
+
+def test_the_record_names_this_runs_file_though_the_converted_folder_is_shared(tiny_gguf, tmp_path, monkeypatch):
+    """Two names for the same bytes share one converted folder; each run's record names its own file and repo."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    copy = tmp_path / "renamed-q8.gguf"
+    shutil.copy(tiny_gguf, copy)
+    first = settings(BASE_MODEL=str(tiny_gguf), CHAT_TEMPLATE="llama3")
+    second = settings(BASE_MODEL=str(copy), CHAT_TEMPLATE="llama3")
+    folder = gguf_base.prepare(first, torch.float32)
+    assert gguf_base.prepare(second, torch.float32) == folder
+    assert gguf_base.source_record(second, folder)["file"] == "renamed-q8.gguf"
+    assert gguf_base.source_record(first, folder)["file"] == tiny_gguf.name
