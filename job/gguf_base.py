@@ -110,7 +110,8 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The file's metadata keys: numbers, booleans and strings as they are, each array as its length. Raises
+    """The file's metadata keys: numbers, booleans and strings as they are, short string arrays (64 entries at
+    most) as lists, every other array as its length. Raises
     ValueError for a file that is not GGUF or is damaged.
 
     Our own reader of the header rather than gguf's GGUFReader or Transformers' reader: both turn every array
@@ -139,9 +140,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
                 at += 12
                 if inner in _SCALARS:
                     return n, at + n * struct.calcsize(_SCALARS[inner])
+                short = keep and inner == 8 and n <= 64  # general.tags, general.languages: kept as lists
+                items = []
                 for _ in range(n):  # strings or nested arrays: each carries its own length
-                    _, at = value(inner, at, keep=False)
-                return n, at
+                    item, at = value(inner, at, keep=short)
+                    items.append(item)
+                return (items if short else n), at
             raise ValueError(f"damaged GGUF metadata (value type {kind})")
 
         try:
