@@ -51,10 +51,32 @@ def base_for_generation(model):
     """
     base = model.unload()  # the base model with the LoRA layers taken out
     if getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None):
+        unpack_cpu_layout(base)
         base = base.dequantize()
     if base.config._attn_implementation not in ("sdpa", "eager"):
         base.set_attn_implementation("sdpa")  # decoding has no packed rows, and job/decode.py passes 4D masks
     return base.eval()
+
+
+def unpack_cpu_layout(model) -> int:
+    """Put bitsandbytes' 4-bit weights back in their standard layout; returns how many were repacked.
+
+    On a CPU with AVX512-BF16, Linear4bit's first forward in eval mode without gradients (the eval-loss pass)
+    repacks its weight into a layout of its own for a faster CPU kernel (`quant_state.packing_format_for_cpu`).
+    Transformers' `dequantize` reads the standard layout, so it turned every repacked weight into noise: on CPU
+    each generated answer was random tokens (seen on Gemma 3 270M; tests/test_gguf.py pins it). bitsandbytes
+    undoes the repacking itself before saving or moving to a GPU, with this function.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    from job.model import four_bit_layers
+
+    repacked = [m for m in four_bit_layers(model) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    for m in repacked:
+        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            m.weight.data, m.weight.quant_state
+        )
+    return len(repacked)
 
 
 def shared_model_for_generation(model, adapter_dir: Path):

@@ -324,3 +324,29 @@ def test_the_record_names_this_runs_file_though_the_converted_folder_is_shared(t
     assert gguf_base.prepare(second, torch.float32) == folder
     assert gguf_base.source_record(second, folder)["file"] == "renamed-q8.gguf"
     assert gguf_base.source_record(first, folder)["file"] == tiny_gguf.name
+
+
+def test_generation_dequantizes_the_4bit_weights_the_cpu_kernel_repacked(tiny_model_dir):
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel on the first no-grad forward in eval mode (the eval-loss
+    pass); dequantizing for generation must give the weights of before, not a reading of the repacked bytes."""
+    import bitsandbytes.functional as bnbf
+
+    from job.model import four_bit_layers, load_model
+
+    cfg = settings(BASE_MODEL=str(tiny_model_dir))
+    model = load_model(cfg, "fp32").eval()
+    layers = dict((id(m), m) for m in four_bit_layers(model))
+    before = {k: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).clone() for k, m in layers.items()}
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers.values()):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes did not repack the weights")
+    garbled = {k: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for k, m in layers.items()}
+    assert evaluate.unpack_cpu_layout(model) == len(layers)
+    for key, m in layers.items():
+        # The repacking keeps the block scales in bf16: the weights come back within bf16's rounding of them.
+        restored = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        assert ((restored - before[key]).norm() / before[key].norm()).item() < 1e-2
+        assert ((garbled[key] - before[key]).norm() / before[key].norm()).item() > 0.5  # what dequantize read before
+    plain = model.dequantize()
+    assert all(type(m).__name__ != "Linear4bit" for m in plain.modules())
