@@ -58,6 +58,7 @@ def turn_tokens_model(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 # --- the whole job on a GGUF base ------------------------------------------------------------------------------
+@pytest.mark.slow  # the whole job: about half a minute on 2 busy CPU cores
 def test_the_job_trains_and_evaluates_a_gguf_base(tiny_model_dir, tmp_path, run_job, fake_hub):
     from tiny_gguf import write_llama_gguf
 
