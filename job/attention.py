@@ -103,6 +103,9 @@ def varlen_attention_forward(
     window = kwargs.get("sliding_window")  # set on the sliding-window layers of Gemma 2/3 and Mistral
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    # Gemma's, Mistral's ... sliding-window layers pass their span: a query sees itself and window - 1 tokens
+    # back (Transformers' sliding_window_overlay), flash's window_size=(window - 1, 0).
+    window = kwargs.get("sliding_window")
     flash = _FLASH
     if flash is not None and q.is_cuda and q.dtype != torch.float32 and (window is None or "window_size" in flash[1]):
         varlen_attn, params = flash  # the flash kernels take 16-bit only

@@ -12,7 +12,7 @@ import sys
 from job import chat_tokens
 from job.config import load_settings
 from job.errors import ConfigError
-from job.model import build_messages, load_model, load_tokenizer, resolve_precision
+from job.model import build_messages, end_of_turn_ids, load_model, load_tokenizer, resolve_precision
 from job.paths import RunPaths
 
 
@@ -47,6 +47,7 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, date_stri
             max_new_tokens=max_new_tokens,
             do_sample=False,
             streamer=streamer,
+            eos_token_id=end_of_turn_ids(tokenizer),  # stop at the template's end of turn, not only at eos
             pad_token_id=tokenizer.pad_token_id,
         )
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -40,6 +40,8 @@ BENCHMARK_TASK_NAMES = (
     "mmlu_medical_genetics",
     "mmlu_professional_medicine",
 )
+# Chat templates shipped with the job (job/templates/chat/<name>.jinja), for CHAT_TEMPLATE.
+CHAT_TEMPLATE_NAMES = ("gemma", "llama3", "chatml")
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY")
 # URLs that may carry user:password@ or a key in the query: shown and recorded without them (job/redact.py).
 URL_NAMES = ("JUDGE_BASE_URL",)
@@ -130,7 +132,22 @@ class Settings:
     )
     # --- model -------------------------------------------------------------------------------
     BASE_MODEL: str = _setting(
-        "meta-llama/Llama-3.2-3B-Instruct", "Hub id or local folder of the base model.", "format"
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "Hub id or local folder of the base model, or a local .gguf file (loaded dequantized, then trained like any "
+        "other base).",
+        "format",
+    )
+    GGUF_FILE: str = _setting(
+        "",
+        "File name of a .gguf inside the BASE_MODEL Hub repo or folder, to train on that GGUF file (empty: "
+        "BASE_MODEL is a Transformers model, or itself a .gguf file).",
+        "format",
+    )
+    CHAT_TEMPLATE: str = _setting(
+        "",
+        "Chat template for bases that have none, or to replace the base's own: gemma, llama3, chatml "
+        "(job/templates/chat/), or the path of a Jinja file (empty: the base model's own template).",
+        "format",
     )
     QUANTIZATION: str = _setting(
         "nf4", "nf4: QLoRA on a 4-bit base; none: LoRA on a 16-bit base.", "train", ("nf4", "none")
@@ -530,6 +547,22 @@ def _check(s: Settings) -> list[str]:
     for name in ("DESCRIPTION_COLUMN", "PATIENT_COLUMN", "DOCTOR_COLUMN", "DATASET", "BASE_MODEL", "OUTPUT_DIR"):
         if not getattr(s, name).strip():
             bad(name, "must not be empty")
+    if s.GGUF_FILE.strip():
+        if not s.GGUF_FILE.strip().lower().endswith(".gguf"):
+            bad("GGUF_FILE", "must name a .gguf file, e.g. gemma-3-270m-q4_k_m.gguf (or leave it empty)")
+        elif s.BASE_MODEL.strip().lower().endswith(".gguf"):
+            bad(
+                "GGUF_FILE",
+                "BASE_MODEL already names a .gguf file; leave GGUF_FILE empty, or set BASE_MODEL to "
+                "the Hub repo or folder that holds GGUF_FILE",
+            )
+    template = s.CHAT_TEMPLATE.strip()
+    if template and template not in CHAT_TEMPLATE_NAMES and not Path(template).expanduser().is_file():
+        bad(
+            "CHAT_TEMPLATE",
+            f"neither one of {', '.join(CHAT_TEMPLATE_NAMES)} nor an existing file; give a template's name, "
+            "the path of a Jinja file, or leave it empty for the base model's own template",
+        )
     # --- judge (job/judge.py) ---
     if not s.JUDGE_TIMEOUT > 0:
         bad("JUDGE_TIMEOUT", "must be more than 0 seconds")

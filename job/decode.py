@@ -11,6 +11,9 @@ padding, positions and stopping (tests/test_decode.py checks it against Transfor
 from __future__ import annotations
 
 import inspect
+import logging
+
+log = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decoding steps between checks whether every row has finished (each check syncs the host)
 WARMUP_STEPS = 2  # eager steps on a side stream before capture: cuBLAS and the allocator set up outside it
@@ -19,10 +22,20 @@ WARMUP_STEPS = 2  # eager steps on a side stream before capture: cuBLAS and the 
 PREFILL_TOKENS = 128
 
 
-def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, pad_id: int, graph: bool | None = None):
-    """New tokens (rows, up to max_new_tokens) for left-padded `input_ids`; pad_id after a row's eos_id.
+def greedy(
+    model,
+    input_ids,
+    attention_mask,
+    max_new_tokens: int,
+    eos_id: int | list[int],
+    pad_id: int,
+    graph: bool | None = None,
+):
+    """New tokens (rows, up to max_new_tokens) for left-padded `input_ids`; pad_id after a row's end token.
 
-    graph: capture the step as a CUDA graph (default: when the model is on CUDA).
+    eos_id: the token or tokens that end a row (job/model.py end_of_turn_ids: eos and the chat template's
+    end-of-turn token, which a chat model writes instead of eos). graph: capture the step as a CUDA graph
+    (default: when the model is on CUDA).
     """
     import torch
     from transformers import StaticCache
@@ -31,6 +44,9 @@ def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, p
     device = input_ids.device
     rows, prompt = input_ids.shape
     length = prompt + max_new_tokens
+    window = sliding_window(lm.config)
+    if window is not None and length > window:
+        return _generate(lm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, window)
     cache = StaticCache(config=lm.config, max_cache_len=length)
     # Transformers 5.x renames past_key_values to cache (the old name is deprecated, then removed).
     cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -54,14 +70,14 @@ def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, p
                  **{cache_arg: cache})  # fmt: skip
         return out.logits[:, -1].argmax(-1)
 
-    eos = torch.tensor([eos_id], device=device)
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     with torch.no_grad():
         for start in range(0, prompt, PREFILL_TOKENS):  # the cache fills in order; the last chunk's token counts
             end = min(start + PREFILL_TOKENS, prompt)
             first = forward(input_ids[:, start:end], additive(prefill_mask[:, :, start:end]), positions[:, start:end])
         new[:, 0] = first
-        done = first == eos
+        done = torch.isin(first, eos)
         token = first[:, None].clone()
         pos = positions[:, -1:] + 1
         step = torch.tensor([prompt], device=device)  # cache slot of the token fed in
@@ -71,7 +87,7 @@ def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, p
             mask.index_fill_(3, step, 0.0)
             nxt = torch.where(done, pad_id, forward(token, mask, pos))
             new.index_copy_(1, step - prompt + 1, nxt[:, None])
-            done.logical_or_(nxt == eos)
+            done.logical_or_(torch.isin(nxt, eos))
             token.copy_(nxt[:, None])
             pos.add_(1)
             step.add_(1)
@@ -96,4 +112,39 @@ def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, p
                 break
             replay()
             taken += 1
+    return new
+
+
+def sliding_window(config) -> int | None:
+    """The span of the model's sliding-window layers (Gemma 2 and 3, Mistral), or None when it has none."""
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    return window if window and (types is None or "sliding_attention" in types) else None
+
+
+def _generate(lm, input_ids, attention_mask, max_new_tokens: int, eos_id, pad_id: int, window: int):
+    """Transformers' greedy `generate`, padded to max_new_tokens as greedy() pads: for rows longer than a sliding
+    window. greedy()'s masks cover every cached position, while a sliding-window layer's static cache keeps only
+    its last `window` positions, and its queries must not see past them; Transformers builds those masks itself."""
+    import torch
+
+    log.info(
+        "prompt + MAX_NEW_TOKENS = %d tokens exceeds the %d-token span of the model's sliding-window layers: "
+        "decoding with Transformers' generate, which masks those layers itself",
+        input_ids.shape[1] + max_new_tokens,
+        window,
+    )
+    stops = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    with torch.no_grad():
+        out = lm.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+        )[:, input_ids.shape[1] :]
+    new = torch.full((out.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=out.device)
+    new[:, : out.shape[1]] = out
     return new

@@ -20,7 +20,7 @@ from typing import Any
 from job import chat_tokens, decode, judge, safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
-from job.model import build_messages, load_model, load_tokenizer, resolve_precision
+from job.model import build_messages, end_of_turn_ids, load_model, load_tokenizer, resolve_precision
 from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,32 @@ def base_for_generation(model):
     """
     base = model.unload()  # the base model with the LoRA layers taken out
     if getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None):
+        unpack_cpu_layout(base)
         base = base.dequantize()
     if base.config._attn_implementation not in ("sdpa", "eager"):
         base.set_attn_implementation("sdpa")  # decoding has no packed rows, and job/decode.py passes 4D masks
     return base.eval()
+
+
+def unpack_cpu_layout(model) -> int:
+    """Put bitsandbytes' 4-bit weights back in their standard layout; returns how many were repacked.
+
+    On a CPU with AVX512-BF16, Linear4bit's first forward in eval mode without gradients (the eval-loss pass)
+    repacks its weight into a layout of its own for a faster CPU kernel (`quant_state.packing_format_for_cpu`).
+    Transformers' `dequantize` reads the standard layout, so it turned every repacked weight into noise: on CPU
+    each generated answer was random tokens (seen on Gemma 3 270M; tests/test_gguf.py pins it). bitsandbytes
+    undoes the repacking itself before saving or moving to a GPU, with this function.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    from job.model import four_bit_layers
+
+    repacked = [m for m in four_bit_layers(model) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    for m in repacked:
+        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            m.weight.data, m.weight.quant_state
+        )
+    return len(repacked)
 
 
 def shared_model_for_generation(model, adapter_dir: Path):
@@ -174,6 +196,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
     # costs a full set of decoding steps.
     size = math.ceil(len(order) / max(math.ceil(len(order) / cfg.EVAL_BATCH_SIZE), 1))
     texts: list[str] = [""] * len(conversations)
+    stop = end_of_turn_ids(tokenizer)  # eos and the template's end-of-turn token (<end_of_turn> for Gemma)
     new_tokens, t0 = 0, time.perf_counter()
     for start in tqdm(range(0, len(order), size), desc="generate", disable=None):
         idx = order[start : start + size]
@@ -185,7 +208,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
                 enc["input_ids"],
                 enc["attention_mask"],
                 cfg.MAX_NEW_TOKENS,
-                eos_id=tokenizer.eos_token_id,
+                eos_id=stop,
                 pad_id=tokenizer.pad_token_id,
             )
         for i, row in zip(idx, out):

@@ -1,4 +1,5 @@
-"""Stage 2, format: render each conversation with the model's own chat template and mark the loss.
+"""Stage 2, format: render each conversation with the model's chat template (its own, or CHAT_TEMPLATE's) and
+mark the loss.
 
 We tokenize here rather than inside TRL so that the loss mask is ours to test and to count:
 `completion_mask` is 1 exactly on the assistant reply and its end-of-turn token, 0 on the
@@ -6,7 +7,8 @@ system and user turns. The mask comes from rendering the prompt (with the genera
 and the whole conversation and checking the first is a prefix of the second; this works for
 any chat template, unlike `{% generation %}` markers, which Llama 3.2's template lacks. Text from the data
 never becomes a control token, and the template's date is TEMPLATE_DATE (job/chat_tokens.py).
-Writes the token files (TRL's pre-tokenized format) and their statistics (job/paths.py).
+Writes the token files (TRL's pre-tokenized format) and their statistics (job/paths.py); for a GGUF base, also
+what the file is (job/gguf_base.py), for the model card.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import logging
 import statistics
 from pathlib import Path
 
+from job import gguf_base
 from job.chat_tokens import encode, holds_special_text
 from job.config import Settings
 from job.errors import ConfigError
 from job.files import atomic_write_text, read_jsonl, write_jsonl
-from job.model import build_messages, load_tokenizer
+from job.model import base_source, build_messages, end_of_turn_ids, load_tokenizer
 from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,9 @@ def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]
     prompt_ids = encode(tokenizer, prompt, add_generation_prompt=True, date_string=cfg.TEMPLATE_DATE, split=split)
     full_ids = encode(tokenizer, full, add_generation_prompt=False, date_string=cfg.TEMPLATE_DATE, split=split)
     if full_ids[: len(prompt_ids)] != prompt_ids:
+        what = f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}" if cfg.CHAT_TEMPLATE.strip() else f"BASE_MODEL={cfg.BASE_MODEL!r}"
         raise ConfigError(
-            f"BASE_MODEL={cfg.BASE_MODEL!r}: its chat template renders the prompt differently from the start "
+            f"{what}: its chat template renders the prompt differently from the start "
             "of the full conversation, so the reply cannot be located for the loss mask. Use a model whose "
             "template is prefix-stable (Llama 3.x, Qwen, Mistral instruct models are)."
         )
@@ -108,4 +112,12 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
             stats["dropped_no_room_for_reply"],
         )
     atomic_write_text(paths.format_stats, json.dumps(all_stats, indent=2))
-    return [paths.train_tokens, paths.eval_tokens, paths.format_stats]
+    written = [paths.train_tokens, paths.eval_tokens, paths.format_stats]
+    if gguf_base.is_gguf(cfg):  # the card names the file and the model it came from (job/report.py)
+        record = gguf_base.source_record(cfg, Path(base_source(cfg)))
+        record["end_of_turn"] = tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))
+        atomic_write_text(paths.base_model, json.dumps(record, indent=2))
+        written.append(paths.base_model)
+    else:  # a record left by an earlier GGUF base of this run directory would name the wrong model on the card
+        paths.base_model.unlink(missing_ok=True)
+    return written

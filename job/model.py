@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from job import attention
-from job.config import Settings
+from job import attention, gguf_base
+from job.config import CHAT_TEMPLATE_NAMES, Settings
 from job.errors import ConfigError, classify
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 # code uses the current names (activation_checkpointing). Silence only that message, so every other
 # deprecation still shows.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# PEFT looks for config.json at the adapter's base_model_name_or_path at every save, to tell whether the
+# vocabulary was resized; for a GGUF base that is the .gguf file (what the adapter records), offline a Hub id
+# cannot be asked, and this job never resizes the vocabulary: the warning that it found none says nothing.
+warnings.filterwarnings("ignore", message="Could not find a config file in ", category=UserWarning)
 
 
 def local_rank() -> int:
@@ -126,21 +130,71 @@ def _revision(source: str) -> dict[str, str]:
     return {"revision": revision} if revision else {}
 
 
+def base_source(cfg: Settings, precision: str | None = None) -> str:
+    """What `from_pretrained` loads for BASE_MODEL: the Hub id or folder itself, or, for a GGUF file, the folder of
+    its dequantized weights and tokenizer (job/gguf_base.py; converted on first use, in `precision`'s dtype)."""
+    if not gguf_base.is_gguf(cfg):
+        return cfg.BASE_MODEL
+    return str(gguf_base.prepare(cfg, torch_dtype(precision or resolve_precision(cfg)[0])))
+
+
+CHAT_TEMPLATES = Path(__file__).parent / "templates" / "chat"  # CHAT_TEMPLATE's named templates, <name>.jinja
+# A conversation that every chat template renders: the turn that follows the reply shows how a turn ends.
+_PROBE = [{"role": "user", "content": "Is it serious?"}]
+_PROBE_REPLY = "Probably not."
+
+
+def chat_template_text(cfg: Settings) -> str | None:
+    """The template CHAT_TEMPLATE names (a shipped one by name, or a Jinja file), or None to keep the model's own."""
+    name = cfg.CHAT_TEMPLATE.strip()
+    if not name:
+        return None
+    path = CHAT_TEMPLATES / f"{name}.jinja" if name in CHAT_TEMPLATE_NAMES else Path(name).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"CHAT_TEMPLATE={name!r}: cannot read {path} ({e}).") from None
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end an assistant turn, for generation to stop at: eos, and the token the chat template
+    writes right after a reply (Llama 3's <|eot_id|>, Gemma's <end_of_turn>, ChatML's <|im_end|>) when that is a
+    token of its own (an added or special token: plain text after a reply could also be part of the reply)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end = _turn_end(tokenizer)
+    return ids + [end] if end is not None and end not in ids else ids
+
+
+def _turn_end(tokenizer) -> int | None:
+    """The first token after the probe reply in the rendered conversation, if it is an added token; else None."""
+    prompt = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=True, tokenize=True, return_dict=True)
+    full = tokenizer.apply_chat_template(
+        _PROBE + [{"role": "assistant", "content": _PROBE_REPLY}], tokenize=True, return_dict=True
+    )
+    tail = list(full["input_ids"])[len(prompt["input_ids"]) :]
+    for k in range(1, len(tail)):  # the reply is the shortest start of the tail that reads as it
+        if tokenizer.decode(tail[:k]).strip() == _PROBE_REPLY:
+            nxt = tail[k]
+            return nxt if nxt in tokenizer.added_tokens_decoder or nxt == tokenizer.eos_token_id else None
+    return None
+
+
 def load_tokenizer(cfg: Settings, source: str | None = None):
+    """The tokenizer of BASE_MODEL (or of `source`, e.g. a trained adapter's folder), with CHAT_TEMPLATE applied."""
     from transformers import AutoTokenizer
 
-    source = source or cfg.BASE_MODEL
-    tok = _hub_call(
-        f"BASE_MODEL={source!r}",
-        AutoTokenizer.from_pretrained,
-        source,
-        token=cfg.HF_TOKEN or None,
-        **_revision(source),
-    )
+    source = source or base_source(cfg)
+    what = gguf_base.describe(cfg) if source != cfg.BASE_MODEL and gguf_base.is_gguf(cfg) else f"BASE_MODEL={source!r}"
+    tok = _hub_call(what, AutoTokenizer.from_pretrained, source, token=cfg.HF_TOKEN or None, **_revision(source))
+    template = chat_template_text(cfg)
+    if template is not None:
+        tok.chat_template = template
+        _check_template(cfg, tok)
     if not getattr(tok, "chat_template", None):
         raise ConfigError(
-            f"BASE_MODEL={source!r} has no chat template, so conversations cannot be formatted the way "
-            "the model expects. Use an instruct/chat model (e.g. meta-llama/Llama-3.2-3B-Instruct)."
+            f"{what} has no chat template, so conversations cannot be formatted the way the model expects. "
+            "Use an instruct/chat model (e.g. meta-llama/Llama-3.2-3B-Instruct), or set CHAT_TEMPLATE to the "
+            "model family's turn format (gemma, llama3, chatml) or to a Jinja file."
         )
     if tok.pad_token is None:
         # Llama 3 reserves this token for padding; falling back to EOS is safe because padded
@@ -148,6 +202,21 @@ def load_tokenizer(cfg: Settings, source: str | None = None):
         pad = "<|finetune_right_pad_id|>"
         tok.pad_token = pad if pad in tok.get_vocab() else tok.eos_token
     return tok
+
+
+def _check_template(cfg: Settings, tok) -> None:
+    """CHAT_TEMPLATE renders a conversation, and ends the reply with a token of the model's own vocabulary (which
+    generation can stop at): ChatML's <|im_end|> on a Gemma vocabulary would be cut into pieces of text."""
+    try:
+        end = _turn_end(tok)
+    except Exception as e:  # jinja2's TemplateError and what a template raises itself (raise_exception)
+        raise ConfigError(f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}: the template does not render ({e}).") from None
+    if end is None:
+        raise ConfigError(
+            f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}: the template ends an assistant turn with text that is not one "
+            f"token of the vocabulary of {gguf_base.describe(cfg)}, so generation could not stop there. Use the "
+            "template of the model's family (gemma for Gemma, llama3 for Llama 3, chatml for Qwen)."
+        )
 
 
 def build_messages(cfg: Settings, patient: str, description: str = "", reply: str | None = None) -> list[dict]:
@@ -182,11 +251,13 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
     model = _hub_call(
         f"BASE_MODEL={cfg.BASE_MODEL!r}",
         AutoModelForCausalLM.from_pretrained,
-        cfg.BASE_MODEL,
+        base_source(cfg, precision),
         token=cfg.HF_TOKEN or None,
         **_revision(cfg.BASE_MODEL),
         **kwargs,
     )
+    if gguf_base.is_gguf(cfg):  # what PEFT records as the adapter's base: the GGUF, not this machine's cache
+        model.name_or_path = gguf_base.hub_repo(cfg) or cfg.BASE_MODEL
     model.config.use_cache = False
     implementation, why = attention.attention_for(model.config, cfg.ATTN_IMPLEMENTATION)
     if why:
@@ -290,30 +361,36 @@ _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 def check_base_model(cfg: Settings, lora: bool) -> None:
-    """Before any weights load: BASE_MODEL exists, has a chat template, and (when training) has the
-    LORA_TARGET_MODULES. The architecture is built from config.json on the meta device: no memory used."""
+    """Before any weights load: BASE_MODEL exists, has a chat template (its own or CHAT_TEMPLATE), and (when
+    training) has the LORA_TARGET_MODULES. The architecture is built from config.json on the meta device: no
+    memory used. A GGUF file is converted here, once (job/gguf_base.py), after the checks its header allows."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(cfg.BASE_MODEL).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
+    if gguf_base.is_gguf(cfg):
+        gguf_base.check(cfg)  # the file's header first: seconds, where converting it takes minutes
+        source = base_source(cfg)
+    elif path.exists() and not (path / "config.json").is_file():
         raise ConfigError(
             f"BASE_MODEL={cfg.BASE_MODEL!r}: {path} has no config.json. Give a folder written by "
             "save_pretrained, or a Hub id such as meta-llama/Llama-3.2-3B-Instruct."
         )
-    if not path.exists() and (cfg.BASE_MODEL.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(cfg.BASE_MODEL)):
+    elif not path.exists() and (cfg.BASE_MODEL.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(cfg.BASE_MODEL)):
         raise ConfigError(
             f"BASE_MODEL={cfg.BASE_MODEL!r}: no such folder, and not a Hub id (owner/name). Fix the path, "
             "or use a Hub id such as meta-llama/Llama-3.2-3B-Instruct."
         )
+    else:
+        source = cfg.BASE_MODEL
     load_tokenizer(cfg)  # raises when there is no chat template
     if lora:
         config = _hub_call(
             f"BASE_MODEL={cfg.BASE_MODEL!r}",
             AutoConfig.from_pretrained,
-            cfg.BASE_MODEL,
+            source,
             token=cfg.HF_TOKEN or None,
-            **_revision(cfg.BASE_MODEL),
+            **_revision(source),
         )
         with torch.device("meta"):
             _check_targets(cfg, AutoModelForCausalLM.from_config(config))

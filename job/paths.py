@@ -38,6 +38,7 @@ class RunPaths:
     train_tokens = _at("data/train_tokens.jsonl")  # {input_ids, completion_mask} per conversation
     eval_tokens = _at("data/eval_tokens.jsonl")
     format_stats = _at("data/format_stats.json")  # token counts, truncated and dropped replies
+    base_model = _at("data/base_model.json")  # a GGUF base: its file, sha256, source model, end-of-turn tokens
     # --- train ---------------------------------------------------------------------------------------
     checkpoints = _at("checkpoints")  # checkpoint-N/ with fingerprint.json, each complete once its marker exists
     adapter = _at("adapter")  # the final LoRA adapter and tokenizer

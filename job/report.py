@@ -77,11 +77,17 @@ def _quote(text: str, limit: int = 600) -> str:
     return _MARKDOWN.sub(r"\\\1", html.escape(text, quote=False))
 
 
-def card_data(cfg: Settings) -> ModelCardData:
+def card_data(cfg: Settings, gguf: dict | None = None) -> ModelCardData:
     """The card's metadata, rendered to YAML (quoted where needed) by huggingface_hub. A local BASE_MODEL or
-    DATASET is no Hub id, and the Hub rejects a card that names one, so those are left out."""
+    DATASET is no Hub id, and the Hub rejects a card that names one, so those are left out. For a GGUF base
+    (`gguf`: the format stage's record, job/gguf_base.py) base_model is the model the file says it was converted
+    from, when its metadata gives that model's Hub URL, else the Hub repo that holds the file, else none."""
+    if gguf is not None:
+        base_model = gguf.get("source_model") or gguf.get("hub_repo")
+    else:
+        base_model = None if is_local_path(cfg.BASE_MODEL) else cfg.BASE_MODEL
     return ModelCardData(
-        base_model=None if is_local_path(cfg.BASE_MODEL) else cfg.BASE_MODEL,
+        base_model=base_model,
         datasets=None if is_local_path(cfg.DATASET) else [cfg.DATASET],
         library_name="peft",
         license=cfg.MODEL_LICENSE,
@@ -143,6 +149,15 @@ def _benchmarked(paths: RunPaths, manifest: dict | None) -> bool:
     return manifest is None or manifest.get("stages", {}).get("benchmark", {}).get("status") == "done"
 
 
+def _base_link(cfg: Settings, gguf: dict | None) -> str:
+    if gguf is not None:
+        source = card_data(cfg, gguf).base_model
+        return f"the GGUF file `{gguf['file']}`" + (f" ([{source}](https://huggingface.co/{source}))" if source else "")
+    if is_local_path(cfg.BASE_MODEL):
+        return f"`{cfg.BASE_MODEL}`"
+    return f"[{cfg.BASE_MODEL}](https://huggingface.co/{cfg.BASE_MODEL})"
+
+
 def model_card(cfg: Settings, paths: RunPaths, manifest: dict | None = None) -> str:
     cfg = recorded_settings(cfg, manifest)
     metrics = read_json(paths.metrics)
@@ -150,15 +165,15 @@ def model_card(cfg: Settings, paths: RunPaths, manifest: dict | None = None) -> 
     b, t = metrics["base"], metrics["tuned"]
     final_loss = next((e["loss"] for e in reversed(train_log.get("log_history", [])) if "loss" in e), None)
     repo = cfg.HUB_REPO_ID or f"<your-name>/{cfg.RUN_NAME}"
+    gguf = read_json(paths.base_model) if paths.base_model.is_file() else None  # written for a GGUF base only
     card = ModelCard.from_template(
-        card_data(cfg),
+        card_data(cfg, gguf),
         template_path=str(TEMPLATE),
         cfg=cfg,
         repo=repo,
         title=repo.split("/")[-1],
-        base_link=f"`{cfg.BASE_MODEL}`"
-        if is_local_path(cfg.BASE_MODEL)
-        else f"[{cfg.BASE_MODEL}](https://huggingface.co/{cfg.BASE_MODEL})",
+        gguf=gguf,
+        base_link=_base_link(cfg, gguf),
         metrics=metrics,
         comparison=[
             ("eval loss on doctor replies (nats/token)", b.get("eval_loss", "–"), t.get("eval_loss", "–")),

@@ -4,6 +4,7 @@ Fixtures for other test modules to reuse:
 
 - ``tiny_model_dir`` (session): folder of a 2-layer Llama model + BPE tokenizer (trained on the fixture's
   texts, Llama-3-style chat template), written by ``job.random_llama.build_random_llama``. Use it as BASE_MODEL.
+- ``tiny_gguf`` (session): the same model as a GGUF file without a chat template (tests/tiny_gguf.py).
 - ``demo_env`` (session): ``demo_env(output_dir, **overrides) -> dict[str, str]``, every environment variable
   a small, CPU, offline run needs: the demo's settings plus BASE_MODEL, OUTPUT_DIR, RUN_NAME, HUB_REPO_ID and
   HF_TOKEN (= ``CANARY_TOKEN``). Overrides are setting names, e.g. ``demo_env(d, LORA_R="4")``.
@@ -328,6 +329,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     texts = [v for row in read_jsonl(FIXTURE) for v in row.values() if isinstance(v, str)]
     return build_random_llama(tmp_path_factory.mktemp("tiny-model"), texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    """``tiny_model_dir`` written as a GGUF file (tests/tiny_gguf.py: Q8_0 weights, the tokenizer, no chat template,
+    like Gemma's base GGUFs), for BASE_MODEL. Runs that load it should set HF_HOME to a folder of their own: the
+    dequantized copy is written there (job/gguf_base.py)."""
+    from tiny_gguf import write_llama_gguf
+
+    return write_llama_gguf(tiny_model_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf")
 
 
 @pytest.fixture(scope="session")

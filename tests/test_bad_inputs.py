@@ -99,6 +99,32 @@ def _model_without_chat_template(ctx):
     ctx.env["BASE_MODEL"] = str(model)
 
 
+def _gguf(folder: bool = False, arch: str | None = None, garbage: bool = False):
+    """BASE_MODEL: the tiny model as a .gguf without a chat template (tests/tiny_gguf.py); `folder`: BASE_MODEL is
+    the folder that holds it; `arch`: a header-only GGUF of that architecture; `garbage`: a .gguf of other bytes."""
+
+    def setup(ctx):
+        from gguf import GGUFWriter
+        from tiny_gguf import write_llama_gguf
+
+        path = ctx.tmp / "ggufs" / "tiny.gguf"
+        path.parent.mkdir()
+        if garbage:
+            path.write_bytes(b"PK\x03\x04 a zip file, renamed")
+        elif arch:
+            writer = GGUFWriter(str(path), arch=arch)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        else:
+            write_llama_gguf(ctx.model_dir, path)
+        ctx.env["BASE_MODEL"] = str(path.parent if folder else path)
+        ctx.env["HF_HOME"] = str(ctx.tmp / "hf")  # a conversion, if any, would land here
+
+    return setup
+
+
 def _output_dir_under_a_file(ctx):
     blocker = ctx.tmp / "a-file"
     blocker.write_text("not a folder")
@@ -358,6 +384,51 @@ CASES = [
         {},
         ("BASE_MODEL=", "no chat template", "instruct"),
         setup=_model_without_chat_template,
+    ),
+    Case(
+        "GGUF base without a chat template, CHAT_TEMPLATE unset",
+        {},
+        ("BASE_MODEL=", "tiny.gguf", "no chat template", "Set CHAT_TEMPLATE", "gemma, llama3, chatml"),
+        setup=_gguf(),
+    ),
+    Case(
+        ".gguf file missing",
+        {"BASE_MODEL": "/nonexistent/model-q4_k_m.gguf"},
+        ("BASE_MODEL='/nonexistent/model-q4_k_m.gguf'", "no such .gguf file"),
+    ),
+    Case(
+        "GGUF_FILE not in the BASE_MODEL folder",
+        {"GGUF_FILE": "model-q8_0.gguf", "CHAT_TEMPLATE": "llama3"},
+        ("GGUF_FILE='model-q8_0.gguf'", "not in the folder", "its .gguf files: tiny.gguf"),
+        setup=_gguf(folder=True),
+    ),
+    Case("GGUF_FILE not a .gguf", {"GGUF_FILE": "model.safetensors"}, ("GGUF_FILE='model.safetensors'", ".gguf file")),
+    Case(
+        "GGUF_FILE beside a .gguf BASE_MODEL",
+        {"BASE_MODEL": "/models/a.gguf", "GGUF_FILE": "b.gguf"},
+        ("GGUF_FILE='b.gguf'", "BASE_MODEL already names a .gguf file"),
+    ),
+    Case(
+        "a .gguf that is not GGUF",
+        {"CHAT_TEMPLATE": "llama3"},
+        ("BASE_MODEL=", "tiny.gguf", "not a GGUF file"),
+        setup=_gguf(garbage=True),
+    ),
+    Case(
+        "GGUF of an architecture Transformers cannot load",
+        {"CHAT_TEMPLATE": "llama3"},
+        ("BASE_MODEL=", "architecture 'rwkv6'", "cannot load", "gemma3", "llama"),
+        setup=_gguf(arch="rwkv6"),
+    ),
+    Case(
+        "CHAT_TEMPLATE neither a name nor a file",
+        {"CHAT_TEMPLATE": "gemma4"},
+        ("CHAT_TEMPLATE='gemma4'", "gemma, llama3, chatml", "Jinja file"),
+    ),
+    Case(
+        "CHAT_TEMPLATE of another model family",
+        {"CHAT_TEMPLATE": "chatml"},
+        ("CHAT_TEMPLATE='chatml'", "not one token", "template of the model's family"),
     ),
     Case(
         "LoRA target modules absent",
