@@ -594,6 +594,19 @@ def _base_model_text(base: Path) -> str:
     return base.name
 
 
+def earlier_seeds(previous: Path, shared: dict, variants: dict, weights: str, now: list[int]) -> dict:
+    """Seeds a previous run into the same --out finished with the same settings, variants and scoring, other
+    than the ones run now: a run split over several calls (a machine lent for minutes) adds up in one table."""
+    try:
+        old = read_json(previous)
+    except (OSError, ValueError):
+        return {}
+    same = (old.get("setup", {}).get("shared_settings"), old.get("variants"), old.get("setup", {}).get("eval_weights"))
+    if same != (shared, variants, weights):
+        return {}
+    return {k: v for k, v in old.get("seeds", {}).items() if "losses" in v and int(k) not in now}
+
+
 def cmd_run(args) -> int:
     base = Path(args.base).resolve()
     if not (base / "config.json").exists():
@@ -627,8 +640,10 @@ def cmd_run(args) -> int:
             "eval_weights": args.eval_weights,
         },
         "variants": variants,
-        "seeds": {},
+        "seeds": earlier_seeds(out / "parity.json", shared, variants, args.eval_weights, seeds),
     }
+    if result["seeds"]:
+        print(f"keeping seeds {', '.join(result['seeds'])} of {out / 'parity.json'} (same settings and variants)")
     t0 = time.perf_counter()
     for seed in seeds:
         seed_dir = out / f"seed-{seed}"

@@ -174,3 +174,21 @@ def test_the_harness_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     # the same held-out rows for both: one scoring pass, the base scored once more with the adapters off
     assert seed["losses"]["base_again_with_adapters_disabled"] == pytest.approx(seed["losses"]["base"]["loss"])
     assert "| plain | 42 | 2 | 4.0 |" in (tmp_path / "parity.md").read_text()
+
+
+def test_a_run_split_over_calls_keeps_the_seeds_finished_before(tmp_path):
+    """Seeds of an earlier parity.json in --out count when settings, variants and scoring are the same."""
+    shared, variants = {"BASE_MODEL": "m", "NUM_SAMPLES": "1000"}, {"job": {}, "plain": parity.PLAIN}
+    done = {"variants": {}, "losses": {"base": {"loss": 3.0}}}
+    earlier = {
+        "setup": {"shared_settings": shared, "eval_weights": "nf4"},
+        "variants": variants,
+        "seeds": {"42": done, "7": done, "8": {"variants": {}}},  # 8 was cut short before scoring
+    }
+    (tmp_path / "parity.json").write_text(json.dumps(earlier))
+    kept = parity.earlier_seeds(tmp_path / "parity.json", shared, variants, "nf4", now=[7])
+    assert list(kept) == ["42"]  # 7 runs again now; 8 never finished
+    assert parity.earlier_seeds(tmp_path / "parity.json", shared | {"NUM_SAMPLES": "60"}, variants, "nf4", []) == {}
+    assert parity.earlier_seeds(tmp_path / "parity.json", shared, {"job": {}}, "nf4", []) == {}
+    assert parity.earlier_seeds(tmp_path / "parity.json", shared, variants, "16bit", []) == {}
+    assert parity.earlier_seeds(tmp_path / "none.json", shared, variants, "nf4", []) == {}

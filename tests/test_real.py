@@ -4,8 +4,8 @@ Runs only with HIPPO_REAL_MODEL=<model folder> (`make real-check` prepares Gemma
 `python -m bench.real_model prepare` and sets it), and is selected with `pytest -m real`; skipped everywhere
 else, CI included. Meant for the GPU machine: there the job runs with its defaults (1,000 conversations of
 the shared sample, 100 held out, 50 prompts answered). Without a GPU it runs a small version (SMALL_ON_CPU) so
-the tier can be tried on a laptop in minutes. HIPPO_REAL_DATA overrides the data file; HIPPO_REAL_OUT keeps
-the run directory (else a temporary one).
+the tier can be tried on a laptop. HIPPO_REAL_DATA overrides the data file; HIPPO_REAL_OUT keeps the run
+directory (else a temporary one); HIPPO_REAL_SETTINGS="KEY=VAL;KEY=VAL" sets any of the job's settings.
 
 One job run (module fixture), then one test per property: held-out loss of the tuned model below the base's,
 computed by bench/parity.py's code and not the evaluate stage's; answers that stop at the end-of-turn token,
@@ -59,6 +59,7 @@ def real_run(tmp_path_factory):
     if not data.is_file():
         pytest.skip(f"no data file {data}; set HIPPO_REAL_DATA")
     out = Path(os.environ.get("HIPPO_REAL_OUT") or tmp_path_factory.mktemp("real"))
+    out.mkdir(parents=True, exist_ok=True)
     judge = JudgeServer("overlap").start()
     env = {
         "BASE_MODEL": REAL_MODEL,
@@ -75,6 +76,7 @@ def real_run(tmp_path_factory):
         "JUDGE_BASE_URL": judge.base_url,
         "JUDGE_API_KEY": "x",
         **({} if torch.cuda.is_available() else SMALL_ON_CPU),
+        **dict(kv.split("=", 1) for kv in os.environ.get("HIPPO_REAL_SETTINGS", "").split(";") if "=" in kv),
     }
     try:
         done = job_process(env, cwd=out, timeout=3600)
