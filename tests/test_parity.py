@@ -147,12 +147,13 @@ def test_report_compares_each_variant_with_plain_and_trl(tmp_path):
 
 def test_prepare_refuses_a_missing_template_and_a_wrong_file(tmp_path, capsys):
     out = tmp_path / "model"
-    assert real_model.main(["prepare", "--out", str(out), "--chat-template", str(tmp_path / "none.jinja")]) == 2
+    wrong = tmp_path / "x.gguf"  # --gguf in both calls: nothing is downloaded whatever happens
+    wrong.write_bytes(b"GGUF not really")
+    missing = tmp_path / "none.jinja"
+    assert real_model.main(["prepare", "--out", str(out), "--gguf", str(wrong), "--chat-template", str(missing)]) == 2
     assert "none.jinja does not exist" in capsys.readouterr().err
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages }}")
-    wrong = tmp_path / "x.gguf"
-    wrong.write_bytes(b"GGUF not really")
     code = real_model.main(["prepare", "--out", str(out), "--gguf", str(wrong), "--chat-template", str(template)])
     assert code == 2 and f"expected {real_model.EXPECTED_SHA256}" in capsys.readouterr().err
     assert not out.exists()
