@@ -143,16 +143,17 @@ def choose_variants(names: list[str], extra: list[str]) -> dict[str, dict[str, s
 
 
 # --- running things in processes of their own ---------------------------------------------------------
-def child_env(settings: dict[str, str]) -> dict[str, str]:
-    """This environment without any job setting, plus `settings`; this checkout first on PYTHONPATH."""
+def child_env(settings: dict[str, str], site: str = "") -> dict[str, str]:
+    """This environment without any job setting, plus `settings`; `site` (a package folder) and this checkout
+    first on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update(settings)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(REPO), os.environ.get("PYTHONPATH")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
 
-def run_logged(cmd: list[str], settings: dict[str, str], log: Path) -> tuple[int, float]:
+def run_logged(cmd: list[str], settings: dict[str, str], log: Path, site: str = "") -> tuple[int, float]:
     """Run `cmd` with the job's `settings`, its output into `log`; (exit code, seconds).
 
     It runs in an empty folder beside the log: the job reads .env from its working folder, and `python -m`
@@ -161,8 +162,8 @@ def run_logged(cmd: list[str], settings: dict[str, str], log: Path) -> tuple[int
     cwd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
-        code = subprocess.run(cmd, env=child_env(settings), cwd=cwd, stdout=out, stderr=subprocess.STDOUT).returncode
-    return code, time.perf_counter() - t0
+        done = subprocess.run(cmd, env=child_env(settings, site), cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    return done.returncode, time.perf_counter() - t0
 
 
 def _tail(log: Path, lines: int = 15) -> str:
@@ -188,8 +189,11 @@ def train_summary(paths: RunPaths) -> dict:
     }
 
 
-def train_variant(name: str, settings: dict[str, str], shared: dict[str, str], sample_dir: Path, seed_dir: Path):
-    """Copy the seed's sampled run directory and train `name` in it, in a process of its own."""
+def train_variant(
+    name: str, settings: dict[str, str], shared: dict[str, str], sample_dir: Path, seed_dir: Path, unsloth_site=""
+):
+    """Copy the seed's sampled run directory and train `name` in it, in a process of its own (`unsloth_site`:
+    the packages of Unsloth's own stack, first on the unsloth variant's path, as job/bench.py's option)."""
     run_dir = seed_dir / name
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(sample_dir, run_dir)
@@ -201,7 +205,7 @@ def train_variant(name: str, settings: dict[str, str], shared: dict[str, str], s
         cmd = [sys.executable, "-m", "job", "run"]
         env["STAGES"] = "format,train"
     print(f"  {name}: training ({' '.join(f'{k}={v}' for k, v in settings.items()) or 'defaults'}) ...", flush=True)
-    code, wall = run_logged(cmd, env, log)
+    code, wall = run_logged(cmd, env, log, unsloth_site if name == "unsloth" else "")
     out: dict[str, Any] = {"settings": settings, "process_wall_s": round(wall, 1), "log": log.name}
     skipped = run_dir / "skipped.txt"
     if skipped.exists():
@@ -657,7 +661,8 @@ def cmd_run(args) -> int:
         r: dict[str, Any] = {"variants": {}}
         result["seeds"][str(seed)] = r
         for name, vs in variants.items():
-            r["variants"][name] = train_variant(name, vs, {**shared, "SEED": str(seed)}, sample_dir, seed_dir)
+            shared_seed = {**shared, "SEED": str(seed)}
+            r["variants"][name] = train_variant(name, vs, shared_seed, sample_dir, seed_dir, args.unsloth_site)
             write_report(result, out, None)  # a run cut short keeps what it measured
         trained = {n: seed_dir / n / "adapter" for n, v in r["variants"].items() if "steps" in v}
         print(f"seed {seed}: scoring the base and {len(trained)} adapters on the held-out split ...", flush=True)
@@ -698,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--variant", action="append", default=[], help="name:KEY=VAL,KEY=VAL (repeatable)")
         q.add_argument("--set", action="append", default=[], help="KEY=VAL for every variant (repeatable)")
         q.add_argument("--eval-weights", choices=("nf4", "16bit"), default="nf4", help="base weights when scoring")
+        q.add_argument("--unsloth-site", default="", help="PYTHONPATH of the unsloth variant (Unsloth's own stack)")
         q.add_argument("--out", default="parity-results", help="folder for parity.json, parity.md, the runs")
         q.add_argument("--update-readme", type=Path, default=None, help="rewrite this README's parity section")
     report = sub.add_parser("report", help="render parity.md (and the README section) from --out's parity.json")

@@ -8,6 +8,7 @@
 # DATA  the shared sample, medical_dialogues_sample.jsonl
 # OUT   where the results go (logs, parity.json/.md, the real run's metrics, answers and card; no weights)
 # SEEDS parity seeds, default 42,7
+# UNSLOTH_SITE (optional) the folder of Unsloth's own packages, for parity's unsloth variant (job/bench.py's option)
 #
 # Phases (PHASES=prepare,real,parity by default; each can be left out):
 #   prepare  the bf16 Gemma 3 270M folder from the GGUF (skipped when WORK already holds it from that file)
@@ -71,7 +72,7 @@ if phase parity; then
     t=$SECONDS
     cp README.md "$OUT/README.md"
     timeout "$((LIMIT_S - (SECONDS - started)))" $PY -m bench.parity --base "$MODEL" --data "$DATA" --seeds "$SEEDS" --out "$WORK/parity" \
-        --update-readme "$OUT/README.md" >"$OUT/parity.log" 2>&1
+        --update-readme "$OUT/README.md" ${UNSLOTH_SITE:+--unsloth-site "$UNSLOTH_SITE"} >"$OUT/parity.log" 2>&1
     took parity $? $t
     tail -30 "$OUT/parity.log"
     # what the table is made of: results, logs, train logs and scores; no adapters or checkpoints
