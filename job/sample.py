@@ -10,6 +10,8 @@ which is what makes train and eval disjoint.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import re
@@ -18,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from job import benchmark
+from job import benchmark, parallel
 from job.clean import RULE_NAMES, clean_text
 from job.config import Settings
 from job.errors import ConfigError, classify
@@ -187,16 +189,16 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     seen_keys: set[str] = set()
     kept: list[dict] = []
     read = 0
-    chunk = 1024  # rows fetched from Arrow per call: one call per row pays Arrow's per-call overhead each time
-    with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar:
-        for start in range(0, len(order), chunk):
-            idx = order[start : start + chunk].tolist()
-            batch = ds[idx]
-            for j, i in enumerate(idx):
+    workers = parallel.resolve_workers(cfg.WORKERS, len(ds))
+    clean = functools.partial(_clean_chunk, guard is not None)
+    progress = parallel.Progress("sample", workers)
+    # The rows are cleaned ahead, in order, on `workers` processes (job/parallel.py); what follows takes them in
+    # one at a time, in the seeded order, exactly as one process would.
+    results = contextlib.closing(parallel.ordered_map(clean, _raw_chunks(ds, order, columns), workers, "sample"))
+    with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar, results as chunks:
+        for (idx, raws, error), cleaned in chunks:
+            for i, raw, (row, fired, key, grams) in zip(idx, raws, cleaned):
                 read += 1
-                raw = {k: as_text(batch[c][j], c, i) if c in batch else "" for k, c in columns.items()}
-                fired: Counter = Counter()
-                row = {k: clean_text(v, k, fired) for k, v in raw.items()}
                 changed.update(fired)
                 if examples is not None:
                     _keep_examples(examples, i, raw["doctor"], row["doctor"], fired)
@@ -214,7 +216,6 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                     dropped["exact_duplicate"] += 1
                     continue
                 seen_exact.add(exact)
-                key = dedup_key(row["patient"])
                 if key in seen_keys:
                     dropped["near_duplicate"] += 1
                     continue
@@ -224,8 +225,8 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                 # is dropped, counted as overlap_benchmark / overlap_held_out.
                 if guard is not None:
                     if len(kept) < cfg.EVAL_SAMPLES:
-                        guard.hold_out(row)
-                    elif source := guard.overlap(row):
+                        guard.hold_out(row, grams)
+                    elif source := guard.overlap(row, grams):
                         dropped[f"overlap_{source}"] += 1
                         continue
                 # --- end decontamination ---
@@ -236,6 +237,9 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                     break
             if len(kept) == wanted:
                 break
+            if error is not None:  # the row after this chunk's last is not text: raised when the walk reaches it
+                raise error
+            progress.update(read, f", {len(kept):,} of {wanted:,} kept")
 
     if len(kept) < wanted:
         raise ConfigError(
@@ -261,6 +265,44 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
         },
     }
     return train_rows, eval_rows, stats
+
+
+# --- the per-row work, done ahead on the worker processes -----------------------------------------------------------
+ARROW_ROWS = 1024  # rows fetched from Arrow per call: one call per row pays Arrow's per-call overhead each time
+
+
+def _raw_chunks(ds, order, columns: dict[str, str]):
+    """(dataset indices, their rows as text, error) per chunk of parallel.CHUNK_ROWS rows, in the seeded order.
+
+    A cell that is not text ends its chunk there and travels as `error`, raised only if the walk gets that far
+    (a bad row past the last one needed stops nothing, as when rows were read one at a time)."""
+    for start in range(0, len(order), ARROW_ROWS):
+        idx = order[start : start + ARROW_ROWS].tolist()
+        batch = ds[idx]
+        for first in range(0, len(idx), parallel.CHUNK_ROWS):
+            part, raws = idx[first : first + parallel.CHUNK_ROWS], []
+            for j, i in enumerate(part, first):
+                try:
+                    raws.append({k: as_text(batch[c][j], c, i) if c in batch else "" for k, c in columns.items()})
+                except ConfigError as e:
+                    yield part[: len(raws)], raws, e
+                    return
+            yield part, raws, None
+
+
+def clean_row(raw: dict[str, str], decontaminate: bool) -> tuple[dict, Counter, str, set[int] | None]:
+    """A row's pure work: its cleaned fields, the rules that fired, its duplicate key and, when decontaminating
+    and the row could be kept, its n-gram hashes (job/benchmark.py)."""
+    fired: Counter = Counter()
+    row = {k: clean_text(v, k, fired) for k, v in raw.items()}
+    usable = bool(row["patient"]) and len(row["doctor"]) >= MIN_REPLY_CHARS
+    key = dedup_key(row["patient"]) if usable else ""
+    grams = benchmark.row_ngrams(row) if decontaminate and usable else None
+    return row, fired, key, grams
+
+
+def _clean_chunk(decontaminate: bool, chunk: tuple[list[int], list[dict], ConfigError | None]) -> list[tuple]:
+    return [clean_row(raw, decontaminate) for raw in chunk[1]]
 
 
 def _keep_examples(examples: list[dict], index: int, before: str, after: str, fired: Counter) -> None:
