@@ -112,14 +112,16 @@ class Decontaminator:
         self.held_out: set[int] = set()
         self.dropped: Counter = Counter()
 
-    def hold_out(self, row: dict, grams: set[int] | None = None) -> None:
+    def hold_out(self, row: dict, grams: Iterable[int] | None = None) -> None:
         """Remember a held-out row: later training rows must not overlap it. `grams`: its row_ngrams, if known."""
-        self.held_out |= row_ngrams(row) if grams is None else grams
+        self.held_out.update(row_ngrams(row) if grams is None else grams)
 
-    def overlap(self, row: dict, grams: set[int] | None = None) -> str | None:
+    def overlap(self, row: dict, grams: Iterable[int] | None = None) -> str | None:
         """'benchmark' or 'held_out' if the row shares an n-word sequence with one (counted), else None."""
         grams = row_ngrams(row) if grams is None else grams
-        source = "benchmark" if grams & self.benchmark else "held_out" if grams & self.held_out else None
+        # isdisjoint stops at the first shared hash and builds no set; it walks `grams` even for an empty set
+        hit = bool(self.benchmark) and not self.benchmark.isdisjoint(grams)
+        source = "benchmark" if hit else "held_out" if not self.held_out.isdisjoint(grams) else None
         if source:
             self.dropped[source] += 1
         return source

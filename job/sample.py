@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import statistics
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,7 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     seen_keys: set[str] = set()
     kept: list[dict] = []
     read = 0
+    held = Counter(e["rule"] for e in examples or ())
     workers = parallel.resolve_workers(cfg.WORKERS, len(ds))
     clean = functools.partial(_clean_chunk, guard is not None)
     progress = parallel.Progress("sample", workers)
@@ -201,7 +203,7 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                 read += 1
                 changed.update(fired)
                 if examples is not None:
-                    _keep_examples(examples, i, raw["doctor"], row["doctor"], fired)
+                    _keep_examples(examples, held, i, raw["doctor"], row["doctor"], fired)
                 if not row["patient"]:
                     dropped["empty_patient"] += 1
                     continue
@@ -290,28 +292,31 @@ def _raw_chunks(ds, order, columns: dict[str, str]):
             yield part, raws, None
 
 
-def clean_row(raw: dict[str, str], decontaminate: bool) -> tuple[dict, Counter, str, set[int] | None]:
-    """A row's pure work: its cleaned fields, the rules that fired, its duplicate key and, when decontaminating
-    and the row could be kept, its n-gram hashes (job/benchmark.py)."""
+def clean_row(raw: dict[str, str], decontaminate: bool) -> tuple[dict, tuple[str, ...], str, array | None]:
+    """A row's pure work: its cleaned fields, the rules that fired ("field.rule", each once), its duplicate key
+    and, when decontaminating and the row could be kept, its n-gram hashes (job/benchmark.py). The hashes travel
+    as an array of 64-bit integers: a set of them took more time to pickle and unpickle than the row's checks."""
     fired: Counter = Counter()
     row = {k: clean_text(v, k, fired) for k, v in raw.items()}
     usable = bool(row["patient"]) and len(row["doctor"]) >= MIN_REPLY_CHARS
     key = dedup_key(row["patient"]) if usable else ""
-    grams = benchmark.row_ngrams(row) if decontaminate and usable else None
-    return row, fired, key, grams
+    grams = array("q", benchmark.row_ngrams(row)) if decontaminate and usable else None
+    return row, tuple(fired), key, grams
 
 
 def _clean_chunk(decontaminate: bool, chunk: tuple[list[int], list[dict], ConfigError | None]) -> list[tuple]:
     return [clean_row(raw, decontaminate) for raw in chunk[1]]
 
 
-def _keep_examples(examples: list[dict], index: int, before: str, after: str, fired: Counter) -> None:
-    """Keep the first few rows each doctor-reply rule changed, so a reader can audit the rule in a minute."""
+def _keep_examples(examples: list[dict], held: Counter, index: int, before: str, after: str, fired: tuple) -> None:
+    """Keep the first few rows each doctor-reply rule changed, so a reader can audit the rule in a minute.
+    `held` counts the examples per rule (counting the list on every row cost more than the row's other checks)."""
     for key in fired:
         field, rule = key.split(".", 1)
         if field != "doctor" or rule == "whitespace":
             continue
-        if sum(e["rule"] == rule for e in examples) < EXAMPLES_PER_RULE:
+        if held[rule] < EXAMPLES_PER_RULE:
+            held[rule] += 1
             examples.append({"rule": rule, "source_index": int(index), "before": before, "after": after})
 
 
