@@ -1,8 +1,10 @@
 """Stage 1, sample: draw, clean and split conversations; write data/train.jsonl, eval.jsonl, stats.json.
 
-Rows are visited in a seeded random order and cleaned one at a time until NUM_SAMPLES +
+Rows are visited in a seeded random order and taken one at a time until NUM_SAMPLES +
 EVAL_SAMPLES usable rows are kept, so a 257k-row Hub dataset is never cleaned (or held in
 Python objects) in full: `datasets` keeps it memory-mapped in Arrow and we index into it.
+The cleaning itself runs a little ahead of the walk on WORKERS processes (job/parallel.py);
+every decision below is taken in the walk, in order, so the files do not depend on WORKERS.
 The first EVAL_SAMPLES kept rows are the held-out split, so the eval set does not move when
 NUM_SAMPLES changes. Duplicates are removed by a normalised Patient key across both splits,
 which is what makes train and eval disjoint.
