@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import logging
+import resource
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job package,
 
 from job import formatting, parallel, sample  # noqa: E402
 from job.config import load_settings  # noqa: E402
+from job.errors import ConfigError  # noqa: E402
 from job.files import read_jsonl  # noqa: E402
 from job.paths import RunPaths  # noqa: E402
 
@@ -36,7 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", default=str(FIXTURE), help="JSONL of real rows (Description, Patient, Doctor)")
     p.add_argument("--rows", type=int, default=257_000, help="rows of the dataset made from --source")
-    p.add_argument("--num-samples", type=int, default=0, help="NUM_SAMPLES (default: 90%% of --rows)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=0,
+        help="NUM_SAMPLES (default: 85%% of --rows: the copies of held-out rows are dropped as overlap, about "
+        "EVAL_SAMPLES / source rows of them; with a small --source give a lower number)",
+    )
     p.add_argument("--eval-samples", type=int, default=100, help="EVAL_SAMPLES")
     p.add_argument("--workers", default="1,auto", help="comma list of WORKERS values, each timed once")
     p.add_argument("--tokenizer", default="", help="local folder with a chat tokenizer (e.g. Llama 3.2's)")
@@ -69,6 +77,12 @@ def tokenizer_dir(args: argparse.Namespace, out: Path) -> str:
     return str(folder)
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(this process, its finished child processes): user + system CPU seconds."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     data = make_dataset(Path(args.source), args.rows, out)
     env = {
         "DATASET": str(data),
-        "NUM_SAMPLES": str(args.num_samples or int(args.rows * 0.9)),
+        "NUM_SAMPLES": str(args.num_samples or int(args.rows * 0.85)),
         "EVAL_SAMPLES": str(args.eval_samples),
         "EVAL_PROMPTS": str(min(50, args.eval_samples)),
         "BASE_MODEL": tokenizer_dir(args, out),
@@ -93,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_settings(environ={**env, "WORKERS": w, "RUN_NAME": f"workers-{w}"}, env_file=None)
         paths = RunPaths(cfg.run_dir)
         paths.root.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         sample.run(cfg, paths)
-        t1 = time.perf_counter()
+        c1, t1 = cpu_seconds(), time.perf_counter()
         formatting.run(cfg, paths)
-        t2 = time.perf_counter()
+        c2, t2 = cpu_seconds(), time.perf_counter()
         stats = json.loads(paths.sample_stats.read_text())
         formatted = sum(v["rows"] for v in json.loads(paths.format_stats.read_text()).values())
         digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(paths.data.iterdir())}
@@ -113,21 +127,33 @@ def main(argv: list[str] | None = None) -> int:
                 "format_s": round(t2 - t1, 1),
                 "format_rows_per_s": round(formatted / (t2 - t1)),
                 "total_s": round(t2 - t0, 1),
+                # CPU seconds of this process and of its (finished) workers: on a shared machine the wall time
+                # depends on the other load, these do not
+                "sample_cpu_s": [round(b - a, 1) for a, b in zip(c0, c1)],
+                "format_cpu_s": [round(b - a, 1) for a, b in zip(c1, c2)],
                 "same_files_as_first": digests == first,
             }
         )
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{args.rows:,} rows from {args.source}; tokenizer {env['BASE_MODEL']}; {parallel.cpus()} CPUs usable\n")
-    print("| WORKERS | processes | sample: rows read | s | rows/s | format: rows | s | rows/s | total s | same files |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| WORKERS | processes | sample: rows read | s | rows/s | CPU s (job, workers) | format: rows | s | rows/s "
+        "| CPU s (job, workers) | total s | same files |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['workers']} | {r['processes']} | {r['rows_read']:,} | {r['sample_s']} | {r['sample_rows_per_s']:,} "
-            f"| {r['rows_formatted']:,} | {r['format_s']} | {r['format_rows_per_s']:,} | {r['total_s']} "
+            f"| {r['sample_cpu_s']} | {r['rows_formatted']:,} | {r['format_s']} | {r['format_rows_per_s']:,} "
+            f"| {r['format_cpu_s']} | {r['total_s']} "
             f"| {'yes' if r['same_files_as_first'] else 'NO'} |"
         )
     return 0 if all(r["same_files_as_first"] for r in results) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as e:  # too few usable rows for --num-samples, a tokenizer without a chat template
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -111,7 +111,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, stage: s
     PyTorch's own DataLoader workers are forked from training processes with CUDA up). Under torchrun only
     rank 0 runs these stages, after NCCL is up: the same holds.
     """
-    if workers <= 1:
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():  # Windows cannot fork: one process
         for item in items:
             yield item, fn(item)
         return
