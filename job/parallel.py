@@ -95,13 +95,16 @@ def _run_task(item: Any) -> Any:
     return _task(item)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, stage: str) -> Iterator[tuple[T, R]]:
+def ordered_map(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, stage: str, wanted: Callable[[], int] | None = None
+) -> Iterator[tuple[T, R]]:
     """(item, fn(item)) for each item, in the order of `items`.
 
     With workers > 1, fn runs in that many worker processes, at most AHEAD_PER_WORKER items per worker ahead of
     the one the caller is reading; `items` is read only as far as that, so a caller that stops early (close the
     iterator: `contextlib.closing`) has had little more computed than it used. An exception raised by fn is
-    raised here, at its item.
+    raised here, at its item. `wanted`, if given, says how many more items the caller may still need (asked
+    before each hand-out): fewer are handed out ahead when it is lower, so a walk about to stop wastes little.
 
     The workers are forked from this process, deliberately: they inherit fn with what it holds (the loaded
     tokenizer, the compiled cleaning rules) at no cost, and Python's string-hash seed, so the n-gram hashes a
@@ -123,11 +126,20 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, stage: s
     )
     pending: deque = deque()
     source = iter(items)
+    ended = False
+
+    def hand_out() -> None:
+        nonlocal ended
+        limit = workers * AHEAD_PER_WORKER if wanted is None else min(workers * AHEAD_PER_WORKER, wanted())
+        while not ended and len(pending) < max(1, limit):
+            item = next(source, _END)
+            if item is _END:
+                ended = True
+            else:
+                pending.append((item, pool.submit(_run_task, item)))
+
     try:
-        for item in source:
-            pending.append((item, pool.submit(_run_task, item)))
-            if len(pending) >= workers * AHEAD_PER_WORKER:
-                break
+        hand_out()
         while pending:
             item, future = pending.popleft()
             try:
@@ -137,10 +149,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, stage: s
                     f"a worker process of the {stage} stage died (killed by the system, most often for want of "
                     f"memory); run again with fewer WORKERS (now {workers}), or WORKERS=1 to work in one process"
                 ) from None
-            nxt = next(source, _END)
-            if nxt is not _END:  # the next chunk goes out before this one's rows are taken in
-                pending.append((nxt, pool.submit(_run_task, nxt)))
+            hand_out()  # the next chunks go out before this one's rows are taken in
             yield item, result
+            hand_out()  # and again once they are: the caller may need fewer now
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         gc.unfreeze()

@@ -196,9 +196,14 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     workers = parallel.resolve_workers(cfg.WORKERS, len(ds))
     clean = functools.partial(_clean_chunk, guard is not None)
     progress = parallel.Progress("sample", workers)
+
+    def needed() -> int:  # chunks still needed if every row were kept, plus one: few are cleaned for nothing
+        return -(-(wanted - len(kept)) // parallel.CHUNK_ROWS) + 1
+
     # The rows are cleaned ahead, in order, on `workers` processes (job/parallel.py); what follows takes them in
     # one at a time, in the seeded order, exactly as one process would.
-    results = contextlib.closing(parallel.ordered_map(clean, _raw_chunks(ds, order, columns), workers, "sample"))
+    source = _raw_chunks(ds, order, columns)
+    results = contextlib.closing(parallel.ordered_map(clean, source, workers, "sample", wanted=needed))
     with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar, results as chunks:
         for (idx, raws, error), cleaned in chunks:
             for i, raw, (row, fired, key, grams) in zip(idx, raws, cleaned):

@@ -163,6 +163,30 @@ def test_a_reader_that_stops_early_leaves_the_rest_unread():
     assert len(pulled) <= 2 * parallel.AHEAD_PER_WORKER + 1
 
 
+def test_a_short_walk_cleans_little_more_than_it_keeps(tmp_path, monkeypatch):
+    """60 rows wanted from 3,000 on 4 workers: about the two chunks needed go out, not the 8 of a full window."""
+    from datasets import Dataset
+
+    rows = [
+        {"Description": "", "Patient": f"Question {i}: my knee hurts.", "Doctor": f"Rest it for {i} days."}
+        for i in range(3000)
+    ]
+    handed_out = []
+
+    def counted(*args):
+        for chunk in sample_raw_chunks(*args):
+            handed_out.append(len(chunk[1]))
+            yield chunk
+
+    sample_raw_chunks = sample._raw_chunks
+    monkeypatch.setattr(sample, "_raw_chunks", counted)
+    train, held_out, stats = sample.sample(
+        settings(tmp_path, 4, NUM_SAMPLES=50, EVAL_SAMPLES=10), Dataset.from_list(rows)
+    )
+    assert len(train) + len(held_out) == stats["rows_read"] == 60
+    assert sum(handed_out) <= 3 * parallel.CHUNK_ROWS < 4 * parallel.AHEAD_PER_WORKER * parallel.CHUNK_ROWS
+
+
 def test_results_come_back_in_order():
     assert [r for _, r in parallel.ordered_map(str, range(200), 3, "format")] == [str(i) for i in range(200)]
 
