@@ -91,6 +91,12 @@ def ngrams(text: str) -> set[int]:
     return {hash(tuple(w[i : i + NGRAM])) for i in range(len(w) - NGRAM + 1)}
 
 
+def row_ngrams(row: dict) -> set[int]:
+    """The ngrams of every text field of a row. Python's str hash is seeded per process: compare only hashes made
+    in one process or in processes forked from it (job/parallel.py)."""
+    return set().union(*(ngrams(v) for v in row.values() if isinstance(v, str)))
+
+
 class Decontaminator:
     """Tells which training rows share an NGRAM-word sequence with a benchmark question or a held-out row.
 
@@ -106,17 +112,16 @@ class Decontaminator:
         self.held_out: set[int] = set()
         self.dropped: Counter = Counter()
 
-    def _grams(self, row: dict) -> set[int]:
-        return set().union(*(ngrams(v) for v in row.values() if isinstance(v, str)))
+    def hold_out(self, row: dict, grams: Iterable[int] | None = None) -> None:
+        """Remember a held-out row: later training rows must not overlap it. `grams`: its row_ngrams, if known."""
+        self.held_out.update(row_ngrams(row) if grams is None else grams)
 
-    def hold_out(self, row: dict) -> None:
-        """Remember a held-out row: later training rows must not overlap it."""
-        self.held_out |= self._grams(row)
-
-    def overlap(self, row: dict) -> str | None:
+    def overlap(self, row: dict, grams: Iterable[int] | None = None) -> str | None:
         """'benchmark' or 'held_out' if the row shares an n-word sequence with one (counted), else None."""
-        grams = self._grams(row)
-        source = "benchmark" if grams & self.benchmark else "held_out" if grams & self.held_out else None
+        grams = row_ngrams(row) if grams is None else grams
+        # isdisjoint stops at the first shared hash and builds no set; it walks `grams` even for an empty set
+        hit = bool(self.benchmark) and not self.benchmark.isdisjoint(grams)
+        source = "benchmark" if hit else "held_out" if not self.held_out.isdisjoint(grams) else None
         if source:
             self.dropped[source] += 1
         return source

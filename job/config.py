@@ -42,6 +42,7 @@ BENCHMARK_TASK_NAMES = (
 )
 # Chat templates shipped with the job (job/templates/chat/<name>.jinja), for CHAT_TEMPLATE.
 CHAT_TEMPLATE_NAMES = ("gemma", "llama3", "chatml")
+MAX_WORKERS = 1024  # WORKERS above this is a typo, not a machine: each worker is a process with its own memory
 SECRET_NAMES = ("HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY")
 # URLs that may carry user:password@ or a key in the query: shown and recorded without them (job/redact.py).
 URL_NAMES = ("JUDGE_BASE_URL",)
@@ -339,6 +340,13 @@ class Settings:
     STAGES: str = _setting(
         "all", "Stages to run: all, or a comma list of " + ",".join(STAGES) + ".", "run", output=False
     )
+    WORKERS: str = _setting(
+        "auto",
+        "Processes that clean (sample stage) and tokenize (format stage) the rows; the files are the same for any "
+        "number. auto: one per CPU this process may use, at most 32; 1: all in the job's own process.",
+        "run",
+        output=False,
+    )
     REDO: bool = _setting(
         False,
         "Rerun finished stages whose settings or input files changed, and the stages after them (otherwise that "
@@ -522,6 +530,8 @@ def _check(s: Settings) -> list[str]:
         bad("LEARNING_RATE", "must be between 0 and 1 (the seed recipe uses 2e-4)")
     if not s.target_modules:
         bad("LORA_TARGET_MODULES", "name at least one module, e.g. q_proj,v_proj")
+    if s.WORKERS != "auto" and not (s.WORKERS.isdecimal() and 1 <= int(s.WORKERS) <= MAX_WORKERS):
+        bad("WORKERS", f"use auto or a whole number of processes from 1 to {MAX_WORKERS}")
     unknown = [x for x in s.stages if x not in STAGES]
     if unknown or not s.stages:
         bad("STAGES", f"use 'all' or a comma list of {', '.join(STAGES)}")

@@ -31,8 +31,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def jsonl_line(row: dict[str, Any]) -> str:
+    """One row as a line of a .jsonl file, without its newline."""
+    return json.dumps(row, ensure_ascii=False)
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_lines(path, map(jsonl_line, rows))
+
+
+def write_lines(path: Path, lines: Iterable[str]) -> None:
+    """A .jsonl file from lines made by jsonl_line (in worker processes: job/formatting.py)."""
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -13,16 +13,18 @@ what the file is (job/gguf_base.py), for the model card.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import statistics
 from pathlib import Path
 
-from job import gguf_base
+from job import gguf_base, parallel
 from job.chat_tokens import encode, holds_special_text
 from job.config import Settings
 from job.errors import ConfigError
-from job.files import atomic_write_text, read_jsonl, write_jsonl
+from job.files import atomic_write_text, jsonl_line, read_jsonl, write_jsonl, write_lines
 from job.model import base_source, build_messages, end_of_turn_ids, load_tokenizer
 from job.paths import RunPaths
 
@@ -54,17 +56,39 @@ def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]
     return {"input_ids": full_ids, "completion_mask": mask}, status
 
 
-def format_rows(cfg: Settings, tokenizer, rows: list[dict], split: str) -> tuple[list[dict], dict]:
+def tokenize_rows(cfg: Settings, tokenizer, rows: list[dict]) -> list[tuple[str | None, str, int, int]]:
+    """The pure per-row work, for a worker process: per row (its JSON line in the tokens file, or None when it is
+    dropped; status; tokens; trained tokens). The line is made here so the stage's own process only joins them."""
+    out = []
+    for row in rows:
+        item, status = tokenize_row(cfg, tokenizer, row)
+        if item is None:
+            out.append((None, status, 0, 0))
+        else:
+            out.append((jsonl_line(item), status, len(item["input_ids"]), sum(item["completion_mask"])))
+    return out
+
+
+def format_rows(cfg: Settings, tokenizer, rows: list[dict], split: str) -> tuple[list[str], dict]:
+    """The rows' lines of the tokens file (one JSON object of input_ids and completion_mask each) and their stats."""
     from tqdm.auto import tqdm
 
     out, counts, lengths, trained = [], {"ok": 0, "truncated": 0, "no_room": 0}, [], 0
-    for row in tqdm(rows, desc=f"format {split}", unit="row", disable=None):
-        item, status = tokenize_row(cfg, tokenizer, row)
-        counts[status] += 1
-        if item is not None:
-            out.append(item)
-            lengths.append(len(item["input_ids"]))
-            trained += sum(item["completion_mask"])
+    workers = parallel.resolve_workers(cfg.WORKERS, len(rows))
+    progress = parallel.Progress(f"format {split}", workers, total=len(rows))
+    work = functools.partial(tokenize_rows, cfg, tokenizer)
+    # Tokenized on `workers` processes, in order (job/parallel.py); counted here as one process would.
+    results = contextlib.closing(parallel.ordered_map(work, parallel.chunks(rows), workers, "format"))
+    with tqdm(total=len(rows), desc=f"format {split}", unit="row", disable=None) as bar, results as chunks:
+        for _, done in chunks:
+            for line, status, tokens, trained_tokens in done:
+                counts[status] += 1
+                if line is not None:
+                    out.append(line)
+                    lengths.append(tokens)
+                    trained += trained_tokens
+            bar.update(len(done))
+            progress.update(bar.n)
     dropped = counts["no_room"]
     if rows and dropped / len(rows) > cfg.MAX_DROPPED_FRACTION:
         raise ConfigError(
@@ -98,8 +122,8 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
         if not rows:  # EVAL_SAMPLES=0 leaves an empty eval split; evaluation is skipped then
             write_jsonl(tokens_file, [])
             continue
-        items, stats = format_rows(cfg, tokenizer, rows, split)
-        write_jsonl(tokens_file, items)
+        lines, stats = format_rows(cfg, tokenizer, rows, split)
+        write_lines(tokens_file, lines)
         all_stats[split] = stats
         log.info(
             "%s: %d rows -> %d sequences, %d tokens (%d trained), %d replies truncated, %d dropped",

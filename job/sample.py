@@ -1,8 +1,10 @@
 """Stage 1, sample: draw, clean and split conversations; write data/train.jsonl, eval.jsonl, stats.json.
 
-Rows are visited in a seeded random order and cleaned one at a time until NUM_SAMPLES +
+Rows are visited in a seeded random order and taken one at a time until NUM_SAMPLES +
 EVAL_SAMPLES usable rows are kept, so a 257k-row Hub dataset is never cleaned (or held in
 Python objects) in full: `datasets` keeps it memory-mapped in Arrow and we index into it.
+The cleaning itself runs a little ahead of the walk on WORKERS processes (job/parallel.py);
+every decision below is taken in the walk, in order, so the files do not depend on WORKERS.
 The first EVAL_SAMPLES kept rows are the held-out split, so the eval set does not move when
 NUM_SAMPLES changes. Duplicates are removed by a normalised Patient key across both splits,
 which is what makes train and eval disjoint.
@@ -10,15 +12,18 @@ which is what makes train and eval disjoint.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import re
 import statistics
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from job import benchmark
+from job import benchmark, parallel
 from job.clean import RULE_NAMES, clean_text
 from job.config import Settings
 from job.errors import ConfigError, classify
@@ -191,19 +196,25 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     seen_keys: set[str] = set()
     kept: list[dict] = []
     read = 0
-    chunk = 1024  # rows fetched from Arrow per call: one call per row pays Arrow's per-call overhead each time
-    with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar:
-        for start in range(0, len(order), chunk):
-            idx = order[start : start + chunk].tolist()
-            batch = ds[idx]
-            for j, i in enumerate(idx):
+    held = Counter(e["rule"] for e in examples or ())
+    workers = parallel.resolve_workers(cfg.WORKERS, len(ds))
+    clean = functools.partial(_clean_chunk, guard is not None)
+    progress = parallel.Progress("sample", workers)
+
+    def needed() -> int:  # chunks still needed if every row were kept, plus one: few are cleaned for nothing
+        return -(-(wanted - len(kept)) // parallel.CHUNK_ROWS) + 1
+
+    # The rows are cleaned ahead, in order, on `workers` processes (job/parallel.py); what follows takes them in
+    # one at a time, in the seeded order, exactly as one process would.
+    source = _raw_chunks(ds, order, columns)
+    results = contextlib.closing(parallel.ordered_map(clean, source, workers, "sample", wanted=needed))
+    with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar, results as chunks:
+        for (idx, raws, error), cleaned in chunks:
+            for i, raw, (row, fired, key, grams) in zip(idx, raws, cleaned):
                 read += 1
-                raw = {k: as_text(batch[c][j], c, i) if c in batch else "" for k, c in columns.items()}
-                fired: Counter = Counter()
-                row = {k: clean_text(v, k, fired) for k, v in raw.items()}
                 changed.update(fired)
                 if examples is not None:
-                    _keep_examples(examples, i, raw["doctor"], row["doctor"], fired)
+                    _keep_examples(examples, held, i, raw["doctor"], row["doctor"], fired)
                 if not row["patient"]:
                     dropped["empty_patient"] += 1
                     continue
@@ -218,7 +229,6 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                     dropped["exact_duplicate"] += 1
                     continue
                 seen_exact.add(exact)
-                key = dedup_key(row["patient"])
                 if key in seen_keys:
                     dropped["near_duplicate"] += 1
                     continue
@@ -228,8 +238,8 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                 # is dropped, counted as overlap_benchmark / overlap_held_out.
                 if guard is not None:
                     if len(kept) < cfg.EVAL_SAMPLES:
-                        guard.hold_out(row)
-                    elif source := guard.overlap(row):
+                        guard.hold_out(row, grams)
+                    elif source := guard.overlap(row, grams):
                         dropped[f"overlap_{source}"] += 1
                         continue
                 # --- end decontamination ---
@@ -240,6 +250,9 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                     break
             if len(kept) == wanted:
                 break
+            if error is not None:  # the row after this chunk's last is not text: raised when the walk reaches it
+                raise error
+            progress.update(read, f", {len(kept):,} of {wanted:,} kept")
 
     if len(kept) < wanted:
         raise ConfigError(
@@ -267,13 +280,54 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     return train_rows, eval_rows, stats
 
 
-def _keep_examples(examples: list[dict], index: int, before: str, after: str, fired: Counter) -> None:
-    """Keep the first few rows each doctor-reply rule changed, so a reader can audit the rule in a minute."""
+# --- the per-row work, done ahead on the worker processes -----------------------------------------------------------
+ARROW_ROWS = 1024  # rows fetched from Arrow per call: one call per row pays Arrow's per-call overhead each time
+
+
+def _raw_chunks(ds, order, columns: dict[str, str]):
+    """(dataset indices, their rows as text, error) per chunk of parallel.CHUNK_ROWS rows, in the seeded order.
+
+    A cell that is not text ends its chunk there and travels as `error`, raised only if the walk gets that far
+    (a bad row past the last one needed stops nothing, as when rows were read one at a time)."""
+    for start in range(0, len(order), ARROW_ROWS):
+        idx = order[start : start + ARROW_ROWS].tolist()
+        batch = ds[idx]
+        for first in range(0, len(idx), parallel.CHUNK_ROWS):
+            part, raws = idx[first : first + parallel.CHUNK_ROWS], []
+            for j, i in enumerate(part, first):
+                try:
+                    raws.append({k: as_text(batch[c][j], c, i) if c in batch else "" for k, c in columns.items()})
+                except ConfigError as e:
+                    yield part[: len(raws)], raws, e
+                    return
+            yield part, raws, None
+
+
+def clean_row(raw: dict[str, str], decontaminate: bool) -> tuple[dict, tuple[str, ...], str, array | None]:
+    """A row's pure work: its cleaned fields, the rules that fired ("field.rule", each once), its duplicate key
+    and, when decontaminating and the row could be kept, its n-gram hashes (job/benchmark.py). The hashes travel
+    as an array of 64-bit integers: a set of them took more time to pickle and unpickle than the row's checks."""
+    fired: Counter = Counter()
+    row = {k: clean_text(v, k, fired) for k, v in raw.items()}
+    usable = bool(row["patient"]) and len(row["doctor"]) >= MIN_REPLY_CHARS
+    key = dedup_key(row["patient"]) if usable else ""
+    grams = array("q", benchmark.row_ngrams(row)) if decontaminate and usable else None
+    return row, tuple(fired), key, grams
+
+
+def _clean_chunk(decontaminate: bool, chunk: tuple[list[int], list[dict], ConfigError | None]) -> list[tuple]:
+    return [clean_row(raw, decontaminate) for raw in chunk[1]]
+
+
+def _keep_examples(examples: list[dict], held: Counter, index: int, before: str, after: str, fired: tuple) -> None:
+    """Keep the first few rows each doctor-reply rule changed, so a reader can audit the rule in a minute.
+    `held` counts the examples per rule (counting the list on every row cost more than the row's other checks)."""
     for key in fired:
         field, rule = key.split(".", 1)
         if field != "doctor" or rule == "whitespace":
             continue
-        if sum(e["rule"] == rule for e in examples) < EXAMPLES_PER_RULE:
+        if held[rule] < EXAMPLES_PER_RULE:
+            held[rule] += 1
             examples.append({"rule": rule, "source_index": int(index), "before": before, "after": after})
 
 

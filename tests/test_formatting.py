@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -109,7 +110,8 @@ def test_rows_whose_prompt_leaves_no_room_are_dropped_and_counted(tiny_model_dir
     item, status = tokenize_row(cfg, tok, _rows(1, long_prompts=1)[0])
     assert (item, status) == (None, "no_room")
 
-    out, stats = format_rows(cfg, tok, _rows(20, long_prompts=1), "train")  # 1/20 = 0.05: at the limit
+    lines, stats = format_rows(cfg, tok, _rows(20, long_prompts=1), "train")  # 1/20 = 0.05: at the limit
+    out = [json.loads(line) for line in lines]
     assert len(out) == stats["kept"] == 19
     assert stats["rows"] == 20 and stats["dropped_no_room_for_reply"] == 1 and stats["reply_truncated"] == 0
     assert stats["tokens"] == sum(len(r["input_ids"]) for r in out)
