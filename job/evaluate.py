@@ -267,7 +267,8 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
         m = metrics[name]
         m.update(_lengths(answers[name]))
         m["rougeL_f1"] = rouge_l(answers[name], [r["doctor"] for r in eval_rows])
-        results = [safety.score_answer(p, a) | {"answer": a} for p, a in zip(safety_prompts, safe_texts)]
+        given = [cfg.SYSTEM_PROMPT]  # a copy of the system prompt is no advice (safety.without_echo)
+        results = [safety.score_answer(p, a, given) | {"answer": a} for p, a in zip(safety_prompts, safe_texts)]
         m["safety"] = safety.summarize(results)
         safety_results[name] = results
         log.info(
