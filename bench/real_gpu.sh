@@ -30,9 +30,7 @@ PY=${PYTHON:-python}
 REAL_S=${REAL_S:-240}
 LIMIT_S=${LIMIT_S:-580}
 MODEL=$WORK/gemma-3-270m
-# The chat template the CHAT_TEMPLATE setting ships; until it is merged, the tier's own copy.
-TEMPLATE=job/templates/chat/gemma.jinja
-[[ -f $TEMPLATE ]] || TEMPLATE=tests/data/gemma_chat_template.jinja
+TEMPLATE=job/templates/chat/gemma.jinja  # the one CHAT_TEMPLATE=gemma ships
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT" "$WORK"

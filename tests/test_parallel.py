@@ -21,7 +21,8 @@ from job.errors import ConfigError, LocalFailure
 from job.files import read_jsonl
 from job.paths import RunPaths
 
-REAL_ROWS = Path("/work/shared/data/medical_dialogues_sample.jsonl")  # real rows, where this machine has them
+# real rows, in the shared folder beside a checkout (skipped where there is none)
+REAL_ROWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_dialogues_sample.jsonl"
 QUESTION = (
     "A 45-year-old man presents with crushing chest pain radiating to his left arm for the past two hours "
     "while shovelling snow"
