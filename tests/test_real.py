@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -173,15 +172,19 @@ def test_answers_hold_no_template_text(real_run):
 
 
 def repeated_share(text: str, n: int = 4) -> float:
-    """Share of the text's word n-grams taken by its most frequent one (1.0: one phrase over and over)."""
+    """Share of the text's word n-grams that repeat an earlier one (near 1.0: one passage over and over).
+
+    Not the most frequent n-gram's share: a loop of a 9-word sentence spreads over 9 n-grams of about 1/9 each
+    (the tuned Gemma 3 270M's answers, 2026-12-07, passed that measure while repeating one sentence)."""
     words = text.lower().split()
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    return max(grams.values()) / sum(grams.values()) if grams else 0.0
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def test_repeated_share_tells_a_loop_from_prose():
     """The degeneracy measure itself, on text written for it (runs with the tier)."""
-    assert repeated_share("take this pill. " * 30) > 0.2
+    assert repeated_share("take this pill. " * 30) > 0.5
+    assert repeated_share("Hello, I am a 27 year old male. " + "I have been having a beard for 10 years. " * 12) > 0.5
     prose = "A dry cough for three weeks after a cold is common, but see a doctor if you have fever or blood."
     assert repeated_share(prose) < 0.1
 
@@ -190,7 +193,7 @@ def test_answers_are_real_text_not_loops(real_run):
     paths, _ = real_run
     answers = _answers(paths)
     assert all(a.strip() for a in answers), "empty tuned answers"
-    fluent = [a for a in answers if repeated_share(a) <= 0.2]
+    fluent = [a for a in answers if repeated_share(a) <= 0.5]
     assert len(fluent) >= MIN_FLUENT * len(answers), [a[:200] for a in answers if a not in fluent][:3]
 
 
