@@ -400,3 +400,25 @@ def demo_run_copy(demo_run, tmp_path, fake_hub) -> DemoRun:
     shutil.copytree(demo_run.output_dir, out, copy_function=shutil.copy2)
     env = {**demo_run.env, "OUTPUT_DIR": str(out)}
     return replace(demo_run, run_dir=out / env["RUN_NAME"], env=env, hub=fake_hub, output="")
+
+
+def tiny_gemma3_config(tok, window: int):
+    """A 2-layer Gemma 3 text config for the tiny tokenizer: one sliding-window layer of `window` tokens and one
+    global layer, each with its own rotary base, as the real Gemma 3 has."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )

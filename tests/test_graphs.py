@@ -125,25 +125,13 @@ def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
 
 
 def _tiny_gemma3(tiny_model_dir, out):
-    """A 2-layer Gemma 3 text model with the tiny tokenizer: one sliding-window layer (window shorter than the
-    conversations) and one global layer, each with its own rotary base, as the real Gemma 3 has."""
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+    """The tiny Gemma 3 (a 16-token sliding window: shorter than the conversations) saved with the tiny tokenizer."""
+    from conftest import tiny_gemma3_config
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=2048,
-    )
-    Gemma3ForCausalLM(config).save_pretrained(out)
+    Gemma3ForCausalLM(tiny_gemma3_config(tok, 16)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

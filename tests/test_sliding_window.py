@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_gemma3_config
 
 from job import attention, decode
 from job.bench import equivalence
@@ -19,25 +20,11 @@ WINDOW = 8
 
 @pytest.fixture(scope="module")
 def tiny_gemma(tiny_model_dir):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM
 
     cfg = load_settings({"BASE_MODEL": str(tiny_model_dir), "MAX_SEQ_LENGTH": "512"}, env_file=None)
     tok = load_tokenizer(cfg)
-    config = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=2048,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    config = tiny_gemma3_config(tok, WINDOW)
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(config).eval()
     for p in model.parameters():  # larger weights than the init's, so answers vary from token to token
