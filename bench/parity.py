@@ -258,54 +258,21 @@ def cmd_train_unsloth(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import unsloth  # noqa: F401  (first: it patches Transformers and TRL on import)
-        from unsloth import FastLanguageModel
     except Exception as e:  # ImportError, or its own checks (no GPU) raising on import
         (args.run_dir / "skipped.txt").write_text(f"Unsloth does not import here ({type(e).__name__}: {e})\n")
         return 0
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     from job import formatting
+    from job.bench import unsloth_trainer
 
     cfg, paths = _settings_of(args.run_dir)
     formatting.run(cfg, paths)
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=cfg.BASE_MODEL, max_seq_length=cfg.MAX_SEQ_LENGTH, load_in_4bit=True, dtype=torch.bfloat16
-    )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=cfg.LORA_R,
-        lora_alpha=cfg.LORA_ALPHA,
-        lora_dropout=0,
-        target_modules=cfg.target_modules,
-        bias="none",
-        use_gradient_checkpointing=False,
-        random_state=cfg.SEED,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        processing_class=tokenizer,
-        train_dataset=Dataset.from_list(read_jsonl(paths.train_tokens)),
-        args=SFTConfig(
-            output_dir=str(paths.checkpoints),
-            per_device_train_batch_size=cfg.BATCH_SIZE,
-            gradient_accumulation_steps=cfg.GRAD_ACCUM,
-            num_train_epochs=cfg.EPOCHS,
-            max_length=cfg.MAX_SEQ_LENGTH,
-            packing=False,
-            completion_only_loss=True,
-            learning_rate=cfg.LEARNING_RATE,
-            lr_scheduler_type=cfg.LR_SCHEDULER,
-            warmup_steps=cfg.WARMUP_RATIO,
-            optim=cfg.OPTIMIZER,
-            weight_decay=0.0,
-            bf16=True,
-            save_strategy="no",
-            report_to="none",
-            seed=cfg.SEED,
-            dataset_num_proc=None,
-        ),
+    trainer = unsloth_trainer(
+        cfg,
+        paths.train_tokens,
+        output_dir=str(paths.checkpoints),
+        per_device_train_batch_size=cfg.BATCH_SIZE,
+        gradient_accumulation_steps=cfg.GRAD_ACCUM,
+        num_train_epochs=cfg.EPOCHS,
     )
     _write_train_log(paths, trainer, trainer.train())
     return 0

@@ -366,13 +366,33 @@ def measure_unsloth(cfg, args, padding: str = "padded") -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model folder; no statistics pings
     os.environ["UNSLOTH_PADDING_CHOICE"] = padding  # read when the trainer is built
     try:
-        import unsloth  # noqa: F401  (first: it patches Transformers and TRL on import)
-        from unsloth import FastLanguageModel
+        import unsloth  # (first: it patches Transformers and TRL on import)
     except ImportError as e:
         return {"skipped": f"Unsloth does not import here ({type(e).__name__}: {e})"}
+
+    trainer = unsloth_trainer(
+        cfg,
+        RunPaths(cfg.run_dir).train_tokens,
+        output_dir=str(cfg.run_dir / "unsloth"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=args.warmup_cap + args.steps,
+        logging_steps=10,
+        disable_tqdm=True,
+    )
+    out = _timed_train(trainer, 1, args)
+    return {**out, "settings": {"unsloth": unsloth.__version__, "padding_free": trainer.args.padding_free}}
+
+
+def unsloth_trainer(cfg, train_tokens, **sft_args):
+    """Unsloth's fastest path as its docs give it: its 4-bit loader and LoRA (the job's r, alpha and targets, no
+    dropout, no gradient checkpointing), TRL's SFTTrainer on the job's token file, padded rows, loss on the reply.
+    `sft_args`: what the caller's recipe sets besides (batch, steps or epochs, output folder). Call only after
+    `import unsloth` succeeded: it patches Transformers and TRL on import."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=cfg.BASE_MODEL, max_seq_length=cfg.MAX_SEQ_LENGTH, load_in_4bit=True, dtype=torch.bfloat16
@@ -382,39 +402,32 @@ def measure_unsloth(cfg, args, padding: str = "padded") -> dict:
         r=cfg.LORA_R,
         lora_alpha=cfg.LORA_ALPHA,
         lora_dropout=0,
-        target_modules=cfg.LORA_TARGET_MODULES.split(","),
+        target_modules=cfg.target_modules,
         bias="none",
         use_gradient_checkpointing=False,
         random_state=cfg.SEED,
     )
-    trainer = SFTTrainer(
+    config = dict(
+        max_length=cfg.MAX_SEQ_LENGTH,
+        packing=False,
+        completion_only_loss=True,
+        learning_rate=cfg.LEARNING_RATE,
+        lr_scheduler_type=cfg.LR_SCHEDULER,
+        warmup_steps=cfg.WARMUP_RATIO,
+        optim=cfg.OPTIMIZER,
+        weight_decay=0.0,
+        bf16=True,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.SEED,
+        dataset_num_proc=None,
+    )
+    return SFTTrainer(
         model=model,
         processing_class=tokenizer,
-        train_dataset=Dataset.from_list(read_jsonl(RunPaths(cfg.run_dir).train_tokens)),
-        args=SFTConfig(
-            output_dir=str(cfg.run_dir / "unsloth"),
-            per_device_train_batch_size=8,
-            gradient_accumulation_steps=1,
-            max_length=cfg.MAX_SEQ_LENGTH,
-            packing=False,
-            completion_only_loss=True,
-            learning_rate=cfg.LEARNING_RATE,
-            lr_scheduler_type=cfg.LR_SCHEDULER,
-            warmup_steps=cfg.WARMUP_RATIO,
-            optim=cfg.OPTIMIZER,
-            weight_decay=0.0,
-            bf16=True,
-            max_steps=args.warmup_cap + args.steps,
-            logging_steps=10,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=cfg.SEED,
-            dataset_num_proc=None,
-        ),
+        train_dataset=Dataset.from_list(read_jsonl(train_tokens)),
+        args=SFTConfig(**(config | sft_args)),
     )
-    out = _timed_train(trainer, 1, args)
-    return {**out, "settings": {"unsloth": unsloth.__version__, "padding_free": trainer.args.padding_free}}
 
 
 def _trained_adapter(cfg, precision: str):
