@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -313,13 +314,18 @@ def _batches(rows: list[tuple[list[int], int]], tokens_per_batch: int) -> list[l
     return batches + ([current] if current else [])
 
 
-def reply_nats(model, rows: list[tuple[list[int], int]], pad_id: int, tokens_per_batch: int) -> list[float]:
+def reply_nats(
+    model, rows: list[tuple[list[int], int]], pad_id: int, tokens_per_batch: int, stop_ids: tuple[int, ...] = ()
+) -> tuple[list[float], list[float | None]]:
     """Summed cross-entropy (nats) of each row's reply tokens under `model`: plain forward passes of right-
-    padded batches, full logits, log-softmax in fp32."""
+    padded batches, full logits, log-softmax in fp32. Also the nats of the first end-of-turn token (one of
+    `stop_ids`) in each reply, None where the row was cut before it: whether the model learned to end a turn,
+    which a loss summed over hundreds of reply tokens cannot show."""
     import torch
 
     device = next(model.parameters()).device
     sums = [0.0] * len(rows)
+    ends: list[float | None] = [None] * len(rows)
     with torch.no_grad():
         for idx in _batches(rows, tokens_per_batch):
             width = max(len(rows[i][0]) for i in idx)
@@ -334,9 +340,12 @@ def reply_nats(model, rows: list[tuple[list[int], int]], pad_id: int, tokens_per
                 # the logit at position t predicts token t + 1
                 pred = logits[j, start - 1 : len(tokens) - 1].float().log_softmax(-1)
                 target = torch.tensor(tokens[start:], device=pred.device)
-                sums[i] = -pred.gather(-1, target[:, None]).sum().item()
+                nats = -pred.gather(-1, target[:, None])[:, 0]
+                sums[i] = nats.sum().item()
+                at = next((k for k, t in enumerate(tokens[start:]) if t in stop_ids), None)
+                ends[i] = None if at is None else nats[at].item()
             del logits
-    return sums
+    return sums, ends
 
 
 def load_scoring_base(base: str, weights: str):
@@ -365,12 +374,15 @@ def held_out_losses(
     max_length: int,
     weights: str = "nf4",
     tokens_per_batch: int | None = None,
+    probe: int = 0,
 ) -> dict:
     """Loss (nats per reply token) of the base and of each adapter on `conversations` (each ending in the
     reference reply), with per-row nats for paired comparisons."""
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
+
+    from job.model import end_of_turn_ids
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if not tokenizer.chat_template:
@@ -382,15 +394,24 @@ def held_out_losses(
     reply_tokens = [len(t) - s for t, s in rows]
     total = sum(reply_tokens)
 
-    def scored(nats: list[float]) -> dict:
-        return {"loss": sum(nats) / total, "row_nats": [round(x, 4) for x in nats]}
+    stop = tuple(end_of_turn_ids(tokenizer))
+
+    def scored(result: tuple[list[float], list[float | None]]) -> dict:
+        nats, ends = result
+        ended = [e for e in ends if e is not None]
+        return {
+            "loss": sum(nats) / total,
+            "row_nats": [round(x, 4) for x in nats],
+            # p(end of turn) where the reference reply ends, mean over rows: 1 = always ends there
+            "end_of_turn_p": statistics.fmean(math.exp(-e) for e in ended) if ended else None,
+        }
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {"weights": how, "rows": len(rows), "reply_tokens": total, "row_tokens": reply_tokens}
     # The base is scored through the PEFT-wrapped model with its adapters disabled, the path the adapters'
     # scores take and the one training saw: with bitsandbytes' 4-bit layers on CPU the wrapped layer's output
     # differs from the bare layer's (by 3e-4 of the loss on Gemma 3 270M). The bare base is kept as a check.
-    out["base_without_peft"] = scored(reply_nats(model, rows, pad, budget))
+    out["base_without_peft"] = scored(reply_nats(model, rows, pad, budget, stop))
     peft_model = None
     for name, path in adapters.items():
         if peft_model is None:
@@ -398,13 +419,59 @@ def held_out_losses(
         else:
             peft_model.load_adapter(str(path), adapter_name=name)
         peft_model.set_adapter(name)
-        out[name] = scored(reply_nats(peft_model, rows, pad, budget))
+        out[name] = scored(reply_nats(peft_model, rows, pad, budget, stop))
+        if probe:
+            out[name]["probe"] = generation_probe(peft_model, tokenizer, conversations[:probe], stop)
     if peft_model is None:
         out["base"] = out["base_without_peft"]
+        if probe:
+            out["base"]["probe"] = generation_probe(model, tokenizer, conversations[:probe], stop)
     else:
         with peft_model.disable_adapter():
-            out["base"] = scored(reply_nats(peft_model, rows, pad, budget))
+            out["base"] = scored(reply_nats(peft_model, rows, pad, budget, stop))
+            if probe:
+                out["base"]["probe"] = generation_probe(peft_model, tokenizer, conversations[:probe], stop)
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def generation_probe(model, tokenizer, conversations: list[list[dict]], stop: tuple[int, ...], new: int = 256) -> dict:
+    """Greedy answers to the first held-out prompts (Transformers' generate, not the job's decoder), plain and
+    with a repetition penalty of 1.15: the share that ends its turn within `new` tokens, mean new tokens, and
+    the share of word 4-grams repeating an earlier one (a loop measure: 0 for prose, near 1 for a loop)."""
+    import torch
+
+    prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False) for c in conversations]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    tokenizer.padding_side = side
+    out = {}
+    for label, penalty in (("greedy", 1.0), ("greedy, repetition penalty 1.15", 1.15)):
+        with torch.no_grad():
+            gen = model.generate(
+                **enc,
+                max_new_tokens=new,
+                do_sample=False,
+                repetition_penalty=penalty,
+                eos_token_id=list(stop),
+                pad_token_id=tokenizer.pad_token_id,
+            )[:, enc["input_ids"].shape[1] :]
+        ended, lengths, loops, texts = 0, [], [], []
+        for row in gen.tolist():
+            cut = next((k for k, t in enumerate(row) if t in stop), None)
+            ended += cut is not None
+            row = row[: cut if cut is not None else len(row)]
+            lengths.append(len(row))
+            words = tokenizer.decode(row, skip_special_tokens=True).split()
+            grams = [tuple(words[k : k + 4]) for k in range(len(words) - 3)]
+            loops.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+            texts.append(" ".join(words))
+        out[label] = {
+            "ended": ended / len(gen),
+            "new_tokens_mean": statistics.fmean(lengths),
+            "loop_share_mean": statistics.fmean(loops),
+            "answers": texts[:3],
+        }
     return out
 
 
@@ -422,7 +489,7 @@ def cmd_loss(args) -> int:
     settings = parse_sets(args.set)
     conversations, max_length = eval_conversations(args.rows, settings)
     adapters = {name: Path(path) for name, path in (a.split("=", 1) for a in args.adapter)}
-    result = held_out_losses(args.base, conversations, adapters, max_length, args.eval_weights)
+    result = held_out_losses(args.base, conversations, adapters, max_length, args.eval_weights, probe=args.probe)
     atomic_write_text(args.result, json.dumps(result) + "\n")
     return 0
 
@@ -458,21 +525,22 @@ def markdown(result: dict) -> str:
     seeds = result["seeds"]
     head = (
         "variant|seed|optimizer steps|conversations per step|train tokens/s|held-out loss (nats/token)|"
-        "improvement over base|share of plain's improvement|vs plain|vs trl-seed"
+        "improvement over base|share of plain's improvement|vs plain|vs trl-seed|p(end of turn)"
     ).split("|")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     names = list(result["variants"])
     for seed, r in seeds.items():
         base = r.get("losses", {}).get("base", {}).get("loss")
-        rows.append(f"| base | {seed} | – | – | – | {_num(base, '.4f')} | – | – | – | – |")
+        eot = r.get("losses", {}).get("base", {}).get("end_of_turn_p")
+        rows.append(f"| base | {seed} | – | – | – | {_num(base, '.4f')} | – | – | – | – | {_num(eot, '.3f')} |")
         bare = r.get("losses", {}).get("base_without_peft", {}).get("loss")
         if bare is not None:  # the check: the same base without PEFT's wrapper
-            rows.append(f"| base, no PEFT wrapper | {seed} | – | – | – | {bare:.4f} | – | – | – | – |")
+            rows.append(f"| base, no PEFT wrapper | {seed} | – | – | – | {bare:.4f} | – | – | – | – | – |")
         for name in names:
             v = r["variants"].get(name, {})
             if "loss" not in v:
                 why = v.get("skipped") or (f"failed: {v['failed'][:120]}" if "failed" in v else "not run")
-                rows.append(f"| {name} | {seed} | {why.replace('|', '/').replace(chr(10), ' ')} |" + " |" * 7)
+                rows.append(f"| {name} | {seed} | {why.replace('|', '/').replace(chr(10), ' ')} |" + " |" * 8)
                 continue
             cells = [
                 name,
@@ -485,6 +553,7 @@ def markdown(result: dict) -> str:
                 _pct(v["share_of_plain_improvement"], 0, sign=False),
                 _pct(v["rel_diff_to_plain"], 2),
                 _pct(v["rel_diff_to_trl_seed"], 2),
+                _num(r["losses"][name].get("end_of_turn_p"), ".3f"),
             ]
             rows.append("| " + " | ".join(cells) + " |")
     summary = [
@@ -532,7 +601,22 @@ def markdown(result: dict) -> str:
         f"Train tokens/s: the formatted rows' tokens over the trainer's own runtime (graph capture included). "
         f"{s['versions']}."
     )
-    return "\n\n".join([intro, "\n".join(rows), "\n".join(summary), f"Variants: {variants}."]) + "\n"
+    probes = [
+        f"| {name} | {seed} | {how} | {100 * g['ended']:.0f}% | {g['new_tokens_mean']:.0f} | "
+        f"{g['loop_share_mean']:.2f} |"
+        for seed, r in seeds.items()
+        for name, scored in r.get("losses", {}).items()
+        if isinstance(scored, dict) and "probe" in scored
+        for how, g in scored["probe"].items()
+    ]
+    if probes:
+        probes[:0] = [
+            "| model | seed | decoding (256 new tokens at most) | ended its turn | new tokens, mean | "
+            "repeated 4-grams |",
+            "|---|---|---|---|---|---|",
+        ]
+    parts = [intro, "\n".join(rows), "\n".join(summary), "\n".join(probes), f"Variants: {variants}."]
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def write_report(result: dict, out: Path, readme: Path | None) -> str:
@@ -643,6 +727,7 @@ def cmd_run(args) -> int:
         scored = seed_dir / "losses.json"
         cmd = [sys.executable, "-m", "bench.parity", "loss", "--base", str(base), "--result", str(scored)]
         cmd += ["--rows", str(RunPaths(sample_dir).eval_rows), "--eval-weights", args.eval_weights]
+        cmd += ["--probe", str(args.probe)]
         cmd += [a for kv in shared.items() for a in ("--set", "=".join(kv))]
         cmd += [a for n, p in trained.items() for a in ("--adapter", f"{n}={p}")]
         code, wall = run_logged(cmd, {}, seed_dir / "loss.log")
@@ -677,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--variant", action="append", default=[], help="name:KEY=VAL,KEY=VAL (repeatable)")
         q.add_argument("--set", action="append", default=[], help="KEY=VAL for every variant (repeatable)")
         q.add_argument("--eval-weights", choices=("nf4", "16bit"), default="nf4", help="base weights when scoring")
+        q.add_argument("--probe", type=int, default=0, help="greedy answers to this many held-out prompts per model")
         q.add_argument("--unsloth-site", default="", help="PYTHONPATH of the unsloth variant (Unsloth's own stack)")
         q.add_argument("--out", default="parity-results", help="folder for parity.json, parity.md, the runs")
         q.add_argument("--update-readme", type=Path, default=None, help="rewrite this README's parity section")
@@ -689,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     loss.add_argument("--adapter", action="append", default=[], help="name=folder (repeatable)")
     loss.add_argument("--set", action="append", default=[], help="KEY=VAL: the job settings the rows are rendered with")
     loss.add_argument("--eval-weights", choices=("nf4", "16bit"), default="nf4")
+    loss.add_argument("--probe", type=int, default=0, help="greedy answers to this many held-out prompts per model")
     loss.add_argument("--result", type=Path, required=True)
     for name in TRAINERS.values():
         t = sub.add_parser(name, help=argparse.SUPPRESS)

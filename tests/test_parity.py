@@ -64,6 +64,30 @@ def test_held_out_loss_equals_transformers_masked_cross_entropy(tiny_model_dir):
     assert sum(ours["base"]["row_nats"]) == pytest.approx(nats, rel=1e-4)
 
 
+def test_end_of_turn_probability_is_the_softmax_at_the_replys_end_token(tiny_model_dir):
+    """p(end of turn): the model's probability of the template's end-of-turn token where each reply ends,
+    averaged over rows, from the same forward pass; and the probe's greedy answers are counted."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job.model import end_of_turn_ids
+
+    convs = _conversations(3)
+    ours = parity.held_out_losses(str(tiny_model_dir), convs, {}, max_length=512, weights="16bit", probe=2)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    stop = end_of_turn_ids(tok)
+    ps = []
+    for ids, start in parity.scored_rows(tok, convs, 512):
+        at = next(k for k in range(start, len(ids)) if ids[k] in stop)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids[:at]])).logits[0, -1].float()
+        ps.append(logits.softmax(-1)[ids[at]].item())
+    assert ours["base"]["end_of_turn_p"] == pytest.approx(sum(ps) / len(ps), rel=1e-4)
+    probe = ours["base"]["probe"]["greedy"]
+    assert 0 <= probe["ended"] <= 1 and 0 < probe["new_tokens_mean"] <= 256 and len(probe["answers"]) == 2
+
+
 def test_each_adapter_is_scored_on_the_nf4_base_and_the_base_stays_the_base(tiny_model_dir, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
