@@ -145,11 +145,13 @@ def choose_variants(names: list[str], extra: list[str]) -> dict[str, dict[str, s
 
 # --- running things in processes of their own ---------------------------------------------------------
 def child_env(settings: dict[str, str], site: str = "") -> dict[str, str]:
-    """This environment without any job setting, plus `settings`; `site` (a package folder) and this checkout
-    first on PYTHONPATH."""
+    """This environment without any job setting, plus `settings`; this checkout first on PYTHONPATH. With
+    `site` (a package folder: Unsloth's own stack), that folder and this checkout only: the inherited path
+    would put this process's newer Transformers ahead of the one Unsloth pins."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update(settings)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(REPO), os.environ.get("PYTHONPATH")) if p)
+    inherited = None if site else os.environ.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(REPO), inherited) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

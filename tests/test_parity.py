@@ -7,6 +7,7 @@ The loss is checked against Transformers' own masked cross-entropy on the tiny m
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -219,3 +220,10 @@ def test_a_run_split_over_calls_keeps_the_seeds_finished_before(tmp_path):
     assert parity.earlier_seeds(tmp_path / "parity.json", shared, {"job": {}}, "nf4", []) == {}
     assert parity.earlier_seeds(tmp_path / "parity.json", shared, variants, "16bit", []) == {}
     assert parity.earlier_seeds(tmp_path / "none.json", shared, variants, "nf4", []) == {}
+
+
+def test_the_unsloth_variants_path_is_its_own_site_and_this_checkout_only(monkeypatch):
+    """Unsloth pins an older Transformers: the parent's PYTHONPATH (with the job's newer one) must not follow."""
+    monkeypatch.setenv("PYTHONPATH", "/parent/site")
+    assert parity.child_env({}, "/unsloth/site")["PYTHONPATH"].split(os.pathsep) == ["/unsloth/site", str(parity.REPO)]
+    assert parity.child_env({})["PYTHONPATH"].split(os.pathsep) == [str(parity.REPO), "/parent/site"]
