@@ -1,4 +1,4 @@
-"""`make bench` / `python -m job.bench`: training and generation throughput, side by side, on one GPU.
+"""`make bench` / `python -m bench.throughput`: training and generation throughput, side by side, on one GPU.
 
 Runs the job's own data, training and generation code on the Llama-3.2-3B shape (random weights
 built locally: the compute per token equals the real model's) on the first `--rows` conversations of
@@ -32,12 +32,12 @@ over its last `--steps` steps and flagged "not stable". Reported: the median per
 p10-p90 spread, seconds per step, peak GiB, MFU by DESIGN.md's formula against the bf16 matmul peak
 measured on the card (median of several warmed runs), and the warm-up steps used.
 
-Also: an equivalence check (loss and LoRA gradients of the job's path, packed rows on its base weights,
-vs the plain path, padded rows through bitsandbytes' 4-bit layers, same rows and adapter), the CUDA-graphed
-layers against the eager ones (one micro-batch), and the evaluate stage's generation speed (base and tuned
-rows in shared batches), one untimed pass then a timed one, then three decoders on the same rows.
+Also, in one process (`checks`): the equivalence checks of bench/equivalence.py (loss and LoRA gradients of the
+job's path vs the plain path; the CUDA-graphed layers vs the eager ones), and the evaluate stage's generation speed
+(base and tuned rows in shared batches), one untimed pass then a timed one, then three decoders on the same rows.
 
-`--help` lists the options; `--out` gets bench.json (every per-step figure) and bench.md (the README section).
+`--help` lists the options; `--out` gets bench.json (every per-step figure) and bench.md (the README section,
+bench/throughput_report.py).
 """
 
 from __future__ import annotations
@@ -54,17 +54,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from job import decode, evaluate, formatting, graphs, safety, sample
-from job.config import load_settings, replace_section, with_overrides
-from job.files import atomic_write_text, read_jsonl
-from job.model import build_messages, load_model, model_code_restored, resolve_precision, torch_dtype
+from bench.equivalence import check_equivalence, check_graphs, compare_decoders, liger_modules, trained_adapter
+from bench.throughput_report import CHECKS, FULL_DATASET_ROWS, UNSLOTH, write_report
+from job import evaluate, formatting, safety, sample
+from job.config import load_settings
+from job.files import read_jsonl
+from job.model import build_messages, resolve_precision
 from job.paths import RunPaths
-from job.random_llama import build_random_llama
-from job.train import base_weights, build_trainer
+from job.tiny_model import build_tokenizer
+from job.train import build_trainer
 
-log = logging.getLogger("job.bench")
+log = logging.getLogger("bench.throughput")
+REPO = Path(__file__).resolve().parents[1]
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 _BASELINE = {
     "PACKING": "true",
     "OPTIMIZER": "adamw_torch",
@@ -107,21 +109,42 @@ RECIPES: dict[str, dict[str, str]] = {
 }
 # Recipes launched by torchrun on this many GPUs (one process each); every other recipe uses one GPU.
 GPUS = {"job-ddp2": 2, "job-compile-ddp2": 2}
-UNSLOTH = "unsloth"
 # Unsloth's padding, by recipe name. Its automatic choice keeps padding-free batches on cards it has no
 # measurement for (H100/H200 among them); padded batches with per-block compilation were its fastest
 # path on an H200 (issue 18), so `unsloth` forces them and `unsloth-pf` measures the other.
 UNSLOTH_PADDING = {UNSLOTH: "padded", "unsloth-pf": "padding_free"}
-# One process checks equivalence and then times generation, as the job's own process evaluates after training.
-CHECKS = ("checks",)
+# Everything --recipes can name.
+PARTS = [*RECIPES, *UNSLOTH_PADDING, CHECKS]
 # The order of a default run: the figures the issue's targets compare first, so a run cut short keeps them.
 DEFAULT_PARTS = [
     *("job", UNSLOTH, "job-nf4", "trl", "trl-nogc", "seed", "job-nographs", "job-nf4-nographs"),
-    *CHECKS,
+    CHECKS,  # one process checks equivalence, then times generation, as the job evaluates after training
     *("job-noliger", "job-sdpa", "job-compile"),
     *("job-accum2", "job-ddp2"),
 ]
-FULL_DATASET_ROWS = 256_916  # ruslanmv/ai-medical-chatbot, train split
+
+
+# Llama-3.2-3B's exact shape (DESIGN.md, "Reference facts"): random weights with the real model's compute per token.
+LLAMA_3_2_3B = dict(
+    vocab_size=128256,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=28,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
 
 
 # --- what the figures are (pure functions, tested on CPU) --------------------------------------
@@ -185,12 +208,6 @@ def timed_window(seconds: list[float], tokens: list[int], steps: int, window: in
         "tokens_per_s_overall": sum(tokens[picked]) / sum(seconds[picked]),
         "tokens_per_step": statistics.fmean(tokens[picked]),
     }
-
-
-def replace_readme_section(text: str, body: str) -> str:
-    """The README with the text between the bench markers replaced by `body` (markers kept): the same
-    mechanism that regenerates the settings table (job/config.py)."""
-    return replace_section(text, "bench", body.strip("\n") + "\n")
 
 
 # --- measurements (each in a process of its own, on the GPU) --------------------------------------
@@ -430,122 +447,6 @@ def unsloth_trainer(cfg, train_tokens, **sft_args):
     )
 
 
-def _trained_adapter(cfg, precision: str):
-    """A trainer whose adapter has taken a few steps (lora_B non-zero), saved where evaluation reads it."""
-    trainer = build_trainer(
-        cfg, RunPaths(cfg.run_dir), precision, max_steps=3, save_strategy="no", report_to=[], disable_tqdm=True
-    )
-    with model_code_restored(trainer.model):  # as the train stage does
-        trainer.train()
-    adapter = RunPaths(cfg.run_dir).adapter
-    trainer.model.save_pretrained(adapter)
-    trainer.processing_class.save_pretrained(adapter)
-    return trainer
-
-
-def liger_modules(model) -> int:
-    """Modules of `model` whose forward is Liger's (its patch binds them per module)."""
-    return sum("liger_kernel" in (getattr(m.forward, "__module__", None) or "") for m in model.modules())
-
-
-def _loss_and_grads(model, batch: dict) -> tuple[float, Any]:
-    """One forward and backward of `batch`: the loss and the LoRA gradients, flattened in fp32."""
-    import torch
-
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
-    model.zero_grad(set_to_none=True)
-    return loss.float().item(), grads
-
-
-def _compared(reference: tuple[float, Any], other: tuple[float, Any]) -> dict:
-    """How far `other`'s loss and gradients are from `reference`'s (each from _loss_and_grads)."""
-    import torch
-
-    (l1, g1), (l2, g2) = reference, other
-    return {
-        "loss_rel_diff": abs(l1 - l2) / abs(l1),
-        "grad_cosine": float(torch.nn.functional.cosine_similarity(g1, g2, dim=0)),
-        "grad_rel_l2": float((g1 - g2).norm() / g1.norm()),
-    }
-
-
-def equivalence(model, rows: list[dict], pad_id: int, plain_model=None) -> dict:
-    """Loss and LoRA gradients of the job's path (packed, padding-free, on `model`) vs the plain padded
-    path on the same rows, on `plain_model` when given (the 4-bit base with the same adapter), else on
-    `model` itself."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    plain_model = model if plain_model is None else plain_model
-    device = next(model.parameters()).device
-    model.eval()  # no LoRA dropout: both passes must see the same function (gradients still flow)
-    plain_model.eval()
-    examples = [
-        {
-            "input_ids": r["input_ids"],
-            "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])],
-        }
-        for r in rows
-    ]
-
-    def loss_and_grads(m, padding_free: bool) -> tuple[float, Any]:
-        batch = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=padding_free)(examples)
-        return _loss_and_grads(m, {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
-
-    padded, packed = loss_and_grads(plain_model, False), loss_and_grads(model, True)
-    return {"loss_padded": padded[0], "loss_packed": packed[0], **_compared(padded, packed)}
-
-
-def check_equivalence(cfg) -> dict:
-    """The job's default path against the plain 4-bit padded path, same 8 rows and adapter, bf16."""
-    from peft import PeftModel
-
-    precision, _ = resolve_precision(cfg)
-    trainer = _trained_adapter(cfg, precision)
-    paths = RunPaths(cfg.run_dir)
-    plain = PeftModel.from_pretrained(load_model(cfg, precision), str(paths.adapter), is_trainable=True)
-    rows = read_jsonl(paths.train_tokens)[:8]
-    out = equivalence(trainer.model, rows, trainer.processing_class.pad_token_id, plain_model=plain)
-    return {**out, "job_base_weights": base_weights(cfg, trainer.model), "liger_modules": liger_modules(trainer.model)}
-
-
-def check_graphs(cfg) -> dict:
-    """job/graphs.py's replayed layers against the eager ones: one padded micro-batch of the `job` recipe,
-    dropout off, loss and LoRA gradients; two eager steps give the noise floor to compare with."""
-    import torch
-
-    rcfg = with_overrides(_recipe_settings(cfg, RECIPES["job"]), LORA_DROPOUT=0.0)
-    precision, _ = resolve_precision(rcfg)
-    dtype = torch_dtype(precision)
-    trainer = build_trainer(rcfg, RunPaths(rcfg.run_dir), precision, max_steps=1, save_strategy="no", report_to=[])
-    fixed, model = trainer.data_collator, trainer.model
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    model.train()
-
-    def step() -> tuple[float, Any]:
-        with torch.autocast("cuda", dtype=dtype):  # as the Trainer's forward runs
-            return _loss_and_grads(model, batch)
-
-    # Flash attention's backward adds with atomics, so two eager steps differ too: their distance is the floor.
-    eager, eager_again = step(), step()
-    t0 = time.perf_counter()
-    release = graphs.capture_layers(model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=True)
-    capture_s = time.perf_counter() - t0
-    graph = step()
-    release()
-    return {
-        "tokens": fixed.tokens,
-        "capture_s": round(capture_s, 2),
-        "layer_calls": release.calls,
-        "loss_eager": eager[0],
-        "loss_graph": graph[0],
-        **_compared(eager, graph),
-        "grad_rel_l2_eager_twice": _compared(eager, eager_again)["grad_rel_l2"],
-    }
-
-
 def measure_generation(cfg) -> dict:
     """The evaluate stage's default generation (base and tuned rows in shared batches): one untimed pass,
     then a timed one, so decoding kernels' first-use costs are not in the figure. Then the same rows in one
@@ -554,7 +455,7 @@ def measure_generation(cfg) -> dict:
     precision, _ = resolve_precision(cfg)
     paths = RunPaths(cfg.run_dir)
     if not (paths.adapter / "adapter_config.json").exists():
-        _trained_adapter(cfg, precision)  # the trainer is dropped here; its memory goes back below
+        trained_adapter(cfg, precision)  # the trainer is dropped here; its memory goes back below
         gc.collect()
         _cuda("empty_cache")
     tok = evaluate.load_tokenizer(cfg, str(paths.adapter))
@@ -584,43 +485,21 @@ def measure_generation(cfg) -> dict:
     }
 
 
-def compare_decoders(
-    model, tok, conversations: list, new_tokens: int, date_string: str, tuned: list[bool] | None = None
-) -> dict:
-    """One batch of `conversations` through each decoder, twice (the second timed); tokens/s and agreement.
-    With `tuned`, a PeftModel answers the flagged rows as the tuned model (evaluate.per_row_adapter)."""
-    from contextlib import nullcontext
-
+def build_random_3b(out: Path, texts: list[str]) -> None:
+    """Random weights in Llama-3.2-3B's shape, bf16, drawn on the GPU (slow on a CPU), and a 32k-token BPE trained
+    on `texts` (job/tiny_model.py's, with its chat template), so tokens per conversation are close to Llama 3's."""
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    enc = evaluate.prompt_batch(tok, conversations, next(model.parameters()).device, date_string)
-    ids, mask, eos, pad = enc["input_ids"], enc["attention_mask"], tok.eos_token_id, tok.pad_token_id
-    decoders = {
-        "graph": lambda: decode.greedy(model, ids, mask, new_tokens, eos, pad, graph=True),
-        "eager_loop": lambda: decode.greedy(model, ids, mask, new_tokens, eos, pad, graph=False),
-        "transformers_generate": lambda: model.generate(
-            **enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
-        )[:, ids.shape[1] :],
-    }
-    if not ids.is_cuda:
-        del decoders["graph"]  # CUDA graphs need CUDA (the CPU tests run this function too)
-    out, answers = {}, {}
-    rows = nullcontext() if tuned is None else evaluate.per_row_adapter(model, tuned)
-    with torch.no_grad(), evaluate.decoding_kernels(), rows:
-        for name, run in decoders.items():
-            run()
-            _cuda("synchronize")
-            t0 = time.perf_counter()
-            tokens = run()
-            _cuda("synchronize")
-            seconds = time.perf_counter() - t0
-            answers[name] = [[t for t in row if t != pad] for row in tokens.tolist()]
-            count = sum(map(len, answers[name]))
-            out[name] = {"seconds": round(seconds, 3), "new_tokens": count, "tokens_per_s": round(count / seconds, 1)}
-    for name in decoders.keys() - {"eager_loop"}:  # rows whose whole answer equals the eager loop's
-        same = sum(a == b for a, b in zip(answers[name], answers["eager_loop"]))
-        out[name]["rows_equal_to_eager_loop"] = f"{same}/{len(conversations)}"
-    return out
+    tokenizer = build_tokenizer(texts, vocab_size=32000)
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_3_2_3B, **ids)).to(torch.bfloat16)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def prepare(cfg, args) -> dict:
@@ -629,8 +508,7 @@ def prepare(cfg, args) -> dict:
 
     model_dir = Path(cfg.BASE_MODEL)
     if not (model_dir / "config.json").exists():
-        texts = [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)]
-        build_random_llama(model_dir, texts, shape="llama-3.2-3b")
+        build_random_3b(model_dir, [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)])
     paths = RunPaths(cfg.run_dir)
     sample.run(cfg, paths)
     formatting.run(cfg, paths)
@@ -662,12 +540,13 @@ def run_part(name: str, cfg, args) -> dict:
         out = prepare(cfg, args)
     elif name in UNSLOTH_PADDING:
         out = measure_unsloth(cfg, args, UNSLOTH_PADDING[name])
-    elif name in CHECKS:
+    elif name == CHECKS:
         out = {}
-        parts = (("equivalence", check_equivalence), ("graphs", check_graphs), ("generation", measure_generation))
-        for part, measure in parts:
+        job_recipe = _recipe_settings(cfg, RECIPES["job"])  # the CUDA graphs are checked on it
+        parts = (("equivalence", check_equivalence, cfg), ("graphs", check_graphs, job_recipe))
+        for part, measure, settings in (*parts, ("generation", measure_generation, cfg)):
             try:
-                out[part] = measure(cfg)
+                out[part] = measure(settings)
             except Exception as e:  # one failed check must not cost the other
                 log.exception("%s failed", part)
                 out[part] = {"failed": f"{type(e).__name__}: {e}"}
@@ -685,8 +564,8 @@ def in_own_process(name: str, args, argv: list[str]) -> dict:
     env = dict(os.environ)
     if name in UNSLOTH_PADDING and args.unsloth_site:
         # Unsloth's own stack in place of this process's path (it pins an older Transformers than the job);
-        # the repository root so that `-m job.bench` imports.
-        env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, str(Path(__file__).resolve().parents[1])])
+        # the repository root so that `-m bench.throughput` imports.
+        env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, str(REPO)])
     launcher = [sys.executable]
     if name in GPUS:  # torchrun: one process per GPU; rank 0 writes the result
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={GPUS[name]}"]
@@ -694,7 +573,7 @@ def in_own_process(name: str, args, argv: list[str]) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [*launcher, "-m", "job.bench", *argv, "--recipe-only", name, "--result", str(result)], env=env
+        [*launcher, "-m", "bench.throughput", *argv, "--recipe-only", name, "--result", str(result)], env=env
     )
     if proc.returncode != 0 or not result.exists():  # one broken part must not cost the others' figures
         log.error("%s failed (exit %d); its log is above", name, proc.returncode)
@@ -711,122 +590,10 @@ def add_derived(r: dict, setup: dict, model_config) -> None:
         r[f"hours_{label}"] = n * setup["mean_tokens_per_row"] / r["tokens_per_s"]["median"] / 3600
 
 
-# --- the report -------------------------------------------------------------------------------
-def _ratio(x: dict, ref: dict | None) -> str:
-    ok = ref and "tokens_per_s" in ref
-    return f"{x['tokens_per_s']['median'] / ref['tokens_per_s']['median']:.2f}x" if ok else "–"
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _listed(d: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in d.items())
-
-
-def markdown(r: dict) -> str:
-    """The README's bench section: the setup, a table row per recipe and round, a paragraph per comparison."""
-    setup, usd = r["setup"], r.get("args", {}).get("usd_per_hour")
-    head = "recipe|tokens/s (median)|p10–p90|s/step|vs unsloth|vs trl|MFU|peak GiB|warm-up steps".split("|")
-    head += [f"full dataset ({FULL_DATASET_ROWS / 1000:.0f}k rows)", *(["full dataset, USD"] if usd else [])]
-    table = [_row(head), "|" + "---|" * len(head)]
-    for i, rnd in enumerate(r["rounds"]):
-        tag = f" (round {i + 1})" if len(r["rounds"]) > 1 else ""
-        for name, x in rnd.items():
-            if name in CHECKS:
-                continue
-            if "tokens_per_s" not in x:
-                why = x.get("skipped") or f"failed: {x.get('failed')}"
-                table.append(_row([name + tag, why]) + " |" * (len(head) - 2))
-                continue
-            t, ratios = x["tokens_per_s"], [_ratio(x, rnd.get(UNSLOTH)), _ratio(x, rnd.get("trl"))]
-            if x.get("gpus", 1) > 1:  # the peers ran on one GPU: say so where the ratio is read
-                ratios = [q if q == "–" else f"{q} on {x['gpus']} GPUs" for q in ratios]
-            warm = f"{x['warmup_steps']}" + ("" if x["stable"] else " (not stable: cap reached)")
-            s, gib, mfu, hours = x["seconds_per_step"]["median"], x["peak_gib"], x["mfu"], x["hours_full"]
-            cells = [name + tag, f"{t['median']:,.0f}", f"{t['p10']:,.0f}–{t['p90']:,.0f}", f"{s:.3f}", *ratios]
-            cells += [f"{100 * mfu:.1f}%", f"{gib:.1f}", warm, f"{hours:.1f} h"]
-            table.append(_row(cells + ([f"{hours * usd:.0f}"] if usd else [])))
-    paragraphs = [
-        f"Device: {setup['device']}, bf16 matmul peak measured {setup['peak_tflops']['median']:.0f} TFLOP/s; "
-        f"precision {setup['precision']}; {setup['rows']} conversations, mean {setup['mean_tokens_per_row']:.0f} "
-        f"tokens, max length 512. {_listed(setup.get('versions', {}))}.",
-        "\n".join(table),
-    ]
-    uv = next((rnd[UNSLOTH]["versions"] for rnd in r["rounds"] if "versions" in rnd.get(UNSLOTH, {})), None)
-    if uv:
-        paragraphs.append(f"The unsloth process: {_listed(uv)}.")
-    for rnd in r["rounds"]:
-        one, two = rnd.get("job-accum2", {}), rnd.get("job-ddp2", {})
-        if "tokens_per_s" in one and "tokens_per_s" in two:
-            paragraphs.append(
-                f"Two GPUs (DDP, batch 8 each) vs one (batch 8 x accumulation 2), same data and optimizer steps: "
-                f"{two['tokens_per_s']['median']:,.0f} vs {one['tokens_per_s']['median']:,.0f} tokens/s, "
-                f"{_ratio(two, one)}."
-            )
-    checks = next((rnd[CHECKS[0]] for rnd in r["rounds"] if CHECKS[0] in rnd), {})
-    e, c, g = (checks.get(part, {}) for part in ("equivalence", "graphs", "generation"))
-    if "grad_cosine" in e:
-        paragraphs.append(
-            f"Equivalence: the job's path (packed rows, base weights {e['job_base_weights']}) vs the plain path "
-            f"(padded rows, bitsandbytes' 4-bit layers), same 8 rows and adapter, bf16: loss {e['loss_packed']:.5f} "
-            f"vs {e['loss_padded']:.5f} (rel. diff {e['loss_rel_diff']:.1e}), LoRA gradient cosine "
-            f"{e['grad_cosine']:.5f}, rel. L2 {e['grad_rel_l2']:.1e}."
-        )
-    if "grad_cosine" in c:
-        paragraphs.append(
-            f"CUDA graphs (job/graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout off, replayed "
-            f"layers vs eager: loss {c['loss_graph']:.5f} vs {c['loss_eager']:.5f} (rel. diff "
-            f"{c['loss_rel_diff']:.1e}), LoRA gradient cosine {c['grad_cosine']:.5f}, rel. L2 {c['grad_rel_l2']:.1e} "
-            f"(two eager steps: {c['grad_rel_l2_eager_twice']:.1e}; flash attention's backward is not deterministic); "
-            f"captured in {c['capture_s']:.1f} s; layer calls {c['layer_calls']}."
-        )
-    if "liger_modules" in e and "liger_modules" in g:
-        paragraphs.append(
-            f"Liger's forward ran in {e['liger_modules']} modules of the trained model and in {g['liger_modules']} "
-            "of the evaluated one, loaded afterwards in the same process (0: training's patch was put back)."
-        )
-    if "tokens_per_s" in g:
-        paragraphs.append(
-            f"Generation (the evaluate stage's default: {g['prompts']} prompts answered by base and tuned model as "
-            f"rows of shared batches, up to {g['max_new_tokens']} new tokens, EVAL_BATCH_SIZE={g['batch']}): "
-            f"{g['tokens_per_s']:,.0f} new tokens/s in the timed pass ({g['tokens_per_s_first']:,.0f} in the "
-            f"first, untimed one); peak {g['peak_gib']:.1f} GiB."
-        )
-    if g.get("decoders"):
-        speeds = [
-            f"{k} {x['tokens_per_s']:,.0f}"
-            + (f" ({x['rows_equal_to_eager_loop']})" if "rows_equal_to_eager_loop" in x else "")
-            for k, x in g["decoders"].items()
-        ]
-        paragraphs.append(
-            "The same rows in one batch, each decoder warmed alike (new tokens/s; rows whose answer equals the "
-            f"eager loop's): {'; '.join(speeds)}."
-        )
-    if "failed" in checks:
-        paragraphs.append(f"The checks' process failed: {checks['failed']}")
-    paragraphs += [
-        f"{p} failed: {checks[p]['failed']}"
-        for p in ("equivalence", "graphs", "generation")
-        if "failed" in checks.get(p, {})
-    ]
-    return "\n\n".join(paragraphs) + "\n"
-
-
-def write_report(results: dict, out: Path, readme: Path | None) -> str:
-    md = markdown(results)
-    atomic_write_text(out / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
-    atomic_write_text(out / "bench.md", md)
-    if readme:
-        atomic_write_text(readme, replace_readme_section(readme.read_text(), md))
-    return md
-
-
 # --- command line ------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_dialogues_sample.jsonl"
-    fixture = Path(__file__).parent / "fixtures" / "dialogues.jsonl"
+    shared = REPO.parent / "shared" / "data" / "medical_dialogues_sample.jsonl"
+    fixture = REPO / "job" / "fixtures" / "dialogues.jsonl"
     p = argparse.ArgumentParser(description="Side-by-side GPU benchmark of the training recipes.")
     p.add_argument("--model-dir", default="/tmp/llama-3.2-3b-random")
     p.add_argument("--data", default=str(shared if shared.exists() else fixture))
@@ -838,7 +605,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--recipes",
         default=",".join(DEFAULT_PARTS),
-        help="what to measure, in this order: " + ", ".join([*RECIPES, *UNSLOTH_PADDING, *CHECKS]),
+        help="what to measure, in this order: " + ", ".join(PARTS),
     )
     p.add_argument(
         "--repeat", type=int, default=1, help="rounds; every other one runs the list in reverse, so order effects show"
@@ -872,41 +639,31 @@ def bench_settings(args):
     return load_settings({**os.environ, **env}, env_file=None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = bench_settings(args)
-    if args.recipe_only:  # a child: one measurement
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        measured = run_part(args.recipe_only, cfg, args)
-        if int(os.environ.get("RANK", "0")) == 0:
-            Path(args.result).write_text(json.dumps(measured, default=str))
-        return 0
-
+def _parts(args) -> list[str] | None:
+    """The parts of --recipes this machine can run, or None (with the reason printed) if the bench cannot run."""
     import torch
 
     if not torch.cuda.is_available():  # (no CUDA context is made here: only the children use the GPU)
         print("make bench needs a CUDA GPU")
-        return 2
+        return None
     parts = [p for p in args.recipes.split(",") if p]
-    known = [*RECIPES, *UNSLOTH_PADDING, *CHECKS]
-    unknown = sorted(set(parts) - set(known))
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        print(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(known)}")
-        return 2
+        print(f"unknown --recipes {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        return None
     for name in [p for p in parts if GPUS.get(p, 1) > torch.cuda.device_count()]:
         print(f"skipping {name}: it needs {GPUS[name]} GPUs, this machine has {torch.cuda.device_count()}")
         parts.remove(name)
-    t0 = time.perf_counter()
-    setup = in_own_process("prepare", args, argv)
-    if "failed" in setup:
-        return 1
+    return parts
+
+
+def run_rounds(parts: list[str], setup: dict, args, argv: list[str]) -> str:
+    """Each part in a process of its own, `--repeat` rounds; the report rewritten after every part, so a run cut
+    short keeps what it measured. Returns the report."""
     from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(cfg.BASE_MODEL)
+    t0 = time.perf_counter()
+    model_config = AutoConfig.from_pretrained(args.model_dir)
     results: dict[str, Any] = {"setup": setup, "args": vars(args) | {"update_readme": str(args.update_readme)}}
     results["rounds"] = []
     md = ""
@@ -916,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in parts if i % 2 == 0 else parts[::-1]:
             log.info("round %d: %s ...", i + 1, name)
             rnd[name] = r = in_own_process(name, args, argv)
-            if name not in CHECKS and "tokens_per_s" in r:
+            if name != CHECKS and "tokens_per_s" in r:
                 add_derived(r, setup, model_config)
                 t, flag = r["tokens_per_s"], "" if r["stable"] else " (not stable)"
                 log.info(
@@ -924,9 +681,29 @@ def main(argv: list[str] | None = None) -> int:
                     f"MFU {100 * r['mfu']:.1f}%, peak {r['peak_gib']:.1f} GiB, warm-up {r['warmup_steps']}{flag}"
                 )
             results["wall_s"] = time.perf_counter() - t0
-            # after every part: a run cut short keeps what it measured
-            md = write_report(results, out, args.update_readme)
-    print(md)
+            md = write_report(results, Path(args.out), args.update_readme)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.recipe_only:  # a child: one measurement
+        cfg = bench_settings(args)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        measured = run_part(args.recipe_only, cfg, args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.result).write_text(json.dumps(measured, default=str))
+        return 0
+    parts = _parts(args)
+    if parts is None:
+        return 2
+    setup = in_own_process("prepare", args, argv)
+    if "failed" in setup:
+        return 1
+    print(run_rounds(parts, setup, args, argv))
     return 0
 
 
