@@ -3,8 +3,8 @@ the median and spread are, and the README section it rewrites."""
 
 import pytest
 
-from bench.throughput import spread, stable_start, timed_window
 from bench.throughput_report import CHECKS, README_END, README_START, UNSLOTH, markdown, replace_readme_section
+from bench.timing import spread, stable_start, timed_window
 from job.paths import RunPaths
 
 
