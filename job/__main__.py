@@ -6,10 +6,9 @@ Every setting comes from the environment (or .env); see `python -m job config` a
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python -m job`: SIGTERM is handled from here on, before the slow imports (job/stop.py)
-    from job import faults, stop
+    from job import stop
 
     stop.install()
-    faults.maybe_die("job.imports")
 
 import argparse
 import json
@@ -20,7 +19,6 @@ from pathlib import Path
 
 from job import errors, redact, stop
 from job.errors import BUG, EXIT_CODES, INTERRUPTED, JobError, OutOfMemory, classify
-from job.faults import maybe_die
 
 log = logging.getLogger("job")
 
@@ -116,8 +114,8 @@ def cmd_run(args, environ: dict[str, str] | None = None, env_file: str | None = 
 
 
 def cmd_demo(args) -> int:
+    from job import tiny_model
     from job.files import read_jsonl
-    from job.random_llama import build_random_llama
 
     env = dict(os.environ)
     output_dir = env.setdefault("OUTPUT_DIR", "outputs")
@@ -125,7 +123,7 @@ def cmd_demo(args) -> int:
     model_dir = Path(output_dir) / "tiny-model"
     if not (model_dir / "config.json").exists():
         texts = [v for r in read_jsonl(FIXTURE) for v in r.values() if isinstance(v, str)]
-        build_random_llama(model_dir, texts)
+        tiny_model.build(model_dir, texts)
         log.info("built a tiny Llama-architecture model in %s", model_dir)
     env.update(DEMO, BASE_MODEL=str(model_dir))
     return cmd_run(args, environ=env, env_file=None)
@@ -187,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             code = err.exit_code
-    maybe_die("job.exit")  # a test hook: a signal while the process shuts down
     return code
 
 

@@ -9,7 +9,7 @@ package, which has no wheels for our torch. PyTorch ships the same FlashAttentio
 `torch.nn.attention.varlen.varlen_attn`; we register it with Transformers' AttentionInterface as
 ATTN_IMPLEMENTATION="sdpa_varlen". Everything that is not a packed row (padded batches, generation
 with a KV cache) goes to Transformers' own sdpa, with the mask sdpa builds; on CPU, packed rows take
-a per-conversation sdpa loop. job/bench.py measures it against sdpa (recipe job-sdpa).
+a per-conversation sdpa loop. bench/throughput.py measures it against sdpa (recipe job-sdpa).
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def shared_model_for_generation(model, adapter_dir: Path):
     """One model for base and tuned answers in the same batches: the 16-bit base, the adapter unmerged.
 
     Which rows get the adapter is set per batch (per_row_adapter). A decoding step reads every weight
-    once whatever the number of rows, so twice the rows cost little more than one model's (job/bench.py
+    once whatever the number of rows, so twice the rows cost little more than one model's (bench/throughput.py
     measures it). The adapter is held in the base's 16-bit dtype, as merging it would round it.
     """
     from peft import PeftModel

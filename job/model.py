@@ -277,11 +277,11 @@ def model_code_restored(model: Any):
     apply_liger_kernel_to_llama(model=...). That binds Liger's RMSNorm and SwiGLU forwards to the model's
     own modules (what training needs), and also replaces the modeling module's RMSNorm and MLP classes and
     its rotary embedding for the whole process, which would reach every model built later in it:
-    evaluation's and the benchmark's (Liger's kernels save training memory, job/bench.py, and slow
+    evaluation's and the benchmark's (Liger's kernels save training memory, bench/throughput.py, and slow
     decoding down). The training stage wraps train() in this block, so no later stage sees the patch.
     (Training in a child process would avoid the patch too, at the cost of re-importing the stack, ~10 s
     per run, and of a second process group under torchrun.) tests/test_equivalence.py patches the way
-    Liger does; job/bench.py's checks count Liger's modules in the trained and in the evaluated model.
+    Liger does; the throughput bench's checks count Liger's modules in the trained and in the evaluated model.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     module = sys.modules[type(inner).__module__]  # e.g. transformers.models.llama.modeling_llama
@@ -314,7 +314,7 @@ def dequantize_for_training(cfg: Settings, model: Any) -> bool:
     step on the 3B model makes ~400 such calls (196 layers, forward and backward), each ~300 us of
     Python and launches, and the step is bound by the CPU (job/train.py, compile_layers). Dequantizing
     once (Transformers' own `dequantize`) keeps the weights, losses and gradients and drops that work
-    (job/bench.py measures both paths and checks they agree). The cost is memory, 2 bytes per base
+    (bench/throughput.py measures both paths and checks they agree). The cost is memory, 2 bytes per base
     weight, so "auto" does it only where the 16-bit copy takes at most a quarter of the GPU (a 24 GB card
     for 3B, not for 8B).
     Returns whether it did.

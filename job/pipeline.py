@@ -30,7 +30,6 @@ from typing import Any
 from job import benchmark, errors, evaluate, formatting, provenance, push, report, sample, stop, train
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError
-from job.faults import maybe_die
 from job.files import atomic_write_text
 from job.lock import RunLock
 from job.model import (
@@ -107,7 +106,6 @@ def run(cfg: Settings) -> dict:
                 artifacts = RUNNERS[stage](cfg, paths)
             _release_gpu_memory()
             seconds = round(time.perf_counter() - t0, 1)
-            maybe_die(f"{stage}.finished")
             if main:
                 manifest["stages"][stage] = {
                     "status": "done",

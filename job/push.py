@@ -25,7 +25,6 @@ from huggingface_hub import HfApi
 from job import benchmark, safety
 from job.config import Settings
 from job.errors import ConfigError, JobError, QualityGateError, TransientError, classify
-from job.faults import maybe_die
 from job.files import read_json
 from job.model import load_model, resolve_precision
 from job.paths import RunPaths
@@ -227,7 +226,6 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     check_quality_gates(cfg, paths)
     benchmark.check_gate(cfg, paths)  # MAX_BENCHMARK_DROP
     folder = stage_files(cfg, paths)
-    maybe_die("push.staged")
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     if not cfg.HUB_REPO_ID:
         log.info("HUB_REPO_ID is empty: nothing uploaded. The %d files that would be are in %s", len(files), folder)

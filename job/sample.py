@@ -27,7 +27,6 @@ from job import benchmark, parallel
 from job.clean import RULE_NAMES, clean_text
 from job.config import Settings
 from job.errors import ConfigError, classify
-from job.faults import maybe_die
 from job.files import atomic_write_text, write_jsonl
 from job.paths import RunPaths
 from job.provenance import pinned
@@ -340,7 +339,6 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     stats["decontamination"] = guard.summary()
     paths.data.mkdir(parents=True, exist_ok=True)
     write_jsonl(paths.train_rows, train_rows)
-    maybe_die("sample.partial")
     write_jsonl(paths.eval_rows, eval_rows)
     order = {name: k for k, name in enumerate(RULE_NAMES)}
     write_jsonl(paths.cleaning_examples, sorted(examples, key=lambda e: order.get(e["rule"], len(order))))

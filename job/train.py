@@ -26,7 +26,6 @@ from typing import Any
 from job import attention, errors, graphs, provenance, stop
 from job.config import Settings, with_overrides
 from job.errors import JobError, OutOfMemory, Stopped
-from job.faults import maybe_die
 from job.files import atomic_write_text, read_jsonl
 from job.model import (
     decoder_layers,
@@ -143,7 +142,6 @@ def _completeness_callback(keep: int, fingerprint: dict | None = None):
         """Write the marker after the Trainer has written everything, then apply retention."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            maybe_die("train.step", state.global_step)
             if stop_agreed():  # SIGTERM (job/stop.py) on any rank: every rank saves this step, then stops
                 control.should_save = True
                 control.should_training_stop = True
@@ -157,7 +155,6 @@ def _completeness_callback(keep: int, fingerprint: dict | None = None):
             if state.is_world_process_zero:
                 import torch
 
-                maybe_die("train.save", state.global_step)
                 path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 atomic_write_text(path / THREADS, json.dumps({"torch_threads": torch.get_num_threads()}) + "\n")
                 if fingerprint is not None:  # what this checkpoint was trained under: settings, data, base model
@@ -679,7 +676,6 @@ def run(cfg: Settings, paths: RunPaths, fingerprint: dict | None = None) -> list
         with _disk_checked(tmp, trainer):
             trainer.model.save_pretrained(tmp)
             trainer.processing_class.save_pretrained(tmp)
-        maybe_die("train.adapter")
         shutil.rmtree(paths.adapter, ignore_errors=True)
         os.replace(tmp, paths.adapter)
         history = {

@@ -3,7 +3,7 @@
 Fixtures for other test modules to reuse:
 
 - ``tiny_model_dir`` (session): folder of a 2-layer Llama model + BPE tokenizer (trained on the fixture's
-  texts, Llama-3-style chat template), written by ``job.random_llama.build_random_llama``. Use it as BASE_MODEL.
+  texts, Llama-3-style chat template), written by ``job.tiny_model.build`` (the demo's). Use it as BASE_MODEL.
 - ``tiny_gguf`` (session): the same model as a GGUF file without a chat template (tests/tiny_gguf.py).
 - ``demo_env`` (session): ``demo_env(output_dir, **overrides) -> dict[str, str]``, every environment variable
   a small, CPU, offline run needs: the demo's settings plus BASE_MODEL, OUTPUT_DIR, RUN_NAME, HUB_REPO_ID and
@@ -21,6 +21,7 @@ Fixtures for other test modules to reuse:
 And one function, for tests that need a real process (exit status, signals, torchrun):
 ``job_process(env, *argv, cwd, command=("-m", "job"), kill_on_line=None, timeout=600)`` runs
 ``python -m job *argv`` to its end and returns the ``subprocess.CompletedProcess`` (stdout, stderr as text).
+``command=KILLABLE_JOB`` runs the job through tests/faults.py, which signals it where HIPPO_KILL_AT says.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
+KILLABLE_JOB = (str(Path(__file__).with_name("faults.py")),)  # `python -m job` that HIPPO_KILL_AT can signal
 CANARY_TOKEN = "hf_canary_DO_NOT_LEAK_7f3a9c"  # must never appear in any file, log or upload
 HUB_REPO_ID = "alice/med-test"
 RUN_NAME = "med-test"
@@ -325,10 +327,10 @@ def job_process(
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-64 Llama model + tokenizer (BPE trained on the fixture's texts), built once."""
-    from job.random_llama import build_random_llama
+    from job import tiny_model
 
     texts = [v for row in read_jsonl(FIXTURE) for v in row.values() if isinstance(v, str)]
-    return build_random_llama(tmp_path_factory.mktemp("tiny-model"), texts)
+    return tiny_model.build(tmp_path_factory.mktemp("tiny-model"), texts)
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def test_greedy_stops_when_every_row_has_finished(model_and_batch):
 
 def test_bench_compares_the_decoders_on_the_same_rows(model_and_batch):
     """The bench's decoder comparison (on CPU without the graph): in fp32 every row's answer is the same."""
-    from job.bench import compare_decoders
+    from bench.equivalence import compare_decoders
 
     model, tok, _ = model_and_batch
     cfg = load_settings({}, env_file=None)

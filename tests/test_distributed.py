@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import job_process
+from conftest import KILLABLE_JOB, job_process
 
 from job.paths import RunPaths
 
@@ -72,7 +72,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, demo_env):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "job")
+    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *KILLABLE_JOB)
     proc = job_process(env, cwd=tmp_path, command=torchrun, timeout=300)
 
     assert proc.returncode != 0, proc.stderr[-4000:]  # torchrun reports its ranks' failure as its own

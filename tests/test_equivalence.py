@@ -4,13 +4,13 @@ the plain padded path on the same rows. The GPU benchmark repeats this check in 
 import pytest
 import torch
 
+from bench.equivalence import equivalence
+from bench.throughput import LLAMA_3_2_3B, flops_per_token
 from job import attention
-from job.bench import equivalence, flops_per_token
 from job.config import load_settings, with_overrides
 from job.files import read_jsonl
 from job.formatting import tokenize_row
 from job.model import load_model, load_tokenizer, lora_config
-from job.random_llama import LLAMA_3_2_3B
 
 
 @pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa"])

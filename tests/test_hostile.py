@@ -205,10 +205,10 @@ def test_a_damaged_benchmark_file_read_by_the_push_is_one_message_then_a_rerun_h
 
 # --- SIGTERM at any moment is exit 7 with a message ------------------------------------------------------------
 def test_sigterm_while_python_imports_the_job_is_exit_7_with_a_message(demo_env, tmp_path):
-    from conftest import job_process
+    from conftest import KILLABLE_JOB, job_process
 
     env = {**demo_env(tmp_path / "outputs"), "HIPPO_KILL_AT": "job.imports:1:TERM"}
-    proc = job_process(env, cwd=tmp_path, timeout=120)
+    proc = job_process(env, cwd=tmp_path, command=KILLABLE_JOB, timeout=120)
     assert proc.returncode == 7, (proc.returncode, proc.stderr[-3000:])
     assert "stopped by SIGTERM before the job started; nothing to save" in proc.stderr
     assert "(exit 7: stopped by a signal" in proc.stderr and "Traceback" not in proc.stderr
@@ -217,12 +217,12 @@ def test_sigterm_while_python_imports_the_job_is_exit_7_with_a_message(demo_env,
 
 @pytest.mark.slow
 def test_a_second_sigterm_while_shutting_down_keeps_exit_7(demo_env, tmp_path):
-    from conftest import job_process
+    from conftest import KILLABLE_JOB, job_process
 
     out = tmp_path / "outputs"
     env = demo_env(out, STAGES="sample,format", HUB_REPO_ID="")
     env["HIPPO_KILL_AT"] = "format.finished:1:TERM,job.exit:1:TERM"  # the second arrives as the process ends
-    proc = job_process(env, cwd=tmp_path, timeout=300)
+    proc = job_process(env, cwd=tmp_path, command=KILLABLE_JOB, timeout=300)
     assert proc.returncode == 7, (proc.returncode, proc.stderr[-3000:])
     assert "stopped by SIGTERM; finished stages are kept" in proc.stderr and "Traceback" not in proc.stderr
     assert not RunPaths(out / env["RUN_NAME"]).lock.exists()  # the shutdown finished: the lock was released

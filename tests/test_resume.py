@@ -1,7 +1,7 @@
 """Lose nothing: SIGKILL the job anywhere, run it again, and it finishes as if never interrupted.
 
 - `test_kill_anywhere_then_rerun` (slow): one chain of `python -m job` processes on the tiny model. Each
-  run is SIGKILLed, or sent SIGTERM, at the next instant (job/faults.py's HIPPO_KILL_AT points, plus one
+  run is SIGKILLed, or sent SIGTERM, at the next instant (tests/faults.py's HIPPO_KILL_AT points, plus one
   kill triggered by evaluation's first log line), then the same command runs again. After every kill nothing is marked
   done on partial files; at the end the adapter matches an uninterrupted run's (RESUME_TOLERANCE), the
   data splits are byte-identical, and a further rerun does no work. It prints the optimizer steps each kill cost.
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SMALL_RUN, job_process
+from conftest import KILLABLE_JOB, SMALL_RUN, job_process
 from safetensors.torch import load_file, save_file
 
 from job import train
@@ -96,7 +96,8 @@ def _env(out: Path, model: Path, run_name: str, kill: str | None = None) -> dict
 def _job(cwd: Path, env: dict[str, str], kill_on_line: re.Pattern | None = None) -> SimpleNamespace:
     """Run `python -m job` to its end, or SIGKILL it when a stderr line matches `kill_on_line`."""
     t0 = time.perf_counter()
-    proc = job_process(env, cwd=cwd, kill_on_line=kill_on_line)
+    command = KILLABLE_JOB if "HIPPO_KILL_AT" in env else ("-m", "job")
+    proc = job_process(env, cwd=cwd, command=command, kill_on_line=kill_on_line)
     resumed = re.search(r"resuming from checkpoint-(\d+)", proc.stderr)
     trained = "stage train     starting" in proc.stderr
     return SimpleNamespace(

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_gemma3_config
 
+from bench.equivalence import equivalence
 from job import attention, decode
-from job.bench import equivalence
 from job.config import load_settings
 from job.files import read_jsonl
 from job.formatting import tokenize_row

@@ -1,4 +1,4 @@
-"""Write the tests' tiny Llama model (job/random_llama.py) as a GGUF file, the way llama.cpp's converter does.
+"""Write the tests' tiny Llama model (job/tiny_model.py) as a GGUF file, the way llama.cpp's converter does.
 
 What Transformers' GGUF loader reads back (transformers/modeling_gguf_pytorch_utils.py and integrations/ggml.py):
 `llama.*` shape keys, the tokenizer as `tokenizer.ggml.*` arrays (a byte-level BPE is the "gpt2" tokenizer model,
