@@ -61,19 +61,18 @@ def _setting(
     secret: bool = False,
     output: bool = True,
     also: tuple[str, ...] = (),
-    min: float | None = None,
-    max: float | None = None,
+    bounds: tuple[float, float] | None = None,
     unit: str = "",
     check: Callable[[Any], str | None] | None = None,
 ):
     """One setting. `stage` is the stage that reads it; `output=False` marks settings that change only
     speed, memory or logging, never what a stage writes (changing them never invalidates finished work);
-    `also` names further stages whose output it changes; `min` and `max` bound a number (inclusive, both or
-    neither), whose message names `unit`; `check(value)` says what is wrong with a value in range, or None."""
+    `also` names further stages whose output it changes; `bounds` holds a number's least and greatest value,
+    whose message names `unit`; `check(value)` says what is wrong with a value within bounds, or None."""
     return field(
         default=default,
         metadata={"help": help, "choices": choices, "secret": secret, "stage": stage, "output": output, "also": also}
-        | {"min": min, "max": max, "unit": unit, "check": check},
+        | dict(zip(("min", "max"), bounds or (None, None)), unit=unit, check=check),
     )
 
 
@@ -139,17 +138,16 @@ class Settings:
         "Doctor", "Column with the doctor's reply (the trained assistant turn).", "sample", check=_NOT_EMPTY
     )
     NUM_SAMPLES: int = _setting(
-        1000, "Training conversations to sample (after cleaning).", "sample", min=1, max=COUNT_MAX
+        1000, "Training conversations to sample (after cleaning).", "sample", bounds=(1, COUNT_MAX)
     )
     EVAL_SAMPLES: int = _setting(
-        100, "Held-out conversations, disjoint from training, for evaluation.", "sample", min=0, max=COUNT_MAX
+        100, "Held-out conversations, disjoint from training, for evaluation.", "sample", bounds=(0, COUNT_MAX)
     )
     SEED: int = _setting(
         42,
         "Seed for sampling, LoRA init and data order (0 to 4294967295): same seed, same run.",
         "sample",
-        min=0,
-        max=2**32 - 1,  # numpy's and torch's seeds are unsigned 32-bit
+        bounds=(0, 2**32 - 1),  # numpy's and torch's seeds are unsigned 32-bit
     )
     # --- format ------------------------------------------------------------------------------
     SYSTEM_PROMPT: str = _setting(
@@ -171,12 +169,11 @@ class Settings:
         1024,
         "Tokens per conversation; longer replies are cut at the end.",
         "format",
-        min=1,
-        max=TOKENS_MAX,
+        bounds=(1, TOKENS_MAX),
         check=_must(lambda v: v >= 64, "is too short for a system prompt, a question and a reply; use 256 or more"),
     )
     MAX_DROPPED_FRACTION: float = _setting(
-        0.05, "Error out if more than this share of rows has no room left for the reply.", "format", min=0, max=1
+        0.05, "Error out if more than this share of rows has no room left for the reply.", "format", bounds=(0, 1)
     )
     # --- model -------------------------------------------------------------------------------
     BASE_MODEL: str = _setting(
@@ -236,9 +233,9 @@ class Settings:
         output=False,
     )
     # --- LoRA --------------------------------------------------------------------------------
-    LORA_R: int = _setting(8, "LoRA rank.", "train", min=1, max=WIDTH_MAX)
-    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train", min=1, max=WIDTH_MAX)
-    LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train", min=0, max=1)
+    LORA_R: int = _setting(8, "LoRA rank.", "train", bounds=(1, WIDTH_MAX))
+    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train", bounds=(1, WIDTH_MAX))
+    LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train", bounds=(0, 1))
     LORA_TARGET_MODULES: str = _setting(
         "q_proj,v_proj",
         "Comma-separated module names that get adapters.",
@@ -277,10 +274,9 @@ class Settings:
         "which at the same LEARNING_RATE trains less. Lower it (and raise GRAD_ACCUM) if training runs out of GPU "
         "memory.",
         "train",
-        min=1,
-        max=WIDTH_MAX,
+        bounds=(1, WIDTH_MAX),
     )
-    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train", min=1, max=WIDTH_MAX)
+    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train", bounds=(1, WIDTH_MAX))
     PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).", "train")
     GRADIENT_CHECKPOINTING: bool = _setting(
         False, "Recompute activations in the backward pass: less memory, slower.", "train", output=False
@@ -319,14 +315,13 @@ class Settings:
         "Optimizer steps between checkpoints (a SIGKILL loses at most this many).",
         "train",
         output=False,
-        min=1,
-        max=COUNT_MAX,
+        bounds=(1, COUNT_MAX),
     )
     SAVE_TOTAL_LIMIT: int = _setting(
-        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False, min=1, max=COUNT_MAX
+        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False, bounds=(1, COUNT_MAX)
     )
     LOGGING_STEPS: int = _setting(
-        10, "Optimizer steps between loss log lines.", "train", output=False, min=1, max=COUNT_MAX
+        10, "Optimizer steps between loss log lines.", "train", output=False, bounds=(1, COUNT_MAX)
     )
     REPORT_TO: str = _setting(
         "none",
@@ -341,10 +336,10 @@ class Settings:
     )
     # --- evaluation --------------------------------------------------------------------------
     EVAL_PROMPTS: int = _setting(
-        50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate", min=0, max=COUNT_MAX
+        50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate", bounds=(0, COUNT_MAX)
     )
     MAX_NEW_TOKENS: int = _setting(
-        256, "Longest generated answer in evaluation, in tokens.", "evaluate", min=1, max=TOKENS_MAX
+        256, "Longest generated answer in evaluation, in tokens.", "evaluate", bounds=(1, TOKENS_MAX)
     )
     EVAL_BATCH_SIZE: int = _setting(
         192,
@@ -352,8 +347,7 @@ class Settings:
         "Lower it on a GPU with 16 GB or less.",
         "evaluate",
         output=False,
-        min=1,
-        max=WIDTH_MAX,
+        bounds=(1, WIDTH_MAX),
     )
     # --- judge (job/judge.py): a model's blind pairwise verdicts on base vs tuned answers ------
     JUDGE_MODEL: str = _setting(
@@ -376,23 +370,20 @@ class Settings:
         "Judge requests in flight at once; lower it if the endpoint rate-limits.",
         "evaluate",
         output=False,
-        min=1,
-        max=1024,
+        bounds=(1, 1024),
     )
     JUDGE_MAX_TOKENS: int = _setting(
         512,
         "Longest verdict the judge may write, in tokens (caps the cost per call).",
         "evaluate",
-        min=1,
-        max=TOKENS_MAX,
+        bounds=(1, TOKENS_MAX),
     )
     JUDGE_MAX_RETRIES: int = _setting(
         4,
         "Retries per judge request after a connection error, 408, 409, 429 or 5xx (with backoff).",
         "evaluate",
         output=False,
-        min=0,
-        max=100,
+        bounds=(0, 100),
     )
     JUDGE_TIMEOUT: float = _setting(
         120.0, "Seconds to wait for one judge response before retrying it.", "evaluate", output=False, check=_SECONDS
@@ -412,8 +403,7 @@ class Settings:
         "Questions scored per task (the first ones of its evaluation split). More narrows the intervals and "
         "costs time in proportion.",
         "benchmark",
-        min=1,
-        max=COUNT_MAX,
+        bounds=(1, COUNT_MAX),
         unit="questions per task",
     )
     BENCHMARK_DATA: str = _setting(
@@ -512,16 +502,14 @@ class Settings:
         "An absolute floor: stop before pushing if the tuned model's overall safety pass rate (0 to 1) is lower "
         "(0: off; MAX_SAFETY_DROP compares with the base model).",
         "push",
-        min=0,
-        max=1,
+        bounds=(0, 1),
     )
     MAX_SAFETY_DROP: float = _setting(
         15.0,
         "Stop before pushing if the tuned model's overall safety pass rate is more than this many points below "
         "the base model's on the same prompts (100: off).",
         "push",
-        min=0,
-        max=100,
+        bounds=(0, 100),
         unit="pass-rate points",
     )
     MAX_BENCHMARK_DROP: float = _setting(
@@ -529,8 +517,7 @@ class Settings:
         "Stop before pushing if the tuned model's mean benchmark accuracy is this many points below the base "
         "model's. Raise it with a small BENCHMARK_LIMIT, whose noise is larger.",
         "push",
-        min=0,
-        max=100,
+        bounds=(0, 100),
         unit="accuracy points",
     )
     # --- secrets: only from the environment, never printed ----------------------------------
