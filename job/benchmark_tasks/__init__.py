@@ -1,9 +1,10 @@
 """The benchmark's tasks, MultiMedQA's multiple-choice suite, by lm-eval's task names: the one list.
 
-The BENCHMARK_TASKS setting's names and default (job/config.py), the folders lm-eval indexes (job/benchmark.py)
-and the bundled questions (FIXTURES/<name>.jsonl) come from `TASKS`; tests/test_benchmark.py checks every row
-against lm-eval's own config and the fixture folder. A new task: a row here and its fixture, and for a task of
-our own its YAML in this folder (as pubmedqa.yaml); the sky YAMLs' BENCHMARK_TASKS follow the default (test_sky).
+The BENCHMARK_TASKS setting's names and default (job/config.py), the folders lm-eval indexes (job/benchmark.py),
+the bundled questions (FIXTURES/<name>.jsonl) and the README's table come from `TASKS`; tests/test_benchmark.py
+checks every row against lm-eval's own config and the fixture folder. A new task: a row here and its fixture, and
+for a task of our own its YAML in this folder (as pubmedqa.yaml); the sky YAMLs' BENCHMARK_TASKS follow the
+default (tests/test_sky.py).
 """
 
 from __future__ import annotations
@@ -38,3 +39,13 @@ TASKS = {
     "pubmedqa": Task(None, "qiaojin/PubMedQA", "pqa_labeled", "train"),  # yes / no / maybe
     **{f"mmlu_{s}": Task("mmlu/default", "cais/mmlu", s, "test") for s in _MMLU},
 }
+
+
+def render_table() -> str:
+    """The README's table of the tasks (`python -m job config --write-docs`)."""
+    rows = ["| task | Hub dataset (config), split | defined by |", "|---|---|---|"]
+    for name, t in TASKS.items():
+        config = f" (`{t.config}`)" if t.config else ""
+        where = f"lm-eval's `{t.folder}/`" if t.folder else f"ours, `job/benchmark_tasks/{name}.yaml`"
+        rows.append(f"| `{name}` | `{t.dataset}`{config}, {t.split} | {where} |")
+    return "\n".join(rows) + "\n"
