@@ -666,10 +666,6 @@ def _needs_key(url: str) -> bool:
     return host == "openai.com" or host.endswith((".openai.com", ".openai.azure.com"))
 
 
-def _is_str_assign(node: ast.AST) -> bool:
-    return isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
-
-
 @functools.cache  # parsing the source takes a tenth of a second; settings are checked many times in tests
 def _optimizer_names() -> tuple[str, ...]:
     """Transformers' optimizer names; empty where Transformers is absent (the SkyPilot launcher's light venv
@@ -686,7 +682,11 @@ def _optimizer_names() -> tuple[str, ...]:
         return ()
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     enum = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OptimizerNames"), None)
-    names = tuple(n.value.value for n in (enum.body if enum else []) if _is_str_assign(n))
+    names = tuple(
+        n.value.value
+        for n in (enum.body if enum else [])
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+    )
     if names:
         return names
     from transformers.training_args import OptimizerNames
