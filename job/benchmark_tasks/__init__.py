@@ -24,14 +24,7 @@ class Task(NamedTuple):
     answer: str = "the answer"  # the field holding the answer, where lm-eval's target is a function, not a field
 
 
-_MMLU = (
-    "anatomy",
-    "clinical_knowledge",
-    "college_biology",
-    "college_medicine",
-    "medical_genetics",
-    "professional_medicine",
-)
+_MMLU = "anatomy clinical_knowledge college_biology college_medicine medical_genetics professional_medicine".split()
 TASKS = {
     "medqa_4options": Task("medqa", "GBaker/MedQA-USMLE-4-options-hf", None, "test", answer="label"),  # USMLE-style
     "medmcqa": Task("medmcqa", "openlifescienceai/medmcqa", None, "validation"),  # its test split has no answers
