@@ -584,12 +584,14 @@ def _depends() -> dict[str, tuple[str, ...]]:
 # error unless REDO=true (job/pipeline.py). Settings with output=False never invalidate finished work.
 DEPENDS = _depends()
 
+_TYPES = {"bool": bool, "int": int, "float": float}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _parse(raw: str, typ: type) -> Any:
-    text = raw.strip()
+def _parse(raw: str, f) -> Any:
+    """The value of setting `f` written as `raw`; ValueError saying what was expected."""
+    text, typ, choices = raw.strip(), _TYPES.get(str(f.type), str), f.metadata["choices"]
     if typ is bool:
         if text.lower() in _TRUE:
             return True
@@ -607,6 +609,8 @@ def _parse(raw: str, typ: type) -> Any:
         if typ is float and not math.isfinite(value):
             raise ValueError("expected a finite number")
         return value
+    if choices and raw not in choices:
+        raise ValueError(f"choose one of {', '.join(choices)}")
     return raw
 
 
@@ -761,22 +765,12 @@ def _parse_all(env: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
     """(the settings set in `env`, parsed; a problem for each that does not parse or is not one of its choices)."""
     values: dict[str, Any] = {}
     problems: list[str] = []
-    for name, f in SETTINGS.items():
-        if name not in env:
-            continue
+    for name in [n for n in SETTINGS if n in env]:  # in the schema's order, as the report lists them
         try:
-            value = _parse(env[name].strip() if name in STRIPPED_NAMES else env[name], _TYPES.get(str(f.type), str))
+            values[name] = _parse(env[name].strip() if name in STRIPPED_NAMES else env[name], SETTINGS[name])
         except ValueError as e:
             problems.append(f"{name}={env[name]!r}: {e}")
-            continue
-        if f.metadata["choices"] and value not in f.metadata["choices"]:
-            problems.append(f"{name}={value!r}: choose one of {', '.join(f.metadata['choices'])}")
-        else:
-            values[name] = value
     return values, problems
-
-
-_TYPES = {"bool": bool, "int": int, "float": float}
 
 
 def _unknown(env: dict[str, str], from_file: dict[str, str]) -> list[str]:
