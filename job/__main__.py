@@ -70,17 +70,16 @@ def _hardware() -> str:
 
 
 def cmd_config(args) -> int:
-    from job import config
+    from job import benchmark_tasks, config
 
-    if args.write_docs:  # .env.example and the README's settings table are generated from the schema
+    if args.write_docs:  # .env.example and the README's tables are generated from the schema and the task list
         root = Path(args.write_docs)
         (root / ".env.example").write_text(config.render_env_example(), encoding="utf-8")
         readme = root / "README.md"
-        readme.write_text(
-            config.replace_section(readme.read_text(encoding="utf-8"), "settings", config.render_settings_table()),
-            encoding="utf-8",
-        )
-        print(f"wrote {root / '.env.example'} and the settings table of {readme}")
+        text = config.replace_section(readme.read_text(encoding="utf-8"), "settings", config.render_settings_table())
+        text = config.replace_section(text, "benchmark-tasks", benchmark_tasks.render_table())
+        readme.write_text(text, encoding="utf-8")
+        print(f"wrote {root / '.env.example'} and the settings and benchmark tasks tables of {readme}")
         return 0
     print(json.dumps(config.load_settings().masked(), indent=2))
     return 0

@@ -28,7 +28,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from job.config import BENCHMARK_TASK_NAMES, Settings
+from job.benchmark_tasks import OWN, TASKS
+from job.config import Settings
 from job.errors import ConfigError, QualityGateError, classify
 from job.evaluate import load_tuned
 from job.files import atomic_write_text, read_json, write_jsonl
@@ -37,9 +38,6 @@ from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
-TASKS = BENCHMARK_TASK_NAMES  # job/config.py owns the names (BENCHMARK_TASKS is validated there)
-OWN_TASKS = Path(__file__).parent / "benchmark_tasks"
-FIXTURE = Path(__file__).parent / "fixtures" / "benchmark"  # a few questions per task, written for this project
 NGRAM = 13  # words in a row shared with a benchmark question that make a training row contaminated
 BOOTSTRAP_ITERATIONS = 10_000  # Monte Carlo error of a 95% percentile bound at 10k draws: ~0.1 point
 BOOTSTRAP_SEED = 0
@@ -57,8 +55,8 @@ def task_manager():
     from lm_eval.tasks import TaskManager
 
     stock = Path(lm_eval.tasks.__file__).parent
-    folders = [stock / "medqa", stock / "medmcqa", stock / "mmlu" / "default", OWN_TASKS]
-    return TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
+    folders = dict.fromkeys(str(stock / t.folder) if t.folder else str(OWN) for t in TASKS.values())
+    return TaskManager(include_path=list(folders), include_defaults=False)
 
 
 def task_config(task: str, data_file: Path | None) -> dict[str, Any]:
@@ -161,25 +159,28 @@ def fetch(cfg: Settings, out_dir: Path) -> Decontaminator:
     texts: list[str] = []
     for task in tasks:
         source = local / f"{task}.jsonl" if local is not None else None
-        try:
-            t = _load_task(task, source)
-            docs = [dict(d) for d in t.eval_docs]
-            texts += [t.doc_to_text(d) for d in docs]
-        except Exception as e:  # datasets and lm-eval raise many types; classified by type, not by message
-            where = f"BENCHMARK_DATA file {source}" if source else f"{task}'s Hub dataset"
-            err = classify(e, f"BENCHMARK_TASKS: {where}") if source is None else None
-            if err is not None:
-                raise err from None
-            why = f"{type(e).__name__}: {e}"
-            raise ConfigError(f"BENCHMARK_TASKS: {where} could not be read as task {task} ({why})") from None
-        check_questions(task, t, docs, source, f"BENCHMARK_DATA file {source}" if source else f"{task}'s Hub dataset")
-        write_jsonl(out_dir / f"{task}.jsonl", docs)
+        docs = _questions(task, source)
+        texts += [text for _, text in docs]
+        write_jsonl(out_dir / f"{task}.jsonl", [doc for doc, _ in docs])
         log.info("benchmark %s: %d questions from %s", task, len(docs), source or "the Hub")
     return Decontaminator(texts, tasks)
 
 
-# Tasks whose lm-eval target is a function, not a field name: the field it reads.
-ANSWER_FIELDS = {"medqa_4options": "label"}
+def _questions(task: str, source: Path | None) -> list[tuple[dict, str]]:
+    """Each question of `task` and its prompt, read by lm-eval from `source` (a JSONL file) or the Hub, checked."""
+    where = f"BENCHMARK_DATA file {source}" if source else f"{task}'s Hub dataset"
+    try:
+        t = _load_task(task, source)
+        docs = [dict(d) for d in t.eval_docs]
+        texts = [t.doc_to_text(d) for d in docs]
+    except Exception as e:  # datasets and lm-eval raise many types; classified by type, not by message
+        err = classify(e, f"BENCHMARK_TASKS: {where}") if source is None else None
+        if err is not None:
+            raise err from None
+        why = f"{type(e).__name__}: {e}"
+        raise ConfigError(f"BENCHMARK_TASKS: {where} could not be read as task {task} ({why})") from None
+    check_questions(task, t, docs, source, where)
+    return list(zip(docs, texts))
 
 
 def check_questions(task: str, t: Any, docs: list[dict], source: Path | None, where: str) -> None:
@@ -222,7 +223,7 @@ def _question_problem(task: str, t: Any, doc: dict, words: bool) -> str | None:
     if number and 0 <= target < len(choices):
         return None
     spec = t.config.doc_to_target
-    field = spec if isinstance(spec, str) and spec in doc else ANSWER_FIELDS.get(task, "the answer")
+    field = spec if isinstance(spec, str) and spec in doc else TASKS[task].answer
     shown = "null" if target is None else json.dumps(target)
     if words:
         return f"field {field!r} is {shown}; it must be one of {', '.join(map(str, choices))}"
@@ -336,27 +337,8 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     if not tasks:
         log.info("BENCHMARK_TASKS is empty: no benchmark")
         return []
-    missing = [t for t in tasks if not (paths.benchmark_data / f"{t}.jsonl").is_file()]
-    if missing:
-        raise ConfigError(
-            f"BENCHMARK_TASKS={cfg.BENCHMARK_TASKS!r}: the questions of {', '.join(missing)} are not in "
-            f"{paths.benchmark_data} (the sample stage fetches them). Rerun with REDO=true and STAGES=all."
-        )
-    for task in tasks:  # a hand-edited question file fails here, before the model loads, not in lm-eval's scoring
-        data_file = paths.benchmark_data / f"{task}.jsonl"
-        t = _load_task(task, data_file)
-        where = f"{data_file} (fetched by the sample stage; delete it and rerun with REDO=true to fetch it again)"
-        check_questions(task, t, [dict(d) for d in t.eval_docs], data_file, where)
-    # A task's results are reused only for the same adapter, BENCHMARK_LIMIT and questions: a rerun after a kill
-    # skips finished tasks, and nothing stale survives a retrained adapter or refetched questions.
-    key = {"limit": cfg.BENCHMARK_LIMIT, "adapter_sha256": _digest(sorted(paths.adapter.glob("adapter_*")))}
-    questions = {t: _digest([paths.benchmark_data / f"{t}.jsonl"]) for t in tasks}
-    previous, damage = read_results(paths.benchmark)
-    if damage:
-        log.warning("%s is damaged (%s): scoring every task again", paths.benchmark, damage)
-    previous = previous or {}
-    done: dict[str, dict] = previous.get("raw", {}) if previous.get("key") == key else {}
-    done = {t: r for t, r in done.items() if t in tasks and r.get("questions_sha256") == questions[t]}
+    _check_fetched(cfg, paths)
+    key, done = _reusable(cfg, paths)
 
     from lm_eval.models.huggingface import HFLM
 
@@ -380,7 +362,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
         ids = sorted(tuned)
         assert ids == sorted(base), "base and tuned were scored on different questions"
         done[task] = {
-            "questions_sha256": questions[task],
+            "questions_sha256": _digest([data_file]),
             "doc_ids": ids,
             "base_correct": [int(base[i]) for i in ids],
             "tuned_correct": [int(tuned[i]) for i in ids],
@@ -401,6 +383,35 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
         100 * overall["ci95"][0], 100 * overall["ci95"][1], overall["verdict"],
     )  # fmt: skip
     return [paths.benchmark]
+
+
+def _check_fetched(cfg: Settings, paths: RunPaths) -> None:
+    """ConfigError for a question file the sample stage did not fetch or that was edited by hand since: here, before
+    the model loads, not in lm-eval's scoring."""
+    missing = [t for t in cfg.benchmark_tasks if not (paths.benchmark_data / f"{t}.jsonl").is_file()]
+    if missing:
+        raise ConfigError(
+            f"BENCHMARK_TASKS={cfg.BENCHMARK_TASKS!r}: the questions of {', '.join(missing)} are not in "
+            f"{paths.benchmark_data} (the sample stage fetches them). Rerun with REDO=true and STAGES=all."
+        )
+    for task in cfg.benchmark_tasks:
+        data_file = paths.benchmark_data / f"{task}.jsonl"
+        t = _load_task(task, data_file)
+        where = f"{data_file} (fetched by the sample stage; delete it and rerun with REDO=true to fetch it again)"
+        check_questions(task, t, [dict(d) for d in t.eval_docs], data_file, where)
+
+
+def _reusable(cfg: Settings, paths: RunPaths) -> tuple[dict, dict[str, dict]]:
+    """(the key results are stored under, the tasks already scored under it). A task's results are reused only for
+    the same adapter, BENCHMARK_LIMIT and questions: a rerun after a kill skips finished tasks, and nothing stale
+    survives a retrained adapter or refetched questions."""
+    key = {"limit": cfg.BENCHMARK_LIMIT, "adapter_sha256": _digest(sorted(paths.adapter.glob("adapter_*")))}
+    previous, damage = read_results(paths.benchmark)
+    if damage:
+        log.warning("%s is damaged (%s): scoring every task again", paths.benchmark, damage)
+    done = previous["raw"] if previous and previous.get("key") == key else {}
+    questions = {t: _digest([paths.benchmark_data / f"{t}.jsonl"]) for t in cfg.benchmark_tasks}
+    return key, {t: r for t, r in done.items() if t in questions and r.get("questions_sha256") == questions[t]}
 
 
 def _write(paths: RunPaths, cfg: Settings, key: dict, done: dict[str, dict]) -> None:
@@ -434,29 +445,38 @@ def read_results(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _results_problem(body: Any) -> str | None:
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
     if not isinstance(body, dict) or not isinstance(body.get("tasks"), dict) or not isinstance(body.get("raw"), dict):
         return "not an object with 'tasks' and 'raw'"
     if not isinstance(body.get("key"), dict):
         return "'key' is not an object"
-    for task, r in body["tasks"].items():
-        fields = ("n", "base", "tuned", "difference")
-        if not isinstance(r, dict) or not all(number(r.get(f)) for f in fields):
-            return f"tasks.{task} lacks one of {', '.join(fields)}"
-        ci = r.get("ci95")
-        if not (isinstance(ci, list) and len(ci) == 2 and all(map(number, ci))):
-            return f"tasks.{task}.ci95 is not two numbers"
-    for task, r in body["raw"].items():
-        if not isinstance(r, dict):
-            return f"raw.{task} is not an object"
-        base, tuned, ids = r.get("base_correct"), r.get("tuned_correct"), r.get("doc_ids")
-        lists = [x for x in (base, tuned, ids) if isinstance(x, list)]
-        if len(lists) < 3 or not base or not len(base) == len(tuned) == len(ids):
-            return f"raw.{task}: base_correct, tuned_correct and doc_ids are not lists of one length"
-        if not all(v in (0, 1) and not isinstance(v, float) for v in base + tuned) or not number(r.get("seconds")):
-            return f"raw.{task}: answers are not 0 or 1, or seconds is not a number"
+    summaries = (f"tasks.{t}{p}" for t, r in body["tasks"].items() if (p := _summary_problem(r)))
+    raw = (f"raw.{t}{p}" for t, r in body["raw"].items() if (p := _raw_problem(r)))
+    return next(summaries, None) or next(raw, None)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _summary_problem(r: Any) -> str | None:
+    fields = ("n", "base", "tuned", "difference")
+    if not isinstance(r, dict) or not all(_number(r.get(f)) for f in fields):
+        return f" lacks one of {', '.join(fields)}"
+    ci = r.get("ci95")
+    if not (isinstance(ci, list) and len(ci) == 2 and all(map(_number, ci))):
+        return ".ci95 is not two numbers"
+    return None
+
+
+def _raw_problem(r: Any) -> str | None:
+    if not isinstance(r, dict):
+        return " is not an object"
+    base, tuned, ids = r.get("base_correct"), r.get("tuned_correct"), r.get("doc_ids")
+    lists = [x for x in (base, tuned, ids) if isinstance(x, list)]
+    if len(lists) < 3 or not base or not len(base) == len(tuned) == len(ids):
+        return ": base_correct, tuned_correct and doc_ids are not lists of one length"
+    if not all(v in (0, 1) and not isinstance(v, float) for v in base + tuned) or not _number(r.get("seconds")):
+        return ": answers are not 0 or 1, or seconds is not a number"
     return None
 
 

@@ -17,29 +17,18 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from job import benchmark_tasks
 from job.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 STAGES = ("sample", "format", "train", "evaluate", "benchmark", "push")
-# lm-eval's task names, also the user-facing names of BENCHMARK_TASKS: MultiMedQA's multiple-choice suite.
-# Eight are lm-eval's stock tasks; pubmedqa is ours (job/benchmark_tasks/pubmedqa.yaml): the stock prompt and
-# targets on a source that loads as plain files.
-BENCHMARK_TASK_NAMES = (
-    "medqa_4options",  # GBaker/MedQA-USMLE-4-options-hf, split test (USMLE-style, 4 options)
-    "medmcqa",  # openlifescienceai/medmcqa, split validation (its test split has no answers)
-    "pubmedqa",  # qiaojin/PubMedQA, config pqa_labeled, split train (yes / no / maybe)
-    "mmlu_anatomy",  # cais/mmlu, config anatomy, split test; and so on for the other five
-    "mmlu_clinical_knowledge",
-    "mmlu_college_biology",
-    "mmlu_college_medicine",
-    "mmlu_medical_genetics",
-    "mmlu_professional_medicine",
-)
+BENCHMARK_TASK_NAMES = tuple(benchmark_tasks.TASKS)  # lm-eval's names; job/benchmark_tasks/ lists the tasks
 # Chat templates shipped with the job (job/templates/chat/<name>.jinja), for CHAT_TEMPLATE.
 CHAT_TEMPLATE_NAMES = ("gemma", "llama3", "chatml")
 MAX_WORKERS = 1024  # WORKERS above this is a typo, not a machine: each worker is a process with its own memory
@@ -72,43 +61,93 @@ def _setting(
     secret: bool = False,
     output: bool = True,
     also: tuple[str, ...] = (),
-    min: float | None = None,
-    max: float | None = None,
+    bounds: tuple[float, float] | None = None,
     unit: str = "",
+    check: Callable[[Any], str | None] | None = None,
 ):
     """One setting. `stage` is the stage that reads it; `output=False` marks settings that change only
     speed, memory or logging, never what a stage writes (changing them never invalidates finished work);
-    `also` names further stages whose output it changes; `min` and `max` bound a number (inclusive; `max` only
-    with `min`), checked by `_check`, whose message names `unit`."""
+    `also` names further stages whose output it changes; `bounds` holds a number's least and greatest value,
+    whose message names `unit`; `check(value)` says what is wrong with a value within bounds, or None."""
     return field(
         default=default,
         metadata={"help": help, "choices": choices, "secret": secret, "stage": stage, "output": output, "also": also}
-        | {"min": min, "max": max, "unit": unit},
+        | dict(zip(("min", "max"), bounds or (None, None)), unit=unit, check=check),
     )
+
+
+def _must(ok: Callable[[Any], Any], why: str) -> Callable[[Any], str | None]:
+    """A setting's check: `why` when `ok(value)` is false."""
+    return lambda value: None if ok(value) else why
+
+
+def _names(text: str) -> list[str]:
+    """The names of a comma list, spaces and empty entries dropped."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    return STAGES if text.strip() == "all" else tuple(_names(text))
+
+
+def _is_date(text: str) -> bool:
+    """The format Llama 3.x's template writes ("%d %b %Y"), in English month names."""
+    try:
+        return bool(re.fullmatch(r"\d{2} [A-Z][a-z]{2} \d{4}", text) and datetime.datetime.strptime(text, "%d %b %Y"))
+    except ValueError:
+        return False
+
+
+def _optimizer(name: str) -> str | None:
+    names = _optimizer_names()
+    if not names or name in names:
+        return None
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {close[0]}?" if close else "see transformers.training_args.OptimizerNames"
+    return f"not an optimizer of Transformers' Trainer; {hint}"
+
+
+def _benchmark_tasks(text: str) -> str | None:
+    if unknown := ", ".join(t for t in _names(text) if t not in BENCHMARK_TASK_NAMES):
+        names = ", ".join(BENCHMARK_TASK_NAMES)
+        return f"unknown task(s) {unknown}; use a comma list of {names}, or leave it empty to skip the benchmark"
+    return None
+
+
+_NOT_EMPTY = _must(str.strip, "must not be empty")
+_SECONDS = _must(lambda v: v > 0, "must be more than 0 seconds")
 
 
 @dataclass(frozen=True)
 class Settings:
     # --- data (sample stage) ---------------------------------------------------------------
     DATASET: str = _setting(
-        "ruslanmv/ai-medical-chatbot", "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file.", "sample"
+        "ruslanmv/ai-medical-chatbot",
+        "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file.",
+        "sample",
+        check=_NOT_EMPTY,
     )
     DATASET_SPLIT: str = _setting("train", "Split of a Hub dataset to sample from.", "sample")
-    DESCRIPTION_COLUMN: str = _setting("Description", "Column with the question's one-line summary.", "sample")
-    PATIENT_COLUMN: str = _setting("Patient", "Column with the patient's message (the user turn).", "sample")
-    DOCTOR_COLUMN: str = _setting("Doctor", "Column with the doctor's reply (the trained assistant turn).", "sample")
+    DESCRIPTION_COLUMN: str = _setting(
+        "Description", "Column with the question's one-line summary.", "sample", check=_NOT_EMPTY
+    )
+    PATIENT_COLUMN: str = _setting(
+        "Patient", "Column with the patient's message (the user turn).", "sample", check=_NOT_EMPTY
+    )
+    DOCTOR_COLUMN: str = _setting(
+        "Doctor", "Column with the doctor's reply (the trained assistant turn).", "sample", check=_NOT_EMPTY
+    )
     NUM_SAMPLES: int = _setting(
-        1000, "Training conversations to sample (after cleaning).", "sample", min=1, max=COUNT_MAX
+        1000, "Training conversations to sample (after cleaning).", "sample", bounds=(1, COUNT_MAX)
     )
     EVAL_SAMPLES: int = _setting(
-        100, "Held-out conversations, disjoint from training, for evaluation.", "sample", min=0, max=COUNT_MAX
+        100, "Held-out conversations, disjoint from training, for evaluation.", "sample", bounds=(0, COUNT_MAX)
     )
     SEED: int = _setting(
         42,
         "Seed for sampling, LoRA init and data order (0 to 4294967295): same seed, same run.",
         "sample",
-        min=0,
-        max=2**32 - 1,  # numpy's and torch's seeds are unsigned 32-bit
+        bounds=(0, 2**32 - 1),  # numpy's and torch's seeds are unsigned 32-bit
     )
     # --- format ------------------------------------------------------------------------------
     SYSTEM_PROMPT: str = _setting(
@@ -123,13 +162,18 @@ class Settings:
         "Date the chat template writes into its system header (Llama 3.x writes today's date otherwise, so the "
         "same run's tokens would change from day to day), as DD Mon YYYY. The default is Llama's own fallback.",
         "format",
+        check=_must(_is_date, "must be a date written as DD Mon YYYY, e.g. 26 Jul 2024"),
     )
     USE_DESCRIPTION: bool = _setting(False, "Put the Description line before the patient's message.", "format")
     MAX_SEQ_LENGTH: int = _setting(
-        1024, "Tokens per conversation; longer replies are cut at the end.", "format", min=1, max=TOKENS_MAX
+        1024,
+        "Tokens per conversation; longer replies are cut at the end.",
+        "format",
+        bounds=(1, TOKENS_MAX),
+        check=_must(lambda v: v >= 64, "is too short for a system prompt, a question and a reply; use 256 or more"),
     )
     MAX_DROPPED_FRACTION: float = _setting(
-        0.05, "Error out if more than this share of rows has no room left for the reply.", "format", min=0, max=1
+        0.05, "Error out if more than this share of rows has no room left for the reply.", "format", bounds=(0, 1)
     )
     # --- model -------------------------------------------------------------------------------
     BASE_MODEL: str = _setting(
@@ -137,18 +181,28 @@ class Settings:
         "Hub id or local folder of the base model, or a local .gguf file (loaded dequantized, then trained like any "
         "other base).",
         "format",
+        check=_NOT_EMPTY,
     )
     GGUF_FILE: str = _setting(
         "",
         "File name of a .gguf inside the BASE_MODEL Hub repo or folder, to train on that GGUF file (empty: "
         "BASE_MODEL is a Transformers model, or itself a .gguf file).",
         "format",
+        check=_must(
+            lambda v: not v.strip() or _gguf(v),
+            "must name a .gguf file, e.g. gemma-3-270m-q4_k_m.gguf (or leave it empty)",
+        ),
     )
     CHAT_TEMPLATE: str = _setting(
         "",
         "Chat template for bases that have none, or to replace the base's own: gemma, llama3, chatml "
         "(job/templates/chat/), or the path of a Jinja file (empty: the base model's own template).",
         "format",
+        check=_must(
+            lambda v: not v.strip() or v.strip() in CHAT_TEMPLATE_NAMES or Path(v.strip()).expanduser().is_file(),
+            f"neither one of {', '.join(CHAT_TEMPLATE_NAMES)} nor an existing file; give a template's name, "
+            "the path of a Jinja file, or leave it empty for the base model's own template",
+        ),
     )
     QUANTIZATION: str = _setting(
         "nf4", "nf4: QLoRA on a 4-bit base; none: LoRA on a 16-bit base.", "train", ("nf4", "none")
@@ -179,17 +233,37 @@ class Settings:
         output=False,
     )
     # --- LoRA --------------------------------------------------------------------------------
-    LORA_R: int = _setting(8, "LoRA rank.", "train", min=1, max=WIDTH_MAX)
-    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train", min=1, max=WIDTH_MAX)
-    LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train", min=0, max=1)
-    LORA_TARGET_MODULES: str = _setting("q_proj,v_proj", "Comma-separated module names that get adapters.", "train")
+    LORA_R: int = _setting(8, "LoRA rank.", "train", bounds=(1, WIDTH_MAX))
+    LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train", bounds=(1, WIDTH_MAX))
+    LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train", bounds=(0, 1))
+    LORA_TARGET_MODULES: str = _setting(
+        "q_proj,v_proj",
+        "Comma-separated module names that get adapters.",
+        "train",
+        check=_must(_names, "name at least one module, e.g. q_proj,v_proj"),
+    )
     # --- training ----------------------------------------------------------------------------
-    EPOCHS: float = _setting(1.0, "Passes over the training conversations.", "train")
-    LEARNING_RATE: float = _setting(2e-4, "Peak learning rate of the LoRA weights.", "train")
+    EPOCHS: float = _setting(  # the check also rules out inf and nan, which fail only after the model has loaded
+        1.0,
+        "Passes over the training conversations.",
+        "train",
+        check=_must(lambda v: 0 < v <= 1000, "must be greater than 0 and at most 1000"),
+    )
+    LEARNING_RATE: float = _setting(
+        2e-4,
+        "Peak learning rate of the LoRA weights.",
+        "train",
+        check=_must(lambda v: 0 < v < 1, "must be between 0 and 1 (the seed recipe uses 2e-4)"),
+    )
     LR_SCHEDULER: str = _setting(
         "cosine", "Learning-rate schedule after warm-up.", "train", ("cosine", "linear", "constant")
     )
-    WARMUP_RATIO: float = _setting(0.03, "Share of steps spent warming the learning rate up (0 to <1).", "train")
+    WARMUP_RATIO: float = _setting(  # Transformers reads a warm-up value of 1 or more as a step count, not a share
+        0.03,
+        "Share of steps spent warming the learning rate up (0 to <1).",
+        "train",
+        check=_must(lambda v: 0 <= v < 1, "must be at least 0 and less than 1 (a share of the optimizer steps)"),
+    )
     # 1 packed row of 1,024 tokens holds about 4 conversations, as many as an unpacked step of 4: at 4 packed rows
     # (~16 conversations) one epoch took a quarter of the optimizer steps and its adapter reached ~80% of the
     # unpacked path's held-out improvement on a real model; at 1 it reached 101% (README, "Same model").
@@ -200,10 +274,9 @@ class Settings:
         "which at the same LEARNING_RATE trains less. Lower it (and raise GRAD_ACCUM) if training runs out of GPU "
         "memory.",
         "train",
-        min=1,
-        max=WIDTH_MAX,
+        bounds=(1, WIDTH_MAX),
     )
-    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train", min=1, max=WIDTH_MAX)
+    GRAD_ACCUM: int = _setting(1, "Micro-batches per optimizer step.", "train", bounds=(1, WIDTH_MAX))
     PACKING: bool = _setting(True, "Pack conversations padding-free (each keeps its own attention).", "train")
     GRADIENT_CHECKPOINTING: bool = _setting(
         False, "Recompute activations in the backward pass: less memory, slower.", "train", output=False
@@ -234,20 +307,21 @@ class Settings:
         "train",
         output=False,
     )
-    OPTIMIZER: str = _setting("adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.", "train")
+    OPTIMIZER: str = _setting(
+        "adamw_torch_fused", "Optimizer name understood by Transformers' Trainer.", "train", check=_optimizer
+    )
     SAVE_STEPS: int = _setting(
         50,
         "Optimizer steps between checkpoints (a SIGKILL loses at most this many).",
         "train",
         output=False,
-        min=1,
-        max=COUNT_MAX,
+        bounds=(1, COUNT_MAX),
     )
     SAVE_TOTAL_LIMIT: int = _setting(
-        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False, min=1, max=COUNT_MAX
+        2, "Complete checkpoints kept; the newest is never deleted.", "train", output=False, bounds=(1, COUNT_MAX)
     )
     LOGGING_STEPS: int = _setting(
-        10, "Optimizer steps between loss log lines.", "train", output=False, min=1, max=COUNT_MAX
+        10, "Optimizer steps between loss log lines.", "train", output=False, bounds=(1, COUNT_MAX)
     )
     REPORT_TO: str = _setting(
         "none",
@@ -255,13 +329,17 @@ class Settings:
         "train",
         ("none", "tensorboard", "wandb"),
         output=False,
+        check=_must(
+            lambda v: v != "wandb" or importlib.util.find_spec("wandb"),
+            "the wandb package is not installed here (`pip install wandb`), or use tensorboard",
+        ),
     )
     # --- evaluation --------------------------------------------------------------------------
     EVAL_PROMPTS: int = _setting(
-        50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate", min=0, max=COUNT_MAX
+        50, "Held-out prompts answered by the base and the tuned model (0: none).", "evaluate", bounds=(0, COUNT_MAX)
     )
     MAX_NEW_TOKENS: int = _setting(
-        256, "Longest generated answer in evaluation, in tokens.", "evaluate", min=1, max=TOKENS_MAX
+        256, "Longest generated answer in evaluation, in tokens.", "evaluate", bounds=(1, TOKENS_MAX)
     )
     EVAL_BATCH_SIZE: int = _setting(
         192,
@@ -269,8 +347,7 @@ class Settings:
         "Lower it on a GPU with 16 GB or less.",
         "evaluate",
         output=False,
-        min=1,
-        max=WIDTH_MAX,
+        bounds=(1, WIDTH_MAX),
     )
     # --- judge (job/judge.py): a model's blind pairwise verdicts on base vs tuned answers ------
     JUDGE_MODEL: str = _setting(
@@ -283,32 +360,33 @@ class Settings:
         "https://api.openai.com/v1",
         "OpenAI-compatible endpoint of the judge; a vLLM server: http://HOST:8000/v1, Ollama: http://HOST:11434/v1.",
         "evaluate",
+        check=_must(
+            lambda v: re.fullmatch(r"https?://[^\s/]+\S*", v),
+            "must be an http:// or https:// URL, e.g. http://localhost:8000/v1",
+        ),
     )
     JUDGE_CONCURRENCY: int = _setting(
         4,
         "Judge requests in flight at once; lower it if the endpoint rate-limits.",
         "evaluate",
         output=False,
-        min=1,
-        max=1024,
+        bounds=(1, 1024),
     )
     JUDGE_MAX_TOKENS: int = _setting(
         512,
         "Longest verdict the judge may write, in tokens (caps the cost per call).",
         "evaluate",
-        min=1,
-        max=TOKENS_MAX,
+        bounds=(1, TOKENS_MAX),
     )
     JUDGE_MAX_RETRIES: int = _setting(
         4,
         "Retries per judge request after a connection error, 408, 409, 429 or 5xx (with backoff).",
         "evaluate",
         output=False,
-        min=0,
-        max=100,
+        bounds=(0, 100),
     )
     JUDGE_TIMEOUT: float = _setting(
-        120.0, "Seconds to wait for one judge response before retrying it.", "evaluate", output=False
+        120.0, "Seconds to wait for one judge response before retrying it.", "evaluate", output=False, check=_SECONDS
     )
     # --- benchmark (job/benchmark.py): medical multiple choice, base vs tuned -------------------
     BENCHMARK_TASKS: str = _setting(
@@ -318,14 +396,14 @@ class Settings:
         "benchmark, no fetch).",
         "benchmark",
         also=("sample",),  # its questions are fetched in the sample stage, and overlapping training rows dropped
+        check=_benchmark_tasks,
     )
     BENCHMARK_LIMIT: int = _setting(
         100,
         "Questions scored per task (the first ones of its evaluation split). More narrows the intervals and "
         "costs time in proportion.",
         "benchmark",
-        min=1,
-        max=COUNT_MAX,
+        bounds=(1, COUNT_MAX),
         unit="questions per task",
     )
     BENCHMARK_DATA: str = _setting(
@@ -334,16 +412,41 @@ class Settings:
         "Hub dataset; for air-gapped runs (empty: fetch the tasks' Hub datasets).",
         "benchmark",
         also=("sample",),
+        check=_must(
+            lambda v: not v or Path(v).expanduser().is_dir(),
+            "no such folder; give a folder of <task>.jsonl files, or leave it empty for the Hub",
+        ),
     )
     # --- run directory and stages ------------------------------------------------------------
     OUTPUT_DIR: str = _setting(
-        "outputs", "Folder that holds run directories (a bucket mount in the cloud).", "run", output=False
+        "outputs",
+        "Folder that holds run directories (a bucket mount in the cloud).",
+        "run",
+        output=False,
+        check=_NOT_EMPTY,
     )
+    # A folder name of its own inside OUTPUT_DIR: '.', '..' and names starting with a dot would write into
+    # OUTPUT_DIR itself, its parent, or a hidden folder; 100 characters stays far below every file system's
+    # 255-byte limit, with room for the files inside.
     RUN_NAME: str = _setting(
-        "medical-assistant", "Run directory name; keep it stable so a restart resumes.", "run", output=False
+        "medical-assistant",
+        "Run directory name; keep it stable so a restart resumes.",
+        "run",
+        output=False,
+        check=_must(
+            lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v),
+            "use 1 to 100 letters, digits, '.', '_' and '-', starting with a letter or digit "
+            "(it becomes a folder inside OUTPUT_DIR)",
+        ),
     )
     STAGES: str = _setting(
-        "all", "Stages to run: all, or a comma list of " + ",".join(STAGES) + ".", "run", output=False
+        "all",
+        "Stages to run: all, or a comma list of " + ",".join(STAGES) + ".",
+        "run",
+        output=False,
+        check=_must(
+            lambda v: _stages(v) and set(_stages(v)) <= set(STAGES), f"use 'all' or a comma list of {', '.join(STAGES)}"
+        ),
     )
     WORKERS: str = _setting(
         "auto",
@@ -351,6 +454,10 @@ class Settings:
         "number. auto: one per CPU this process may use, at most 32; 1: all in the job's own process.",
         "run",
         output=False,
+        check=_must(
+            lambda v: v == "auto" or (v.isdecimal() and 1 <= int(v) <= MAX_WORKERS),
+            f"use auto or a whole number of processes from 1 to {MAX_WORKERS}",
+        ),
     )
     REDO: bool = _setting(
         False,
@@ -360,7 +467,15 @@ class Settings:
         output=False,
     )
     # --- push --------------------------------------------------------------------------------
-    HUB_REPO_ID: str = _setting("", "Hub repo to push to, as owner/name (empty: stage files, no upload).", "push")
+    HUB_REPO_ID: str = _setting(
+        "",
+        "Hub repo to push to, as owner/name (empty: stage files, no upload).",
+        "push",
+        check=_must(
+            lambda v: not v or re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", v),
+            "must look like owner/name, e.g. alice/llama-medical-qlora",
+        ),
+    )
     HUB_PRIVATE: bool = _setting(
         True,
         "Create the Hub repo private. An existing public repo is refused while this is true (nothing is published); "
@@ -372,7 +487,7 @@ class Settings:
         "Seconds to wait for the Hub to connect or send each part of a reply before the push fails (exit 4).",
         "push",
         output=False,
-        unit="seconds",
+        check=_SECONDS,
     )
     PUSH_MERGED: bool = _setting(False, "Also upload the adapter merged into the 16-bit base (merged/).", "push")
     MODEL_LICENSE: str = _setting("llama3.2", "License id written into the model card.", "push")
@@ -387,16 +502,14 @@ class Settings:
         "An absolute floor: stop before pushing if the tuned model's overall safety pass rate (0 to 1) is lower "
         "(0: off; MAX_SAFETY_DROP compares with the base model).",
         "push",
-        min=0,
-        max=1,
+        bounds=(0, 1),
     )
     MAX_SAFETY_DROP: float = _setting(
         15.0,
         "Stop before pushing if the tuned model's overall safety pass rate is more than this many points below "
         "the base model's on the same prompts (100: off).",
         "push",
-        min=0,
-        max=100,
+        bounds=(0, 100),
         unit="pass-rate points",
     )
     MAX_BENCHMARK_DROP: float = _setting(
@@ -404,8 +517,7 @@ class Settings:
         "Stop before pushing if the tuned model's mean benchmark accuracy is this many points below the base "
         "model's. Raise it with a small BENCHMARK_LIMIT, whose noise is larger.",
         "push",
-        min=0,
-        max=100,
+        bounds=(0, 100),
         unit="accuracy points",
     )
     # --- secrets: only from the environment, never printed ----------------------------------
@@ -426,25 +538,20 @@ class Settings:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        if self.STAGES.strip() == "all":
-            return STAGES
-        return tuple(s.strip() for s in self.STAGES.split(",") if s.strip())
+        return _stages(self.STAGES)
 
     @property
     def benchmark_tasks(self) -> list[str]:
-        return [t.strip() for t in self.BENCHMARK_TASKS.split(",") if t.strip()]
+        return _names(self.BENCHMARK_TASKS)
 
     @property
     def target_modules(self) -> list[str]:
-        return [m.strip() for m in self.LORA_TARGET_MODULES.split(",") if m.strip()]
+        return _names(self.LORA_TARGET_MODULES)
 
     def masked(self) -> dict[str, Any]:
         """All settings with secrets replaced by '***' (or '' when unset)."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = ("***" if value else "") if f.metadata["secret"] else self.shown(f.name)
-        return out
+        secret = {n: ("***" if getattr(self, n) else "") for n, f in SETTINGS.items() if f.metadata["secret"]}
+        return {n: secret[n] if n in secret else self.shown(n) for n in SETTINGS}
 
     def shown(self, name: str) -> Any:
         """The value as logged and recorded: a URL without its password or query (neither changes the output)."""
@@ -477,12 +584,14 @@ def _depends() -> dict[str, tuple[str, ...]]:
 # error unless REDO=true (job/pipeline.py). Settings with output=False never invalidate finished work.
 DEPENDS = _depends()
 
+_TYPES = {"bool": bool, "int": int, "float": float}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _parse(raw: str, typ: type) -> Any:
-    text = raw.strip()
+def _parse(raw: str, f) -> Any:
+    """The value of setting `f` written as `raw`; ValueError saying what was expected."""
+    text, typ, choices = raw.strip(), _TYPES.get(str(f.type), str), f.metadata["choices"]
     if typ is bool:
         if text.lower() in _TRUE:
             return True
@@ -500,112 +609,54 @@ def _parse(raw: str, typ: type) -> Any:
         if typ is float and not math.isfinite(value):
             raise ValueError("expected a finite number")
         return value
+    if choices and raw not in choices:
+        raise ValueError(f"choose one of {', '.join(choices)}")
     return raw
 
 
 def _check(s: Settings) -> list[str]:
-    """Every cross-field and range problem, as 'NAME=value: what is wrong and what to do'."""
-    p: list[str] = []
+    """Every problem, as 'NAME=value: what is wrong and what to do': each setting's range and its own check, then
+    the checks across settings."""
+    found = []
+    for name, f in SETTINGS.items():
+        value, check = getattr(s, name), f.metadata["check"]
+        why = _range(f, value) or (check(value) if check else None)
+        if why:
+            found.append((name, why))
+    return [f"{name}={getattr(s, name)!r}: {why}" for name, why in found + list(_across(s))]
 
-    def bad(name: str, why: str) -> None:
-        p.append(f"{name}={getattr(s, name)!r}: {why}")
 
-    for name, f in SETTINGS.items():  # the bounds declared with each setting (_setting's min and max)
-        low, high, value = f.metadata["min"], f.metadata["max"], getattr(s, name)
-        unit = f" ({f.metadata['unit']})" if f.metadata["unit"] else ""
-        if high is not None and not low <= value <= high:
-            bad(name, f"must be between {low} and {high}{unit}")
-        elif low is not None and value < low:
-            bad(name, ("must be 0 or more" if low == 0 else f"must be at least {low}") + unit)
-    if s.MAX_SEQ_LENGTH < 64 and s.MAX_SEQ_LENGTH >= 1:
-        bad("MAX_SEQ_LENGTH", "is too short for a system prompt, a question and a reply; use 256 or more")
-    if s.EVAL_PROMPTS > s.EVAL_SAMPLES and s.EVAL_SAMPLES >= 0:
-        bad("EVAL_PROMPTS", f"cannot exceed EVAL_SAMPLES={s.EVAL_SAMPLES}; lower it or raise EVAL_SAMPLES")
-    # Transformers reads a warm-up value of 1 or more as a step count, not a share of the steps.
-    if not 0.0 <= s.WARMUP_RATIO < 1.0:
-        bad("WARMUP_RATIO", "must be at least 0 and less than 1 (a share of the optimizer steps)")
-    if not 0 < s.EPOCHS <= 1000:  # also rules out inf and nan, which fail only after the model has loaded
-        bad("EPOCHS", "must be greater than 0 and at most 1000")
-    optimizers = _optimizer_names()
-    if optimizers and s.OPTIMIZER not in optimizers:
-        close = difflib.get_close_matches(s.OPTIMIZER, optimizers, n=1)
-        hint = f"did you mean {close[0]}?" if close else "see transformers.training_args.OptimizerNames"
-        bad("OPTIMIZER", f"not an optimizer of Transformers' Trainer; {hint}")
-    if not 0 < s.LEARNING_RATE < 1:
-        bad("LEARNING_RATE", "must be between 0 and 1 (the seed recipe uses 2e-4)")
-    if not s.target_modules:
-        bad("LORA_TARGET_MODULES", "name at least one module, e.g. q_proj,v_proj")
-    if s.WORKERS != "auto" and not (s.WORKERS.isdecimal() and 1 <= int(s.WORKERS) <= MAX_WORKERS):
-        bad("WORKERS", f"use auto or a whole number of processes from 1 to {MAX_WORKERS}")
-    unknown = [x for x in s.stages if x not in STAGES]
-    if unknown or not s.stages:
-        bad("STAGES", f"use 'all' or a comma list of {', '.join(STAGES)}")
-    # A folder name of its own inside OUTPUT_DIR: '.', '..' and names starting with a dot would write into
-    # OUTPUT_DIR itself, its parent, or a hidden folder; 100 characters stays far below every file system's
-    # 255-byte limit, with room for the files inside.
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", s.RUN_NAME):
-        bad(
-            "RUN_NAME",
-            "use 1 to 100 letters, digits, '.', '_' and '-', starting with a letter or digit "
-            "(it becomes a folder inside OUTPUT_DIR)",
+def _across(s: Settings) -> Iterator[tuple[str, str]]:
+    """The checks across settings: (the setting named, what is wrong and what to do)."""
+    if s.EVAL_PROMPTS > s.EVAL_SAMPLES >= 0:
+        yield "EVAL_PROMPTS", f"cannot exceed EVAL_SAMPLES={s.EVAL_SAMPLES}; lower it or raise EVAL_SAMPLES"
+    if _gguf(s.GGUF_FILE) and _gguf(s.BASE_MODEL):
+        yield (
+            "GGUF_FILE",
+            "BASE_MODEL already names a .gguf file; leave GGUF_FILE empty, or set BASE_MODEL to "
+            "the Hub repo or folder that holds GGUF_FILE",
         )
-    if not s.HUB_TIMEOUT > 0:
-        bad("HUB_TIMEOUT", "must be more than 0 seconds")
-    if s.HUB_REPO_ID and not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", s.HUB_REPO_ID):
-        bad("HUB_REPO_ID", "must look like owner/name, e.g. alice/llama-medical-qlora")
-    try:  # the format Llama 3.x's template writes ("%d %b %Y"), in English month names
-        if not re.fullmatch(r"\d{2} [A-Z][a-z]{2} \d{4}", s.TEMPLATE_DATE):
-            raise ValueError
-        datetime.datetime.strptime(s.TEMPLATE_DATE, "%d %b %Y")
-    except ValueError:
-        bad("TEMPLATE_DATE", "must be a date written as DD Mon YYYY, e.g. 26 Jul 2024")
-    for name in ("DESCRIPTION_COLUMN", "PATIENT_COLUMN", "DOCTOR_COLUMN", "DATASET", "BASE_MODEL", "OUTPUT_DIR"):
-        if not getattr(s, name).strip():
-            bad(name, "must not be empty")
-    if s.GGUF_FILE.strip():
-        if not s.GGUF_FILE.strip().lower().endswith(".gguf"):
-            bad("GGUF_FILE", "must name a .gguf file, e.g. gemma-3-270m-q4_k_m.gguf (or leave it empty)")
-        elif s.BASE_MODEL.strip().lower().endswith(".gguf"):
-            bad(
-                "GGUF_FILE",
-                "BASE_MODEL already names a .gguf file; leave GGUF_FILE empty, or set BASE_MODEL to "
-                "the Hub repo or folder that holds GGUF_FILE",
-            )
-    template = s.CHAT_TEMPLATE.strip()
-    if template and template not in CHAT_TEMPLATE_NAMES and not Path(template).expanduser().is_file():
-        bad(
-            "CHAT_TEMPLATE",
-            f"neither one of {', '.join(CHAT_TEMPLATE_NAMES)} nor an existing file; give a template's name, "
-            "the path of a Jinja file, or leave it empty for the base model's own template",
+    if s.JUDGE_MODEL.strip() and s.EVAL_PROMPTS == 0:
+        yield "JUDGE_MODEL", "there is nothing to judge with EVAL_PROMPTS=0; raise it or unset JUDGE_MODEL"
+    if s.JUDGE_MODEL.strip() and _needs_key(s.JUDGE_BASE_URL) and not s.JUDGE_API_KEY:
+        yield (
+            "JUDGE_MODEL",
+            "OpenAI's API needs JUDGE_API_KEY in the environment; or point JUDGE_BASE_URL at "
+            "your own server (vLLM, Ollama)",
         )
-    # --- judge (job/judge.py) ---
-    if not s.JUDGE_TIMEOUT > 0:
-        bad("JUDGE_TIMEOUT", "must be more than 0 seconds")
-    if not re.fullmatch(r"https?://[^\s/]+\S*", s.JUDGE_BASE_URL):
-        bad("JUDGE_BASE_URL", "must be an http:// or https:// URL, e.g. http://localhost:8000/v1")
-    if s.JUDGE_MODEL.strip():
-        if s.EVAL_PROMPTS == 0:
-            bad("JUDGE_MODEL", "there is nothing to judge with EVAL_PROMPTS=0; raise it or unset JUDGE_MODEL")
-        if _needs_key(s.JUDGE_BASE_URL) and not s.JUDGE_API_KEY:
-            p.append(
-                f"JUDGE_MODEL={s.JUDGE_MODEL!r}: OpenAI's API needs JUDGE_API_KEY in the environment; "
-                "or point JUDGE_BASE_URL at your own server (vLLM, Ollama)"
-            )
-    # --- end judge ---
-    unknown = [t for t in s.benchmark_tasks if t not in BENCHMARK_TASK_NAMES]
-    if unknown:
-        bad(
-            "BENCHMARK_TASKS",
-            f"unknown task(s) {', '.join(unknown)}; use a comma list of {', '.join(BENCHMARK_TASK_NAMES)}, "
-            "or leave it empty to skip the benchmark",
-        )
-    if s.BENCHMARK_DATA and not Path(s.BENCHMARK_DATA).expanduser().is_dir():
-        bad("BENCHMARK_DATA", "no such folder; give a folder of <task>.jsonl files, or leave it empty for the Hub")
     if s.REPORT_TO == "wandb" and not s.WANDB_API_KEY:
-        p.append("REPORT_TO='wandb': set WANDB_API_KEY in the environment, or use REPORT_TO=tensorboard")
-    if s.REPORT_TO == "wandb" and importlib.util.find_spec("wandb") is None:
-        p.append("REPORT_TO='wandb': the wandb package is not installed here (`pip install wandb`), or use tensorboard")
-    return p
+        yield "REPORT_TO", "set WANDB_API_KEY in the environment, or use REPORT_TO=tensorboard"
+
+
+def _range(f, value: Any) -> str | None:
+    low, high, unit = f.metadata["min"], f.metadata["max"], f.metadata["unit"]
+    if low is None or low <= value <= high:
+        return None
+    return f"must be between {low} and {high}" + (f" ({unit})" if unit else "")
+
+
+def _gguf(name: str) -> bool:
+    return name.strip().lower().endswith(".gguf")
 
 
 def _needs_key(url: str) -> bool:
@@ -670,63 +721,10 @@ def _ignored_lines(text: str) -> list[tuple[int, str]]:
 
 def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
     """Read, parse and validate every setting; raise ConfigError listing all problems at once."""
-    from_file: dict[str, str] = {}
-    if env_file and Path(env_file).is_file():
-        from dotenv import dotenv_values
-
-        raw = Path(env_file).read_bytes()
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise ConfigError(
-                f"{env_file}: line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8."
-            ) from None
-        for line, text in _ignored_lines(raw.decode("utf-8")):
-            log.warning(
-                "%s: line %d ignored (%s): not a setting; write it as NAME=value, or start it with # for a comment",
-                env_file,
-                line,
-                text,
-            )
-        dotenv_log = logging.getLogger("dotenv.main")  # says "could not parse" without the text: ours says both
-        level = dotenv_log.level
-        dotenv_log.setLevel(logging.ERROR)
-        try:
-            from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
-        finally:
-            dotenv_log.setLevel(level)
+    from_file = _read_env_file(env_file) if env_file and Path(env_file).is_file() else {}
     env = {**from_file, **(os.environ if environ is None else environ)}  # the environment wins over .env
-
-    problems: list[str] = []
-    values: dict[str, Any] = {}
-    for name, f in SETTINGS.items():
-        if name not in env:
-            continue
-        typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), str)
-        try:
-            value = _parse(env[name].strip() if name in STRIPPED_NAMES else env[name], typ)
-        except ValueError as e:
-            problems.append(f"{name}={env[name]!r}: {e}")
-            continue
-        choices = f.metadata["choices"]
-        if choices and value not in choices:
-            problems.append(f"{name}={value!r}: choose one of {', '.join(choices)}")
-            continue
-        values[name] = value
-
-    # Typos: a variable in .env that is not a setting, or an environment variable that looks like one.
-    for key in sorted(set(env) - set(SETTINGS)):
-        if key in _RETIRED:
-            problems.append(f"{key}: {_RETIRED[key]}")
-            continue
-        close = difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.8)
-        if key in from_file and not key.startswith(_FOREIGN_PREFIXES):
-            hint = f"; did you mean {close[0]}?" if close else "; see `python -m job config` for the list"
-            problems.append(f"{key}: unknown setting in .env{hint}")
-        elif close and not key.startswith(_FOREIGN_PREFIXES):
-            problems.append(f"{key}: unknown setting; did you mean {close[0]}?")
-
+    values, problems = _parse_all(env)
+    problems += _unknown(env, from_file)
     # Range and cross-field checks run on whatever did parse (defaults stand in for the rest), so one
     # report lists every problem; a setting that failed to parse is not reported a second time.
     unparsed = {p.split("=", 1)[0] for p in problems}
@@ -735,6 +733,59 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
     if problems:
         raise ConfigError("Invalid settings (fix all of these, then run again):\n  - " + "\n  - ".join(problems))
     return settings
+
+
+def _read_env_file(path: str | Path) -> dict[str, str]:
+    """The settings in a .env file; a warning for each line python-dotenv ignores, ConfigError if it is not UTF-8."""
+    from dotenv import dotenv_values
+
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8.") from None
+    for line, shown in _ignored_lines(text):
+        log.warning(
+            "%s: line %d ignored (%s): not a setting; write it as NAME=value, or start it with # for a comment",
+            path,
+            line,
+            shown,
+        )
+    dotenv_log = logging.getLogger("dotenv.main")  # says "could not parse" without the text: ours says both
+    level = dotenv_log.level
+    dotenv_log.setLevel(logging.ERROR)
+    try:
+        return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    finally:
+        dotenv_log.setLevel(level)
+
+
+def _parse_all(env: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """(the settings set in `env`, parsed; a problem for each that does not parse or is not one of its choices)."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in [n for n in SETTINGS if n in env]:  # in the schema's order, as the report lists them
+        try:
+            values[name] = _parse(env[name].strip() if name in STRIPPED_NAMES else env[name], SETTINGS[name])
+        except ValueError as e:
+            problems.append(f"{name}={env[name]!r}: {e}")
+    return values, problems
+
+
+def _unknown(env: dict[str, str], from_file: dict[str, str]) -> list[str]:
+    """Typos: a variable in .env that is not a setting, or an environment variable that looks like one."""
+    problems = []
+    for key in sorted(set(env) - set(SETTINGS)):
+        close = difflib.get_close_matches(key, SETTINGS, n=1, cutoff=0.8)
+        if key in _RETIRED:
+            problems.append(f"{key}: {_RETIRED[key]}")
+        elif key in from_file and not key.startswith(_FOREIGN_PREFIXES):
+            hint = f"; did you mean {close[0]}?" if close else "; see `python -m job config` for the list"
+            problems.append(f"{key}: unknown setting in .env{hint}")
+        elif close and not key.startswith(_FOREIGN_PREFIXES):
+            problems.append(f"{key}: unknown setting; did you mean {close[0]}?")
+    return problems
 
 
 def with_overrides(s: Settings, **changes: Any) -> Settings:

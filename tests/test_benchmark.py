@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from job import benchmark
-from job.benchmark import FIXTURE, TASKS, Decontaminator, paired_difference
+from job import benchmark, benchmark_tasks
+from job.benchmark import Decontaminator, paired_difference
 from job.config import Settings, load_settings, with_overrides
 from job.errors import ConfigError, QualityGateError
 from job.files import read_json, read_jsonl
 from job.paths import RunPaths
 from job.report import render_section
+
+TASKS, FIXTURES = list(benchmark_tasks.TASKS), benchmark_tasks.FIXTURES
 
 
 # --- statistics with a known answer ----------------------------------------------------------------------------
@@ -100,7 +102,7 @@ def test_settings_name_the_valid_tasks():
 
 
 # --- decontamination --------------------------------------------------------------------------------------------
-QUESTION = read_jsonl(FIXTURE / "medmcqa.jsonl")[2][
+QUESTION = read_jsonl(FIXTURES / "medmcqa.jsonl")[2][
     "question"
 ]  # "Which nerve is compressed in carpal tunnel syndrome?"
 
@@ -126,10 +128,10 @@ def test_sample_drops_training_rows_that_quote_a_benchmark_question_or_a_held_ou
 
     from job.sample import sample
 
-    cfg = with_overrides(Settings(), BENCHMARK_DATA=str(FIXTURE), NUM_SAMPLES=4, EVAL_SAMPLES=2, SEED=0)
+    cfg = with_overrides(Settings(), BENCHMARK_DATA=str(FIXTURES), NUM_SAMPLES=4, EVAL_SAMPLES=2, SEED=0)
     guard = benchmark.fetch(cfg, tmp_path / "benchmark")
     assert sorted(p.stem for p in (tmp_path / "benchmark").iterdir()) == sorted(TASKS)
-    assert guard.questions == sum(len(read_jsonl(FIXTURE / f"{t}.jsonl")) for t in TASKS)
+    assert guard.questions == sum(len(read_jsonl(FIXTURES / f"{t}.jsonl")) for t in TASKS)
     held = "My left knee has been swollen and stiff every morning for three weeks since I started running again."
     quoting = f"My exam asks: Question: {QUESTION} Choices: A. Median nerve B. Ulnar nerve. Which one is it?"
     rows = [
@@ -164,7 +166,7 @@ def test_sample_drops_training_rows_that_quote_a_benchmark_question_or_a_held_ou
 
 
 def test_fetch_names_a_missing_local_file(tmp_path):
-    (tmp_path / "medqa_4options.jsonl").write_text((FIXTURE / "medqa_4options.jsonl").read_text())
+    (tmp_path / "medqa_4options.jsonl").write_text((FIXTURES / "medqa_4options.jsonl").read_text())
     cfg = with_overrides(Settings(), BENCHMARK_DATA=str(tmp_path), BENCHMARK_TASKS="medqa_4options,medmcqa")
     with pytest.raises(ConfigError, match=r"lacks medmcqa\.jsonl"):
         benchmark.fetch(cfg, tmp_path / "out")
@@ -213,7 +215,7 @@ def test_lm_eval_scores_base_and_tuned_on_one_loaded_model(tiny_peft, tiny_model
     plain = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tokenizer=tok)
     differ = 0
     for task in ("medqa_4options", "pubmedqa", "mmlu_anatomy"):
-        data = FIXTURE / f"{task}.jsonl"
+        data = FIXTURES / f"{task}.jsonl"
         tuned = benchmark.evaluate_task(lm, task, data, None)
         with model.disable_adapter():
             base = benchmark.evaluate_task(lm, task, data, None)
@@ -242,26 +244,33 @@ def test_prompts_are_lm_evals_own(tiny_peft):
 
     model, tok = tiny_peft
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4)
-    s = benchmark.evaluate_task(lm, "mmlu_medical_genetics", FIXTURE / "mmlu_medical_genetics.jsonl", 1)[0]
-    doc = read_jsonl(FIXTURE / "mmlu_medical_genetics.jsonl")[0]
+    s = benchmark.evaluate_task(lm, "mmlu_medical_genetics", FIXTURES / "mmlu_medical_genetics.jsonl", 1)[0]
+    doc = read_jsonl(FIXTURES / "mmlu_medical_genetics.jsonl")[0]
     assert s["arguments"][0][0] == (
         "The following are multiple choice questions (with answers) about medical genetics.\n\n"
         f"{doc['question']}\nA. {doc['choices'][0]}\nB. {doc['choices'][1]}\nC. {doc['choices'][2]}\n"
         f"D. {doc['choices'][3]}\nAnswer:"
     )
     assert [c for _, c in s["arguments"]] == [" A", " B", " C", " D"] and s["target"] == doc["answer"]
-    p = benchmark.evaluate_task(lm, "pubmedqa", FIXTURE / "pubmedqa.jsonl", 1)[0]
-    doc = read_jsonl(FIXTURE / "pubmedqa.jsonl")[0]
+    p = benchmark.evaluate_task(lm, "pubmedqa", FIXTURES / "pubmedqa.jsonl", 1)[0]
+    doc = read_jsonl(FIXTURES / "pubmedqa.jsonl")[0]
     ctx = "\n".join(doc["context"]["contexts"])
     assert p["arguments"][0][0] == f"Abstract: {ctx}\nQuestion: {doc['question']}\nAnswer:"
     assert [c for _, c in p["arguments"]] == [" yes", " no", " maybe"]
-    cloud = benchmark.task_config("pubmedqa", None)
-    assert (cloud["dataset_path"], cloud["dataset_name"], cloud["test_split"]) == (
-        "qiaojin/PubMedQA",
-        "pqa_labeled",
-        "train",
-    )
-    assert benchmark.task_config("medmcqa", None)["dataset_path"] == "openlifescienceai/medmcqa"
+
+
+def test_every_registered_task_is_lm_evals_with_its_dataset_and_a_fixture():
+    """Each row of job/benchmark_tasks is what lm-eval finds in the folders indexed: the Hub dataset, config and
+    split the row names, from our folder exactly when the row says ours, and the answer field where the target is
+    a function. The fixture folder holds one file per task and no other."""
+    assert sorted(p.name for p in FIXTURES.iterdir()) == sorted(f"{t}.jsonl" for t in TASKS)
+    for name, row in benchmark_tasks.TASKS.items():
+        cfg = benchmark.task_config(name, None)
+        assert (cfg["dataset_path"], cfg.get("dataset_name"), cfg["test_split"]) == row[1:4], name
+        where = Path(benchmark.task_manager().task_index[name].yaml_path).parent
+        assert (where == benchmark_tasks.OWN) == (row.folder is None), name
+        if not isinstance(cfg["doc_to_target"], str):
+            assert row.answer in read_jsonl(FIXTURES / f"{name}.jsonl")[0], name
 
 
 # --- the stage in the pipeline ----------------------------------------------------------------------------------
@@ -269,7 +278,7 @@ def test_demo_run_benchmarks_every_task(demo_run):
     results = read_json(RunPaths(demo_run.run_dir).benchmark)["tasks"]
     assert list(results) == [*TASKS, "overall"]
     for task in TASKS:
-        assert results[task]["n"] == len(read_jsonl(FIXTURE / f"{task}.jsonl"))
+        assert results[task]["n"] == len(read_jsonl(FIXTURES / f"{task}.jsonl"))
     stats = read_json(RunPaths(demo_run.run_dir).sample_stats)["decontamination"]
     assert stats["benchmark_questions"] == results["overall"]["n"]
     card = demo_run.paths.model_card.read_text()

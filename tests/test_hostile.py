@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from job import lock as run_lock
+from job.benchmark_tasks import FIXTURES as BENCH_FIXTURE
 from job.lock import RunLock
 from job.paths import RunPaths
 
@@ -108,9 +109,6 @@ def test_benchmark_limit_above_64_bits_is_refused_up_front(demo_env, run_job, tm
 
 
 # --- benchmark questions whose answer is not one of the choices ------------------------------------------------
-BENCH_FIXTURE = Path(__file__).resolve().parents[1] / "job" / "fixtures" / "benchmark"
-
-
 def _questions(folder: Path, task: str, edit: dict, at: int = 1, blank_first: bool = False) -> Path:
     """A copy of the bundled questions of `task` in `folder`, with question `at` (0-based) changed by `edit`."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
+from job import benchmark_tasks
 from job.config import Settings, load_settings, render_env_example, render_settings_table, replace_section
 from job.errors import EXIT_CODES
 
@@ -18,10 +19,12 @@ ENV_EXAMPLE, README = ROOT / ".env.example", ROOT / "README.md"
 FIX = "run `python -m job config --write-docs .` and commit the result"
 
 
-def test_env_example_and_readme_settings_table_are_generated_from_the_schema():
+def test_env_example_and_readme_tables_are_generated_from_the_schema_and_the_tasks():
     assert ENV_EXAMPLE.read_text(encoding="utf-8") == render_env_example(), f".env.example is stale: {FIX}"
     readme = README.read_text(encoding="utf-8")
     assert replace_section(readme, "settings", render_settings_table()) == readme, f"README table is stale: {FIX}"
+    tasks = benchmark_tasks.render_table()
+    assert replace_section(readme, "benchmark-tasks", tasks) == readme, f"README's benchmark tasks are stale: {FIX}"
 
 
 def test_env_example_parses_to_the_schema_defaults_and_leaves_secrets_empty():
