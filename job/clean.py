@@ -148,10 +148,16 @@ def _signature_tail(tail: str) -> bool:
     words = _SIG_TOKEN.findall(body)
     if not words:  # only closing words: a fragment when it is a letter closer ("Regards", "Thanks.")
         return closer or had_dr
+    return len(words) <= 40 and _signature_words(words, body, closer, had_dr)
+
+
+def _signature_words(words: list[str], body: str, closer: bool, had_dr: bool) -> bool:
+    """The words after the block's closing words and "Dr" are a signature's: degrees, specialty and title words,
+    a name that a closing word, "Dr" or a degree vouches for."""
     bare = [w.strip(".'’") for w in words]
     degrees = any(map(_is_degree, bare))
     titled = any(not _SIG_WORD.fullmatch(b) and re.fullmatch(rf"(?:{_DR})", w, re.I) for w, b in zip(words, bare))
-    if len(words) > 40 or not (had_dr or closer or degrees or titled):
+    if not (had_dr or closer or degrees or titled):
         return False
     if closer and not had_dr and not degrees and not _vouched_name(words, body):
         return False
@@ -301,14 +307,11 @@ def _tidy(text: str) -> str:
 
 def _join_cut(m: re.Match[str]) -> str:
     before, inner, after = m.groups()
-    if before is None or m.start() == 0:
+    if before is None:
         return ""  # nothing before the cut: drop the separators
     kept_end = re.match(r"\s*([.!?]+)", inner)  # the sentence end before the cut belongs to the text before it
     if after is None:
-        # End of text: keep a sentence end that was already there before the cut ("Any worries? <cut>").
-        if kept_end and before not in ".!?":
-            return kept_end.group(1)[:1]
-        return "." if before.isalnum() or before in ")]\"'" else ""
+        return _join_end(before, kept_end)
     sep = "\n\n" if "\n\n" in inner else ("\n" if "\n" in inner else " ")
     if before in ".!?":
         return sep
@@ -321,6 +324,13 @@ def _join_cut(m: re.Match[str]) -> str:
     if inner.replace(_CUT, "").lstrip().startswith(","):
         return "," + sep if not after[:1].isupper() else sep
     return sep
+
+
+def _join_end(before: str, kept_end: re.Match[str] | None) -> str:
+    """A cut at the end of the text: keep a sentence end that was already there before it ("Any worries? <cut>")."""
+    if kept_end and before not in ".!?":
+        return kept_end.group(1)[:1]
+    return "." if before.isalnum() or before in ")]\"'" else ""
 
 
 def _finish(text: str, started_with: str) -> str:
@@ -385,7 +395,7 @@ _HOPE_KEY = re.compile(
 
 
 def _hope_clause(m: re.Match[str]) -> str:
-    """ "I hope this would be helpful in managing the pain" goes on with advice: that clause stays. The filler words
+    """The phrase unless it goes on with advice ("I hope this would be helpful in managing the pain"). The filler words
     may run on into the next sentence ("HOPE THIS HELPS Take care All the best"): then the longest prefix that ends a
     clause is the phrase."""
     phrase = m.group()
@@ -449,15 +459,18 @@ def _phone(m: re.Match[str]) -> bool:
     digits = sum(map(len, groups))
     if not 9 <= digits <= 15 or _UNIT_AFTER.match(m.string, m.end()):
         return False
-    # The shapes numbers are written in: 98450 12345, 022 24142841, 555-123-4567, 020 7946 0958, 0161 496 0000,
-    # 1-800-555-1234.
+    return bool(m.group("cue") or num.startswith("+") or (len(groups) == 1 and digits >= 10) or _phone_shaped(groups))
+
+
+def _phone_shaped(groups: list[str]) -> bool:
+    """The digit groups are written the way phone numbers are: 98450 12345, 022 24142841, 555-123-4567,
+    020 7946 0958, 0161 496 0000, 1-800-555-1234; but 250 500 1000 and 2014 2015 2016 are values."""
     n = tuple(map(len, groups))
     two = len(n) == 2 and 2 <= n[0] <= 5 <= n[1] <= 8  # area or operator code, then the number
     three = len(n) == 3 and n[2] == 4 and {3, 4} >= set(n[:2])
     four = len(n) == 4 and n[0] <= 3 and n[1:] == (3, 3, 4)  # a country code first
     values = all(g[-1] in "05" for g in groups) or all(re.fullmatch(r"(?:19|20)\d\d", g) for g in groups)
-    shaped = (two or three or four) and not values  # 250 500 1000 and 2014 2015 2016 are values
-    return bool(m.group("cue") or num.startswith("+") or (len(groups) == 1 and digits >= 10) or shaped)
+    return (two or three or four) and not values
 
 
 # --- the rules ------------------------------------------------------------------------------------------------
