@@ -548,6 +548,7 @@ RULES = [
         keeps=(
             "Take 400-600 mg ibuprofen every 8 hours.",
             "Fever of 100 - 101 for 2 days. Take Susten 200-0-0-1 on 8-10-2014.",
+            "The scans of 2014 2015 2016 were normal; the counts were 500 1000 2500.",
         ),
     ),
     # iCliniq's link to its paid service: "For more information consult a urologist online -->". The arrow ends the
@@ -757,6 +758,7 @@ RULES = [
         keeps=(
             "If the pain persists, see your Dr. soon.",
             "Please see Dr. Smith tomorrow for a check.",
+            "If the rash spreads, see Dr. Rao",
             "Thank you. Use Betadine and Ice.",
         ),
     ),
