@@ -74,12 +74,6 @@ _PREP_PLATFORM = (
 _START = r"(?:(?<![\w])|(?-i:(?<=[a-z])(?=[A-Z])))"
 
 
-def _phrase(body: str, *, greeting: bool = False) -> re.Pattern[str]:
-    # After a greeting the phrase may be glued to it ("HIWell come to HCM"); elsewhere it starts a word.
-    lead = rf"(?:{_GREETING}|{_START})" if greeting else _START
-    return re.compile(rf"{lead}(?:{body}){_END}", re.I | re.M)
-
-
 _FURTHER = r"(?:further|other|more|any|additional|follow[\s-]?up)"  # "any further queries"
 
 
@@ -358,6 +352,13 @@ def cut(pattern: str | re.Pattern[str], when: Callable[[re.Match[str]], Any] | N
     return lambda text: pattern.sub(lambda m: _CUT if when(m) else m.group(), text)
 
 
+def cut_phrase(body: str, *, greeting: bool = False) -> Step:
+    """Cut the phrase `body` and the punctuation that belonged to it. It starts a word or a run-on sentence; after a
+    greeting (`greeting`) it may be glued to it ("HIWell come to HCM"), and the greeting goes with it."""
+    lead = rf"(?:{_GREETING}|{_START})" if greeting else _START
+    return cut(re.compile(rf"{lead}(?:{body}){_END}", re.I | re.M))
+
+
 def replace(pattern: str, how: Callable[[re.Match[str]], str]) -> Step:
     """Replace every match of `pattern` (compiled ignoring case) by `how(match)`, which marks what it cuts with _CUT."""
     pattern = re.compile(pattern, re.I)
@@ -575,15 +576,13 @@ RULES = [
     Rule(
         "welcome",
         in_turn(
-            cut(
-                _phrase(
-                    r"(?:(?:(?:thanks?|thank\s+you)\s+and\s+|and\s+|i\s+)?(?:a\s+)?(?:warm\s+)?(?:well\s*come|welcome)"
-                    rf"(?:\s+you)?(?:\s+(?:back\s+)?(?:here\s+)?(?:to|t|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
-                    rf"|\s+{PLATFORM})|greetings\s+from\s+(?:the\s+)?{PLATFORM})"
-                    rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?"
-                    rf"(?:[\s,.!]*greetings\s+of\s+the\s+day)?",
-                    greeting=True,
-                )
+            cut_phrase(
+                r"(?:(?:(?:thanks?|thank\s+you)\s+and\s+|and\s+|i\s+)?(?:a\s+)?(?:warm\s+)?(?:well\s*come|welcome)"
+                rf"(?:\s+you)?(?:\s+(?:back\s+)?(?:here\s+)?(?:to|t|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
+                rf"|\s+{PLATFORM})|greetings\s+from\s+(?:the\s+)?{PLATFORM})"
+                rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?"
+                rf"(?:[\s,.!]*greetings\s+of\s+the\s+day)?",
+                greeting=True,
             ),
             cut(
                 re.compile(
@@ -601,17 +600,15 @@ RULES = [
     # your concern in the HCM", "Thank you for providing the brief history".
     Rule(
         "thanks_for_query",
-        cut(
-            _phrase(
-                r"(?:(?:well\s*come|welcome)[\s,.!]*)?(?:many\s+|and\s+)?(?:thanks?|thank\s*(?:s|you)|than\s+you)"
-                r"(?:\s+(?:so|very)\s+much|\s+a\s+lot)?\s*(?:for|to)\s+(?:(?:using|choosing|contacting|contact|giving|"
-                r"asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|visiting|sharing|providing|the|"
-                rf"your|this|putting|submitting|raising|bringing)|{_TOPIC})(?:\s+(?:us|me)|\s*{PLATFORM})?"
-                rf"(?:\s+(?:{_OBJ}\s+)?(?:[a-z]+\s+)?{_TOPIC}(?:\s+of\s+(?:you(?![a-z])|(?:your|the)\s+[a-z]+))?)?"
-                rf"(?:\s+(?:to|at|on|in|with|through|from|via|under|here)\s*(?:the\s+)?(?:us|{PLATFORM}|{_SITE}))?"
-                rf"(?:\s+{_SITE})?{_PREP_PLATFORM}(?:\s+for\s+(?:posting|asking|sharing)\s+(?:{_OBJ}\s+)?{_TOPIC})?",
-                greeting=True,
-            )
+        cut_phrase(
+            r"(?:(?:well\s*come|welcome)[\s,.!]*)?(?:many\s+|and\s+)?(?:thanks?|thank\s*(?:s|you)|than\s+you)"
+            r"(?:\s+(?:so|very)\s+much|\s+a\s+lot)?\s*(?:for|to)\s+(?:(?:using|choosing|contacting|contact|giving|"
+            r"asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|visiting|sharing|providing|the|"
+            rf"your|this|putting|submitting|raising|bringing)|{_TOPIC})(?:\s+(?:us|me)|\s*{PLATFORM})?"
+            rf"(?:\s+(?:{_OBJ}\s+)?(?:[a-z]+\s+)?{_TOPIC}(?:\s+of\s+(?:you(?![a-z])|(?:your|the)\s+[a-z]+))?)?"
+            rf"(?:\s+(?:to|at|on|in|with|through|from|via|under|here)\s*(?:the\s+)?(?:us|{PLATFORM}|{_SITE}))?"
+            rf"(?:\s+{_SITE})?{_PREP_PLATFORM}(?:\s+for\s+(?:posting|asking|sharing)\s+(?:{_OBJ}\s+)?{_TOPIC})?",
+            greeting=True,
         ),
         cuts={
             "Hello,Thanks for the query.I would suggest an X-ray.It may be a hairline fracture.": (
@@ -625,11 +622,9 @@ RULES = [
     # is my advice" ('Ask A Doctor' service).
     Rule(
         "template",
-        cut(
-            _phrase(
-                r"i\s+have\s+(?:reviewed|read|gone\s+through)\s+(?:your|the)\s+[\w'’\s]{0,30}?"
-                r"(?:query|question|history|concerns?|case|details)\s+and\s+here\s+is\s+my\s+advice"
-            )
+        cut_phrase(
+            r"i\s+have\s+(?:reviewed|read|gone\s+through)\s+(?:your|the)\s+[\w'’\s]{0,30}?"
+            r"(?:query|question|history|concerns?|case|details)\s+and\s+here\s+is\s+my\s+advice"
         ),
         cuts={"I have reviewed your query and here is my advice. Rest.": "Rest."},
         keeps=("I have reviewed your reports: the thyroid is normal.",),
@@ -712,11 +707,9 @@ RULES = [
     # "Kindly spare some time to rate my answer", "please rate/accept this answer".
     Rule(
         "rate_answer",
-        cut(
-            _phrase(
-                r"(?:kindly|please)\s+(?:spare\s+some\s+time\s+to\s+)?(?:rate|accept|review)\s+(?:my|this|the)\s+"
-                r"(?:answer|reply)[^.!?\n]*"
-            )
+        cut_phrase(
+            r"(?:kindly|please)\s+(?:spare\s+some\s+time\s+to\s+)?(?:rate|accept|review)\s+(?:my|this|the)\s+"
+            r"(?:answer|reply)[^.!?\n]*"
         ),
         cuts={"Rest. Kindly spare some time to rate my answer.": "Rest."},
         keeps=("Please rate your pain from 1 to 10 each day.",),
