@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# --- fragments the rules' patterns share -----------------------------------------------------------------
 # The platforms the replies were written on, and how doctors spelled them ("HCM", "H.C.M.F.",
 # "Healthcare Magic forum", "'Ask A Doctor' service", "Chat Doctor" as the public dataset anonymises it).
 PLATFORM = (
@@ -72,6 +73,11 @@ _PREP_PLATFORM = (
 
 # A phrase starts a word, or a run-on sentence glued to the last one ("careIn case ...", "gel.If ...").
 _START = r"(?:(?<![\w])|(?-i:(?<=[a-z])(?=[A-Z])))"
+
+
+def _to_clause_end(n: int) -> str:
+    """The rest of a clause, at most `n` characters: up to a sentence end, a newline or a run-on capital."""
+    return rf"[^.!?\n]{{0,{n}}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
 
 
 _FURTHER = r"(?:further|other|more|any|additional|follow[\s-]?up)"  # "any further queries"
@@ -681,23 +687,23 @@ RULES = [
             rf"\s*,?\s*(?:then\s+)?(?:please\s+|you\s+(?:can|may)\s+|kindly\s+)?)?"
             rf"(?:(?:please\s+)?(?:do\s+)?(?:let\s+(?:me|us)\s+know\s+if\s+(?:i|we)\s+can\s+(?:assist|help)\s+you(?:\s+further)?"
             rf"|let\s+(?:me|us)\s+know\s+if\s+you\s+have\s+any\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?)"
-            rf"|feel\s+(?:free|easy)\s+to\s+(?:ask|contact|write|revert|get\s+back|come\s+back|post|discuss|reach|message|follow\s+up)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-            rf"|(?:do\s+not|don'?t|never)\s+hesitate\s+(?:to|in)\s+[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+            rf"|feel\s+(?:free|easy)\s+to\s+(?:ask|contact|write|revert|get\s+back|come\s+back|post|discuss|reach|message|follow\s+up){_to_clause_end(60)}"
+            rf"|(?:do\s+not|don'?t|never)\s+hesitate\s+(?:to|in)\s+{_to_clause_end(60)}"
             rf"|(?:(?:please|kindly)\s+)?(?:you\s+(?:can|may)\s+)?(?:contact|write\s+(?:back\s+)?to|ask)\s+(?:me|us)(?:\s+(?:directly|again|back|anytime))?"
             rf"(?:\s+(?:on|at|through|via)\s+(?:this\s+(?:forum|platform|site|website)|{PLATFORM}))?"
             rf"(?=\s*(?:[.!?\n]|$)|\s*(?-i:[A-Z]))"
             rf"|(?:if|in\s+case)\s+(?:of\s+)?(?:you\s+have\s+)?(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?)(?=\s*,?\s*(?:dr\b|$))"
             rf"|(?:please\s+)?(?:get|come|write)\s+back(?:\s+to\s+(?:me|us))?\s+(?:if|in\s+case)\s+you\s+(?:require|need|have)\s+"
             rf"(?:any\s+)?{_FURTHER}?\s*(?:information|quer(?:y|ies)|questions?|help|assistance|clarifications?)"
-            rf"|(?:i\s+)?(?:would|will|shall)\s+be\s+(?:happy|glad|pleased)\s+to\s+(?:help|assist|answer)[^.!?\n]{{0,120}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-            rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|assistance|help)[^.!?\n]{{0,40}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+            rf"|(?:i\s+)?(?:would|will|shall)\s+be\s+(?:happy|glad|pleased)\s+to\s+(?:help|assist|answer){_to_clause_end(120)}"
+            rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|assistance|help){_to_clause_end(40)}"
             rf"|(?:any\s+)?{_FURTHER}\s+(?:clarifications?|quer(?:y|ies)|questions?)\s+(?:are|is)\s+(?:most\s+|always\s+)?welcome"
-            rf"|(?:you\s+can\s+)?ask\s+me\s+(?:a\s+|any\s+)?(?:direct\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
+            rf"|(?:you\s+can\s+)?ask\s+me\s+(?:a\s+|any\s+)?(?:direct\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?){_to_clause_end(60)}"
             rf"|(?:you\s+(?:may|can)\s+)?(?:write|get|come)\s+back\s+(?:to\s+(?:me|us)\s+)?(?:if|in\s+case\s+of|with|for)\s+"
             rf"(?:you\s+have\s+)?(?:any\s+|more\s+|further\s+|other\s+)?(?:concerns?|quer(?:y|ies)|questions?|doubts?)(?![a-z])"
-            rf"|(?:i\s+(?:am|remain)\s+)?at\s+your\s+disposal[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-            rf"|(?:you\s+can\s+)?reach\s+me\s+directly[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-            rf"|(?:you\s+can\s+)?ask\s+a\s+direct\s+question\s+to\s+me[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)))"
+            rf"|(?:i\s+(?:am|remain)\s+)?at\s+your\s+disposal{_to_clause_end(80)}"
+            rf"|(?:you\s+can\s+)?reach\s+me\s+directly{_to_clause_end(60)}"
+            rf"|(?:you\s+can\s+)?ask\s+a\s+direct\s+question\s+to\s+me{_to_clause_end(80)}))"
             rf"{_END}",
             when=_invitation,
         ),
