@@ -24,7 +24,7 @@ import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # --- fragments the rules' patterns share -----------------------------------------------------------------
@@ -483,15 +483,16 @@ def _phone_shaped(groups: list[str]) -> bool:
 # --- the rules ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rule:
-    """One cleaning rule. It does its work on the fields it names; the tidy-up then joins what is left around
-    each cut. `cuts` maps text it must change to what clean_text returns for it, `keeps` holds text it must leave
-    as it is (tests/test_cleaning.py runs both on the field the rule cleans, the doctor's reply if it cleans it)."""
+    """One cleaning rule: what it `does` to the `fields` it cleans (a step built by cut, cut_phrase, replace or
+    cut_tail), then the tidy-up joins what is left around each cut. `cuts` maps text it must change to what
+    clean_text returns for it; `keeps` holds text it must leave as it is. tests/test_cleaning.py runs both on the
+    doctor's reply when the rule cleans it, else on the rule's first field."""
 
     name: str
     does: Step
+    cuts: Mapping[str, str]
+    keeps: tuple[str, ...]
     fields: tuple[str, ...] = ("doctor",)
-    cuts: Mapping[str, str] = field(default_factory=dict)
-    keeps: tuple[str, ...] = ()
     tidy: bool = True
 
 
@@ -505,7 +506,7 @@ RULES = [
     Rule(
         "whitespace",
         whitespace,
-        EVERY_FIELD,
+        fields=EVERY_FIELD,
         cuts={
             "Rest\u00a0well.\tDrink  water.\r\nSee a GP.\n\n\n\nSoon.\n": "Rest well. Drink water.\nSee a GP.\n\nSoon."
         },
@@ -523,7 +524,7 @@ RULES = [
             r"|(?-i:(?![a-z0-9-]+\.(?:www|https?)\b)[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:com|org|net|edu|gov|info|in|uk|io|co)(?=/)))"
             r"[^\s]+?(?=[.,;:!?)\]\"'’”>]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))"
         ),
-        EVERY_FIELD,
+        fields=EVERY_FIELD,
         cuts={
             "Read about it (https://example.org/acne?id=3). Then rest, at www.x.org, daily.": (
                 "Read about it. Then rest, daily."
@@ -537,7 +538,7 @@ RULES = [
             r"(?:(?:my\s+)?e?-?mail(?:\s+(?:me|us|id))?(?:\s+(?:at|in|to|on))?\s*[:\-]?\s*|write\s+down\s+to\s*)?"
             r"\(?[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|in|co|edu|gov|info|uk|us|ca|au)(?-i:(?=[^a-z]|$))\)?"
         ),
-        EVERY_FIELD,
+        fields=EVERY_FIELD,
         cuts={"Send the photos to me at dr.someone@example.com and rest.": "Send the photos to me and rest."},
         keeps=("Mail the report to your GP.",),
     ),
@@ -550,7 +551,7 @@ RULES = [
             r"(?<![\w.+])(?P<num>\+?\(?\d(?:(?:[ \t]*[()\-][ \t]*|[ \t]+|\.(?=\d))?\d)*\)?)",
             when=_phone,
         ),
-        EVERY_FIELD,
+        fields=EVERY_FIELD,
         cuts={"Rest and fluids. Dr. M R Puhan Mob: 9437873112": "Rest and fluids."},
         keeps=(
             "Take 400-600 mg ibuprofen every 8 hours.",
@@ -570,7 +571,7 @@ RULES = [
             ),
             replace(r"(?:\s+online)?\s*\.?\s*-+\s*>+\s*", lambda m: _CUT if m.group().strip() else " "),
         ),
-        EVERY_FIELD,
+        fields=EVERY_FIELD,
         cuts={
             "Wash it. For further information consult a dermatologist online -->": "Wash it.",
             "Revert after three weeks to a dermatologist online -->": "Revert after three weeks to a dermatologist.",
@@ -770,7 +771,7 @@ RULES = [
             r"(?:^\W*|(?<=[.?!])\s*)(?:hi\b\W*)?(?:\w{0,5}\s+){0,2}i\s+answer\s+your\s+health\s+quer(?:y|ies)\s+"
             r"right\s+now\W*(?:please\s+)?type\s+your\s+quer(?:y|ies)\s+here\W*"
         ),
-        ("patient",),
+        fields=("patient",),
         cuts={
             "My cough began in May. Hi, may I answer your health queries right now ? Please type your query here.": (
                 "My cough began in May."
