@@ -6,10 +6,12 @@ each rule matches a phrase with a bounded extent (a greeting, "thanks for your q
 this helps", a sign-off block at the very end) and only that phrase is cut. What is left around a cut
 is tidied (stray commas, a lone "Hi,", a bare "Regards") so no fragment survives.
 
-Rules match structure, not names: sign-off blocks are recognised by their shape (a closing word,
-"Dr", capitalised words, degree abbreviations such as MBBS/MD/DNB, specialty words) at the end of
-the reply, never by a list of doctors. Each rule has a name; `clean_text` reports which rules
-changed the text so the sample stage can count them and keep before/after examples.
+The rules are one table, RULES at the end: each entry names the rule, the fields it cleans, its pattern
+(built from the shared fragments below), what it does there (cut the span, replace it, cut the tail from
+here) and the text it must cut and must keep, which tests/test_cleaning.py runs. A new rule is one entry.
+Rules match structure, not names: sign-off blocks are recognised by their shape (a closing word, "Dr",
+capitalised words, degree abbreviations such as MBBS/MD/DNB, specialty words) at the end of the reply,
+never by a list of doctors.
 
 Hand-written regular expressions rather than a library: no maintained package knows this
 dataset's boilerplate, and the sentence splitters we could use (nltk, spaCy) need the whitespace
@@ -18,12 +20,14 @@ after a full stop that these replies lack.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-# --- shared pieces ------------------------------------------------------------------------------------
+# --- fragments the rules' patterns share -----------------------------------------------------------------
 # The platforms the replies were written on, and how doctors spelled them ("HCM", "H.C.M.F.",
 # "Healthcare Magic forum", "'Ask A Doctor' service", "Chat Doctor" as the public dataset anonymises it).
 PLATFORM = (
@@ -71,149 +75,13 @@ _PREP_PLATFORM = (
 _START = r"(?:(?<![\w])|(?-i:(?<=[a-z])(?=[A-Z])))"
 
 
-def _phrase(body: str, *, greeting: bool = False) -> re.Pattern[str]:
-    # After a greeting the phrase may be glued to it ("HIWell come to HCM"); elsewhere it starts a word.
-    lead = rf"(?:{_GREETING}|{_START})" if greeting else _START
-    return re.compile(rf"{lead}(?:{body}){_END}", re.I | re.M)
+def _to_clause_end(n: int) -> str:
+    """The rest of a clause, at most `n` characters: up to a sentence end, a newline or a run-on capital."""
+    return rf"[^.!?\n]{{0,{n}}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
 
 
-# "Welcome to HCM", "Well come to the HCM", "Hello and welcome...", "Welcome HCM!".
-_WELCOME = _phrase(
-    rf"(?:(?:(?:thanks?|thank\s+you)\s+and\s+|and\s+|i\s+)?(?:a\s+)?(?:warm\s+)?(?:well\s*come|welcome)(?:\s+you)?"
-    rf"(?:\s+(?:back\s+)?(?:here\s+)?(?:to|t|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
-    rf"|\s+{PLATFORM})|greetings\s+from\s+(?:the\s+)?{PLATFORM})"
-    rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?"
-    rf"(?:[\s,.!]*greetings\s+of\s+the\s+day)?",
-    greeting=True,
-)
-# A bare "welcome" is boilerplate only as the opening: "Hello and welcome...", "Hi, welcome."
-_WELCOME_BARE = re.compile(
-    rf"^{_GREETING}(?:and\s+)?(?:well\s*come|welcome)(?:\s+back)?(?=\s*(?:[.!,]|$)){_END}", re.I | re.M
-)
-# "Thanks for your query", "Thank you for asking at HCM", "thank you for writing to us",
-# "Thanks for posting your concern in the HCM", "Thank you for providing the brief history".
-_THANKS_VERB = (
-    r"(?:using|choosing|contacting|contact|giving|asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|"
-    r"visiting|sharing|providing|the|your|this|putting|submitting|raising|bringing)"
-)
-_THANKS = _phrase(
-    rf"(?:(?:well\s*come|welcome)[\s,.!]*)?(?:many\s+|and\s+)?(?:thanks?|thank\s*(?:s|you)|than\s+you)(?:\s+(?:so|very)\s+much|\s+a\s+lot)?\s*"
-    rf"(?:for|to)\s+(?:{_THANKS_VERB}|{_TOPIC})(?:\s+(?:us|me)|\s*{PLATFORM})?"
-    rf"(?:\s+(?:{_OBJ}\s+)?(?:[a-z]+\s+)?{_TOPIC}(?:\s+of\s+(?:you(?![a-z])|(?:your|the)\s+[a-z]+))?)?"
-    rf"(?:\s+(?:to|at|on|in|with|through|from|via|under|here)\s*(?:the\s+)?(?:us|{PLATFORM}|{_SITE}))?"
-    rf"(?:\s+{_SITE})?"
-    rf"{_PREP_PLATFORM}"
-    rf"(?:\s+for\s+(?:posting|asking|sharing)\s+(?:{_OBJ}\s+)?{_TOPIC})?",
-    greeting=True,
-)
-# Template openers that describe the platform's process, not the patient: "I have reviewed your
-# query and here is my advice" ('Ask A Doctor' service).
-_TEMPLATE = _phrase(
-    r"i\s+have\s+(?:reviewed|read|gone\s+through)\s+(?:your|the)\s+[\w'’\s]{0,30}?"
-    r"(?:query|question|history|concerns?|case|details)\s+and\s+here\s+is\s+my\s+advice"
-)
+_FURTHER = r"(?:further|other|more|any|additional|follow[\s-]?up)"  # "any further queries"
 
-# "Hope this helps", "Hope I have answered your query", "Hope your concern has been resolved",
-# "I hope this is helpful", "Hope our answers satisfy your need": a run of filler words after
-# "hope" that contains one of the key words. Bounded to a clause: no full stop inside.
-_HOPE_WORDS = (
-    r"this|that|it|i|we|my|our|the|above|information|info|answer|answers|reply|replies|suggestions?|advice|"
-    r"have|has|had|was|is|will|would|be|been|am|were|are|able|to|of|for|you|your|concerns?|quer(?:y|ies)|"
-    r"questions?|doubts?|all|fully|well|some|way|in|any|clears?|cleared|solves?|solved|helps?|helped|helpful|"
-    r"answered|addressed|resolved|satisfy|satisfies|satisfied|need|needs|facts|useful|take|care|ok|okay|"
-    r"successfully|adequately|clarified|clarify|informative|and|could|can|sufficiently|provided|given|"
-    r"explained|much|issue|problem|may|find|guides?|managed|with|qwery"
-)
-_HOPE_KEY = re.compile(
-    r"help|answer|resolv|address|satisf|clear|clarif|useful|solv|informative|explained|take\s+care|\bok\b|okay|guide",
-    re.I,
-)
-_HOPE = re.compile(
-    rf"{_START}(?:i\s+|we\s+)?(?:hope|hopefully)(?:\s+(?:{_HOPE_WORDS})(?:\b|(?-i:(?<=[a-z])(?=[A-Z]))))+(?:\s*[,.!]*\s*(?:do\s+)?write\s+back)?{_END}",
-    re.I,
-)
-# "Let me know if I can assist you further", "feel free to ask at HCM", "do not hesitate to contact
-# me", "Should you have any further query, please ...", "For further questions, you may contact me",
-# "you can ask a direct question to me on this forum, following the below link".
-_FURTHER = r"(?:further|other|more|any|additional|follow[\s-]?up)"
-_CONTACT = re.compile(
-    rf"{_START}(?:(?:but\s+|and\s+|so\s+)?(?:(?:if|in\s+case|should|incase)\s+(?:of\s+)?(?:you\s+)?(?:have\s+|need\s+|require\s+)?"
-    rf"(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|clarifications?|assistance|help|information|anything\s+else(?:\s+to\s+ask)?)"
-    rf"(?:\s+(?:or|and)\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?))?"
-    rf"(?:\s+in\s+this\s+regard)?|for\s+(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?|doubts?|clarifications?))"
-    rf"\s*,?\s*(?:then\s+)?(?:please\s+|you\s+(?:can|may)\s+|kindly\s+)?)?"
-    rf"(?:(?:please\s+)?(?:do\s+)?(?:let\s+(?:me|us)\s+know\s+if\s+(?:i|we)\s+can\s+(?:assist|help)\s+you(?:\s+further)?"
-    rf"|let\s+(?:me|us)\s+know\s+if\s+you\s+have\s+any\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?)"
-    rf"|feel\s+(?:free|easy)\s+to\s+(?:ask|contact|write|revert|get\s+back|come\s+back|post|discuss|reach|message|follow\s+up)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:do\s+not|don'?t|never)\s+hesitate\s+(?:to|in)\s+[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:(?:please|kindly)\s+)?(?:you\s+(?:can|may)\s+)?(?:contact|write\s+(?:back\s+)?to|ask)\s+(?:me|us)(?:\s+(?:directly|again|back|anytime))?"
-    rf"(?:\s+(?:on|at|through|via)\s+(?:this\s+(?:forum|platform|site|website)|{PLATFORM}))?"
-    rf"(?=\s*(?:[.!?\n]|$)|\s*(?-i:[A-Z]))"
-    rf"|(?:if|in\s+case)\s+(?:of\s+)?(?:you\s+have\s+)?(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?)(?=\s*,?\s*(?:dr\b|$))"
-    rf"|(?:please\s+)?(?:get|come|write)\s+back(?:\s+to\s+(?:me|us))?\s+(?:if|in\s+case)\s+you\s+(?:require|need|have)\s+"
-    rf"(?:any\s+)?{_FURTHER}?\s*(?:information|quer(?:y|ies)|questions?|help|assistance|clarifications?)"
-    rf"|(?:i\s+)?(?:would|will|shall)\s+be\s+(?:happy|glad|pleased)\s+to\s+(?:help|assist|answer)[^.!?\n]{{0,120}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|assistance|help)[^.!?\n]{{0,40}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:any\s+)?{_FURTHER}\s+(?:clarifications?|quer(?:y|ies)|questions?)\s+(?:are|is)\s+(?:most\s+|always\s+)?welcome"
-    rf"|(?:you\s+can\s+)?ask\s+me\s+(?:a\s+|any\s+)?(?:direct\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?)[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:you\s+(?:may|can)\s+)?(?:write|get|come)\s+back\s+(?:to\s+(?:me|us)\s+)?(?:if|in\s+case\s+of|with|for)\s+"
-    rf"(?:you\s+have\s+)?(?:any\s+|more\s+|further\s+|other\s+)?(?:concerns?|quer(?:y|ies)|questions?|doubts?)(?![a-z])"
-    rf"|(?:i\s+(?:am|remain)\s+)?at\s+your\s+disposal[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:you\s+can\s+)?reach\s+me\s+directly[^.!?\n]{{0,60}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)"
-    rf"|(?:you\s+can\s+)?ask\s+a\s+direct\s+question\s+to\s+me[^.!?\n]{{0,80}}?(?=[.!?\n]|(?-i:[a-z][A-Z])|$)))"
-    rf"{_END}",
-    re.I,
-)
-# "Wish you good health", "Wishing you a speedy recovery", "Wish you the best of the health".
-_WISH = re.compile(
-    _START + r"(?:i\s+)?(?:wish(?:ing)?)\s+(?:you\s+)?(?:(?:a|an|the|all|very|good|best|of|speedy|quick|early|rapid|"
-    r"healthy|and|happy|great|sound|health|recovery|luck|wonderful|have|ahead|always|life|for|baby|future|"
-    r"your|child|son|daughter|mother|father|wife|husband|kid|&|fast|blessed)(?:\b|(?<=&)|(?-i:(?<=[a-z])(?=[A-Z])))\s*){1,10}"
-    r"(?=[\s.!,]|$|(?-i:[A-Z]))" + rf"(?:\s*(?:at|on|from|in)\s+(?:the\s+)?{PLATFORM})?[.!,]*",
-    re.I,
-)
-# "Kindly spare some time to rate my answer", "please rate/accept this answer".
-_RATE = _phrase(
-    r"(?:kindly|please)\s+(?:spare\s+some\s+time\s+to\s+)?(?:rate|accept|review)\s+(?:my|this|the)\s+(?:answer|reply)[^.!?\n]*"
-)
-# iCliniq's link to its paid service: "For more information consult a urologist online -->". The
-# arrow ends the advert; a real instruction before it ("Revert back after three weeks to a
-# dermatologist online -->") keeps its words and loses only "online -->".
-_ICLINIQ_AD = re.compile(
-    r"(?<![\w])for\s+(?:more|further)\s+(?:information|info|queries|details)\s+consult\s+(?:a|an)\s+"
-    r"[^.!?\n]{0,60}?\s*online\s*\.?\s*-+\s*>",
-    re.I,
-)
-_ARROW = re.compile(r"(?:\s+online)?\s*\.?\s*-+\s*>+\s*", re.I)
-# Links, e-mail addresses and phone numbers (the words that introduce them go in _tidy, see _INTRO).
-# A link starts after anything but a letter, digit, "@" or "/" (a space, a quote, a bracket, "see:", a glued
-# sentence end "it.www..."): with www., a scheme, a shortener, or a bare domain followed by a path
-# ("healthcaremagic.com/questions/123"). It ends before closing punctuation and a space, or a run-on capital.
-_URL = re.compile(
-    r"(?<![\w@/])(?:https?://|www\.|(?:bit\.ly|goo\.gl|tinyurl\.com|t\.co)/"
-    r"|(?-i:(?![a-z0-9-]+\.(?:www|https?)\b)[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:com|org|net|edu|gov|info|in|uk|io|co)(?=/)))"
-    r"[^\s]+?(?=[.,;:!?)\]\"'’”>]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))",
-    re.I,
-)
-_EMAIL = re.compile(
-    r"(?:(?:my\s+)?e?-?mail(?:\s+(?:me|us|id))?(?:\s+(?:at|in|to|on))?\s*[:\-]?\s*|write\s+down\s+to\s*)?"
-    r"\(?[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|in|co|edu|gov|info|uk|us|ca|au)(?-i:(?=[^a-z]|$))\)?",
-    re.I,
-)
-# A run of digits and phone separators; whether it is a phone number is decided in _phones from its shape.
-_PHONE = re.compile(
-    r"(?P<cue>(?<![\w])(?:mob(?:ile)?|ph(?:one)?|tel(?:ephone)?|cell|contact|call|whats\s?app|helpline|fax)"
-    r"(?:\s*(?:no\.?|number|#))?(?:\s+(?:me|us))?(?:\s+(?:at|on))?\s*[:\-.]?\s*)?"
-    r"(?<![\w.+])(?P<num>\+?\(?\d(?:(?:[ \t]*[()\-][ \t]*|[ \t]+|\.(?=\d))?\d)*\)?)",
-    re.I,
-)
-# What follows a list of values rather than a phone number: a unit, a dose form, a time span.
-_UNIT_AFTER = re.compile(
-    r"[ \t]*(?:%|°|(?:mg|ml|mcg|µg|ug|g|gm|gms|kg|lbs?|iu|units?|mm|cm|mmhg|mmol|mg/dl|bpm|times|x|days?|weeks?|"
-    r"months?|years?|hrs?|hours?|min(?:ute)?s?|tabs?|tablets?|caps?|capsules?|doses?|drops?|puffs?|cells?|copies|"
-    r"per|/)(?![a-z]))",
-    re.I,
-)
 
 # --- sign-off blocks ------------------------------------------------------------------------------------
 # A sign-off is recognised at the end of the reply by its shape: closing words, "Dr", a name,
@@ -266,6 +134,9 @@ def _is_degree(word: str) -> bool:
     return bool(re.fullmatch(rf"(?:{DEGREES})\.?", word, re.I)) or bool(re.fullmatch(r"(?:[A-Z]\.){2,}[A-Z]?\.?", word))
 
 
+_SIG_WORD = re.compile(rf"(?:{_SPECIALTY}|{_CONNECTORS})", re.I)  # a word a signature holds besides names
+
+
 def _signature_tail(tail: str) -> bool:
     """True when `tail` (the text from a candidate anchor to the end) is only a sign-off block."""
     text = re.sub(rf"(?i)^\s*(?:(?:{_CLOSERS})(?-i:(?![a-z]))[\s,.!:;\-–]*)+", "", tail)
@@ -277,51 +148,48 @@ def _signature_tail(tail: str) -> bool:
     words = _SIG_TOKEN.findall(body)
     if not words:  # only closing words: a fragment when it is a letter closer ("Regards", "Thanks.")
         return closer or had_dr
-    if len(words) > 40:
+    return len(words) <= 40 and _signature_words(words, body, closer, had_dr)
+
+
+def _signature_words(words: list[str], body: str, closer: bool, had_dr: bool) -> bool:
+    """The words after the block's closing words and "Dr" are a signature's: degrees, specialty and title words,
+    a name that a closing word, "Dr" or a degree vouches for."""
+    bare = [w.strip(".'’") for w in words]
+    degrees = any(map(_is_degree, bare))
+    titled = any(not _SIG_WORD.fullmatch(b) and re.fullmatch(rf"(?:{_DR})", w, re.I) for w, b in zip(words, bare))
+    if not (had_dr or closer or degrees or titled):
         return False
-    lower_name_slots = 3 if had_dr else 0  # lowercase names only right after "Dr": "dr namrata"
-    evidence = had_dr or closer
-    lowercase = digits = 0
-    for k, w in enumerate(words):
-        bare = w.strip(".'’")
-        if _is_degree(bare):
-            evidence = True
-        elif re.fullmatch(rf"(?:{_SPECIALTY}|{_CONNECTORS})", bare, re.I):
-            pass
-        elif re.fullmatch(rf"(?:{_DR})", w, re.I):
-            evidence = True
-        elif bare[:1].isupper():
-            pass
-        elif bare[:1].isdigit():
-            digits += 1
-        elif k < lower_name_slots and not re.fullmatch(_STOPWORDS, bare, re.I):
-            pass  # lowercase names: "Regards dr namrata", "Dr. satyanarayan kabra"
-        else:
-            lowercase += 1
-    if not evidence:
+    if closer and not had_dr and not degrees and not _vouched_name(words, body):
         return False
-    if closer and not had_dr and not any(_is_degree(w.strip(".'’")) for w in words):
-        # Only a closing word vouches for the name ("Regards, Jay Indravadan Patel, Physical Therapist"):
-        # up to four capitalised name words, specialty words, and no everyday word ("Thanks. Use Betadine").
-        special = [w for w in words if re.fullmatch(_SPECIALTY, w.strip(".'’"), re.I)]
-        names = [w for w in words if w not in special and not re.fullmatch(_CONNECTORS, w, re.I)]
-        if len(names) > 4 or len(names) < len(words) - len(special) and not special:
-            return False
-        if any(not w[:1].isupper() for w in names):
-            return False
-        # A name is shaped like one ("Jay", "O'Brien", "McDonald", "J.", "JOHN", "M.D.Pediatrician"): a short
-        # acronym or a mixed word is a test or a drug ("Thanks. CBC, ESR, CRP, HbA1c"), and three or more single
-        # words between commas are a list, not a name and its title.
-        name = r"[A-Z](?:[a-z'’\-]+(?:[A-Z][a-z'’\-]+)?|[A-Z]{3,})?\.?|(?:[A-Z]\.)+(?:[A-Z][a-z]+\.?)?"
-        if any(not re.fullmatch(name, w) for w in names):
-            return False
-        if sum(len(_SIG_TOKEN.findall(part)) == 1 for part in body.split(",")) >= 3:
-            return False
-        if names and re.fullmatch(rf"(?:{_STOPWORDS}|{_VERBS})", names[0].strip(".'’"), re.I):
-            return False  # an imperative, not a name
-    # A clinic address may hold a word or two in lowercase ("Matunga east") and numbers.
-    strong = had_dr and any(_is_degree(w.strip(".'’")) for w in words)
-    return lowercase == 0 or (strong and lowercase <= 2)
+    # A clinic address may hold a word or two in lowercase ("Matunga east") and numbers; lowercase names only
+    # right after "Dr": "Regards dr namrata", "Dr. satyanarayan kabra".
+    names = 3 if had_dr else 0
+    lowercase = sum(not _signature_word(w, b, k < names) for k, (w, b) in enumerate(zip(words, bare)))
+    return lowercase == 0 or (had_dr and degrees and lowercase <= 2)
+
+
+def _signature_word(word: str, bare: str, name_slot: bool) -> bool:
+    if _is_degree(bare) or _SIG_WORD.fullmatch(bare) or re.fullmatch(rf"(?:{_DR})", word, re.I):
+        return True
+    return bare[:1].isupper() or bare[:1].isdigit() or (name_slot and not re.fullmatch(_STOPWORDS, bare, re.I))
+
+
+def _vouched_name(words: list[str], body: str) -> bool:
+    """Only a closing word vouches for the name ("Regards, Jay Indravadan Patel, Physical Therapist"): up to four
+    capitalised name words, specialty words, and no everyday word ("Thanks. Use Betadine")."""
+    special = [w for w in words if re.fullmatch(_SPECIALTY, w.strip(".'’"), re.I)]
+    names = [w for w in words if w not in special and not re.fullmatch(_CONNECTORS, w, re.I)]
+    if len(names) > 4 or len(names) < len(words) - len(special) and not special:
+        return False
+    # A name is shaped like one ("Jay", "O'Brien", "McDonald", "J.", "JOHN", "M.D.Pediatrician"): a short
+    # acronym or a mixed word is a test or a drug ("Thanks. CBC, ESR, CRP, HbA1c"), and three or more single
+    # words between commas are a list, not a name and its title.
+    name = r"[A-Z](?:[a-z'’\-]+(?:[A-Z][a-z'’\-]+)?|[A-Z]{3,})?\.?|(?:[A-Z]\.)+(?:[A-Z][a-z]+\.?)?"
+    if any(not re.fullmatch(name, w) for w in names):
+        return False
+    if sum(len(_SIG_TOKEN.findall(part)) == 1 for part in body.split(",")) >= 3:
+        return False
+    return not (names and re.fullmatch(rf"(?:{_STOPWORDS}|{_VERBS})", names[0].strip(".'’"), re.I))  # an imperative
 
 
 _STOPWORDS = (
@@ -357,20 +225,7 @@ def _signoff_start(text: str) -> int | None:
     window = max(0, len(text) - 400)
     for m in _ANCHOR.finditer(text, window):
         start = m.start() + (len(m.group()) - len(m.group().lstrip()))
-        before = text[:start]
-        # "Dr" only counts as a sign-off after a sentence end or a closing word: advice that ends
-        # "... see your Dr. soon" or "... see Dr. Smith" is a sentence, not a signature.
-        word = text[start : m.end()]
-        if re.fullmatch(rf"(?i){_DR}", word) and not _SIG_PREV.search(before):
-            # Mid-sentence "Dr" is advice ("see Dr. Smith tomorrow") unless degrees follow ("at Dr.X MD, DNB").
-            if not any(_is_degree(w.strip(".'’")) for w in _SIG_TOKEN.findall(text[m.end() :])):
-                continue
-        if re.fullmatch(r"(?i)(?:take\s*care|good\s*luck|all\s+the\s+best|get\s+well\s+soon)", word):
-            # pleasantries stay unless a name follows them
-            tail = text[start:]
-            if not re.search(rf"(?i){_DR}|[A-Z][a-z]+\s*$|{_LETTER_CLOSER.pattern}", tail[len(word) :]):
-                continue
-        if _signature_tail(text[start:]):
+        if _may_sign(text, start, m.end()) and _signature_tail(text[start:]):
             return start
     m = _NAME_DEGREES.search(text, window)
     if m and any(_is_degree(w.strip(".,()")) for w in re.split(r"[\s,]+", text[m.start() :].split(",", 1)[1])):
@@ -378,14 +233,17 @@ def _signoff_start(text: str) -> int | None:
     return None
 
 
-def _signoff(text: str) -> str:
-    # A reply may sign twice ("Regards, Dr. X. Take care. Dr X, MD"), so strip until stable.
-    while (start := _signoff_start(text)) is not None:
-        cut = text[:start].rstrip()
-        if cut == text.rstrip():  # nothing left to strip (an anchor at the very end of blank text)
-            break
-        text = cut
-    return text
+def _may_sign(text: str, start: int, end: int) -> bool:
+    """The anchor `text[start:end]` may open a sign-off. "Dr" does after a sentence end or a closing word: advice
+    that ends "... see your Dr. soon" or "... see Dr. Smith" is a sentence, not a signature."""
+    word = text[start:end]
+    if re.fullmatch(rf"(?i){_DR}", word) and not _SIG_PREV.search(text[:start]):
+        # Mid-sentence "Dr" is advice ("see Dr. Smith tomorrow") unless degrees follow ("at Dr.X MD, DNB").
+        return any(_is_degree(w.strip(".'’")) for w in _SIG_TOKEN.findall(text[end:]))
+    if re.fullmatch(r"(?i)(?:take\s*care|good\s*luck|all\s+the\s+best|get\s+well\s+soon)", word):
+        # pleasantries stay unless a name follows them
+        return bool(re.search(rf"(?i){_DR}|[A-Z][a-z]+\s*$|{_LETTER_CLOSER.pattern}", text[end:]))
+    return True
 
 
 # --- tidying what a cut leaves behind ------------------------------------------------------------------
@@ -449,14 +307,11 @@ def _tidy(text: str) -> str:
 
 def _join_cut(m: re.Match[str]) -> str:
     before, inner, after = m.groups()
-    if before is None or m.start() == 0:
+    if before is None:
         return ""  # nothing before the cut: drop the separators
     kept_end = re.match(r"\s*([.!?]+)", inner)  # the sentence end before the cut belongs to the text before it
     if after is None:
-        # End of text: keep a sentence end that was already there before the cut ("Any worries? <cut>").
-        if kept_end and before not in ".!?":
-            return kept_end.group(1)[:1]
-        return "." if before.isalnum() or before in ")]\"'" else ""
+        return _join_end(before, kept_end)
     sep = "\n\n" if "\n\n" in inner else ("\n" if "\n" in inner else " ")
     if before in ".!?":
         return sep
@@ -469,6 +324,13 @@ def _join_cut(m: re.Match[str]) -> str:
     if inner.replace(_CUT, "").lstrip().startswith(","):
         return "," + sep if not after[:1].isupper() else sep
     return sep
+
+
+def _join_end(before: str, kept_end: re.Match[str] | None) -> str:
+    """A cut at the end of the text: keep a sentence end that was already there before it ("Any worries? <cut>")."""
+    if kept_end and before not in ".!?":
+        return kept_end.group(1)[:1]
+    return "." if before.isalnum() or before in ")]\"'" else ""
 
 
 def _finish(text: str, started_with: str) -> str:
@@ -484,31 +346,71 @@ def _finish(text: str, started_with: str) -> str:
     return text
 
 
-# --- the rules -------------------------------------------------------------------------------------------
-def _sub(pattern: re.Pattern[str]) -> Callable[[str], str]:
-    return lambda text: pattern.sub(_CUT, text)
+# --- what a rule does at its matches ---------------------------------------------------------------------------
+Step = Callable[[str], str]
 
 
+def cut(pattern: str | re.Pattern[str], when: Callable[[re.Match[str]], Any] | None = None) -> Step:
+    """Cut every match of `pattern` (a string is compiled ignoring case) for which `when(match)` holds."""
+    pattern = re.compile(pattern, re.I) if isinstance(pattern, str) else pattern
+    if when is None:
+        return lambda text: pattern.sub(_CUT, text)
+    return lambda text: pattern.sub(lambda m: _CUT if when(m) else m.group(), text)
+
+
+def cut_phrase(body: str, *, greeting: bool = False) -> Step:
+    """Cut the phrase `body` and the punctuation that belonged to it. It starts a word or a run-on sentence; after a
+    greeting (`greeting`) it may be glued to it ("HIWell come to HCM"), and the greeting goes with it."""
+    lead = rf"(?:{_GREETING}|{_START})" if greeting else _START
+    return cut(re.compile(rf"{lead}(?:{body}){_END}", re.I | re.M))
+
+
+def replace(pattern: str, how: Callable[[re.Match[str]], str]) -> Step:
+    """Replace every match of `pattern` (compiled ignoring case) by `how(match)`, which marks what it cuts with _CUT."""
+    pattern = re.compile(pattern, re.I)
+    return lambda text: pattern.sub(how, text)
+
+
+def in_turn(*steps: Step) -> Step:
+    return lambda text: functools.reduce(lambda out, step: step(out), steps, text)
+
+
+def cut_tail(start: Callable[[str], int | None]) -> Step:
+    """Cut from `start(text)` to the end, again while a new tail starts: a reply may sign twice ("Regards, Dr. X.
+    Take care. Dr X, MD")."""
+
+    def step(text: str) -> str:
+        kept = text
+        while (i := start(kept)) is not None and (shorter := kept[:i].rstrip()) != kept.rstrip():
+            kept = shorter
+        return text if kept == text.rstrip() else kept + _CUT
+
+    return step
+
+
+# --- when a match is boilerplate (the rules' own checks) ---------------------------------------------------------
 def _clause_end(phrase: str, rest: str) -> bool:
     """`phrase` ends its clause: punctuation at its end, or `rest` (the text after it) starts with a newline or a
     run-on capital ("helps.Take"), or is empty."""
     return bool(re.search(r"[.!?,;:]\s*$", phrase)) or not rest or bool(re.match(r"\s*(?:\n|[A-Z])", rest))
 
 
-def _hope(text: str) -> str:
-    # "I hope this would be helpful in managing the pain" goes on with advice: that clause stays. The filler
-    # words may run on into the next sentence ("HOPE THIS HELPS Take care All the best"): then the longest
-    # prefix that ends a clause is the phrase.
-    def cut(m: re.Match[str]) -> str:
-        phrase = m.group()
-        ends = [w.end() for w in re.finditer(r"\w+[\s,.!]*", phrase)]
-        for end in sorted(ends, reverse=True):
-            head, rest = phrase[:end], phrase[end:] + text[m.end() :]
-            if _HOPE_KEY.search(head) and _clause_end(head, rest):
-                return _CUT + phrase[end:]
-        return phrase
+_HOPE_KEY = re.compile(
+    r"help|answer|resolv|address|satisf|clear|clarif|useful|solv|informative|explained|take\s+care|\bok\b|okay|guide",
+    re.I,
+)
 
-    return _HOPE.sub(cut, text)
+
+def _hope_clause(m: re.Match[str]) -> str:
+    """The phrase unless it goes on with advice ("I hope this would be helpful in managing the pain"). The filler words
+    may run on into the next sentence ("HOPE THIS HELPS Take care All the best"): then the longest prefix that ends a
+    clause is the phrase."""
+    phrase = m.group()
+    for w in reversed(list(re.finditer(r"\w+[\s,.!]*", phrase))):
+        head, rest = phrase[: w.end()], phrase[w.end() :] + m.string[m.end() :]
+        if _HOPE_KEY.search(head) and _clause_end(head, rest):
+            return _CUT + phrase[w.end() :]
+    return phrase
 
 
 # "Feel free to ..." and "don't hesitate to ..." invite the patient back to this doctor ("feel free to ask me at
@@ -529,112 +431,356 @@ _INVITE_WORDS = frozenset(
 )
 
 
-def _contact(text: str) -> str:
-    def cut(m: re.Match[str]) -> str:
-        invite = _INVITE_OPENER.search(m.group())
-        if invite:
-            # the clause may stop inside a run-on word ("any other questionKind regards"): finish that word
-            rest = invite.group(1) + re.match(r"[a-z]*", text[m.end() :]).group()
-            rest = re.sub(PLATFORM, " ", rest, flags=re.I)
-            if any(w not in _INVITE_WORDS for w in re.findall(r"[a-z]+|\d+", rest.lower())):  # "call 911"
-                return m.group()  # advice that opens like an invitation
-        return _CUT
-
-    return _CONTACT.sub(cut, text)
+def _invitation(m: re.Match[str]) -> bool:
+    invite = _INVITE_OPENER.search(m.group())
+    if not invite:
+        return True
+    # the clause may stop inside a run-on word ("any other questionKind regards"): finish that word
+    rest = invite.group(1) + re.match(r"[a-z]*", m.string[m.end() :]).group()
+    rest = re.sub(PLATFORM, " ", rest, flags=re.I)
+    return all(w in _INVITE_WORDS for w in re.findall(r"[a-z]+|\d+", rest.lower()))  # not "call 911"
 
 
-def _wishes(text: str) -> str:
-    def cut(m: re.Match[str]) -> str:
-        wish = re.search(r"\byou\b|health|recovery|luck|best", m.group(), re.I)
-        return _CUT if wish and _clause_end(m.group(), text[m.end() :]) else m.group()
-
-    return _WISH.sub(cut, text)
+def _wish(m: re.Match[str]) -> bool:
+    wish = re.search(r"\byou\b|health|recovery|luck|best", m.group(), re.I)
+    return bool(wish) and _clause_end(m.group(), m.string[m.end() :])
 
 
-def _phones(text: str) -> str:
-    """Cut a digit run only when it is shaped like a phone number: 9 to 15 digits (E.164 allows 15), no unit after
-    it, and a phone cue before it ("Mob:", "call me on"), a "+" country code, one unbroken run of 10+ digits, or
-    the grouping phone numbers are written in (below) with values that are not all round or all years. A reading
-    or dose list ("140 90 150 95", "250 500 750 1000 mg"), lab counts ("11234 12345 9876"), a range ("100 - 101")
-    or a schedule ("200-0-0-1") is not a phone number."""
-
-    def cut(m: re.Match[str]) -> str:
-        num = m.group("num")
-        groups = re.findall(r"\d+", num)
-        digits = sum(map(len, groups))
-        if not 9 <= digits <= 15 or _UNIT_AFTER.match(text, m.end()):
-            return m.group()
-        # The shapes numbers are written in: 98450 12345, 022 24142841, 555-123-4567, 020 7946 0958, 0161 496 0000,
-        # 1-800-555-1234.
-        n = tuple(map(len, groups))
-        two = len(n) == 2 and 2 <= n[0] <= 5 <= n[1] <= 8  # area or operator code, then the number
-        three = len(n) == 3 and n[2] == 4 and {3, 4} >= set(n[:2])
-        four = len(n) == 4 and n[0] <= 3 and n[1:] == (3, 3, 4)  # a country code first
-        values = all(g[-1] in "05" for g in groups) or all(re.fullmatch(r"(?:19|20)\d\d", g) for g in groups)
-        shaped = (two or three or four) and not values  # 250 500 1000 and 2014 2015 2016 are values
-        if m.group("cue") or num.startswith("+") or (len(groups) == 1 and digits >= 10) or shaped:
-            return _CUT
-        return m.group()
-
-    return _PHONE.sub(cut, text)
-
-
-def _arrows(text: str) -> str:
-    return _ARROW.sub(lambda m: _CUT if m.group().strip() else " ", _ICLINIQ_AD.sub(_CUT, text))
-
-
-def _platform(text: str) -> str:
-    # A platform name left inside a sentence goes with its preposition ("In my experience at HCM this heals").
-    prep = r"(?:(?:here\s+)?(?:at|on|to|in|from|with|through|via|using|of)\s+(?:the\s+)?)?"
-
-    # A platform name inside a link the link rule did not take ("healthcaremagic.com/questions/123") takes the
-    # whole link with it: cutting the name alone would leave "www./questions/123".
-    def link(m: re.Match[str]) -> str:
-        return _CUT if re.search(r"/|www\.|\.(?:com|org|net)", m.group(), re.I) else m.group()
-
-    text = re.sub(rf"[^\s\"'<>()\[\]]*?(?:{PLATFORM})[^\s\"'<>()\[\]]*", link, text, flags=re.I)
-    return re.sub(rf"(?<![\w])(?:{prep})[\"'‘“]?{PLATFORM}(?:'s)?[\"'’”]?", _CUT, text, flags=re.I)
-
-
-def _signoff_rule(text: str) -> str:
-    kept = _signoff(text)
-    return text if kept == text.rstrip() else kept + _CUT
-
-
-# The Q&A platform's own chat prompt, captured at the start of some patients' messages: "Hi, may I answer
-# your health queries right now ? Please type your query here." (at the start, or after the question's
-# title). What stands around it is the patient's.
-_PLATFORM_PROMPT = re.compile(
-    r"(?:^\W*|(?<=[.?!])\s*)(?:hi\b\W*)?(?:\w{0,5}\s+){0,2}i\s+answer\s+your\s+health\s+quer(?:y|ies)\s+right\s+now\W*"
-    r"(?:please\s+)?type\s+your\s+quer(?:y|ies)\s+here\W*",
+# What follows a list of values rather than a phone number: a unit, a dose form, a time span.
+_UNIT_AFTER = re.compile(
+    r"[ \t]*(?:%|°|(?:mg|ml|mcg|µg|ug|g|gm|gms|kg|lbs?|iu|units?|mm|cm|mmhg|mmol|mg/dl|bpm|times|x|days?|weeks?|"
+    r"months?|years?|hrs?|hours?|min(?:ute)?s?|tabs?|tablets?|caps?|capsules?|doses?|drops?|puffs?|cells?|copies|"
+    r"per|/)(?![a-z]))",
     re.I,
 )
 
-# Order matters: links and addresses first (a sign-off often ends in one), then the phrases, then
-# any platform name left, then the sign-off block at the end.
-RULES: list[tuple[str, Callable[[str], str]]] = [
-    ("urls", _sub(_URL)),
-    ("emails", _sub(_EMAIL)),
-    ("phones", _phones),
-    ("arrows", _arrows),
-    ("welcome", lambda text: _WELCOME_BARE.sub(_CUT, _WELCOME.sub(_CUT, text))),
-    ("thanks_for_query", _sub(_THANKS)),
-    ("template", _sub(_TEMPLATE)),
-    ("wishes", _wishes),
-    ("hope_this_helps", _hope),
-    ("contact_me", _contact),
-    ("rate_answer", _sub(_RATE)),
-    ("platform_name", _platform),
-    ("signoff", _signoff_rule),
-    ("platform_prompt", _sub(_PLATFORM_PROMPT)),
+
+def _phone(m: re.Match[str]) -> bool:
+    """A digit run is a phone number when it has 9 to 15 digits (E.164 allows 15), no unit after it, and a phone cue
+    before it ("Mob:", "call me on"), a "+" country code, one unbroken run of 10+ digits, or the grouping phone
+    numbers are written in (below) with values that are not all round or all years. A reading or dose list ("140 90
+    150 95", "250 500 750 1000 mg"), lab counts ("11234 12345 9876"), a range ("100 - 101") or a schedule
+    ("200-0-0-1") is not a phone number."""
+    num = m.group("num")
+    groups = re.findall(r"\d+", num)
+    digits = sum(map(len, groups))
+    if not 9 <= digits <= 15 or _UNIT_AFTER.match(m.string, m.end()):
+        return False
+    return bool(m.group("cue") or num.startswith("+") or (len(groups) == 1 and digits >= 10) or _phone_shaped(groups))
+
+
+def _phone_shaped(groups: list[str]) -> bool:
+    """The digit groups are written the way phone numbers are: 98450 12345, 022 24142841, 555-123-4567,
+    020 7946 0958, 0161 496 0000, 1-800-555-1234; but 250 500 1000 and 2014 2015 2016 are values."""
+    n = tuple(map(len, groups))
+    two = len(n) == 2 and 2 <= n[0] <= 5 <= n[1] <= 8  # area or operator code, then the number
+    three = len(n) == 3 and n[2] == 4 and {3, 4} >= set(n[:2])
+    four = len(n) == 4 and n[0] <= 3 and n[1:] == (3, 3, 4)  # a country code first
+    values = all(g[-1] in "05" for g in groups) or all(re.fullmatch(r"(?:19|20)\d\d", g) for g in groups)
+    return (two or three or four) and not values
+
+
+# --- the rules ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """One cleaning rule: what it `does` to the `fields` it cleans (a step built by cut, cut_phrase, replace or
+    cut_tail), then the tidy-up joins what is left around each cut. `cuts` maps text it must change to what
+    clean_text returns for it; `keeps` holds text it must leave as it is. tests/test_cleaning.py runs both on the
+    doctor's reply when the rule cleans it, else on the rule's first field."""
+
+    name: str
+    does: Step
+    cuts: Mapping[str, str]
+    keeps: tuple[str, ...]
+    fields: tuple[str, ...] = ("doctor",)
+    tidy: bool = True
+
+
+# Patients don't write platform boilerplate, and their "Dr." is a greeting: most rules clean the doctor's reply
+# alone. Links and addresses go from every field; the platform's chat prompt stands in the patient's message only.
+EVERY_FIELD = ("description", "patient", "doctor")
+
+# Order matters: links and addresses first (a sign-off often ends in one), then the phrases, then any platform name
+# left, then the sign-off block at the end.
+RULES = [
+    Rule(
+        "whitespace",
+        whitespace,
+        fields=EVERY_FIELD,
+        cuts={
+            "Rest\u00a0well.\tDrink  water.\r\nSee a GP.\n\n\n\nSoon.\n": "Rest well. Drink water.\nSee a GP.\n\nSoon."
+        },
+        keeps=("Rest well.\n\nSee a GP.",),
+        tidy=False,  # it is the tidy-up's own first step
+    ),
+    # Links. A link starts after anything but a letter, digit, "@" or "/" (a space, a quote, a bracket, "see:", a
+    # glued sentence end "it.www..."): with www., a scheme, a shortener, or a bare domain followed by a path
+    # ("healthcaremagic.com/questions/123"). It ends before closing punctuation and a space, or a run-on capital.
+    # The words that introduce a link or an address go in the tidy-up (_INTRO).
+    Rule(
+        "urls",
+        cut(
+            r"(?<![\w@/])(?:https?://|www\.|(?:bit\.ly|goo\.gl|tinyurl\.com|t\.co)/"
+            r"|(?-i:(?![a-z0-9-]+\.(?:www|https?)\b)[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:com|org|net|edu|gov|info|in|uk|io|co)(?=/)))"
+            r"[^\s]+?(?=[.,;:!?)\]\"'’”>]*(?:\s|$)|(?-i:[A-Z][a-z][^\s/?=&#%]*(?:\s|$)))"
+        ),
+        fields=EVERY_FIELD,
+        cuts={
+            "Read about it (https://example.org/acne?id=3). Then rest, at www.x.org, daily.": (
+                "Read about it. Then rest, daily."
+            )
+        },
+        keeps=("The scan (MRI/CT) is normal.",),
+    ),
+    Rule(
+        "emails",
+        cut(
+            r"(?:(?:my\s+)?e?-?mail(?:\s+(?:me|us|id))?(?:\s+(?:at|in|to|on))?\s*[:\-]?\s*|write\s+down\s+to\s*)?"
+            r"\(?[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|in|co|edu|gov|info|uk|us|ca|au)(?-i:(?=[^a-z]|$))\)?"
+        ),
+        fields=EVERY_FIELD,
+        cuts={"Send the photos to me at dr.someone@example.com and rest.": "Send the photos to me and rest."},
+        keeps=("Mail the report to your GP.",),
+    ),
+    # A run of digits and phone separators, cut when _phone finds it shaped like a phone number.
+    Rule(
+        "phones",
+        cut(
+            r"(?P<cue>(?<![\w])(?:mob(?:ile)?|ph(?:one)?|tel(?:ephone)?|cell|contact|call|whats\s?app|helpline|fax)"
+            r"(?:\s*(?:no\.?|number|#))?(?:\s+(?:me|us))?(?:\s+(?:at|on))?\s*[:\-.]?\s*)?"
+            r"(?<![\w.+])(?P<num>\+?\(?\d(?:(?:[ \t]*[()\-][ \t]*|[ \t]+|\.(?=\d))?\d)*\)?)",
+            when=_phone,
+        ),
+        fields=EVERY_FIELD,
+        cuts={"Rest and fluids. Dr. M R Puhan Mob: 9437873112": "Rest and fluids."},
+        keeps=(
+            "Take 400-600 mg ibuprofen every 8 hours.",
+            "Fever of 100 - 101 for 2 days. Take Susten 200-0-0-1 on 8-10-2014.",
+            "The scans of 2014 2015 2016 were normal; the counts were 500 1000 2500.",
+        ),
+    ),
+    # iCliniq's link to its paid service: "For more information consult a urologist online -->". The arrow ends the
+    # advert; a real instruction before it ("Revert back after three weeks to a dermatologist online -->") keeps its
+    # words and loses only "online -->".
+    Rule(
+        "arrows",
+        in_turn(
+            cut(
+                r"(?<![\w])for\s+(?:more|further)\s+(?:information|info|queries|details)\s+consult\s+(?:a|an)\s+"
+                r"[^.!?\n]{0,60}?\s*online\s*\.?\s*-+\s*>"
+            ),
+            replace(r"(?:\s+online)?\s*\.?\s*-+\s*>+\s*", lambda m: _CUT if m.group().strip() else " "),
+        ),
+        fields=EVERY_FIELD,
+        cuts={
+            "Wash it. For further information consult a dermatologist online -->": "Wash it.",
+            "Revert after three weeks to a dermatologist online -->": "Revert after three weeks to a dermatologist.",
+        },
+        keeps=("Use it twice - morning and night.",),
+    ),
+    # "Welcome to HCM", "Well come to the HCM", "Hello and welcome...", "Welcome HCM!"; a bare "welcome" is
+    # boilerplate only as the opening: "Hello and welcome...", "Hi, welcome."
+    Rule(
+        "welcome",
+        in_turn(
+            cut_phrase(
+                r"(?:(?:(?:thanks?|thank\s+you)\s+and\s+|and\s+|i\s+)?(?:a\s+)?(?:warm\s+)?(?:well\s*come|welcome)"
+                rf"(?:\s+you)?(?:\s+(?:back\s+)?(?:here\s+)?(?:to|t|at|on|in)\s+(?:the\s+)?(?:{PLATFORM}|{_SITE})"
+                rf"|\s+{PLATFORM})|greetings\s+from\s+(?:the\s+)?{PLATFORM})"
+                rf"(?:\s*\.?\s*(?:thanks?|thank\s+you)\s+for\s+(?:calling|using|choosing)\s+{PLATFORM})?"
+                rf"(?:[\s,.!]*greetings\s+of\s+the\s+day)?",
+                greeting=True,
+            ),
+            cut(
+                re.compile(
+                    rf"^{_GREETING}(?:and\s+)?(?:well\s*come|welcome)(?:\s+back)?(?=\s*(?:[.!,]|$)){_END}", re.I | re.M
+                )
+            ),
+        ),
+        cuts={
+            "Hello, welcome to Chat Doctor. Your fever is likely viral.": "Your fever is likely viral.",
+            "Hi, welcome. Rest the knee.": "Rest the knee.",
+        },
+        keeps=("Hello, your fever is viral. Rest.", "You are welcome to bring your reports."),
+    ),
+    # "Thanks for your query", "Thank you for asking at HCM", "thank you for writing to us", "Thanks for posting
+    # your concern in the HCM", "Thank you for providing the brief history".
+    Rule(
+        "thanks_for_query",
+        cut_phrase(
+            r"(?:(?:well\s*come|welcome)[\s,.!]*)?(?:many\s+|and\s+)?(?:thanks?|thank\s*(?:s|you)|than\s+you)"
+            r"(?:\s+(?:so|very)\s+much|\s+a\s+lot)?\s*(?:for|to)\s+(?:(?:using|choosing|contacting|contact|giving|"
+            r"asking|posting|writing(?:\s+in)?|calling|consulting|coming|trusting|visiting|sharing|providing|the|"
+            rf"your|this|putting|submitting|raising|bringing)|{_TOPIC})(?:\s+(?:us|me)|\s*{PLATFORM})?"
+            rf"(?:\s+(?:{_OBJ}\s+)?(?:[a-z]+\s+)?{_TOPIC}(?:\s+of\s+(?:you(?![a-z])|(?:your|the)\s+[a-z]+))?)?"
+            rf"(?:\s+(?:to|at|on|in|with|through|from|via|under|here)\s*(?:the\s+)?(?:us|{PLATFORM}|{_SITE}))?"
+            rf"(?:\s+{_SITE})?{_PREP_PLATFORM}(?:\s+for\s+(?:posting|asking|sharing)\s+(?:{_OBJ}\s+)?{_TOPIC})?",
+            greeting=True,
+        ),
+        cuts={
+            "Hello,Thanks for the query.I would suggest an X-ray.It may be a hairline fracture.": (
+                "I would suggest an X-ray.It may be a hairline fracture."
+            ),
+            "Rest and fluids help. Thank you for choosing iCliniq.": "Rest and fluids help.",
+        },
+        keeps=("Thank your GP for the referral.",),
+    ),
+    # Template openers that describe the platform's process, not the patient: "I have reviewed your query and here
+    # is my advice" ('Ask A Doctor' service).
+    Rule(
+        "template",
+        cut_phrase(
+            r"i\s+have\s+(?:reviewed|read|gone\s+through)\s+(?:your|the)\s+[\w'’\s]{0,30}?"
+            r"(?:query|question|history|concerns?|case|details)\s+and\s+here\s+is\s+my\s+advice"
+        ),
+        cuts={"I have reviewed your query and here is my advice. Rest.": "Rest."},
+        keeps=("I have reviewed your reports: the thyroid is normal.",),
+    ),
+    # "Wish you good health", "Wishing you a speedy recovery", "Wish you the best of the health".
+    Rule(
+        "wishes",
+        cut(
+            rf"{_START}(?:i\s+)?(?:wish(?:ing)?)\s+(?:you\s+)?(?:(?:a|an|the|all|very|good|best|of|speedy|quick|"
+            r"early|rapid|healthy|and|happy|great|sound|health|recovery|luck|wonderful|have|ahead|always|life|for|"
+            r"baby|future|your|child|son|daughter|mother|father|wife|husband|kid|&|fast|blessed)"
+            r"(?:\b|(?<=&)|(?-i:(?<=[a-z])(?=[A-Z])))\s*){1,10}(?=[\s.!,]|$|(?-i:[A-Z]))"
+            rf"(?:\s*(?:at|on|from|in)\s+(?:the\s+)?{PLATFORM})?[.!,]*",
+            when=_wish,
+        ),
+        cuts={"Rest well. Wish you good health.": "Rest well."},
+        keeps=("If you wish to have a baby, stop the pill.",),
+    ),
+    # "Hope this helps", "Hope I have answered your query", "Hope your concern has been resolved", "I hope this is
+    # helpful", "Hope our answers satisfy your need": a run of filler words after "hope" that holds one of the key
+    # words (_HOPE_KEY) and ends its clause. Bounded to a clause: no full stop inside.
+    Rule(
+        "hope_this_helps",
+        replace(
+            rf"{_START}(?:i\s+|we\s+)?(?:hope|hopefully)(?:\s+(?:"
+            r"this|that|it|i|we|my|our|the|above|information|info|answer|answers|reply|replies|suggestions?|advice|"
+            r"have|has|had|was|is|will|would|be|been|am|were|are|able|to|of|for|you|your|concerns?|quer(?:y|ies)|"
+            r"questions?|doubts?|all|fully|well|some|way|in|any|clears?|cleared|solves?|solved|helps?|helped|helpful|"
+            r"answered|addressed|resolved|satisfy|satisfies|satisfied|need|needs|facts|useful|take|care|ok|okay|"
+            r"successfully|adequately|clarified|clarify|informative|and|could|can|sufficiently|provided|given|"
+            r"explained|much|issue|problem|may|find|guides?|managed|with|qwery"
+            rf")(?:\b|(?-i:(?<=[a-z])(?=[A-Z]))))+(?:\s*[,.!]*\s*(?:do\s+)?write\s+back)?{_END}",
+            _hope_clause,
+        ),
+        cuts={
+            "Apply the gel twice daily.Hope this helps.If it is so, stop it.": (
+                "Apply the gel twice daily. If it is so, stop it."
+            ),
+            "Drink fluids. Hope this will take care of your query.Thank youDr Y": "Drink fluids.",
+        },
+        keeps=("I hope the antibiotics help with the pain. Rest.",),
+    ),
+    # "Let me know if I can assist you further", "feel free to ask at HCM", "do not hesitate to contact me", "Should
+    # you have any further query, please ...", "For further questions, you may contact me", "you can ask a direct
+    # question to me on this forum, following the below link". "Feel free to"/"don't hesitate to" clauses go only
+    # when they invite the patient back (_invitation).
+    Rule(
+        "contact_me",
+        cut(
+            rf"{_START}(?:(?:but\s+|and\s+|so\s+)?(?:(?:if|in\s+case|should|incase)\s+(?:of\s+)?(?:you\s+)?(?:have\s+|need\s+|require\s+)?"
+            rf"(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|clarifications?|assistance|help|information|anything\s+else(?:\s+to\s+ask)?)"
+            rf"(?:\s+(?:or|and)\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?))?"
+            rf"(?:\s+in\s+this\s+regard)?|for\s+(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?|doubts?|clarifications?))"
+            rf"\s*,?\s*(?:then\s+)?(?:please\s+|you\s+(?:can|may)\s+|kindly\s+)?)?"
+            rf"(?:(?:please\s+)?(?:do\s+)?(?:let\s+(?:me|us)\s+know\s+if\s+(?:i|we)\s+can\s+(?:assist|help)\s+you(?:\s+further)?"
+            rf"|let\s+(?:me|us)\s+know\s+if\s+you\s+have\s+any\s+{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?)"
+            rf"|feel\s+(?:free|easy)\s+to\s+(?:ask|contact|write|revert|get\s+back|come\s+back|post|discuss|reach|message|follow\s+up){_to_clause_end(60)}"
+            rf"|(?:do\s+not|don'?t|never)\s+hesitate\s+(?:to|in)\s+{_to_clause_end(60)}"
+            rf"|(?:(?:please|kindly)\s+)?(?:you\s+(?:can|may)\s+)?(?:contact|write\s+(?:back\s+)?to|ask)\s+(?:me|us)(?:\s+(?:directly|again|back|anytime))?"
+            rf"(?:\s+(?:on|at|through|via)\s+(?:this\s+(?:forum|platform|site|website)|{PLATFORM}))?"
+            rf"(?=\s*(?:[.!?\n]|$)|\s*(?-i:[A-Z]))"
+            rf"|(?:if|in\s+case)\s+(?:of\s+)?(?:you\s+have\s+)?(?:any\s+)?{_FURTHER}\s+(?:quer(?:y|ies)|questions?)(?=\s*,?\s*(?:dr\b|$))"
+            rf"|(?:please\s+)?(?:get|come|write)\s+back(?:\s+to\s+(?:me|us))?\s+(?:if|in\s+case)\s+you\s+(?:require|need|have)\s+"
+            rf"(?:any\s+)?{_FURTHER}?\s*(?:information|quer(?:y|ies)|questions?|help|assistance|clarifications?)"
+            rf"|(?:i\s+)?(?:would|will|shall)\s+be\s+(?:happy|glad|pleased)\s+to\s+(?:help|assist|answer){_to_clause_end(120)}"
+            rf"|(?:you\s+are\s+(?:most\s+|always\s+)?)?welcome\s+(?:for|with)\s+(?:any\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?|doubts?|assistance|help){_to_clause_end(40)}"
+            rf"|(?:any\s+)?{_FURTHER}\s+(?:clarifications?|quer(?:y|ies)|questions?)\s+(?:are|is)\s+(?:most\s+|always\s+)?welcome"
+            rf"|(?:you\s+can\s+)?ask\s+me\s+(?:a\s+|any\s+)?(?:direct\s+)?{_FURTHER}?\s*(?:quer(?:y|ies)|questions?){_to_clause_end(60)}"
+            rf"|(?:you\s+(?:may|can)\s+)?(?:write|get|come)\s+back\s+(?:to\s+(?:me|us)\s+)?(?:if|in\s+case\s+of|with|for)\s+"
+            rf"(?:you\s+have\s+)?(?:any\s+|more\s+|further\s+|other\s+)?(?:concerns?|quer(?:y|ies)|questions?|doubts?)(?![a-z])"
+            rf"|(?:i\s+(?:am|remain)\s+)?at\s+your\s+disposal{_to_clause_end(80)}"
+            rf"|(?:you\s+can\s+)?reach\s+me\s+directly{_to_clause_end(60)}"
+            rf"|(?:you\s+can\s+)?ask\s+a\s+direct\s+question\s+to\s+me{_to_clause_end(80)}))"
+            rf"{_END}",
+            when=_invitation,
+        ),
+        cuts={"Rest the knee. Don't hesitate to ask me at HCM if you have more questions.": "Rest the knee."},
+        keeps=("Your ECG is normal. Don't hesitate to call an ambulance if you have chest pain.",),
+    ),
+    # "Kindly spare some time to rate my answer", "please rate/accept this answer".
+    Rule(
+        "rate_answer",
+        cut_phrase(
+            r"(?:kindly|please)\s+(?:spare\s+some\s+time\s+to\s+)?(?:rate|accept|review)\s+(?:my|this|the)\s+"
+            r"(?:answer|reply)[^.!?\n]*"
+        ),
+        cuts={"Rest. Kindly spare some time to rate my answer.": "Rest."},
+        keeps=("Please rate your pain from 1 to 10 each day.",),
+    ),
+    # A platform name inside a link the link rule did not take ("healthcaremagic.com/questions/123") takes the whole
+    # link with it: cutting the name alone would leave "www./questions/123". A platform name left inside a sentence
+    # goes with its preposition ("In my experience at HCM this heals").
+    Rule(
+        "platform_name",
+        in_turn(
+            cut(
+                rf"[^\s\"'<>()\[\]]*?(?:{PLATFORM})[^\s\"'<>()\[\]]*",
+                when=lambda m: re.search(r"/|www\.|\.(?:com|org|net)", m.group(), re.I),
+            ),
+            cut(
+                r"(?<![\w])(?:(?:(?:here\s+)?(?:at|on|to|in|from|with|through|via|using|of)\s+(?:the\s+)?)?)"
+                rf"[\"'‘“]?{PLATFORM}(?:'s)?[\"'’”]?"
+            ),
+        ),
+        cuts={
+            "In my experience at ChatDoctor this heals well.": "In my experience this heals well.",
+            "Hi, welcome to HCM. HCM is hypertrophic cardiomyopathy? No: rest.": (
+                "Is hypertrophic cardiomyopathy? No: rest."
+            ),
+        },
+        keeps=("HCG levels double every two days.",),
+    ),
+    # The sign-off block at the end of the reply, found by its shape (_signoff_start).
+    Rule(
+        "signoff",
+        cut_tail(_signoff_start),
+        cuts={
+            "Use a mild soap.Best wishes,Dr Sudhir Kumar Md DM (Neurology)Senior Consultant Neurologist": (
+                "Use a mild soap."
+            ),
+            "Avoid scratching.Thanks.Dr.Harshit Bhachech.MBBS, DDVL.": "Avoid scratching.",
+            "Rest well. Regards, Dr. X, General Surgeon": "Rest well.",
+        },
+        keeps=(
+            "If the pain persists, see your Dr. soon.",
+            "Please see Dr. Smith tomorrow for a check.",
+            "If the rash spreads, see Dr. Rao",
+            "Thank you. Use Betadine and Ice.",
+        ),
+    ),
+    # The Q&A platform's own chat prompt, captured at the start of some patients' messages: "Hi, may I answer your
+    # health queries right now ? Please type your query here." (at the start, or after the question's title). What
+    # stands around it is the patient's.
+    Rule(
+        "platform_prompt",
+        cut(
+            r"(?:^\W*|(?<=[.?!])\s*)(?:hi\b\W*)?(?:\w{0,5}\s+){0,2}i\s+answer\s+your\s+health\s+quer(?:y|ies)\s+"
+            r"right\s+now\W*(?:please\s+)?type\s+your\s+quer(?:y|ies)\s+here\W*"
+        ),
+        fields=("patient",),
+        cuts={
+            "My cough began in May. Hi, may I answer your health queries right now ? Please type your query here.": (
+                "My cough began in May."
+            )
+        },
+        keeps=("Can you answer my query about my cough?",),
+    ),
 ]
-# The field a rule cleans; rules not named here clean the doctor's reply alone (patients don't write platform
-# boilerplate, and their "Dr." is a greeting). Links and addresses go from every field; the platform's chat
-# prompt stands in the patient's message only.
-EVERY_FIELD = "*"
-RULE_FIELD = {"urls": EVERY_FIELD, "emails": EVERY_FIELD, "phones": EVERY_FIELD, "arrows": EVERY_FIELD}
-RULE_FIELD["platform_prompt"] = "patient"
-RULE_NAMES = ["whitespace"] + [name for name, _ in RULES]
+RULE_NAMES = [rule.name for rule in RULES]
 
 
 def clean_text(text: Any, field: str = "doctor", changed: Counter | None = None) -> str:
@@ -643,18 +789,14 @@ def clean_text(text: Any, field: str = "doctor", changed: Counter | None = None)
     A rule that fires on text another rule already emptied is not counted.
     """
     text = "" if text is None else str(text)
-    new = whitespace(text)
-    if new != text and changed is not None:
-        changed[f"{field}.whitespace"] += 1
-    text = new
-    for name, rule in RULES:
-        if RULE_FIELD.get(name, "doctor") not in (EVERY_FIELD, field):
+    for rule in RULES:
+        if field not in rule.fields:
             continue
-        out = rule(text)
+        out = rule.does(text)
         if out == text:
             continue
-        new = _finish(_tidy(out), text)
+        new = _finish(_tidy(out), text) if rule.tidy else out
         if new != text and changed is not None:
-            changed[f"{field}.{name}"] += 1
+            changed[f"{field}.{rule.name}"] += 1
         text = new
     return text

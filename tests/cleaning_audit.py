@@ -71,6 +71,7 @@ def cleaner(ref: str | None):
         f.write(source)
     spec = importlib.util.spec_from_file_location("sample_before", f.name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (clean.py's Rule) look their module up while it loads
     spec.loader.exec_module(module)
     return module.clean_text
 

@@ -25,7 +25,7 @@ import pytest
 from cleaning_audit import ENDS_IN_SIGNATURE
 
 from job.__main__ import FIXTURE
-from job.clean import EVERY_FIELD, RULE_FIELD, RULE_NAMES, clean_text
+from job.clean import RULES, clean_text
 from job.config import load_settings
 from job.errors import ConfigError
 from job.files import read_jsonl
@@ -85,7 +85,7 @@ def test_gold_set_covers_every_rule_and_plain_rows(gold):
         changed: Counter = Counter()
         clean_text(r["raw"], "doctor", changed)
         fired.update({k.split(".", 1)[1] for k in changed})
-    doctor_rules = {n for n in RULE_NAMES[1:] if RULE_FIELD.get(n, "doctor") in ("doctor", EVERY_FIELD)}
+    doctor_rules = {rule.name for rule in RULES if "doctor" in rule.fields and rule.name != "whitespace"}
     assert doctor_rules <= set(fired), f"rules with no gold row: {doctor_rules - set(fired)}"
     assert sum(r["raw"].strip() == r["expected"] for r in gold) >= 25  # replies with nothing to remove
     assert sum(bool(re.search(r"[a-z][.!?][A-Z]", r["raw"])) for r in gold) >= 100  # run-on sentences
@@ -127,79 +127,22 @@ def test_gold_set_figures(gold):
     assert signed == []
 
 
-# --- tricky cases ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("raw", "clean"),
-    [
-        pytest.param(
-            "If the pain persists, see your Dr. soon.", "If the pain persists, see your Dr. soon.", id="dr-in-advice"
-        ),
-        pytest.param(
-            "Hello,Thanks for the query.I would suggest an X-ray.It may be a hairline fracture.",
-            "I would suggest an X-ray.It may be a hairline fracture.",
-            id="greeting-run-into-advice",
-        ),
-        pytest.param(
-            "Apply the gel twice daily.Hope this helps.If it is so, stop it.",
-            "Apply the gel twice daily. If it is so, stop it.",
-            id="run-on-hope-this-helps",
-        ),
-        pytest.param(
-            "Use a mild soap.Best wishes,Dr Sudhir Kumar Md DM (Neurology)Senior Consultant Neurologist",
-            "Use a mild soap.",
-            id="signoff-with-credentials-no-spaces",
-        ),
-        pytest.param(
-            "Avoid scratching.Thanks.Dr.Harshit Bhachech.MBBS, DDVL.", "Avoid scratching.", id="thanks-dr-mbbs"
-        ),
-        pytest.param("Rest well. Regards, Dr. X, General Surgeon", "Rest well.", id="regards-dr-specialty"),
-        pytest.param(
-            "Drink fluids. Hope this will take care of your query.Thank youDr Y",
-            "Drink fluids.",
-            id="thank-you-dr-glued",
-        ),
-        pytest.param(
-            "Read about it (https://example.org/acne?id=3). Then rest, at www.x.org, daily.",
-            "Read about it. Then rest, daily.",
-            id="url-trailing-punctuation",
-        ),
-        pytest.param(
-            "Send the photos to me at dr.someone@example.com and rest.", "Send the photos to me and rest.", id="email"
-        ),
-        pytest.param("Rest and fluids. Dr. M R Puhan Mob: 9437873112", "Rest and fluids.", id="phone"),
-        pytest.param("Take 400-600 mg ibuprofen every 8 hours.", "Take 400-600 mg ibuprofen every 8 hours.", id="dose"),
-        pytest.param(
-            "Fever of 100 - 101 for 2 days. Take Susten 200-0-0-1 on 8-10-2014.",
-            "Fever of 100 - 101 for 2 days. Take Susten 200-0-0-1 on 8-10-2014.",
-            id="ranges-schedules-dates-are-not-phones",
-        ),
-        pytest.param(
-            "Hi, welcome to HCM. HCM is hypertrophic cardiomyopathy? No: rest.",
-            "Is hypertrophic cardiomyopathy? No: rest.",
-            id="platform-name-alone-goes",
-        ),
-        pytest.param(
-            "I hope the antibiotics help with the pain. Rest.",
-            "I hope the antibiotics help with the pain. Rest.",
-            id="hope-with-advice-kept",
-        ),
-        pytest.param(
-            "Wash it. For further information consult a dermatologist online -->", "Wash it.", id="icliniq-advert"
-        ),
-        pytest.param(
-            "Revert after three weeks to a dermatologist online -->",
-            "Revert after three weeks to a dermatologist.",
-            id="arrow-keeps-advice",
-        ),
-        pytest.param(
-            "Thank you. Use Betadine and Ice.",
-            "Thank you. Use Betadine and Ice.",
-            id="capitalised-advice-is-not-a-name",
-        ),
-    ],
-)
-def test_tricky_case(raw, clean):
-    assert clean_text(raw) == clean
+# --- each rule's own examples (job/clean.py RULES) ---------------------------------------------------------
+EXAMPLES = [(rule, raw, out) for rule in RULES for raw, out in [*rule.cuts.items(), *((k, k) for k in rule.keeps)]]
+
+
+@pytest.mark.parametrize(("rule", "raw", "expected"), EXAMPLES, ids=[f"{r.name}: {raw[:40]}" for r, raw, _ in EXAMPLES])
+def test_rule_example(rule, raw, expected):
+    """A must-cut example comes out as written and the rule is counted; a must-keep one comes out as it went in and
+    the rule is not counted. Run on the doctor's reply when the rule cleans it, else on the rule's own field."""
+    field = "doctor" if "doctor" in rule.fields else rule.fields[0]
+    changed: Counter = Counter()
+    assert clean_text(raw, field, changed) == expected
+    assert changed[f"{field}.{rule.name}"] == (raw != expected)
+
+
+def test_every_rule_has_examples_to_cut_and_to_keep():
+    assert [rule.name for rule in RULES if not (rule.cuts and rule.keeps)] == []
 
 
 def test_each_rule_is_counted_once_per_row():
