@@ -65,9 +65,10 @@ PLAIN = {
 VARIANTS: dict[str, dict[str, str]] = {
     "job": {},
     "plain": PLAIN,
-    "trl-seed": dict(RECIPES["seed"]),
+    "trl-seed": {**RECIPES["seed"], "TRAIN_TURN_TOKENS": "false"},  # the seed notebook trains LoRA alone
     "unsloth": {},
     "job-b4": {"BATCH_SIZE": "4"},
+    "job-lora-only": {"TRAIN_TURN_TOKENS": "false"},  # the defaults before TRAIN_TURN_TOKENS
     # packed as job-b4, the learning rate doubled (the square root of the 4x larger step, Adam's rule of thumb)
     "job-lr2x": {"BATCH_SIZE": "4", "LEARNING_RATE": "4e-4"},
 }

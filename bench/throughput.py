@@ -448,6 +448,9 @@ def bench_settings(args):
         "EVAL_PROMPTS": str(args.gen_prompts),
         "BENCHMARK_TASKS": "",  # the bench times training and generation; the benchmark stage has its own
         "MAX_SEQ_LENGTH": "512",
+        # Random weights know no turn end, so auto would train the turn tokens; the instruct models the bench
+        # stands for know theirs (job/turn_tokens.py), and no peer trains them.
+        "TRAIN_TURN_TOKENS": "false",
         "OUTPUT_DIR": str(Path(args.out).resolve() / "runs"),
         "RUN_NAME": "bench",
     }

@@ -353,6 +353,10 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
             continue
         if model is None:  # loaded only when a task is left to score
             model = load_tuned(cfg, paths.adapter, precision)
+            # HFLM re-ties the embeddings, which fails on PEFT's trainable-token wrappers (TRAIN_TURN_TOKENS,
+            # job/turn_tokens.py: `model.embed_tokens.weight` is no parameter there); PEFT keeps them tied itself.
+            # tests/test_pipeline.py's demo trains turn tokens and benchmarks the adapter: it fails if this goes.
+            model.tie_weights = lambda *args, **kwargs: None
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH_SIZE)
         t0 = time.perf_counter()
         data_file = paths.benchmark_data / f"{task}.jsonl"

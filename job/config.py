@@ -242,6 +242,16 @@ class Settings:
         "train",
         check=_must(_names, "name at least one module, e.g. q_proj,v_proj"),
     )
+    TRAIN_TURN_TOKENS: str = _setting(
+        "auto",
+        "Also train the embedding rows of the chat template's turn tokens (e.g. Gemma's <start_of_turn>, "
+        "<end_of_turn>; PEFT's trainable tokens, a few vectors in the adapter). A base model that never learned "
+        "its template's end of turn gives it near-zero probability, which LoRA on the attention cannot raise, so "
+        "its answers never stop. auto: on when the base gives the end-of-turn token a mean probability below "
+        "0.05 where the first training replies end (measured at the start of training).",
+        "train",
+        ("auto", "true", "false"),
+    )
     # --- training ----------------------------------------------------------------------------
     EPOCHS: float = _setting(  # the check also rules out inf and nan, which fail only after the model has loaded
         1.0,

@@ -396,11 +396,13 @@ def check_base_model(cfg: Settings, lora: bool) -> None:
             _check_targets(cfg, AutoModelForCausalLM.from_config(config))
 
 
-def lora_config(cfg: Settings, model: Any):
+def lora_config(cfg: Settings, model: Any, trainable_tokens: dict[str, list[int]] | None = None):
+    """`trainable_tokens`: embedding rows that train with the adapter (job/turn_tokens.py)."""
     from peft import LoraConfig
 
     _check_targets(cfg, model)
     return LoraConfig(
+        trainable_token_indices=trainable_tokens,
         r=cfg.LORA_R,
         lora_alpha=cfg.LORA_ALPHA,
         lora_dropout=cfg.LORA_DROPOUT,

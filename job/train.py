@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from job import attention, errors, graphs, provenance, stop
+from job import attention, errors, graphs, provenance, stop, turn_tokens
 from job.config import Settings, with_overrides
 from job.errors import JobError, OutOfMemory, Stopped
 from job.files import atomic_write_text, read_jsonl
@@ -529,8 +529,11 @@ def build_trainer(
         model.enable_input_require_grads()  # frozen embeddings: let the checkpointed blocks get gradients
     # We wrap with PEFT ourselves rather than passing peft_config to TRL, so the LoRA weights are
     # created in fp32 whatever the base dtype (see job/model.py on fp16).
+    turn_ids = turn_tokens.choose(cfg, model, tokenizer, rows)  # TRAIN_TURN_TOKENS: a base that cannot stop
     set_seed(cfg.SEED)  # LoRA A matrices are drawn here: same seed, same initial adapter
-    model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=True)
+    lora = lora_config(cfg, model, turn_tokens.peft_targets(model, turn_ids))
+    model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    turn_tokens.output_weight_follows_adapter(model)
     compiled = use_compile(cfg, rows, packed_base)
     if compiled:
         log.info("compiling %d decoder layers (one compile, in the first step)", compile_layers(model))

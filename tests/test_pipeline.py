@@ -77,7 +77,10 @@ def test_every_trainable_parameter_changed(demo_run, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert set(trained) == set(initial) and len(trained) == n_trainable > 0
     modules = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in trained}
-    assert modules == set(cfg.target_modules) == {"q_proj", "v_proj"}
+    # LoRA on the targets, and the turn tokens' rows: the tiny random model gives its end of turn no
+    # probability, so TRAIN_TURN_TOKENS=auto trains them (job/turn_tokens.py)
+    assert modules == set(cfg.target_modules) | {"trainable_tokens_delta"}
+    assert set(cfg.target_modules) == {"q_proj", "v_proj"}
     for key, start in initial.items():
         end = trained[key].float()
         assert end.shape == start.shape, key

@@ -1,0 +1,89 @@
+"""TRAIN_TURN_TOKENS (job/turn_tokens.py): which tokens, when auto turns it on, and that training scores the
+output side with the trained rows, as the saved adapter does."""
+
+from __future__ import annotations
+
+import pytest
+
+from job import turn_tokens
+from job.config import load_settings
+
+
+def _tiny(tiny_model_dir, tied: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, tie_word_embeddings=tied)
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_the_template_tokens_are_those_around_a_turn_and_include_its_end(tiny_model_dir):
+    from job.model import end_of_turn_ids
+
+    _, tok = _tiny(tiny_model_dir, tied=True)
+    ids = turn_tokens.template_tokens(tok)
+    names = tok.convert_ids_to_tokens(ids)
+    assert set(end_of_turn_ids(tok)) - {tok.eos_token_id} <= set(ids), names
+    assert tok.bos_token_id not in ids and all(t in tok.added_tokens_decoder for t in ids), names
+
+
+@pytest.mark.parametrize(
+    ("setting", "p", "trained"),
+    [("auto", 0.0001, True), ("auto", 0.4, False), ("true", 0.4, True), ("false", 0.0, False)],
+)
+def test_auto_trains_them_only_when_the_base_cannot_end_a_turn(tiny_model_dir, monkeypatch, setting, p, trained):
+    model, tok = _tiny(tiny_model_dir, tied=True)
+    monkeypatch.setattr(turn_tokens, "end_of_turn_probability", lambda *a, **k: p)
+    cfg = load_settings({"BASE_MODEL": str(tiny_model_dir), "TRAIN_TURN_TOKENS": setting}, env_file=None)
+    assert bool(turn_tokens.choose(cfg, model, tok, [])) is trained
+
+
+def test_end_of_turn_probability_is_the_softmax_at_the_first_trained_end(tiny_model_dir):
+    import torch
+
+    model, tok = _tiny(tiny_model_dir, tied=True)
+    end = turn_tokens.template_tokens(tok)[-1]
+    rows = [
+        {"input_ids": [5, 6, 7, end, 8], "completion_mask": [0, 0, 1, 1, 1]},
+        {"input_ids": [5, 6], "completion_mask": [0, 1]},
+    ]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([[5, 6, 7]])).logits[0, -1].softmax(-1)[end].item()
+    assert turn_tokens.end_of_turn_probability(model, rows, {end}) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trls_fused_head_scores_with_the_trained_rows_as_the_saved_adapter_does(tiny_model_dir, tmp_path, tied):
+    """The loss SFTTrainer trains on (TRL's fused LM head reads the output layer's .weight) must equal the
+    adapted model's own forward, on the trained token too. Fails when a TRL or PEFT upgrade changes how the
+    head's weight is read (then output_weight_follows_adapter needs a new way)."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from job.model import lora_config
+
+    model, tok = _tiny(tiny_model_dir, tied=tied)
+    ids = turn_tokens.template_tokens(tok)
+    cfg = load_settings({"BASE_MODEL": str(tiny_model_dir)}, env_file=None)
+    peft = get_peft_model(model, lora_config(cfg, model, turn_tokens.peft_targets(model, ids)))
+    assert turn_tokens.output_weight_follows_adapter(peft)
+    with torch.no_grad():  # trained rows far from the base's: the two paths would differ at those tokens
+        for name, p in peft.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 3)
+    add_fused_lm_head(peft.get_base_model(), outputs=("log_probs",))
+    x = torch.tensor([[5, 6, ids[-1], 7, ids[-1], ids[0], 9]])
+    fused = peft(input_ids=x, labels=x, fused_lm_head=True)
+    fused = getattr(fused, "log_probs", None) if not isinstance(fused, tuple) else fused[0]
+    with torch.no_grad():
+        want = peft(input_ids=x).logits[0, :-1].float().log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+    assert fused[0, : want.numel()].detach() == pytest.approx(want, abs=1e-4)
+    # and the saved adapter, loaded as evaluation loads it, scores as training did
+    peft.save_pretrained(tmp_path / "a")
+    base, _ = _tiny(tiny_model_dir, tied=tied)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "a"))
+    with torch.no_grad():
+        again = loaded(input_ids=x).logits[0, :-1].float().log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+    assert again == pytest.approx(want, abs=1e-5)
