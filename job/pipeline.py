@@ -224,8 +224,13 @@ def _why_stale(stage: str, rec: dict, now: dict, cfg: Settings, redo: bool) -> l
     """Why a finished stage no longer matches these settings and inputs: one phrase per changed setting or input,
     and the stage before it if that was redone since. [] when it matches. A record of an older version, without
     inputs, matches when its settings do (logged), except under `redo`."""
-    why = changed_settings(rec.get("fingerprint", {}), cfg, stage)
-    if provenance.is_legacy(rec):  # recorded by a version that fingerprinted settings only
+    recorded = rec.get("fingerprint", {})
+    why = [
+        f"{k}: {recorded.get(k)!r} -> {v!r}"
+        for k, v in cfg.fingerprint_for(DEPENDS[stage]).items()
+        if recorded.get(k) != v
+    ]
+    if "digest" not in rec:  # recorded by a version that fingerprinted settings only
         if not why:
             if redo:
                 return ["its inputs were not recorded (an older version ran it)"]
@@ -294,11 +299,6 @@ def _problems_of(check, *args, **kwargs) -> list[str]:
     except ConfigError as e:
         return [str(e)]
     return []
-
-
-def changed_settings(recorded: dict, cfg: Settings, stage: str) -> list[str]:
-    now = cfg.fingerprint_for(DEPENDS[stage])
-    return [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in now.items() if recorded.get(k) != v]
 
 
 # --- the manifest --------------------------------------------------------------------------------------

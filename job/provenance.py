@@ -243,10 +243,14 @@ def files_input(label: str, folder: Path, names: list[str], hashes: Hashes) -> d
     return inp
 
 
+def _hub_input(name: str, value: str) -> dict | None:
+    return {"id": value, "revision": pinned(name, value)} if is_hub_id(name, value) else None
+
+
 def base_model_input(cfg: Settings, hashes: Hashes) -> dict:
     value = cfg.BASE_MODEL
-    if is_hub_id("BASE_MODEL", value):
-        return {"id": value, "revision": pinned("BASE_MODEL", value)}
+    if hub := _hub_input("BASE_MODEL", value):
+        return hub
     path = Path(value).expanduser()
     if path.is_file():  # a single-file model (.gguf)
         return file_input(path, hashes)
@@ -261,20 +265,13 @@ def base_model_input(cfg: Settings, hashes: Hashes) -> dict:
     return inp
 
 
-def dataset_input(cfg: Settings, hashes: Hashes) -> dict:
-    value = cfg.DATASET
-    if is_hub_id("DATASET", value):
-        return {"id": value, "revision": pinned("DATASET", value)}
-    return file_input(Path(value), hashes)
-
-
 def stage_inputs(cfg: Settings, paths, stage: str, hashes: Hashes) -> dict[str, dict]:
     """What `stage` reads from outside the stages before it, by content. Named by the setting that points at
     it, or by the run-directory folder."""
     inputs: dict[str, dict] = {}
     tasks = [f"{t}.jsonl" for t in cfg.benchmark_tasks]
     if stage == "sample":
-        inputs["DATASET"] = dataset_input(cfg, hashes)
+        inputs["DATASET"] = _hub_input("DATASET", cfg.DATASET) or file_input(Path(cfg.DATASET), hashes)
         if tasks and cfg.BENCHMARK_DATA:
             inputs["BENCHMARK_DATA"] = files_input(cfg.BENCHMARK_DATA, Path(cfg.BENCHMARK_DATA), tasks, hashes)
     if stage in ("format", "train", "evaluate", "benchmark") or (stage == "push" and cfg.PUSH_MERGED):
@@ -302,11 +299,6 @@ def fingerprint(cfg: Settings, paths, stage: str, upstream: str | None, hashes: 
 def record_digest(rec: dict) -> str:
     """A stage record's digest; for a record written before fingerprints had inputs, one of its settings."""
     return rec.get("digest") or "settings-only:" + _digest(rec.get("fingerprint"))
-
-
-def is_legacy(rec: dict) -> bool:
-    """Recorded by a version of the job that fingerprinted settings only."""
-    return "digest" not in rec
 
 
 def _short(inp: dict | None) -> str:
