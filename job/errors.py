@@ -169,7 +169,6 @@ def file_being_written(e: BaseException) -> str | None:
 
 
 def _name_if_written(value: Any) -> str | None:
-    """The name of a file object open for writing, else None."""
     mode, name = getattr(value, "mode", None), getattr(value, "name", None)
     writing = isinstance(value, io.IOBase) and isinstance(mode, str) and set(mode) & set("wax+")
     return name if writing and isinstance(name, str) else None

@@ -95,12 +95,8 @@ def fence(text: str) -> str:
 
 
 def _messages(rubric: Rubric, item: dict, answer_a: str, answer_b: str) -> list[dict]:
-    user = rubric.user.substitute(
-        question=fence(item["prompt"]),
-        reference=fence(item["reference"]),
-        answer_a=fence(answer_a),
-        answer_b=fence(answer_b),
-    )
+    texts = (item["prompt"], item["reference"], answer_a, answer_b)
+    user = rubric.user.substitute({k: fence(text) for k, text in zip(PLACEHOLDERS, texts)})
     return [{"role": "system", "content": rubric.system}, {"role": "user", "content": user}]
 
 
