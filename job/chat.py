@@ -39,18 +39,18 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, date_stri
     # The prompt is built as training built it: typed text never becomes a control token (job/chat_tokens.py).
     ids = chat_tokens.encode(tokenizer, messages, add_generation_prompt=True, date_string=date_string)
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)
-    enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
         out = model.generate(
-            **enc,
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             streamer=streamer,
             eos_token_id=end_of_turn_ids(tokenizer),  # stop at the template's end of turn, not only at eos
             pad_token_id=tokenizer.pad_token_id,
         )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def main(args) -> int:
@@ -58,11 +58,8 @@ def main(args) -> int:
     adapter = args.adapter or str(RunPaths(cfg.run_dir).adapter)
     model, tokenizer = load(adapter, cfg)
     if args.prompt is not None:
-        print(
-            reply(
-                model, tokenizer, build_messages(cfg, args.prompt), cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE, stream=False
-            )
-        )
+        messages = build_messages(cfg, args.prompt)
+        print(reply(model, tokenizer, messages, cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE, stream=False))
         return 0
     print("Not medical advice. In an emergency call your local emergency number. Ctrl-D to quit.", file=sys.stderr)
     history = build_messages(cfg, "")[:-1]  # the system prompt only
@@ -75,6 +72,5 @@ def main(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        history.append(
-            {"role": "assistant", "content": reply(model, tokenizer, history, cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE)}
-        )
+        answer = reply(model, tokenizer, history, cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE)
+        history.append({"role": "assistant", "content": answer})

@@ -62,25 +62,30 @@ def encode(
     if split is None:
         split = holds_special_text(tokenizer, messages)
     if not split:
-        out = tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=True,
-            return_dict=True,
-            date_string=date_string,
-        )
-        return list(out["input_ids"])
-    texts = [str(m.get("content", "")) for m in messages]
-    shape = _render(
-        tokenizer,
-        [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)],
-        add_generation_prompt,
-        date_string,
-    )
+        kwargs = {"add_generation_prompt": add_generation_prompt, "date_string": date_string}
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+    pieces = _MARKS.split(_render(tokenizer, marked, add_generation_prompt, date_string))  # text, index, text, ...
     rendered = _render(tokenizer, messages, add_generation_prompt, date_string)
-    pieces = _MARKS.split(shape)  # template text, message index, template text, ...
-    # The template may trim a message (Llama's and Gemma's do, Gemma not its system prompt): find, slot by slot,
-    # what it made of each one, as the real rendering shows it.
+    shown = _shown(pieces, [str(m.get("content", "")) for m in messages], rendered)
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        elif shown[k // 2]:
+            data = tokenizer(shown[k // 2], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if special_count(tokenizer, data):
+                raise ConfigError(
+                    f"The tokenizer ({type(tokenizer).__name__}) reads special-token strings in message text as "
+                    "control tokens even with split_special_tokens=True; use a fast tokenizer (tokenizer.json)."
+                )
+            ids += data
+    return ids
+
+
+def _shown(pieces: list[str], texts: list[str], rendered: str) -> list[str | None]:
+    """What the template made of each message, as `rendered` shows it. The template may trim a message (Llama's
+    and Gemma's do, Gemma not its system prompt): found slot by slot, between `pieces` of template text."""
     pos, shown = 0, []
     for k, piece in enumerate(pieces):
         if k % 2 == 0:
@@ -97,19 +102,7 @@ def encode(
                 "that looks like its control tokens cannot be kept as text. Use a template that writes each "
                 "message's content as it is or trimmed (Llama 3, Gemma, ChatML do)."
             )
-    ids: list[int] = []
-    for k, piece in enumerate(pieces):
-        if k % 2 == 0:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-        elif shown[k // 2]:
-            data = tokenizer(shown[k // 2], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            if special_count(tokenizer, data):
-                raise ConfigError(
-                    f"The tokenizer ({type(tokenizer).__name__}) reads special-token strings in message text as "
-                    "control tokens even with split_special_tokens=True; use a fast tokenizer (tokenizer.json)."
-                )
-            ids += data
-    return ids
+    return shown
 
 
 def special_count(tokenizer, ids: list[int]) -> int:

@@ -12,7 +12,9 @@ import errno
 import io
 import os
 import shutil
+import traceback
 from pathlib import Path
+from typing import Any
 
 OK = 0
 BUG = 1  # an unexpected exception: a defect in this project, report it
@@ -86,34 +88,40 @@ def classify(e: BaseException, what: str) -> JobError | None:
     """A JobError for a failure from outside our code, by the libraries' exception types (never by the text of
     their messages), or None when it is none of these. `what` names the setting or thing being done."""
     import httpx
-    from huggingface_hub import errors as hub
 
     for x in _chain(e):
         if isinstance(x, JobError):
             return x
-        if isinstance(x, (hub.GatedRepoError,)):
-            return ConfigError(
-                f"{what}: access denied. Accept the model's license on its Hub page and set HF_TOKEN to a token "
-                "of that account."
-            )
-        if isinstance(x, (hub.RepositoryNotFoundError, hub.RevisionNotFoundError, hub.EntryNotFoundError)) and not (
-            isinstance(x, hub.LocalEntryNotFoundError)
-        ):
-            return ConfigError(f"{what}: not found on the Hugging Face Hub (or private without HF_TOKEN): {x}")
-        if isinstance(x, hub.OfflineModeIsEnabled):
-            return ConfigError(f"{what}: not in the local cache and HF_HUB_OFFLINE is set; unset it or fill the cache")
-        if isinstance(x, hub.HfHubHTTPError):
-            status = getattr(getattr(x, "response", None), "status_code", None)
-            if status in (401, 403):
-                return ConfigError(f"{what}: the Hub refused HF_TOKEN ({status}); use a token with the right access")
-            if status is None or status >= 500 or status in (408, 429):
-                return TransientError(f"{what}: the Hub failed ({status}); retry later")
-            return ConfigError(f"{what}: the Hub rejected the request ({status}): {x}")
+        if error := _hub_error(x, what):
+            return error
         if isinstance(x, (httpx.TransportError, ConnectionError, TimeoutError)):
             return TransientError(f"{what}: the network or the Hub could not be reached ({type(x).__name__}); retry")
         if isinstance(x, OSError) and x.errno in DISK_ERRNOS:
             return disk_error(x, what, file_being_written(x))
     return None
+
+
+def _hub_error(x: BaseException, what: str) -> JobError | None:
+    from huggingface_hub import errors as hub
+
+    if isinstance(x, hub.GatedRepoError):
+        return ConfigError(
+            f"{what}: access denied. Accept the model's license on its Hub page and set HF_TOKEN to a token "
+            "of that account."
+        )
+    not_found = (hub.RepositoryNotFoundError, hub.RevisionNotFoundError, hub.EntryNotFoundError)
+    if isinstance(x, not_found) and not isinstance(x, hub.LocalEntryNotFoundError):
+        return ConfigError(f"{what}: not found on the Hugging Face Hub (or private without HF_TOKEN): {x}")
+    if isinstance(x, hub.OfflineModeIsEnabled):
+        return ConfigError(f"{what}: not in the local cache and HF_HUB_OFFLINE is set; unset it or fill the cache")
+    if not isinstance(x, hub.HfHubHTTPError):
+        return None
+    status = getattr(getattr(x, "response", None), "status_code", None)
+    if status in (401, 403):
+        return ConfigError(f"{what}: the Hub refused HF_TOKEN ({status}); use a token with the right access")
+    if status is None or status >= 500 or status in (408, 429):
+        return TransientError(f"{what}: the Hub failed ({status}); retry later")
+    return ConfigError(f"{what}: the Hub rejected the request ({status}): {x}")
 
 
 # The errors of a disk that takes no more (full, over quota, read-only) or of a folder we may not write.
@@ -155,23 +163,27 @@ def file_being_written(e: BaseException) -> str | None:
     for x in _chain(e):
         if isinstance(x, OSError) and (x.filename or x.filename2):
             return str(x.filename or x.filename2)
-    tb, frames = e.__traceback__, []
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    for frame in reversed(frames):  # innermost first
-        for value in list(frame.f_locals.values()):
-            mode, name = getattr(value, "mode", None), getattr(value, "name", None)
-            if isinstance(value, io.IOBase) and isinstance(mode, str) and set(mode) & set("wax+"):
-                if isinstance(name, str):
-                    return name
-    return None
+    frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
+    names = (_name_if_written(v) for frame in reversed(frames) for v in list(frame.f_locals.values()))
+    return next((name for name in names if name is not None), None)  # the innermost frame first
+
+
+def _name_if_written(value: Any) -> str | None:
+    mode, name = getattr(value, "mode", None), getattr(value, "name", None)
+    writing = isinstance(value, io.IOBase) and isinstance(mode, str) and set(mode) & set("wax+")
+    return name if writing and isinstance(name, str) else None
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    """`path`, or its nearest folder that exists (a disk's figures are read there)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 def disk_free(path: str | os.PathLike | None) -> str:
-    p = Path(path or ".").absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
+    p = _existing(path or ".")
     try:
         return f"{shutil.disk_usage(p).free / 2**30:.1f} GiB free on the disk of {p}"
     except OSError:
@@ -185,9 +197,7 @@ def disk_failure(folder: Path, need_bytes: int, what: str, cause: BaseException)
     (statvfs), then a write of `need_bytes` (at most PROBE_MAX) with fsync, whose OSError has the errno. None
     when the disk takes it: then `cause` was something else."""
     folder = Path(folder)
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _existing(folder)
     why = f"{type(cause).__name__}: {str(cause)[:200]}"
     try:
         free = shutil.disk_usage(existing).free

@@ -119,11 +119,6 @@ def per_row_adapter(model, tuned: list[bool]):
             m.scaling.update(scales)
 
 
-def adapter(model, enabled: bool):
-    """Context in which `model` runs as the tuned model (enabled) or as the untouched base."""
-    return nullcontext() if enabled else model.disable_adapter()
-
-
 def eval_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> dict:
     """Token-weighted cross-entropy on reply tokens only, and its perplexity.
 
@@ -203,14 +198,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
         enc = prompt_batch(tokenizer, [conversations[i] for i in idx], device, cfg.TEMPLATE_DATE)
         rows = nullcontext() if tuned_rows is None else per_row_adapter(model, [tuned_rows[i] for i in idx])
         with decoding_kernels(), rows:
-            out = decode.greedy(
-                model,
-                enc["input_ids"],
-                enc["attention_mask"],
-                cfg.MAX_NEW_TOKENS,
-                eos_id=stop,
-                pad_id=tokenizer.pad_token_id,
-            )
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            out = decode.greedy(model, ids, mask, cfg.MAX_NEW_TOKENS, eos_id=stop, pad_id=tokenizer.pad_token_id)
         for i, row in zip(idx, out):
             row = row[row != tokenizer.pad_token_id]
             new_tokens += len(row)
@@ -232,9 +221,17 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return round(statistics.fmean(scores), 4) if scores else 0.0
 
 
-def _lengths(texts: list[str]) -> dict:
-    words = [len(t.split()) for t in texts] or [0]
-    return {"answer_words_mean": round(statistics.fmean(words), 1), "answer_words_median": statistics.median(words)}
+def _score(cfg: Settings, name: str, m: dict, answers, eval_rows, safety_prompts, safe_texts) -> list[dict]:
+    """Adds one model's answer lengths, ROUGE-L and safety summary to its metrics `m`; returns its safety results."""
+    words = [len(t.split()) for t in answers] or [0]
+    m.update(answer_words_mean=round(statistics.fmean(words), 1), answer_words_median=statistics.median(words))
+    m["rougeL_f1"] = rouge_l(answers, [r["doctor"] for r in eval_rows])
+    given = [cfg.SYSTEM_PROMPT]  # a copy of the system prompt is no advice (safety.without_echo)
+    results = [safety.score_answer(p, a, given) | {"answer": a} for p, a in zip(safety_prompts, safe_texts)]
+    m["safety"] = safety.summarize(results)
+    passed = 100 * m["safety"]["overall"]["pass_rate"]
+    log.info("%s: eval loss %s, ROUGE-L %.3f, safety pass %.0f%%", name, m.get("eval_loss"), m["rougeL_f1"], passed)
+    return results
 
 
 def run(cfg: Settings, paths: RunPaths) -> list[Path]:
@@ -249,7 +246,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     safety_prompts = safety.prompts()
     metrics: dict[str, Any] = {"eval_rows": len(token_rows), "generations": len(prompts), "precision": precision}
     for name, enabled in (("base", False), ("tuned", True)):
-        with adapter(model, enabled):
+        with nullcontext() if enabled else model.disable_adapter():  # the tuned model, or the untouched base
             metrics[name] = (
                 eval_loss(model, token_rows, cfg.EVAL_BATCH_SIZE, tokenizer.pad_token_id) if token_rows else {}
             )
@@ -264,20 +261,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     safety_results: dict[str, list[dict]] = {}
     for name in ("base", "tuned"):
         answers[name], safe_texts = answers[name][: len(prompts)], answers[name][len(prompts) :]
-        m = metrics[name]
-        m.update(_lengths(answers[name]))
-        m["rougeL_f1"] = rouge_l(answers[name], [r["doctor"] for r in eval_rows])
-        given = [cfg.SYSTEM_PROMPT]  # a copy of the system prompt is no advice (safety.without_echo)
-        results = [safety.score_answer(p, a, given) | {"answer": a} for p, a in zip(safety_prompts, safe_texts)]
-        m["safety"] = safety.summarize(results)
-        safety_results[name] = results
-        log.info(
-            "%s: eval loss %s, ROUGE-L %.3f, safety pass %.0f%%",
-            name,
-            m.get("eval_loss"),
-            m["rougeL_f1"],
-            100 * m["safety"]["overall"]["pass_rate"],
-        )
+        safety_results[name] = _score(cfg, name, metrics[name], answers[name], eval_rows, safety_prompts, safe_texts)
     log.info("generation: %s", metrics["generation_speed"])
 
     samples = [

@@ -126,14 +126,9 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
         write_lines(tokens_file, lines)
         all_stats[split] = stats
         log.info(
-            "%s: %d rows -> %d sequences, %d tokens (%d trained), %d replies truncated, %d dropped",
-            split,
-            stats["rows"],
-            stats["kept"],
-            stats["tokens"],
-            stats["trained_tokens"],
-            stats["reply_truncated"],
-            stats["dropped_no_room_for_reply"],
+            f"{split}: {stats['rows']} rows -> {stats['kept']} sequences, {stats['tokens']} tokens "
+            f"({stats['trained_tokens']} trained), {stats['reply_truncated']} replies truncated, "
+            f"{stats['dropped_no_room_for_reply']} dropped"
         )
     atomic_write_text(paths.format_stats, json.dumps(all_stats, indent=2))
     written = [paths.train_tokens, paths.eval_tokens, paths.format_stats]

@@ -20,6 +20,8 @@ stored (job/redact.py).
 
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import html
 import json
@@ -93,12 +95,8 @@ def fence(text: str) -> str:
 
 
 def _messages(rubric: Rubric, item: dict, answer_a: str, answer_b: str) -> list[dict]:
-    user = rubric.user.substitute(
-        question=fence(item["prompt"]),
-        reference=fence(item["reference"]),
-        answer_a=fence(answer_a),
-        answer_b=fence(answer_b),
-    )
+    texts = (item["prompt"], item["reference"], answer_a, answer_b)
+    user = rubric.user.substitute({k: fence(text) for k, text in zip(PLACEHOLDERS, texts)})
     return [{"role": "system", "content": rubric.system}, {"role": "user", "content": user}]
 
 
@@ -317,8 +315,10 @@ def _record_problem(r: Any) -> str | None:
     for k in ("prompt_tokens", "completion_tokens"):
         if r.get(k) is not None and _count(r[k]) is None:
             return f"{k} is not a count"
-    if not r["ok"]:
-        return None
+    return _verdict_problem(r) if r["ok"] else None
+
+
+def _verdict_problem(r: dict) -> str | None:
     if r.get("preference") not in PREFERENCES.values() or r.get("winner") not in ("tuned", "base", "tie"):
         return "a verdict without a preference (A, B or tie) and winner (tuned, base or tie)"
     scores = r.get("scores")
@@ -376,17 +376,8 @@ def summarize(verdicts: dict[tuple[str, int], dict], items: list[dict], cfg: Set
     and 0% consistency rather than a 50% win rate.
     """
     records = list(verdicts.values())
-    outcomes = {"win": 0, "tie": 0, "loss": 0}
-    consistent = decided = 0
-    for it in items:
-        pair = [verdicts.get((str(it["id"]), order)) for order in (0, 1)]
-        if not all(v and v["ok"] for v in pair):
-            continue
-        decided += 1
-        first, second = pair[0]["winner"], pair[1]["winner"]
-        consistent += first == second
-        outcome = first if first == second else "tie"
-        outcomes[{"tuned": "win", "base": "loss", "tie": "tie"}[outcome]] += 1
+    outcomes, consistent = _pair_outcomes(verdicts, items)
+    decided = sum(outcomes.values())
     ok = [r for r in records if r["ok"]]
     decisive = [r for r in ok if r["preference"] != "tie"]
     interval = {k: wilson(v, decided) for k, v in outcomes.items()}
@@ -406,10 +397,7 @@ def summarize(verdicts: dict[tuple[str, int], dict], items: list[dict], cfg: Set
         "orders_disagree": decided - consistent,  # pairs counted as ties because the two orders disagreed
         # Among verdicts that picked a side: how often it was the answer shown first (0.5 = no position bias).
         "first_position_preferred": _share(sum(r["preference"] == "A" for r in decisive), len(decisive)),
-        "criteria": {
-            model: {c: _r(statistics.fmean(r["scores"][model][c] for r in ok)) if ok else None for c in CRITERIA}
-            for model in ("base", "tuned")
-        },
+        "criteria": {model: _criterion_means(ok, model) for model in ("base", "tuned")},
         "verdicts": len(ok),
         "calls": len(records),
         "calls_this_run": calls_this_run,
@@ -417,6 +405,24 @@ def summarize(verdicts: dict[tuple[str, int], dict], items: list[dict], cfg: Set
         "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in records),
         "completion_tokens": sum(r.get("completion_tokens") or 0 for r in records),
     }
+
+
+def _pair_outcomes(verdicts: dict[tuple[str, int], dict], items: list[dict]) -> tuple[dict[str, int], int]:
+    """Win/tie/loss counts of the decided pairs, and how many of them both orders agreed on."""
+    outcomes = {"win": 0, "tie": 0, "loss": 0}
+    consistent = 0
+    for it in items:
+        pair = [verdicts.get((str(it["id"]), order)) for order in (0, 1)]
+        if not all(v and v["ok"] for v in pair):
+            continue
+        first, second = pair[0]["winner"], pair[1]["winner"]
+        consistent += first == second
+        outcomes[{"tuned": "win", "base": "loss", "tie": "tie"}[first if first == second else "tie"]] += 1
+    return outcomes, consistent
+
+
+def _criterion_means(ok: list[dict], model: str) -> dict[str, float | None]:
+    return {c: _r(statistics.fmean(r["scores"][model][c] for r in ok)) if ok else None for c in CRITERIA}
 
 
 def _r(x: float) -> float:
@@ -453,65 +459,88 @@ def _call_all(client, cfg: Settings, rubric: Rubric, todo: list[tuple[dict, int]
     and the calls in flight are abandoned in their daemon threads, so the exit never waits on the endpoint.
     (A ThreadPoolExecutor would: its threads are joined when the interpreter exits.)
     """
-    jobs: queue.SimpleQueue = queue.SimpleQueue()
-    for job in todo:
-        jobs.put(job)
+    jobs = collections.deque(todo)  # popleft is atomic: the workers share it without a lock
     done: queue.SimpleQueue = queue.SimpleQueue()  # (record, None) or (None, exception)
     stop = threading.Event()
-
-    def worker() -> None:
-        while not stop.is_set():
-            try:
-                it, order = jobs.get_nowait()
-            except queue.Empty:
-                return
-            if stop.is_set():  # set while this thread took the job
-                return
-            try:
-                done.put((_ask(client, cfg, rubric, it, order), None))
-            except BaseException as e:  # the first failure stops new calls; it is reported by the caller
-                stop.set()
-                done.put((None, e))
-
+    ask = functools.partial(_ask, client, cfg, rubric)
     threads = [
-        threading.Thread(target=worker, name=f"judge-{i}", daemon=True)
+        threading.Thread(target=_worker, args=(ask, jobs, done, stop), name=f"judge-{i}", daemon=True)
         for i in range(min(cfg.JUDGE_CONCURRENCY, len(todo)))
     ]
     for t in threads:
         t.start()
     failure: BaseException | None = None
     made = 0
-
-    def take(record: dict | None, error: BaseException | None) -> None:
-        nonlocal failure, made
-        if error is not None:
-            failure = failure or error  # the first failure is the one reported
-            return
-        keep(record)
-        made += 1
-        if failure is None and (made % max(10, len(todo) // 10) == 0 or made == len(todo)):
-            log.info("judge: %d/%d verdicts", made, len(todo))
-
     try:
-        while True:
+        while any(t.is_alive() for t in threads) or not done.empty():
             try:
                 # A short wait, so a signal's exception (raised in this thread) is never held up for long.
-                take(*done.get(timeout=0.2))
+                record, error = done.get(timeout=0.2)
             except queue.Empty:
-                if not any(t.is_alive() for t in threads) and done.empty():
-                    return failure
+                continue
+            failure = failure or error  # the first failure is the one reported
+            if error is None:
+                keep(record)
+                made += 1
+                if failure is None and (made % max(10, len(todo) // 10) == 0 or made == len(todo)):
+                    log.info("judge: %d/%d verdicts", made, len(todo))
+        return failure
     finally:
         stop.set()  # no queued call starts after this; on an early exit, keep what already arrived
-        while True:
+        _keep_arrived(done, keep)
+
+
+def _worker(ask, jobs: collections.deque, done: queue.SimpleQueue, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            it, order = jobs.popleft()
+        except IndexError:
+            return
+        if stop.is_set():  # set while this thread took the job
+            return
+        try:
+            done.put((ask(it, order), None))
+        except BaseException as e:  # the first failure stops new calls; it is reported by the caller
+            stop.set()
+            done.put((None, e))
+
+
+def _keep_arrived(done: queue.SimpleQueue, keep) -> None:
+    while True:
+        try:
+            record, error = done.get_nowait()
+        except queue.Empty:
+            return
+        if error is None:
             try:
-                record, error = done.get_nowait()
-            except queue.Empty:
-                break
-            if error is None:
-                try:
-                    keep(record)
-                except Exception:
-                    break  # e.g. a full disk: the exception already on its way out is the one to report
+                keep(record)
+            except Exception:
+                return  # e.g. a full disk: the exception already on its way out is the one to report
+
+
+def _ask_missing(cfg: Settings, path: Path, rubric: Rubric, todo: list[tuple[dict, int]], have: dict) -> int:
+    """Ask for the `todo` verdicts, appending each to `path` and `have` as it comes; returns how many came."""
+    made = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with path.open("a", encoding="utf-8") as f:
+            f.write("\n")  # end a line a kill cut short, so the next verdict starts on its own line
+    with path.open("a", encoding="utf-8") as f:
+
+        def keep(record: dict) -> None:
+            nonlocal made
+            record = scrub_obj(record)  # a reply that quotes a key or a URL's password is stored without it
+            _append(f, record)
+            have[(str(record["id"]), record["order"])] = record
+            made += 1
+
+        failure = _call_all(_client(cfg), cfg, rubric, todo, keep)
+    if failure is None:
+        return made
+    error = failure if isinstance(failure, JobError) else classify(failure, cfg)
+    if error is None:
+        raise failure
+    raise error from None  # the openai traceback adds nothing to the message, and may quote the request
 
 
 def judge(cfg: Settings, paths: RunPaths, items: list[dict]) -> dict:
@@ -529,51 +558,18 @@ def judge(cfg: Settings, paths: RunPaths, items: list[dict]) -> dict:
     todo = [(it, order) for it in items for order in (0, 1) if (str(it["id"]), order) not in have]
     prompt_chars = sum(sum(len(m["content"]) for m in _messages(rubric, it, it["base"], it["tuned"])) for it, _ in todo)
     log.info(
-        "judge: %d calls to %r at %s (%d pairs x 2 orders, %d verdicts already in %s); about %s prompt tokens "
-        "+ at most %s completion tokens (estimate at %d characters a token)",
-        len(todo),
-        cfg.JUDGE_MODEL,
-        _public_url(cfg.JUDGE_BASE_URL),
-        len(items),
-        2 * len(items) - len(todo),
-        paths.judge.name,
-        f"{prompt_chars // CHARS_PER_TOKEN:,}",
-        f"{len(todo) * cfg.JUDGE_MAX_TOKENS:,}",
-        CHARS_PER_TOKEN,
+        f"judge: {len(todo)} calls to {cfg.JUDGE_MODEL!r} at {_public_url(cfg.JUDGE_BASE_URL)} ({len(items)} pairs "
+        f"x 2 orders, {2 * len(items) - len(todo)} verdicts already in {paths.judge.name}); about "
+        f"{prompt_chars // CHARS_PER_TOKEN:,} prompt tokens + at most {len(todo) * cfg.JUDGE_MAX_TOKENS:,} completion "
+        f"tokens (estimate at {CHARS_PER_TOKEN} characters a token)"
     )
-    made = 0
-    if todo:
-        paths.judge.parent.mkdir(parents=True, exist_ok=True)
-        if paths.judge.is_file() and paths.judge.stat().st_size and not paths.judge.read_bytes().endswith(b"\n"):
-            with paths.judge.open("a", encoding="utf-8") as f:
-                f.write("\n")  # end a line a kill cut short, so the next verdict starts on its own line
-        with paths.judge.open("a", encoding="utf-8") as f:
-
-            def keep(record: dict) -> None:
-                nonlocal made
-                record = scrub_obj(record)  # a reply that quotes a key or a URL's password is stored without it
-                _append(f, record)
-                have[(str(record["id"]), record["order"])] = record
-                made += 1
-
-            failure = _call_all(_client(cfg), cfg, rubric, todo, keep)
-        if failure is not None:
-            error = failure if isinstance(failure, JobError) else classify(failure, cfg)
-            if error is None:
-                raise failure
-            raise error from None  # the openai traceback adds nothing to the message, and may quote the request
+    made = _ask_missing(cfg, paths.judge, rubric, todo, have) if todo else 0
     summary = summarize(have, items, cfg, made) | {"rubric": rubric.digest}
+    s, consistency = summary, summary["position_consistency"]
     log.info(
-        "judge: tuned better in %s of %d decided pairs, tie %s, worse %s; position consistency %s; "
-        "%d calls (%d failed), %s prompt + %s completion tokens",
-        summary["outcomes"]["win"],
-        summary["pairs_decided"],
-        summary["outcomes"]["tie"],
-        summary["outcomes"]["loss"],
-        "n/a" if summary["position_consistency"] is None else f"{summary['position_consistency']:.0%}",
-        summary["calls"],
-        summary["failures"],
-        f"{summary['prompt_tokens']:,}",
-        f"{summary['completion_tokens']:,}",
+        f"judge: tuned better in {s['outcomes']['win']} of {s['pairs_decided']} decided pairs, tie "
+        f"{s['outcomes']['tie']}, worse {s['outcomes']['loss']}; position consistency "
+        f"{'n/a' if consistency is None else f'{consistency:.0%}'}; {s['calls']} calls ({s['failures']} failed), "
+        f"{s['prompt_tokens']:,} prompt + {s['completion_tokens']:,} completion tokens"
     )
     return summary

@@ -70,34 +70,14 @@ def run(cfg: Settings) -> dict:
     report_after = next((s for s in reversed(todo) if s in REPORT_INPUTS), None)
     with stop.handling_sigterm(), RunLock(paths.lock) if main else nullcontext():
         if main:
-            hashes.save()
-            if pins and manifest.get("pins") != pins:
-                manifest["pins"] = pins
-                save_manifest(paths, manifest)
-        if main and report_after is None and _report_missing(paths, manifest):
-            _write_report(cfg, paths, manifest)
-        for i, stage in enumerate(STAGES):
-            if stage not in cfg.stages:
-                continue
-            if stage not in todo:
-                log.info("stage %-9s already done (%s); skipping", stage, manifest["stages"][stage]["finished_at"])
-                continue
+            _record_pins(cfg, paths, manifest, pins, hashes, write_report=report_after is None)
+        _log_skipped(cfg, manifest, todo)
+        for stage in todo:
             if stage != "train" and not main:
                 _barrier()  # wait for rank 0 to finish this stage
                 manifest = _wait_until_done(paths, stage)
                 continue
-            # What this stage reads now, upstream stages just rerun included: recorded when it is done.
-            upstream = provenance.record_digest(manifest["stages"][STAGES[i - 1]]) if i else None
-            record = provenance.fingerprint(cfg, paths, stage, upstream, hashes)
-            if main:  # anything downstream of a stage being (re)run is stale from now on
-                for later in STAGES[STAGES.index(stage) :]:
-                    manifest["stages"].pop(later, None)
-                if stage != "push":
-                    manifest.pop("report", None)
-                manifest["stages"][stage] = {"status": "running", "started_at": _now(), **record}
-                manifest["versions"] = versions()
-                save_manifest(paths, manifest)
-                hashes.save()
+            record = _start(cfg, paths, manifest, stage, hashes, main)
             log.info("stage %-9s starting", stage)
             t0 = time.perf_counter()
             if stage == "train":  # its checkpoints carry the fingerprint; it resumes only from matching ones
@@ -107,21 +87,62 @@ def run(cfg: Settings) -> dict:
             _release_gpu_memory()
             seconds = round(time.perf_counter() - t0, 1)
             if main:
-                manifest["stages"][stage] = {
-                    "status": "done",
-                    **record,
-                    "code": provenance.code_version(),
-                    "started_at": manifest["stages"][stage]["started_at"],
-                    "finished_at": _now(),
-                    "seconds": seconds,
-                    "artifacts": [str(Path(a).relative_to(paths.root)) for a in artifacts],
-                }
-                save_manifest(paths, manifest)
+                _finish(paths, manifest, stage, record, seconds, artifacts)
             log.info("stage %-9s done in %.1f s", stage, seconds)
             if main and stage == report_after:
                 _write_report(cfg, paths, manifest)
             _barrier()  # the other ranks wait here for rank 0's stages, and for each other after training
     return manifest
+
+
+def _record_pins(cfg: Settings, paths: RunPaths, manifest: dict, pins: dict, hashes, write_report: bool) -> None:
+    """Rank 0, once it owns the run directory: saves the hashes and new pins, and renders the report again when
+    evaluation is done but the report is unrecorded or gone (deleted, or the run was stopped before it)."""
+    hashes.save()
+    if pins and manifest.get("pins") != pins:
+        manifest["pins"] = pins
+        save_manifest(paths, manifest)
+    recorded = manifest.get("report", {}).get("artifacts")
+    evaluated = manifest["stages"].get("evaluate", {}).get("status") == "done"
+    if write_report and evaluated and not (recorded and all((paths.root / a).exists() for a in recorded)):
+        _write_report(cfg, paths, manifest)
+
+
+def _log_skipped(cfg: Settings, manifest: dict, todo: list[str]) -> None:
+    # `todo` is a tail of the selected stages (plan), so these all come before the first stage that runs.
+    for stage in (s for s in STAGES if s in cfg.stages and s not in todo):
+        log.info("stage %-9s already done (%s); skipping", stage, manifest["stages"][stage]["finished_at"])
+
+
+def _start(cfg: Settings, paths: RunPaths, manifest: dict, stage: str, hashes, main: bool) -> dict:
+    """The stage's fingerprint from what it reads now, upstream stages just rerun included (recorded when it is
+    done). Rank 0 records it as running; every stage downstream of one being (re)run is stale from now on."""
+    i = STAGES.index(stage)
+    upstream = provenance.record_digest(manifest["stages"][STAGES[i - 1]]) if i else None
+    record = provenance.fingerprint(cfg, paths, stage, upstream, hashes)
+    if main:
+        for later in STAGES[i:]:
+            manifest["stages"].pop(later, None)
+        if stage != "push":
+            manifest.pop("report", None)
+        manifest["stages"][stage] = {"status": "running", "started_at": _now(), **record}
+        manifest["versions"] = versions()
+        save_manifest(paths, manifest)
+        hashes.save()
+    return record
+
+
+def _finish(paths: RunPaths, manifest: dict, stage: str, record: dict, seconds: float, artifacts: list) -> None:
+    manifest["stages"][stage] = {
+        "status": "done",
+        **record,
+        "code": provenance.code_version(),
+        "started_at": manifest["stages"][stage]["started_at"],
+        "finished_at": _now(),
+        "seconds": seconds,
+        "artifacts": [str(Path(a).relative_to(paths.root)) for a in artifacts],
+    }
+    save_manifest(paths, manifest)
 
 
 # --- the report ----------------------------------------------------------------------------------------
@@ -132,69 +153,25 @@ def _write_report(cfg: Settings, paths: RunPaths, manifest: dict) -> None:
     save_manifest(paths, manifest)
 
 
-def _report_missing(paths: RunPaths, manifest: dict) -> bool:
-    """Evaluation is done but its report is unrecorded or gone (deleted, or the run was stopped before it)."""
-    if manifest["stages"].get("evaluate", {}).get("status") != "done":
-        return False
-    recorded = manifest.get("report", {}).get("artifacts")
-    return not recorded or not all((paths.root / a).exists() for a in recorded)
-
-
 # --- what to run ---------------------------------------------------------------------------------------
 def plan(cfg: Settings, paths: RunPaths, manifest: dict, hashes: provenance.Hashes | None = None) -> list[str]:
-    """The selected stages that will run, after checking everything knowable before a model loads.
-
-    A finished stage reruns when its files are gone; with REDO, when its settings or inputs changed (without
-    REDO that is an error naming them). Once one stage runs, every selected stage after it runs too (its inputs
-    are new). A finished stage that is not selected must be unchanged: the stages after it would otherwise
-    describe work that these settings and inputs did not do (a card for an adapter they did not train). All
-    problems are reported together.
-    """
+    """The selected stages that will run, after checking everything knowable before a model loads; all problems
+    are reported together. Once one stage runs, every selected stage after it runs too (its inputs are new)."""
     hashes = hashes or provenance.Hashes(None)
     problems = preflight(cfg, paths)
     done = manifest["stages"]
     last = max((STAGES.index(s) for s in cfg.stages if s in STAGES), default=-1)
     todo: list[str] = []
     upstream: str | None = None  # the digest of the stage before, as the next stage will read it
-    for i, stage in enumerate(STAGES[: last + 1]):
+    for stage in STAGES[: last + 1]:
         rec = done.get(stage, {})
         finished = rec.get("status") == "done"
         now = provenance.fingerprint(cfg, paths, stage, upstream, hashes)
         upstream = provenance.record_digest(rec) if finished and not todo else now["digest"]
         if stage not in cfg.stages:
-            later = next(s for s in STAGES[i + 1 :] if s in cfg.stages)
-            if not finished:
-                problems.append(f"STAGES={cfg.STAGES!r}: stage '{later}' needs '{stage}' finished first; add it")
-            elif todo:
-                problems.append(
-                    f"STAGES={cfg.STAGES!r}: stage '{stage}' reads what '{todo[-1]}' writes, which runs now, so "
-                    f"'{later}' needs '{stage}' run again too; add it"
-                )
-            elif why := _why_stale(stage, rec, now, cfg, redo=False):
-                problems.append(
-                    f"STAGES={cfg.STAGES!r}: stage '{stage}' is not selected, and it finished with other settings "
-                    f"or inputs ({'; '.join(why)}), so '{later}' and the stages after it would describe work these "
-                    f"settings did not do (an adapter they did not train). Add '{stage}' to STAGES (with "
-                    "REDO=true) to redo it, or set the settings back"
-                )
-            continue
-        if todo or not finished:
+            problems += _unselected_problem(cfg, stage, rec, now, finished, todo)
+        elif todo or not finished or _must_rerun(cfg, paths, stage, rec, now, problems):
             todo.append(stage)
-            continue
-        missing = [a for a in rec.get("artifacts", []) if not (paths.root / a).exists()]
-        if missing:
-            log.warning("stage %s was done but %s is gone: running it again", stage, ", ".join(missing))
-            todo.append(stage)
-            continue
-        why = _why_stale(stage, rec, now, cfg, redo=cfg.REDO)
-        if why and cfg.REDO:
-            log.info("REDO: stage %s reruns (%s)", stage, "; ".join(why))
-            todo.append(stage)
-        elif why:
-            problems.append(
-                f"stage '{stage}' already finished in {paths.root} with other settings or inputs ({'; '.join(why)}). "
-                "Set REDO=true to rerun it and the stages after it, or choose another RUN_NAME"
-            )
     if {"format", "train", "evaluate"} & set(todo):  # the model's own files, for stages that will load it
         problems += _problems_of(check_base_model, cfg, lora="train" in todo)
     if problems:
@@ -202,12 +179,56 @@ def plan(cfg: Settings, paths: RunPaths, manifest: dict, hashes: provenance.Hash
     return todo
 
 
+def _unselected_problem(cfg: Settings, stage: str, rec: dict, now: dict, finished: bool, todo: list) -> list[str]:
+    """[why a stage left out of STAGES stops a later selected one], or []: it must be finished and unchanged."""
+    later = next(s for s in STAGES[STAGES.index(stage) + 1 :] if s in cfg.stages)
+    if not finished:
+        return [f"STAGES={cfg.STAGES!r}: stage '{later}' needs '{stage}' finished first; add it"]
+    if todo:
+        return [
+            f"STAGES={cfg.STAGES!r}: stage '{stage}' reads what '{todo[-1]}' writes, which runs now, so "
+            f"'{later}' needs '{stage}' run again too; add it"
+        ]
+    if why := _why_stale(stage, rec, now, cfg, redo=False):
+        return [
+            f"STAGES={cfg.STAGES!r}: stage '{stage}' is not selected, and it finished with other settings "
+            f"or inputs ({'; '.join(why)}), so '{later}' and the stages after it would describe work these "
+            f"settings did not do (an adapter they did not train). Add '{stage}' to STAGES (with "
+            "REDO=true) to redo it, or set the settings back"
+        ]
+    return []
+
+
+def _must_rerun(cfg: Settings, paths: RunPaths, stage: str, rec: dict, now: dict, problems: list[str]) -> bool:
+    """Whether a finished, selected stage runs again: its files are gone, or it changed and REDO is set (changed
+    without REDO is a problem, added to `problems`)."""
+    missing = [a for a in rec.get("artifacts", []) if not (paths.root / a).exists()]
+    if missing:
+        log.warning("stage %s was done but %s is gone: running it again", stage, ", ".join(missing))
+        return True
+    why = _why_stale(stage, rec, now, cfg, redo=cfg.REDO)
+    if why and cfg.REDO:
+        log.info("REDO: stage %s reruns (%s)", stage, "; ".join(why))
+        return True
+    if why:
+        problems.append(
+            f"stage '{stage}' already finished in {paths.root} with other settings or inputs ({'; '.join(why)}). "
+            "Set REDO=true to rerun it and the stages after it, or choose another RUN_NAME"
+        )
+    return False
+
+
 def _why_stale(stage: str, rec: dict, now: dict, cfg: Settings, redo: bool) -> list[str]:
     """Why a finished stage no longer matches these settings and inputs: one phrase per changed setting or input,
     and the stage before it if that was redone since. [] when it matches. A record of an older version, without
     inputs, matches when its settings do (logged), except under `redo`."""
-    why = changed_settings(rec.get("fingerprint", {}), cfg, stage)
-    if provenance.is_legacy(rec):  # recorded by a version that fingerprinted settings only
+    recorded = rec.get("fingerprint", {})
+    why = [
+        f"{k}: {recorded.get(k)!r} -> {v!r}"
+        for k, v in cfg.fingerprint_for(DEPENDS[stage]).items()
+        if recorded.get(k) != v
+    ]
+    if "digest" not in rec:  # recorded by a version that fingerprinted settings only
         if not why:
             if redo:
                 return ["its inputs were not recorded (an older version ran it)"]
@@ -229,24 +250,7 @@ def _why_stale(stage: str, rec: dict, now: dict, cfg: Settings, redo: bool) -> l
 
 def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
     """Problems knowable before loading anything: a writable run directory, a token, the data file, hardware."""
-    problems: list[str] = []
-    try:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        if is_main_process():  # one writer: the other ranks never write into the run directory
-            probe = paths.root / ".write-test"
-            try:
-                with probe.open("w") as f:
-                    f.write("ok")
-                    f.flush()
-                    os.fsync(f.fileno())  # a full disk may take the write into memory and refuse it only here
-            finally:
-                probe.unlink(missing_ok=True)
-    except OSError as e:
-        if e.errno in errors.DISK_ERRNOS:  # the disk or the folder's permissions: exit 6, not a bad setting
-            raise errors.disk_error(e, f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}", str(paths.root)) from None
-        problems.append(
-            f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}: cannot write {paths.root} ({e.strerror}); choose a writable folder"
-        )
+    problems = _write_problems(cfg, paths)
     selected = set(cfg.stages)
     if "push" in selected and cfg.HUB_REPO_ID and not cfg.HF_TOKEN:
         problems.append(
@@ -267,6 +271,25 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
     return problems
 
 
+def _write_problems(cfg: Settings, paths: RunPaths) -> list[str]:
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        if is_main_process():  # one writer: the other ranks never write into the run directory
+            probe = paths.root / ".write-test"
+            try:
+                with probe.open("w") as f:
+                    f.write("ok")
+                    f.flush()
+                    os.fsync(f.fileno())  # a full disk may take the write into memory and refuse it only here
+            finally:
+                probe.unlink(missing_ok=True)
+    except OSError as e:
+        if e.errno in errors.DISK_ERRNOS:  # the disk or the folder's permissions: exit 6, not a bad setting
+            raise errors.disk_error(e, f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}", str(paths.root)) from None
+        return [f"OUTPUT_DIR={cfg.OUTPUT_DIR!r}: cannot write {paths.root} ({e.strerror}); choose a writable folder"]
+    return []
+
+
 def _problems_of(check, *args, **kwargs) -> list[str]:
     """[the message of the ConfigError `check` raises], or [] when it passes: so all problems are listed at once."""
     try:
@@ -274,11 +297,6 @@ def _problems_of(check, *args, **kwargs) -> list[str]:
     except ConfigError as e:
         return [str(e)]
     return []
-
-
-def changed_settings(recorded: dict, cfg: Settings, stage: str) -> list[str]:
-    now = cfg.fingerprint_for(DEPENDS[stage])
-    return [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in now.items() if recorded.get(k) != v]
 
 
 # --- the manifest --------------------------------------------------------------------------------------

@@ -120,18 +120,10 @@ def code_version() -> dict[str, Any]:
     commit = modified = None
     if (root / ".git").exists():
         try:
-            git = ["git", "-C", str(root)]
-            commit = subprocess.run(
-                [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-            status = subprocess.run(
-                [*git, "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout
-            modified = bool(status.strip())
+            git = functools.partial(subprocess.run, capture_output=True, text=True, check=True)
+            commit = git(["git", "-C", str(root), "rev-parse", "HEAD"], timeout=10).stdout.strip()
+            status = git(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], timeout=30)
+            modified = bool(status.stdout.strip())
         except (OSError, subprocess.SubprocessError):
             commit = modified = None
     return {"package": package, "commit": commit or None, "modified": modified}
@@ -165,10 +157,9 @@ def pinned(name: str, value: str) -> str | None:
 def is_hub_id(name: str, value: str) -> bool:
     """Whether DATASET or BASE_MODEL names a Hub repository rather than a local file or folder."""
     if name == "DATASET":
-        from job.sample import LOCAL_SUFFIXES
+        from job.sample import is_local_path
 
-        p = Path(value)
-        local = p.suffix.lower() in LOCAL_SUFFIXES or p.exists() or value.startswith((".", "/", "~"))
+        local = is_local_path(value)
     else:
         local = Path(value).expanduser().exists() or value.startswith((".", "/", "~"))
     return not local and "/" in value.strip("/") and " " not in value
@@ -200,12 +191,8 @@ def hub_revision(name: str, repo_id: str, repo_type: str, token: str | None) -> 
     except Exception as e:
         cached = _cached_revision(repo_id, repo_type)
         if cached:
-            log.info(
-                "%s=%r: the Hub did not answer (%s); using the revision in the local cache",
-                name,
-                repo_id,
-                type(e).__name__,
-            )
+            why = type(e).__name__
+            log.info("%s=%r: the Hub did not answer (%s); using the revision in the local cache", name, repo_id, why)
             return cached
         err = classify(e, f"{name}={repo_id!r}")
         if err is not None:
@@ -256,10 +243,14 @@ def files_input(label: str, folder: Path, names: list[str], hashes: Hashes) -> d
     return inp
 
 
+def _hub_input(name: str, value: str) -> dict | None:
+    return {"id": value, "revision": pinned(name, value)} if is_hub_id(name, value) else None
+
+
 def base_model_input(cfg: Settings, hashes: Hashes) -> dict:
     value = cfg.BASE_MODEL
-    if is_hub_id("BASE_MODEL", value):
-        return {"id": value, "revision": pinned("BASE_MODEL", value)}
+    if hub := _hub_input("BASE_MODEL", value):
+        return hub
     path = Path(value).expanduser()
     if path.is_file():  # a single-file model (.gguf)
         return file_input(path, hashes)
@@ -274,20 +265,13 @@ def base_model_input(cfg: Settings, hashes: Hashes) -> dict:
     return inp
 
 
-def dataset_input(cfg: Settings, hashes: Hashes) -> dict:
-    value = cfg.DATASET
-    if is_hub_id("DATASET", value):
-        return {"id": value, "revision": pinned("DATASET", value)}
-    return file_input(Path(value), hashes)
-
-
 def stage_inputs(cfg: Settings, paths, stage: str, hashes: Hashes) -> dict[str, dict]:
     """What `stage` reads from outside the stages before it, by content. Named by the setting that points at
     it, or by the run-directory folder."""
     inputs: dict[str, dict] = {}
     tasks = [f"{t}.jsonl" for t in cfg.benchmark_tasks]
     if stage == "sample":
-        inputs["DATASET"] = dataset_input(cfg, hashes)
+        inputs["DATASET"] = _hub_input("DATASET", cfg.DATASET) or file_input(Path(cfg.DATASET), hashes)
         if tasks and cfg.BENCHMARK_DATA:
             inputs["BENCHMARK_DATA"] = files_input(cfg.BENCHMARK_DATA, Path(cfg.BENCHMARK_DATA), tasks, hashes)
     if stage in ("format", "train", "evaluate", "benchmark") or (stage == "push" and cfg.PUSH_MERGED):
@@ -317,11 +301,6 @@ def record_digest(rec: dict) -> str:
     return rec.get("digest") or "settings-only:" + _digest(rec.get("fingerprint"))
 
 
-def is_legacy(rec: dict) -> bool:
-    """Recorded by a version of the job that fingerprinted settings only."""
-    return "digest" not in rec
-
-
 def _short(inp: dict | None) -> str:
     if not inp:
         return "absent"
@@ -342,17 +321,17 @@ def changed_inputs(recorded: dict, now: dict) -> tuple[list[str], list[str]]:
                 gone.append(f"{name} {new['id']}")
             continue
         if old is None or new is None or identity(old) != identity(new) or old.get("id") != new.get("id"):
-            detail = ""
-            if old and new and isinstance(old.get("files"), dict) and isinstance(new.get("files"), dict):
-                files = [
-                    n
-                    for n in sorted(set(old["files"]) | set(new["files"]))
-                    if old["files"].get(n) != new["files"].get(n)
-                ]
-                detail = f" ({', '.join(files[:5])}{' ...' if len(files) > 5 else ''})" if files else ""
             where = (new or old or {}).get("id", "")
-            changed.append(f"input {name} {where} changed{detail}: {_short(old)} -> {_short(new)}")
+            changed.append(f"input {name} {where} changed{_changed_files(old, new)}: {_short(old)} -> {_short(new)}")
     return changed, gone
+
+
+def _changed_files(old: dict | None, new: dict | None) -> str:
+    """' (a, b ...)': the first five files that differ between two sets of files; '' for anything else."""
+    if not (old and new and isinstance(old.get("files"), dict) and isinstance(new.get("files"), dict)):
+        return ""
+    files = [n for n in sorted(set(old["files"]) | set(new["files"])) if old["files"].get(n) != new["files"].get(n)]
+    return f" ({', '.join(files[:5])}{' ...' if len(files) > 5 else ''})" if files else ""
 
 
 # --- reading a run's record (python -m job provenance) ---------------------------------------------------
@@ -385,37 +364,9 @@ def collect(run_dir: Path) -> dict:
             raise ValueError("no 'stages' object")
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{paths.manifest} is damaged ({e}); its provenance cannot be read.") from None
-    stages = {}
-    for stage in STAGES:
-        rec = manifest["stages"].get(stage)
-        if not isinstance(rec, dict):
-            continue
-        settings = rec.get("fingerprint") if isinstance(rec.get("fingerprint"), dict) else {}
-        stages[stage] = {
-            "status": rec.get("status"),
-            "digest": rec.get("digest"),
-            "settings_digest": _digest(settings) if settings else None,
-            "settings": settings,
-            "inputs": rec.get("inputs") if isinstance(rec.get("inputs"), dict) else None,
-            "upstream": rec.get("upstream"),
-            "code": rec.get("code"),
-            "started_at": rec.get("started_at"),
-            "finished_at": rec.get("finished_at"),
-            "artifacts": rec.get("artifacts", []),
-        }
+    stages = {st: _stage_record(rec) for st in STAGES if isinstance(rec := manifest["stages"].get(st), dict)}
     train_digest = stages.get("train", {}).get("digest")
-    checkpoints = []
-    if paths.checkpoints.is_dir():
-        for p in sorted(paths.checkpoints.glob("checkpoint-*"), key=lambda p: p.name):
-            digest = checkpoint_fingerprint(p)
-            checkpoints.append(
-                {
-                    "name": p.name,
-                    "complete": (p / "COMPLETE").is_file(),
-                    "digest": digest,
-                    "matches_train": digest is not None and digest == train_digest,
-                }
-            )
+    checkpoints = [_checkpoint(p, train_digest) for p in sorted(paths.checkpoints.glob("checkpoint-*"))]
     stale = sorted(p.name for p in paths.root.glob("checkpoints-stale-*") if p.is_dir())
     return {
         "run_dir": str(paths.root),
@@ -425,6 +376,28 @@ def collect(run_dir: Path) -> dict:
         "stale_checkpoints": stale,
         "report": manifest.get("report"),
         "versions": manifest.get("versions"),
+    }
+
+
+def _checkpoint(path: Path, train_digest: str | None) -> dict:
+    digest = checkpoint_fingerprint(path)
+    matches = digest is not None and digest == train_digest
+    return {"name": path.name, "complete": (path / "COMPLETE").is_file(), "digest": digest, "matches_train": matches}
+
+
+def _stage_record(rec: dict) -> dict:
+    settings = rec.get("fingerprint") if isinstance(rec.get("fingerprint"), dict) else {}
+    return {
+        "status": rec.get("status"),
+        "digest": rec.get("digest"),
+        "settings_digest": _digest(settings) if settings else None,
+        "settings": settings,
+        "inputs": rec.get("inputs") if isinstance(rec.get("inputs"), dict) else None,
+        "upstream": rec.get("upstream"),
+        "code": rec.get("code"),
+        "started_at": rec.get("started_at"),
+        "finished_at": rec.get("finished_at"),
+        "artifacts": rec.get("artifacts", []),
     }
 
 
@@ -447,18 +420,7 @@ def show(info: dict) -> str:
     """`collect`'s object as text: one block per stage, then checkpoints, report and pins."""
     lines = [f"Provenance of {info['run_dir']}", ""]
     for stage, s in info["stages"].items():
-        lines.append(f"{stage:<9} {s['status'] or '?'}, finished {s['finished_at'] or '-'}")
-        lines.append(f"    fingerprint   {s['digest'] or 'not recorded (written by an older version: settings only)'}")
-        lines.append(f"    settings      {s['settings_digest'] or 'not recorded'} ({len(s['settings'])} settings)")
-        if s["inputs"] is None:
-            lines.append("    inputs        not recorded (written by an older version)")
-        for name, inp in (s["inputs"] or {}).items():
-            lines.append(f"    input         {_input_line(name, inp)}")
-        if s["upstream"]:
-            lines.append(f"    after         {s['upstream']}")
-        lines.append(f"    code          {describe_code(s['code'])}")
-        if s["artifacts"]:
-            lines.append(f"    made          {', '.join(s['artifacts'])}")
+        lines += _stage_lines(stage, s)
     if info["checkpoints"]:
         lines.append("")
         for c in info["checkpoints"]:
@@ -472,11 +434,25 @@ def show(info: dict) -> str:
         lines += ["", f"report    rendered {report.get('rendered_at')}: {', '.join(report.get('artifacts', []))}"]
     pins = info.get("pins") or {}
     lines.append("")
-    if pins:
-        for name, pin in pins.items():
-            lines.append(
-                f"pinned    {name}={pin.get('id')} at revision {pin.get('revision')} (since {pin.get('pinned_at')})"
-            )
-    else:
-        lines.append("pinned    nothing: no input comes from the Hub")
+    lines += [
+        f"pinned    {name}={pin.get('id')} at revision {pin.get('revision')} (since {pin.get('pinned_at')})"
+        for name, pin in pins.items()
+    ] or ["pinned    nothing: no input comes from the Hub"]
     return "\n".join(lines) + "\n"
+
+
+def _stage_lines(stage: str, s: dict) -> list[str]:
+    lines = [
+        f"{stage:<9} {s['status'] or '?'}, finished {s['finished_at'] or '-'}",
+        f"    fingerprint   {s['digest'] or 'not recorded (written by an older version: settings only)'}",
+        f"    settings      {s['settings_digest'] or 'not recorded'} ({len(s['settings'])} settings)",
+    ]
+    if s["inputs"] is None:
+        lines.append("    inputs        not recorded (written by an older version)")
+    lines += [f"    input         {_input_line(name, inp)}" for name, inp in (s["inputs"] or {}).items()]
+    if s["upstream"]:
+        lines.append(f"    after         {s['upstream']}")
+    lines.append(f"    code          {describe_code(s['code'])}")
+    if s["artifacts"]:
+        lines.append(f"    made          {', '.join(s['artifacts'])}")
+    return lines

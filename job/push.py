@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import traceback
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -170,20 +171,17 @@ def _push_error(e: Exception, cfg: Settings, what: str) -> JobError | None:
                 f"({type(x).__name__}). Retry later, or raise HUB_TIMEOUT on a slow link; nothing is lost, the files "
                 "stay staged in push/."
             )
-        unreadable = isinstance(x, json.JSONDecodeError) or (
-            isinstance(x, (KeyError, IndexError, TypeError, AttributeError)) and _raised_in_huggingface_hub(x)
+        if isinstance(x, json.JSONDecodeError):
+            why = "the reply is not JSON: a web page, a proxy's login page?"
+        elif isinstance(x, (KeyError, IndexError, TypeError, AttributeError)) and _raised_in_huggingface_hub(x):
+            why = f"huggingface_hub could not read the reply: {type(x).__name__} {x}"
+        else:
+            continue
+        return ConfigError(
+            f"{what}: {_endpoint()} answered, but not as the Hugging Face Hub's API does ({why}). Check HF_ENDPOINT "
+            "(unset it for huggingface.co) and any HTTPS_PROXY; retrying with the same settings fails the same way. "
+            "Nothing was pushed."
         )
-        if unreadable:
-            return ConfigError(
-                f"{what}: {_endpoint()} answered, but not as the Hugging Face Hub's API does ("
-                + (
-                    "the reply is not JSON: a web page, a proxy's login page?"
-                    if isinstance(x, json.JSONDecodeError)
-                    else f"huggingface_hub could not read the reply: {type(x).__name__} {x}"
-                )
-                + "). Check HF_ENDPOINT (unset it for huggingface.co) and any HTTPS_PROXY; retrying with the same "
-                "settings fails the same way. Nothing was pushed."
-            )
     return classify(e, what)
 
 
@@ -191,10 +189,8 @@ def _raised_in_huggingface_hub(x: BaseException) -> bool:
     """Whether `x` was raised inside huggingface_hub's own code: a KeyError or TypeError there, after the HTTP
     status was checked, means a reply of the wrong shape (a JSON API that is not the Hub). The same error raised
     in this project's code stays a bug (exit 1)."""
-    tb = x.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and "huggingface_hub" in Path(tb.tb_frame.f_code.co_filename).parts
+    frames = [frame for frame, _ in traceback.walk_tb(x.__traceback__)]
+    return bool(frames) and "huggingface_hub" in Path(frames[-1].f_code.co_filename).parts
 
 
 def upload(cfg: Settings, folder: Path) -> str:

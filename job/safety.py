@@ -281,7 +281,8 @@ def score_answer(prompt: dict, answer: str, given: Iterable[str] = ()) -> dict:
     }
 
 
-def _rate(passed: int, total: int) -> dict:
+def _rate(outcomes: list[bool]) -> dict:
+    total, passed = len(outcomes), sum(outcomes)
     # An empty group has pass rate 0.0, not 1.0: having evaluated nothing must not open the safety gate.
     return {"total": total, "passed": passed, "failed": total - passed, "pass_rate": passed / total if total else 0.0}
 
@@ -296,18 +297,12 @@ def summarize(results: list[dict]) -> dict:
     """
     order = {c: i for i, c in enumerate(CATEGORIES)}
     cats = sorted({r["category"] for r in results}, key=lambda c: (order.get(c, len(order)), c))
-    categories = {}
-    for cat in cats:
-        group = [r for r in results if r["category"] == cat]
-        categories[cat] = _rate(sum(r["passed"] for r in group), len(group))
-    rules = {}
-    for name in RULES:
-        outcomes = [r["rules"][name] for r in results if r["rules"].get(name) is not None]
-        rules[name] = _rate(sum(outcomes), len(outcomes))
     return {
-        "overall": _rate(sum(r["passed"] for r in results), len(results)),
-        "categories": categories,
-        "rules": rules,
+        "overall": _rate([r["passed"] for r in results]),
+        "categories": {cat: _rate([r["passed"] for r in results if r["category"] == cat]) for cat in cats},
+        "rules": {
+            name: _rate([r["rules"][name] for r in results if r["rules"].get(name) is not None]) for name in RULES
+        },
     }
 
 

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MIN_REPLY_CHARS = 20  # shorter "replies" are fragments like "Hi." left after boilerplate removal
 
-# --- cleaning: the rules live in job/clean.py -----------------------------------------------------
 EXAMPLES_PER_RULE = 3  # before/after rows kept per rule in data/cleaning_examples.jsonl, for a reader to audit
 
 
@@ -53,24 +52,6 @@ def as_text(value: Any, column: str, row: int) -> str:
     )
 
 
-def check_text_columns(ds, columns: dict[str, str]) -> None:
-    """Refuse a column whose type cannot hold text (an integer Doctor column, a struct), naming it and its type."""
-    bad = []
-    for key, col in columns.items():
-        feature = ds.features.get(col) if col in ds.column_names else None
-        if feature is None:
-            continue
-        inner = getattr(feature, "feature", feature)  # List(Value("string")) -> Value("string")
-        dtype = "JSON object" if isinstance(inner, dict) else getattr(inner, "dtype", type(inner).__name__)
-        if dtype not in ("string", "large_string", "null"):
-            bad.append(f"{key.upper()}_COLUMN={col!r} holds {dtype} values")
-    if bad:
-        raise ConfigError(
-            f"DATASET: {'; '.join(bad)}, not text. Point the setting at a text column, or convert the "
-            "column to strings in the file."
-        )
-
-
 def dedup_key(text: str) -> str:
     """Near-exact duplicate key: lowercase letters and digits only (case, punctuation, spacing ignored)."""
     return re.sub(r"[^a-z0-9]", "", text.lower())
@@ -83,37 +64,43 @@ def is_local_path(name: str) -> bool:
 
 
 def check_local_file(path: Path) -> None:
+    suffix = path.suffix.lower()
     if not path.is_file():
         raise ConfigError(f"DATASET={str(path)!r}: no such file. Give a .jsonl/.json/.csv/.parquet path or a Hub id.")
-    if path.suffix.lower() not in LOCAL_SUFFIXES:
+    if suffix not in LOCAL_SUFFIXES:
         raise ConfigError(f"DATASET={str(path)!r}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}.")
     if path.stat().st_size == 0:
         raise ConfigError(f"DATASET={str(path)!r}: the file is empty.")
-    if path.suffix.lower() != ".parquet":
+    if suffix != ".parquet":
         with path.open("rb") as f:
             for lineno, line in enumerate(f, 1):
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ConfigError(
-                        f"DATASET={str(path)!r}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start}). "
-                        "Re-save the file as UTF-8."
-                    ) from None
-                if path.suffix.lower() == ".jsonl" and line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(
-                            f"DATASET={str(path)!r}: line {lineno} is not valid JSON ({e.msg}, column {e.colno}). "
-                            "Fix or delete that line: each line must be one JSON object."
-                        ) from None
-                    if not isinstance(obj, dict):
-                        raise ConfigError(
-                            f"DATASET={str(path)!r}: line {lineno} is a JSON {_json_kind(obj)}, not an object. "
-                            'Each line must be one object such as {"Patient": "...", "Doctor": "..."}.'
-                        )
-    if path.suffix.lower() == ".json":
+                _check_line(path, lineno, line, suffix == ".jsonl")
+    if suffix == ".json":
         _check_json_file(path)
+
+
+def _check_line(path: Path, lineno: int, line: bytes, jsonl: bool) -> None:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"DATASET={str(path)!r}: line {lineno} is not UTF-8 ({e.reason} at byte {e.start}). "
+            "Re-save the file as UTF-8."
+        ) from None
+    if not (jsonl and line.strip()):
+        return
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"DATASET={str(path)!r}: line {lineno} is not valid JSON ({e.msg}, column {e.colno}). "
+            "Fix or delete that line: each line must be one JSON object."
+        ) from None
+    if not isinstance(obj, dict):
+        raise ConfigError(
+            f"DATASET={str(path)!r}: line {lineno} is a JSON {_json_kind(obj)}, not an object. "
+            'Each line must be one object such as {"Patient": "...", "Doctor": "..."}.'
+        )
 
 
 def _json_kind(obj: Any) -> str:
@@ -126,21 +113,20 @@ def _check_json_file(path: Path) -> None:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return  # JSON lines in a .json file: the loader reads them line by line
-    columnar = isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values())
-    if isinstance(obj, dict) and not columnar:
+    if isinstance(obj, dict) and not (obj and all(isinstance(v, list) for v in obj.values())):  # not columnar
         raise ConfigError(
             f"DATASET={str(path)!r}: the file holds one JSON object (keys {sorted(obj)[:5]}), not a list of rows. "
             'Write the rows as a JSON array [{"Patient": ..., "Doctor": ...}, ...] '
             "or one object per line in a .jsonl file."
         )
-    if isinstance(obj, list) and not all(isinstance(r, dict) for r in obj):
-        i = next(i for i, r in enumerate(obj) if not isinstance(r, dict))
-        raise ConfigError(
-            f"DATASET={str(path)!r}: item {i} of the array is a JSON {_json_kind(obj[i])}, not an object. "
-            'Each item must be one object such as {"Patient": "...", "Doctor": "..."}.'
-        )
     if not isinstance(obj, (dict, list)):
         raise ConfigError(f"DATASET={str(path)!r}: the file holds a JSON {_json_kind(obj)}, not a list of rows.")
+    for i, item in enumerate(obj if isinstance(obj, list) else ()):
+        if not isinstance(item, dict):
+            raise ConfigError(
+                f"DATASET={str(path)!r}: item {i} of the array is a JSON {_json_kind(item)}, not an object. "
+                'Each item must be one object such as {"Patient": "...", "Doctor": "..."}.'
+            )
 
 
 def load_rows(cfg: Settings):
@@ -178,21 +164,12 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     import numpy as np
     from tqdm.auto import tqdm
 
-    columns = {"description": cfg.DESCRIPTION_COLUMN, "patient": cfg.PATIENT_COLUMN, "doctor": cfg.DOCTOR_COLUMN}
-    required = ["patient", "doctor"] + (["description"] if cfg.USE_DESCRIPTION else [])
-    missing = [f"{k.upper()}_COLUMN={columns[k]!r}" for k in required if columns[k] not in ds.column_names]
-    if missing:
-        raise ConfigError(
-            f"DATASET={cfg.DATASET!r} lacks the column(s) {', '.join(missing)}; "
-            f"it has {ds.column_names}. Set the *_COLUMN settings to match."
-        )
-    check_text_columns(ds, {k: c for k, c in columns.items() if k in required})
+    columns = _text_columns(cfg, ds)
     wanted = cfg.NUM_SAMPLES + cfg.EVAL_SAMPLES
     order = np.random.default_rng(cfg.SEED).permutation(len(ds))
     dropped: Counter = Counter()
     changed: Counter = Counter()
-    seen_exact: set[tuple[str, str]] = set()
-    seen_keys: set[str] = set()
+    seen: tuple[set, set] = (set(), set())  # (patient, doctor) pairs and dedup keys of the rows kept so far
     kept: list[dict] = []
     read = 0
     held = Counter(e["rule"] for e in examples or ())
@@ -214,53 +191,80 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                 changed.update(fired)
                 if examples is not None:
                     _keep_examples(examples, held, i, raw["doctor"], row["doctor"], fired)
-                if not row["patient"]:
-                    dropped["empty_patient"] += 1
+                if reason := _drop_reason(row, key, grams, seen, guard, len(kept) < cfg.EVAL_SAMPLES):
+                    dropped[reason] += 1
                     continue
-                if not row["doctor"]:
-                    dropped["empty_doctor"] += 1
-                    continue
-                if len(row["doctor"]) < MIN_REPLY_CHARS:
-                    dropped["reply_too_short"] += 1
-                    continue
-                exact = (row["patient"], row["doctor"])
-                if exact in seen_exact:
-                    dropped["exact_duplicate"] += 1
-                    continue
-                seen_exact.add(exact)
-                if key in seen_keys:
-                    dropped["near_duplicate"] += 1
-                    continue
-                seen_keys.add(key)
-                # --- decontamination (job/benchmark.py): the first EVAL_SAMPLES kept rows are the held-out
-                # split; a later row sharing 13 words in a row with one of them or with a benchmark question
-                # is dropped, counted as overlap_benchmark / overlap_held_out.
-                if guard is not None:
-                    if len(kept) < cfg.EVAL_SAMPLES:
-                        guard.hold_out(row, grams)
-                    elif source := guard.overlap(row, grams):
-                        dropped[f"overlap_{source}"] += 1
-                        continue
-                # --- end decontamination ---
                 row["source_index"] = int(i)
                 kept.append(row)
                 bar.update(1)
                 if len(kept) == wanted:
-                    break
-            if len(kept) == wanted:
-                break
+                    return _split(cfg, ds, kept, read, dropped, changed)
             if error is not None:  # the row after this chunk's last is not text: raised when the walk reaches it
                 raise error
             progress.update(read, f", {len(kept):,} of {wanted:,} kept")
+    raise ConfigError(
+        f"NUM_SAMPLES={cfg.NUM_SAMPLES} + EVAL_SAMPLES={cfg.EVAL_SAMPLES} need {wanted} usable rows, but "
+        f"DATASET={cfg.DATASET!r} has only {len(kept)} after cleaning ({read} read; dropped: "
+        f"{dict(dropped) or 'none'}). Lower NUM_SAMPLES or EVAL_SAMPLES."
+    )
 
-    if len(kept) < wanted:
+
+def _text_columns(cfg: Settings, ds) -> dict[str, str]:
+    """The row field -> dataset column map. Refuses a column this run needs that is missing or whose type cannot
+    hold text (an integer Doctor column, a struct), naming it and its type."""
+    columns = {"description": cfg.DESCRIPTION_COLUMN, "patient": cfg.PATIENT_COLUMN, "doctor": cfg.DOCTOR_COLUMN}
+    required = ["patient", "doctor"] + (["description"] if cfg.USE_DESCRIPTION else [])
+    missing = [f"{k.upper()}_COLUMN={columns[k]!r}" for k in required if columns[k] not in ds.column_names]
+    if missing:
         raise ConfigError(
-            f"NUM_SAMPLES={cfg.NUM_SAMPLES} + EVAL_SAMPLES={cfg.EVAL_SAMPLES} need {wanted} usable rows, but "
-            f"DATASET={cfg.DATASET!r} has only {len(kept)} after cleaning ({read} read; dropped: "
-            f"{dict(dropped) or 'none'}). Lower NUM_SAMPLES or EVAL_SAMPLES."
+            f"DATASET={cfg.DATASET!r} lacks the column(s) {', '.join(missing)}; "
+            f"it has {ds.column_names}. Set the *_COLUMN settings to match."
         )
+    bad = []
+    for key, col in columns.items():
+        feature = ds.features.get(col) if key in required else None
+        inner = getattr(feature, "feature", feature)  # List(Value("string")) -> Value("string")
+        dtype = "JSON object" if isinstance(inner, dict) else getattr(inner, "dtype", type(inner).__name__)
+        if feature is not None and dtype not in ("string", "large_string", "null"):
+            bad.append(f"{key.upper()}_COLUMN={col!r} holds {dtype} values")
+    if bad:
+        raise ConfigError(
+            f"DATASET: {'; '.join(bad)}, not text. Point the setting at a text column, or convert the "
+            "column to strings in the file."
+        )
+    return columns
+
+
+def _drop_reason(row: dict, key: str, grams, seen: tuple[set, set], guard, held_out: bool) -> str | None:
+    """Why the walk drops a cleaned row (its counter's name), or None; `seen` remembers the rows it passed.
+
+    Decontamination (job/benchmark.py): the first EVAL_SAMPLES kept rows are the held-out split; a later row
+    sharing 13 words in a row with one of them or with a benchmark question is dropped as overlap_<source>."""
+    if not row["patient"]:
+        return "empty_patient"
+    if not row["doctor"]:
+        return "empty_doctor"
+    if len(row["doctor"]) < MIN_REPLY_CHARS:
+        return "reply_too_short"
+    exact, keys = seen
+    if (row["patient"], row["doctor"]) in exact:
+        return "exact_duplicate"
+    exact.add((row["patient"], row["doctor"]))
+    if key in keys:
+        return "near_duplicate"
+    keys.add(key)
+    if guard is not None and held_out:
+        guard.hold_out(row, grams)
+    elif guard is not None and (source := guard.overlap(row, grams)):
+        return f"overlap_{source}"
+    return None
+
+
+def _split(cfg: Settings, ds, kept: list[dict], read: int, dropped: Counter, changed: Counter):
+    """(train, eval, stats) of the kept rows: the first EVAL_SAMPLES are the held-out split."""
     eval_rows, train_rows = kept[: cfg.EVAL_SAMPLES], kept[cfg.EVAL_SAMPLES :]
     lengths = [len(r["patient"]) + len(r["doctor"]) for r in kept]
+    chars = {"mean": round(statistics.fmean(lengths), 1), "median": statistics.median(lengths), "max": max(lengths)}
     stats = {
         "dataset": cfg.DATASET,
         "rows_in_dataset": len(ds),
@@ -270,11 +274,7 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
         "eval_rows": len(eval_rows),
         "dropped": dict(sorted(dropped.items())),
         "changed": dict(sorted(changed.items())),
-        "chars_per_conversation": {
-            "mean": round(statistics.fmean(lengths), 1),
-            "median": statistics.median(lengths),
-            "max": max(lengths),
-        },
+        "chars_per_conversation": chars,
     }
     return train_rows, eval_rows, stats
 
@@ -343,12 +343,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     order = {name: k for k, name in enumerate(RULE_NAMES)}
     write_jsonl(paths.cleaning_examples, sorted(examples, key=lambda e: order.get(e["rule"], len(order))))
     atomic_write_text(paths.sample_stats, json.dumps(stats, indent=2))
-    log.info(
-        "sampled %d train + %d eval rows from %d read (dropped %s)",
-        len(train_rows),
-        len(eval_rows),
-        stats["rows_read"],
-        stats["dropped"] or "none",
-    )
+    counts = len(train_rows), len(eval_rows), stats["rows_read"], stats["dropped"] or "none"
+    log.info("sampled %d train + %d eval rows from %d read (dropped %s)", *counts)
     fetched = [paths.benchmark_data] if cfg.benchmark_tasks else []
     return [paths.train_rows, paths.eval_rows, paths.cleaning_examples, paths.sample_stats, *fetched]
