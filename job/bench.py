@@ -54,12 +54,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from job import decode, evaluate, formatting, graphs, safety, sample
+from job import decode, evaluate, formatting, safety, sample
 from job.config import load_settings, replace_section, with_overrides
 from job.files import atomic_write_text, read_jsonl
 from job.model import build_messages, load_model, model_code_restored, resolve_precision, torch_dtype
 from job.paths import RunPaths
 from job.random_llama import build_random_llama
+from job.speedups import cuda_graphs
 from job.train import base_weights, build_trainer
 
 log = logging.getLogger("job.bench")
@@ -264,7 +265,7 @@ def _timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None)
     profile_at = int(os.environ.get("BENCH_PROFILE", "0")) if profile_to and rank0 else 0
     profiler = None  # the running torch.profiler, while steps N and N+1 are recorded
 
-    # Count before job/graphs.py's fixed-shape padding, if any: its padding is not trained on.
+    # Count before job/speedups/cuda_graphs.py's fixed-shape padding, if any: its padding is not trained on.
     outer = trainer.data_collator
     counter = _CountingCollator(getattr(outer, "inner", outer))
     if hasattr(outer, "inner"):
@@ -345,7 +346,7 @@ def measure_training(name: str, cfg, args) -> dict:
         disable_tqdm=True,
         report_to=[],
     )
-    # the accumulation the trainer runs: the memory-lean path splits micro-batches (train.lean_micro_batches)
+    # the accumulation the trainer runs: the memory-lean path splits micro-batches (speedups/micro_batches.py)
     grad_accum = trainer.args.gradient_accumulation_steps
     return {
         **_timed_train(trainer, grad_accum, args, profile_to=Path(args.out) / f"profile-{name}.txt"),
@@ -512,7 +513,7 @@ def check_equivalence(cfg) -> dict:
 
 
 def check_graphs(cfg) -> dict:
-    """job/graphs.py's replayed layers against the eager ones: one padded micro-batch of the `job` recipe,
+    """job/speedups/cuda_graphs.py's replayed layers against the eager ones: one padded micro-batch of the `job` recipe,
     dropout off, loss and LoRA gradients; two eager steps give the noise floor to compare with."""
     import torch
 
@@ -531,7 +532,7 @@ def check_graphs(cfg) -> dict:
     # Flash attention's backward adds with atomics, so two eager steps differ too: their distance is the floor.
     eager, eager_again = step(), step()
     t0 = time.perf_counter()
-    release = graphs.capture_layers(model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=True)
+    release = cuda_graphs.capture_layers(model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=True)
     capture_s = time.perf_counter() - t0
     graph = step()
     release()
@@ -776,8 +777,8 @@ def markdown(r: dict) -> str:
         )
     if "grad_cosine" in c:
         paragraphs.append(
-            f"CUDA graphs (job/graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout off, replayed "
-            f"layers vs eager: loss {c['loss_graph']:.5f} vs {c['loss_eager']:.5f} (rel. diff "
+            f"CUDA graphs (job/speedups/cuda_graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout "
+            f"off, replayed layers vs eager: loss {c['loss_graph']:.5f} vs {c['loss_eager']:.5f} (rel. diff "
             f"{c['loss_rel_diff']:.1e}), LoRA gradient cosine {c['grad_cosine']:.5f}, rel. L2 {c['grad_rel_l2']:.1e} "
             f"(two eager steps: {c['grad_rel_l2_eager_twice']:.1e}; flash attention's backward is not deterministic); "
             f"captured in {c['capture_s']:.1f} s; layer calls {c['layer_calls']}."

@@ -1,5 +1,6 @@
-"""job/graphs.py: the fixed-shape padding that CUDA graphs need leaves the loss and the gradients unchanged.
-(The capture itself needs CUDA: the last test runs on a GPU; `make bench` compares graphed and eager steps there.)"""
+"""job/speedups/cuda_graphs.py: the fixed-shape padding that CUDA graphs need leaves the loss and the gradients
+unchanged. (The capture itself needs CUDA: the last test runs on a GPU; `make bench` compares graphed and eager
+steps there.)"""
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ import torch
 from job.config import load_settings
 from job.files import read_jsonl
 from job.formatting import tokenize_row
-from job.graphs import FixedShape, slots_for
 from job.model import load_model, load_tokenizer, lora_config
+from job.speedups.cuda_graphs import FixedShape, slots_for
 
 
 def _loss_and_grads(model, batch):
@@ -83,42 +84,43 @@ def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_di
 
 
 def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
-    from job import attention, train
+    from job import attention
     from job.config import with_overrides
+    from job.speedups.cuda_graphs import use_graphs
 
-    monkeypatch.setattr(train, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention, "flash_varlen", lambda: True)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = load_settings({}, env_file=None)
-    assert train.use_graphs(cfg, compiled=False)
-    assert not train.use_graphs(cfg, compiled=True)
+    assert use_graphs(cfg, compiled=False)
+    assert not use_graphs(cfg, compiled=True)
     for change in (
         {"CUDA_GRAPHS": False},
         {"PACKING": False},  # padded rows need a mask, which the graph does not pass
         {"GRADIENT_CHECKPOINTING": True},
         {"ATTN_IMPLEMENTATION": "sdpa"},  # would attend across the packed conversations without the varlen kernel
     ):
-        assert not train.use_graphs(with_overrides(cfg, **change), compiled=False), change
+        assert not use_graphs(with_overrides(cfg, **change), compiled=False), change
     monkeypatch.setenv("WORLD_SIZE", "2")  # each DDP rank captures its own layers (the GPU test below)
-    assert train.use_graphs(cfg, compiled=False)
+    assert use_graphs(cfg, compiled=False)
     monkeypatch.setattr(attention, "flash_varlen", lambda: False)  # a T4 or V100: packed rows take the host loop
-    assert not train.use_graphs(cfg, compiled=False)
+    assert not use_graphs(cfg, compiled=False)
     monkeypatch.setattr(attention, "flash_varlen", lambda: True)
-    monkeypatch.setattr(train, "_cuda", lambda: False)
-    assert not train.use_graphs(cfg, compiled=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not use_graphs(cfg, compiled=False)
 
 
 def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
     import types
 
-    from job import graphs, train
     from job.errors import BUG, JobError
+    from job.speedups import cuda_graphs
 
     def fail(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(graphs, "capture_layers", fail)
-    callback = train._graphs_callback(types.SimpleNamespace(tokens=8, max_length=4, slots=3), "bf16")
+    monkeypatch.setattr(cuda_graphs, "capture_layers", fail)
+    callback = cuda_graphs.graphs_callback(types.SimpleNamespace(tokens=8, max_length=4, slots=3))
     with pytest.raises(JobError, match="CUDA_GRAPHS=false") as caught:
         callback.on_train_begin(types.SimpleNamespace(bf16=True, fp16=False), None, None, model=None)
     assert "stream is capturing" in str(caught.value) and caught.value.exit_code == BUG
@@ -148,7 +150,7 @@ def test_graphed_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_pa
     backward is not deterministic, so two eager steps set the noise floor."""
     import torch.distributed as dist
 
-    from job.graphs import capture_layers
+    from job.speedups.cuda_graphs import capture_layers
 
     if family == "gemma3":
         tiny_model_dir = _tiny_gemma3(tiny_model_dir, tmp_path / "gemma3")
