@@ -126,6 +126,32 @@ def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
     assert "stream is capturing" in str(caught.value) and caught.value.exit_code == BUG
 
 
+def test_the_trainer_pads_to_the_captured_shape_and_captures_in_its_precision(monkeypatch):
+    """attach: the trainer's collator padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens, and a callback that captures the
+    layers when training begins, under the Trainer's mixed precision (bf16 or fp16 autocast, or none)."""
+    import types
+
+    from job.speedups import cuda_graphs
+
+    cfg = load_settings({"BATCH_SIZE": "4", "MAX_SEQ_LENGTH": "256"}, env_file=None)
+    callbacks, inner = [], object()
+    pad = types.SimpleNamespace(pad_token_id=7)
+    trainer = types.SimpleNamespace(data_collator=inner, processing_class=pad, add_callback=callbacks.append)
+    cuda_graphs.attach(trainer, cfg)
+    fixed = trainer.data_collator
+    assert isinstance(fixed, FixedShape) and fixed.inner is inner
+    assert (fixed.tokens, fixed.max_length, fixed.slots, fixed.pad_id) == (1024, 256, slots_for(1024, 256), 7)
+
+    captured = []
+    monkeypatch.setattr(cuda_graphs, "capture_layers", lambda *a, **k: captured.append((a, k)))
+    (callback,) = callbacks
+    precisions = ((True, False, torch.bfloat16), (False, True, torch.float16), (False, False, torch.float32))
+    for bf16, fp16, dtype in precisions:
+        callback.on_train_begin(types.SimpleNamespace(bf16=bf16, fp16=fp16), None, None, model="model")
+        args, kwargs = captured.pop()
+        assert args == ("model", 1024, 256, fixed.slots, dtype) and kwargs == {"autocast": bf16 or fp16}
+
+
 def _tiny_gemma3(tiny_model_dir, out):
     """The tiny Gemma 3 (a 16-token sliding window: shorter than the conversations) saved with the tiny tokenizer."""
     from conftest import tiny_gemma3_config

@@ -66,9 +66,13 @@ def test_liger_only_on_a_gpu_and_not_with_compile(monkeypatch):
     import importlib.util
 
     on = load_settings({"LIGER_KERNEL": "true"}, env_file=None)
+    find_spec = importlib.util.find_spec
+    installed = lambda name, *a: object() if name == "liger_kernel" else find_spec(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", installed)
     assert not use_liger(on, compiled=False)  # CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # liger-kernel installed
     assert use_liger(on, compiled=False)
     assert not use_liger(on, compiled=True)
     assert not use_liger(load_settings({"LIGER_KERNEL": "false"}, env_file=None), compiled=False)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert use_liger(on, compiled=False) is (find_spec("liger_kernel") is not None)  # as installed here
