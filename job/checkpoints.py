@@ -116,11 +116,12 @@ def _move_aside(stale: list[Path], fingerprint: str, stale_dir: Path) -> None:
 
 
 def callback(keep: int, fingerprint: dict | None = None):
+    """The Trainer callback that marks each checkpoint once the Trainer has written it (THREADS and `fingerprint`
+    first, the marker last), then keeps the newest `keep`; at a step's end, a stop agreed by the ranks (SIGTERM)
+    saves that step and ends training."""
     from transformers import TrainerCallback
 
     class CheckpointMarker(TrainerCallback):
-        """Write the marker after the Trainer has written everything, then apply retention."""
-
         def on_step_end(self, args, state, control, **kwargs):
             maybe_die("train.step", state.global_step)
             if stop.agreed():  # SIGTERM (job/stop.py) on any rank: every rank saves this step, then stops

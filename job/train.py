@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 from datetime import datetime, timezone
@@ -97,6 +96,8 @@ def run(cfg: Settings, paths: RunPaths, fingerprint: dict | None = None) -> list
         log.info("resuming from %s", resume.name)
     elif digest:
         log.info("training from step 0 (fingerprint %s)", digest[:12])
+    # A SIGTERM waits for the step's end and its checkpoint; Liger's process-wide patch of the model code is undone;
+    # running out of GPU memory or disk becomes an exit code that says what to change.
     with (
         stop.during_training(),
         model_code_restored(trainer.model),
@@ -192,11 +193,8 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
     """The derived numbers printed at start: what will actually run."""
     world = world_size()
     n_seq = len(trainer.train_dataset)
-    steps = trainer.args.max_steps if trainer.args.max_steps > 0 else None
     batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
     per_step = batch * accum * world
-    if steps is None:
-        steps = math.ceil(n_seq / per_step) * math.ceil(cfg.EPOCHS)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     info = {
         "precision": precision,

@@ -1,4 +1,4 @@
-"""DEQUANTIZE_BASE: the NF4 base held in 16-bit for training, the same weights without the 4-bit kernels."""
+"""DEQUANTIZE_BASE: the NF4 base held in 16-bit for training."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def dequantize_for_training(cfg: Settings, model: Any) -> bool:
-    """Swap the 4-bit linear layers for 16-bit ones holding the same NF4-rounded weights (DEQUANTIZE_BASE).
+    """Swap the 4-bit linear layers for 16-bit ones holding the same NF4-rounded weights; returns whether it did.
 
     bitsandbytes' 4-bit layer dequantizes its weight to the compute dtype on every forward and
     backward call and multiplies with that: the math is a 16-bit matmul with the NF4 values. A QLoRA
@@ -22,7 +22,6 @@ def dequantize_for_training(cfg: Settings, model: Any) -> bool:
     (make bench measures both paths and checks they agree). The cost is memory, 2 bytes per base
     weight, so "auto" does it only where the 16-bit copy takes at most a quarter of the GPU (a 24 GB card
     for 3B, not for 8B).
-    Returns whether it did.
     """
     import torch
 

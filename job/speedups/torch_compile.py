@@ -1,8 +1,7 @@
-"""Regional compilation of the decoder layers (TORCH_COMPILE).
+"""TORCH_COMPILE: regional compilation of the decoder layers (https://pytorch.org/tutorials/recipes/regional_compilation.html).
 
 A QLoRA step in eager mode is bound by Python launching thousands of small kernels through PEFT, bitsandbytes,
-Liger and Transformers' modules, not by the GPU's arithmetic. Compiling each decoder layer lets Inductor fuse
-the norms, RoPE and SwiGLU; the compile is paid once, in the first step.
+Liger and Transformers' modules, not by the GPU's arithmetic. Compiled, Inductor fuses the norms, RoPE and SwiGLU.
 """
 
 from __future__ import annotations
@@ -63,13 +62,11 @@ def use_compile(cfg: Settings, rows: list[dict], packed_base: bool = False) -> b
 
 
 def compile_layers(model: Any) -> int:
-    """Compile each decoder layer in place (https://pytorch.org/tutorials/recipes/regional_compilation.html): the
-    layers share compiled code, so the cost is about one layer's compile (layer 0, whose input carries no
-    gradient, gets a graph of its own). Returns how many.
-    Accelerate's compile_regions would wrap the layers and rename their state-dict keys, which
-    PEFT's checkpoints depend on; Module.compile() keeps them. dynamic=True: packed rows differ in
-    length every step, and one graph serves them all.
-    """
+    """Compile each decoder layer in place; returns how many. The layers share compiled code, so the cost is about
+    one layer's compile (layer 0, whose input carries no gradient, gets a graph of its own). Accelerate's
+    compile_regions would wrap the layers and rename their state-dict keys, which PEFT's checkpoints depend on;
+    Module.compile() keeps them. dynamic=True: packed rows differ in length every step, and one graph serves them
+    all."""
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
