@@ -110,17 +110,31 @@ def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
     assert not use_graphs(cfg, compiled=False)
 
 
+def _attached(monkeypatch, capture):
+    """A stand-in trainer with cuda_graphs.attach applied (BATCH_SIZE 4 x MAX_SEQ_LENGTH 256), `capture` in place of
+    capture_layers; returns the trainer and the callback attach added."""
+    import types
+
+    from job.speedups import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "capture_layers", capture)
+    callbacks = []
+    pad = types.SimpleNamespace(pad_token_id=7)
+    trainer = types.SimpleNamespace(data_collator="TRL's", processing_class=pad, add_callback=callbacks.append)
+    cuda_graphs.attach(trainer, load_settings({"BATCH_SIZE": "4", "MAX_SEQ_LENGTH": "256"}, env_file=None))
+    (callback,) = callbacks
+    return trainer, callback
+
+
 def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
     import types
 
     from job.errors import BUG, JobError
-    from job.speedups import cuda_graphs
 
     def fail(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(cuda_graphs, "capture_layers", fail)
-    callback = cuda_graphs.graphs_callback(types.SimpleNamespace(tokens=8, max_length=4, slots=3))
+    _, callback = _attached(monkeypatch, fail)
     with pytest.raises(JobError, match="CUDA_GRAPHS=false") as caught:
         callback.on_train_begin(types.SimpleNamespace(bf16=True, fp16=False), None, None, model=None)
     assert "stream is capturing" in str(caught.value) and caught.value.exit_code == BUG
@@ -131,20 +145,11 @@ def test_the_trainer_pads_to_the_captured_shape_and_captures_in_its_precision(mo
     layers when training begins, under the Trainer's mixed precision (bf16 or fp16 autocast, or none)."""
     import types
 
-    from job.speedups import cuda_graphs
-
-    cfg = load_settings({"BATCH_SIZE": "4", "MAX_SEQ_LENGTH": "256"}, env_file=None)
-    callbacks, inner = [], object()
-    pad = types.SimpleNamespace(pad_token_id=7)
-    trainer = types.SimpleNamespace(data_collator=inner, processing_class=pad, add_callback=callbacks.append)
-    cuda_graphs.attach(trainer, cfg)
-    fixed = trainer.data_collator
-    assert isinstance(fixed, FixedShape) and fixed.inner is inner
-    assert (fixed.tokens, fixed.max_length, fixed.slots, fixed.pad_id) == (1024, 256, slots_for(1024, 256), 7)
-
     captured = []
-    monkeypatch.setattr(cuda_graphs, "capture_layers", lambda *a, **k: captured.append((a, k)))
-    (callback,) = callbacks
+    trainer, callback = _attached(monkeypatch, lambda *a, **k: captured.append((a, k)))
+    fixed = trainer.data_collator
+    assert isinstance(fixed, FixedShape) and fixed.inner == "TRL's"
+    assert (fixed.tokens, fixed.max_length, fixed.slots, fixed.pad_id) == (1024, 256, slots_for(1024, 256), 7)
     precisions = ((True, False, torch.bfloat16), (False, True, torch.float16), (False, False, torch.float32))
     for bf16, fp16, dtype in precisions:
         callback.on_train_begin(types.SimpleNamespace(bf16=bf16, fp16=fp16), None, None, model="model")

@@ -79,7 +79,7 @@ def test_dequantized_base_trains_like_the_4bit_kernels(tiny_model_dir):
     """DEQUANTIZE_BASE: the NF4 base held in 16-bit (here fp32, on CPU) gives the loss and LoRA gradients
     of bitsandbytes' 4-bit layers; the unquantized base, with other weights, does not."""
     from job.__main__ import FIXTURE
-    from job.speedups.dequantize import dequantize_for_training
+    from job.speedups.nf4_base import dequantize_for_training
 
     env = {"BASE_MODEL": str(tiny_model_dir), "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "2048"}
     cfg = load_settings({**env, "DEQUANTIZE_BASE": "true"}, env_file=None)
@@ -107,30 +107,6 @@ def test_dequantized_base_trains_like_the_4bit_kernels(tiny_model_dir):
     unquantized = load_model(load_settings({**env, "QUANTIZATION": "none"}, env_file=None), "fp32")
     other = equivalence(_lora_with_weights(cfg, unquantized, lora), rows, tok.pad_token_id, plain_model=plain)
     assert other["loss_rel_diff"] > 1e-4 and other["grad_rel_l2"] > 2e-2, other
-
-
-def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch):
-    """auto: never on CPU; on a GPU only where the 16-bit copy takes at most a quarter of its memory."""
-    import types
-
-    from job.speedups.dequantize import dequantize_for_training
-
-    env = {"BASE_MODEL": str(tiny_model_dir)}
-    auto = load_settings(env, env_file=None)
-    assert auto.DEQUANTIZE_BASE == "auto"
-    assert not dequantize_for_training(auto, load_model(auto, "fp32"))  # CPU
-    assert not dequantize_for_training(load_settings({**env, "DEQUANTIZE_BASE": "false"}, env_file=None), None)
-    assert not dequantize_for_training(load_settings({**env, "QUANTIZATION": "none"}, env_file=None), None)
-
-    model = load_model(auto, "fp32")
-    packed = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
-    size = sum(m.in_features * m.out_features for m in packed) * 4  # fp32
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for total, expected in ((4 * size - 1, False), (4 * size, True)):
-        gpu = types.SimpleNamespace(total_memory=total)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, gpu=gpu: gpu)
-        assert dequantize_for_training(auto, model) is expected, total
-        assert any(type(m).__name__ == "Linear4bit" for m in model.modules()) is not expected
 
 
 def test_shared_batches_answer_like_the_base_and_the_tuned_model_apart(tiny_model_dir, tmp_path):

@@ -2,8 +2,8 @@
 
 Each changes how a step is computed, not what it trains, and its test compares it with the plain step:
 
-  dequantize.py      DEQUANTIZE_BASE: the NF4 base held in 16-bit, no 4-bit kernels in the step
-  micro_batches.py   where the base stays in 4 bits on a GPU: micro-batches split in two, the same optimizer step
+  nf4_base.py        DEQUANTIZE_BASE: the NF4 base held in 16-bit, no 4-bit kernels in the step; where it stays
+                     in 4 bits on a GPU, micro-batches split in two (the same optimizer step, less memory)
   torch_compile.py   TORCH_COMPILE: regional compilation of the decoder layers
   liger.py           LIGER_KERNEL: Liger's fused kernels, applied by the Trainer
   cuda_graphs.py     CUDA_GRAPHS: each decoder layer's forward and backward replayed as CUDA graphs
@@ -18,14 +18,14 @@ from typing import Any
 
 from job.config import Settings
 from job.model import four_bit_layers
-from job.speedups import cuda_graphs, dequantize, lazy_metrics, liger, micro_batches, torch_compile
+from job.speedups import cuda_graphs, lazy_metrics, liger, nf4_base, torch_compile
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Speedups:
-    cfg: Settings  # BATCH_SIZE and GRAD_ACCUM as the trainer runs them (micro_batches)
+    cfg: Settings  # BATCH_SIZE and GRAD_ACCUM as the trainer runs them (nf4_base.lean_micro_batches)
     trainer_class: type  # the SFTTrainer to build
     liger: bool  # SFTConfig's use_liger_kernel
     compiled: bool
@@ -42,13 +42,13 @@ class Speedups:
 
 def choose(cfg: Settings, model: Any, rows: list[dict], lean: bool = True) -> Speedups:
     """What speeds up training `rows` on the base `model`, decided before LoRA wraps it; DEQUANTIZE_BASE is done
-    here. `lean`: the job's own economies (micro_batches, lazy_metrics); the bench turns them off for the plain-TRL
+    here. `lean`: the job's own economies (lean_micro_batches, lazy_metrics); the bench turns them off for the plain-TRL
     recipes it compares against."""
     from trl import SFTTrainer
 
-    dequantize.dequantize_for_training(cfg, model)
+    nf4_base.dequantize_for_training(cfg, model)
     if lean:
-        cfg = micro_batches.lean_micro_batches(cfg, model)
+        cfg = nf4_base.lean_micro_batches(cfg, model)
     compiled = torch_compile.use_compile(cfg, rows, packed_base=bool(four_bit_layers(model)))
     return Speedups(
         cfg=cfg,

@@ -47,21 +47,16 @@ def use_graphs(cfg: Settings, compiled: bool, attn: str | None = None) -> bool:
 
 
 def attach(trainer: Any, cfg: Settings) -> None:
-    """Pad the trainer's packed micro-batches to BATCH_SIZE x MAX_SEQ_LENGTH tokens and capture its decoder layers
-    when training begins."""
-    tokens = cfg.BATCH_SIZE * cfg.MAX_SEQ_LENGTH
-    slots = slots_for(tokens, cfg.MAX_SEQ_LENGTH)
-    pad_id = trainer.processing_class.pad_token_id
-    trainer.data_collator = FixedShape(trainer.data_collator, tokens, cfg.MAX_SEQ_LENGTH, slots, pad_id)
-    trainer.add_callback(graphs_callback(trainer.data_collator))
-
-
-def graphs_callback(fixed: FixedShape):
-    """Captures the decoder layers when training begins (after the Trainer has applied Liger, whose kernels
-    the graphs must hold) and gives them back when it ends. A capture that fails stops the job with the way
-    out: after a failed capture CUDA's random-number state is unusable, so training cannot go on eager."""
+    """Pad the trainer's packed micro-batches to BATCH_SIZE x MAX_SEQ_LENGTH tokens, capture its decoder layers when
+    training begins (after the Trainer has applied Liger, whose kernels the graphs must hold) and give them back
+    when it ends. A capture that fails stops the job with the way out: after a failed capture CUDA's random-number
+    state is unusable, so training cannot go on eager."""
     import torch
     from transformers import TrainerCallback
+
+    tokens = cfg.BATCH_SIZE * cfg.MAX_SEQ_LENGTH
+    slots = slots_for(tokens, cfg.MAX_SEQ_LENGTH)
+    fixed = FixedShape(trainer.data_collator, tokens, cfg.MAX_SEQ_LENGTH, slots, trainer.processing_class.pad_token_id)
 
     class Graphs(TrainerCallback):
         release = None
@@ -72,7 +67,7 @@ def graphs_callback(fixed: FixedShape):
             dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
             try:
                 self.release = capture_layers(
-                    model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=args.bf16 or args.fp16
+                    model, tokens, cfg.MAX_SEQ_LENGTH, slots, dtype, autocast=args.bf16 or args.fp16
                 )
             except torch.cuda.OutOfMemoryError:
                 raise
@@ -88,7 +83,8 @@ def graphs_callback(fixed: FixedShape):
                 self.release()
                 log.info("CUDA graphs: decoder layer calls %s", self.release.calls)
 
-    return Graphs()
+    trainer.data_collator = fixed
+    trainer.add_callback(Graphs())
 
 
 class FixedShape:

@@ -1,10 +1,11 @@
-"""job/speedups/micro_batches.py: the memory-lean path's split micro-batches make the same optimizer step."""
+"""job/speedups/nf4_base.py: DEQUANTIZE_BASE where the GPU has room; elsewhere the memory-lean path's split
+micro-batches make the same optimizer step. (The dequantized base's loss and gradients: tests/test_equivalence.py.)"""
 
 import torch
 
 from job.config import load_settings, with_overrides
 from job.model import load_model
-from job.speedups.micro_batches import lean_micro_batches
+from job.speedups.nf4_base import dequantize_for_training, lean_micro_batches
 
 
 def _first_step_gradients(cfg, paths) -> torch.Tensor:
@@ -54,3 +55,25 @@ def test_lean_path_splits_micro_batches_into_the_same_optimizer_step(demo_run, t
     assert (lean.BATCH_SIZE, lean.GRAD_ACCUM) == (2, 6)
     assert lean_micro_batches(with_overrides(nf4, BATCH_SIZE=3), four_bit).BATCH_SIZE == 3
     assert lean_micro_batches(nf4, sixteen_bit).BATCH_SIZE == 4
+
+
+def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch):
+    """auto: never on CPU; on a GPU only where the 16-bit copy takes at most a quarter of its memory."""
+    import types
+
+    env = {"BASE_MODEL": str(tiny_model_dir)}
+    auto = load_settings(env, env_file=None)
+    assert auto.DEQUANTIZE_BASE == "auto"
+    assert not dequantize_for_training(auto, load_model(auto, "fp32"))  # CPU
+    assert not dequantize_for_training(load_settings({**env, "DEQUANTIZE_BASE": "false"}, env_file=None), None)
+    assert not dequantize_for_training(load_settings({**env, "QUANTIZATION": "none"}, env_file=None), None)
+
+    model = load_model(auto, "fp32")
+    packed = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    size = sum(m.in_features * m.out_features for m in packed) * 4  # fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for total, expected in ((4 * size - 1, False), (4 * size, True)):
+        gpu = types.SimpleNamespace(total_memory=total)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, gpu=gpu: gpu)
+        assert dequantize_for_training(auto, model) is expected, total
+        assert any(type(m).__name__ == "Linear4bit" for m in model.modules()) is not expected
