@@ -259,15 +259,10 @@ def _failures_explained(folder: Path, trainer: Any, cfg: Settings | None = None)
     except Exception as e:
         if errors.classify(e, "train") is not None:
             raise  # typed (an OSError's errno, the Hub's errors): __main__ classifies it
-        err = errors.disk_failure(folder, _checkpoint_bytes(trainer), f"train: writing {folder}", e)
+        # What a checkpoint takes, rounded up: the trainable weights and Adam's two moments, 4 bytes each, plus
+        # 64 MiB for the tokenizer saved beside them (Llama 3's tokenizer.json alone is 9 MB) and the small files.
+        need = 3 * 4 * sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) + 64 * 2**20
+        err = errors.disk_failure(folder, need, f"train: writing {folder}", e)
         if err is None:
             raise
         raise err from e
-
-
-def _checkpoint_bytes(trainer: Any) -> int:
-    """About what one checkpoint takes on disk, rounded up: the trainable weights and Adam's two moments, 4 bytes
-    each, plus 64 MiB for the tokenizer the Trainer saves beside them (Llama 3's tokenizer.json alone is 9 MB)
-    and its small files (state, scheduler, RNG)."""
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return 3 * 4 * trainable + 64 * 2**20
