@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from job import decode, evaluate, graphs
+from job import decode, evaluate
 from job.config import with_overrides
 from job.files import read_jsonl
 from job.model import load_model, model_code_restored, resolve_precision, torch_dtype
 from job.paths import RunPaths
+from job.speedups import cuda_graphs
 from job.train import base_weights, build_trainer
 
 
@@ -99,8 +100,8 @@ def check_equivalence(cfg) -> dict:
 
 
 def check_graphs(cfg) -> dict:
-    """job/graphs.py's replayed layers against the eager ones: one padded micro-batch of `cfg` (the bench's `job`
-    recipe), dropout off, loss and LoRA gradients; two eager steps give the noise floor to compare with."""
+    """job/speedups/cuda_graphs.py's replayed layers against the eager ones: one padded micro-batch of `cfg` (the
+    bench's `job` recipe), dropout off, loss and LoRA gradients; two eager steps give the noise floor to compare with."""
     import torch
 
     rcfg = with_overrides(cfg, LORA_DROPOUT=0.0)
@@ -118,7 +119,7 @@ def check_graphs(cfg) -> dict:
     # Flash attention's backward adds with atomics, so two eager steps differ too: their distance is the floor.
     eager, eager_again = step(), step()
     t0 = time.perf_counter()
-    release = graphs.capture_layers(model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=True)
+    release = cuda_graphs.capture_layers(model, fixed.tokens, fixed.max_length, fixed.slots, dtype, autocast=True)
     capture_s = time.perf_counter() - t0
     graph = step()
     release()

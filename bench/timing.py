@@ -137,7 +137,7 @@ def timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None) 
     profile_at = int(os.environ.get("BENCH_PROFILE", "0")) if profile_to and rank0 else 0
     profiler = None  # the running torch.profiler, while steps N and N+1 are recorded
 
-    # Count before job/graphs.py's fixed-shape padding, if any: its padding is not trained on.
+    # Count before job/speedups/cuda_graphs.py's fixed-shape padding, if any: its padding is not trained on.
     outer = trainer.data_collator
     counter = _CountingCollator(getattr(outer, "inner", outer))
     if hasattr(outer, "inner"):

@@ -294,9 +294,9 @@ class Settings:
     TORCH_COMPILE: str = _setting(
         "auto",
         "On CUDA: compile each decoder layer with torch.compile, a one-off compile in the first step for faster "
-        "steps after it. auto: only when training has enough optimizer steps to repay it (job/train.py, "
-        "COMPILE_AFTER_STEPS: large datasets, not 1,000 rows) and the base is held in 16-bit (compiling the "
-        "4-bit kernels' step makes it slower).",
+        "steps after it. auto: only when training has enough optimizer steps to repay it "
+        "(job/speedups/torch_compile.py, COMPILE_AFTER_STEPS: large datasets, not 1,000 rows) and the base is held "
+        "in 16-bit (compiling the 4-bit kernels' step makes it slower).",
         "train",
         ("auto", "true", "false"),
         output=False,
@@ -312,8 +312,8 @@ class Settings:
         True,
         "On an Ampere or newer GPU (each DDP rank too), with PACKING and ATTN_IMPLEMENTATION=sdpa_varlen, not "
         "compiling and without gradient checkpointing: replay each decoder layer's forward and backward as a CUDA "
-        "graph (job/graphs.py). Packed micro-batches are padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens; the loss and "
-        "gradients do not change.",
+        "graph (job/speedups/cuda_graphs.py). Packed micro-batches are padded to BATCH_SIZE x MAX_SEQ_LENGTH "
+        "tokens; the loss and gradients do not change.",
         "train",
         output=False,
     )

@@ -278,10 +278,10 @@ def model_code_restored(model: Any):
     own modules (what training needs), and also replaces the modeling module's RMSNorm and MLP classes and
     its rotary embedding for the whole process, which would reach every model built later in it:
     evaluation's and the benchmark's (Liger's kernels save training memory, bench/throughput.py, and slow
-    decoding down). The training stage wraps train() in this block, so no later stage sees the patch.
+    decoding down). The train stage wraps train() in this block, so no later stage sees the patch.
     (Training in a child process would avoid the patch too, at the cost of re-importing the stack, ~10 s
-    per run, and of a second process group under torchrun.) tests/test_equivalence.py patches the way
-    Liger does; the throughput bench's checks count Liger's modules in the trained and in the evaluated model.
+    per run, and of a second process group under torchrun.) tests/test_liger.py patches the way Liger
+    does; the bench's checks count Liger's modules in the trained and in the evaluated model.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     module = sys.modules[type(inner).__module__]  # e.g. transformers.models.llama.modeling_llama
@@ -304,46 +304,6 @@ def model_code_restored(model: Any):
 def four_bit_layers(model: Any) -> list:
     """bitsandbytes' 4-bit linear layers in `model` (none once dequantized)."""
     return [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
-
-
-def dequantize_for_training(cfg: Settings, model: Any) -> bool:
-    """Swap the 4-bit linear layers for 16-bit ones holding the same NF4-rounded weights (DEQUANTIZE_BASE).
-
-    bitsandbytes' 4-bit layer dequantizes its weight to the compute dtype on every forward and
-    backward call and multiplies with that: the math is a 16-bit matmul with the NF4 values. A QLoRA
-    step on the 3B model makes ~400 such calls (196 layers, forward and backward), each ~300 us of
-    Python and launches, and the step is bound by the CPU (job/train.py, compile_layers). Dequantizing
-    once (Transformers' own `dequantize`) keeps the weights, losses and gradients and drops that work
-    (bench/throughput.py measures both paths and checks they agree). The cost is memory, 2 bytes per base
-    weight, so "auto" does it only where the 16-bit copy takes at most a quarter of the GPU (a 24 GB card
-    for 3B, not for 8B).
-    Returns whether it did.
-    """
-    import torch
-
-    if cfg.QUANTIZATION != "nf4" or cfg.DEQUANTIZE_BASE == "false":
-        return False
-    size = sum(m.in_features * m.out_features for m in four_bit_layers(model)) * model.dtype.itemsize
-    if cfg.DEQUANTIZE_BASE == "auto":
-        if not torch.cuda.is_available():
-            return False
-        total = torch.cuda.get_device_properties(local_rank()).total_memory
-        if size > total / 4:
-            log.info(
-                "keeping the base weights packed in 4 bits: a 16-bit copy (%.1f GiB) would take more than a "
-                "quarter of the GPU's %.0f GiB (DEQUANTIZE_BASE=auto)",
-                size / 2**30,
-                total / 2**30,
-            )
-            return False
-    model.dequantize(dtype=model.dtype)
-    log.info(
-        "base weights: NF4-rounded, held in %s for training (+%.1f GiB; DEQUANTIZE_BASE=%s)",
-        str(model.dtype).removeprefix("torch."),
-        size / 2**30,
-        cfg.DEQUANTIZE_BASE,
-    )
-    return True
 
 
 def _check_targets(cfg: Settings, model: Any) -> None:

@@ -61,5 +61,5 @@ class RunPaths:
 
     def stale_checkpoints(self, stamp: str) -> Path:
         """checkpoints-stale-<stamp>/: checkpoints trained under another fingerprint (settings or data), moved
-        out of checkpoints/ by the train stage (job/train.py) when it starts afresh; never resumed, never deleted."""
+        out of checkpoints/ by the train stage (job/checkpoints.py) starting afresh; never resumed, never deleted."""
         return self.root / f"checkpoints-stale-{stamp}"

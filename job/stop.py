@@ -9,7 +9,7 @@ the shell's 143:
   (job/files.py) and the manifest marks a stage done only after its files, so nothing finished is lost;
 - inside training (`during_training`): it only notes the request. The train stage's callback then lets the
   running optimizer step finish, has the Trainer save a complete, marked checkpoint, and stops, so a
-  preemption notice costs no steps. Under torchrun the ranks agree on that step (job/train.py);
+  preemption notice costs no steps. Under torchrun the ranks agree on that step (`agreed`);
 - after the first: further SIGTERMs are only noted, so the shutdown the first one began (the checkpoint,
   the lock's release) finishes and the exit code stays STOPPED.
 The same command resumes.
@@ -18,10 +18,14 @@ The same command resumes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
+from typing import Any
 
 from job.errors import Stopped
+
+log = logging.getLogger(__name__)
 
 _requested = threading.Event()
 _deferred = False  # in training: the train stage's callback stops at the end of the step
@@ -74,7 +78,7 @@ def requested() -> bool:
 
 
 def request() -> None:
-    """Note a stop as a SIGTERM would, without raising: a rank that learns another rank's SIGTERM (job/train.py)."""
+    """Note a stop as a SIGTERM would, without raising: a rank that learns another rank's SIGTERM (`agreed`)."""
     _requested.set()
 
 
@@ -87,3 +91,31 @@ def during_training():
         yield
     finally:
         _deferred = False
+
+
+_control_group: Any = None  # torch.distributed's gloo group for the stop flag (agreed), made once
+
+
+def agreed() -> bool:
+    """Whether any rank has been asked to stop, agreed by every rank at the same optimizer step: a SIGTERM can
+    reach one rank only (one node's notice, a kill of one process), and a rank that saved and stopped alone would
+    leave the others waiting in the next step's gradient all-reduce.
+
+    One all-reduce of a flag per optimizer step, on a gloo (CPU) group of its own: on the NCCL group the flag
+    would be a GPU tensor whose read waits for the step's kernels, idling the GPU while the host queues the next
+    step. A rank that learns of another's SIGTERM notes it as its own (request), so it exits STOPPED too."""
+    global _control_group
+    import torch
+    import torch.distributed as dist
+
+    mine = requested()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return mine
+    if _control_group is None:  # every rank reaches its first step end: new_group is collective
+        _control_group = dist.new_group(backend="gloo")
+    flag = torch.tensor([int(mine)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control_group)
+    if flag.item() and not mine:
+        log.warning("another rank received SIGTERM: saving this step's checkpoint with it, then stopping")
+        request()
+    return bool(flag.item())

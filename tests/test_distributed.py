@@ -62,7 +62,7 @@ def test_torchrun_two_processes_one_writer(tmp_path, demo_env):
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, demo_env):
     """A SIGTERM that reaches rank 1 only: both ranks save the same step's checkpoint and exit 7 (STOPPED)."""
-    from job.train import MARKER, complete_checkpoints
+    from job.checkpoints import MARKER, complete_checkpoints
 
     out = tmp_path / "outputs"
     small = {"NUM_SAMPLES": "24", "BATCH_SIZE": "2", "SAVE_STEPS": "100", "STAGES": "sample,format,train"}

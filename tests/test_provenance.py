@@ -19,11 +19,11 @@ import pytest
 
 from job import provenance, report
 from job.__main__ import DEMO, FIXTURE
+from job.checkpoints import FINGERPRINT, MARKER, resume_point
 from job.config import STAGES, load_settings, with_overrides
 from job.errors import BAD_CONFIG
 from job.files import read_json, read_jsonl
 from job.paths import RunPaths
-from job.train import FINGERPRINT, MARKER, resume_point
 
 
 def _sha256(path: Path) -> str:

@@ -23,11 +23,11 @@ import torch
 from conftest import KILLABLE_JOB, SMALL_RUN, job_process
 from safetensors.torch import load_file, save_file
 
-from job import train
+from job import checkpoints
+from job.checkpoints import MARKER, checkpoint_loads, complete_checkpoints, resume_point
 from job.config import STAGES
 from job.errors import STOPPED
 from job.paths import RunPaths
-from job.train import MARKER, checkpoint_loads, complete_checkpoints, resume_point
 
 CANARY = "hf_canary_kill_test_5d21e0"  # the kill runs carry a token too: real stdout/stderr must not show it
 
@@ -336,7 +336,7 @@ def test_no_loadable_checkpoint_means_start_from_scratch(tmp_path):
 def _save(ckpt_dir: Path, step: int, keep: int) -> None:
     """What the Trainer does at a save step: write checkpoint-N, then call our callback's on_save."""
     _checkpoint(ckpt_dir, step, complete=False)
-    callback = train._completeness_callback(keep)
+    callback = checkpoints.callback(keep)
     args = SimpleNamespace(output_dir=str(ckpt_dir))
     state = SimpleNamespace(global_step=step, is_world_process_zero=True)
     callback.on_save(args, state, control=None)
@@ -366,7 +366,7 @@ def test_kill_during_retention_leaves_no_half_deleted_complete_checkpoint(tmp_pa
     def killed(path, *args, **kwargs):  # the process dies as the delete starts
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.shutil, "rmtree", killed)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         _save(tmp_path, 6, keep=2)
     monkeypatch.undo()

@@ -1,5 +1,6 @@
-"""job/graphs.py: the fixed-shape padding that CUDA graphs need leaves the loss and the gradients unchanged.
-(The capture itself needs CUDA: the last test runs on a GPU; `make bench` compares graphed and eager steps there.)"""
+"""job/speedups/cuda_graphs.py: the fixed-shape padding that CUDA graphs need leaves the loss and the gradients
+unchanged. (The capture itself needs CUDA: the last test runs on a GPU; `make bench` compares graphed and eager
+steps there.)"""
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ import torch
 from job.config import load_settings
 from job.files import read_jsonl
 from job.formatting import tokenize_row
-from job.graphs import FixedShape, slots_for
 from job.model import load_model, load_tokenizer, lora_config
+from job.speedups.cuda_graphs import FixedShape, slots_for
 
 
 def _loss_and_grads(model, batch):
@@ -83,45 +84,77 @@ def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_di
 
 
 def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
-    from job import attention, train
+    from job import attention
     from job.config import with_overrides
+    from job.speedups.cuda_graphs import use_graphs
 
-    monkeypatch.setattr(train, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention, "flash_varlen", lambda: True)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = load_settings({}, env_file=None)
-    assert train.use_graphs(cfg, compiled=False)
-    assert not train.use_graphs(cfg, compiled=True)
+    assert use_graphs(cfg, compiled=False)
+    assert not use_graphs(cfg, compiled=True)
     for change in (
         {"CUDA_GRAPHS": False},
         {"PACKING": False},  # padded rows need a mask, which the graph does not pass
         {"GRADIENT_CHECKPOINTING": True},
         {"ATTN_IMPLEMENTATION": "sdpa"},  # would attend across the packed conversations without the varlen kernel
     ):
-        assert not train.use_graphs(with_overrides(cfg, **change), compiled=False), change
+        assert not use_graphs(with_overrides(cfg, **change), compiled=False), change
     monkeypatch.setenv("WORLD_SIZE", "2")  # each DDP rank captures its own layers (the GPU test below)
-    assert train.use_graphs(cfg, compiled=False)
+    assert use_graphs(cfg, compiled=False)
     monkeypatch.setattr(attention, "flash_varlen", lambda: False)  # a T4 or V100: packed rows take the host loop
-    assert not train.use_graphs(cfg, compiled=False)
+    assert not use_graphs(cfg, compiled=False)
     monkeypatch.setattr(attention, "flash_varlen", lambda: True)
-    monkeypatch.setattr(train, "_cuda", lambda: False)
-    assert not train.use_graphs(cfg, compiled=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not use_graphs(cfg, compiled=False)
+
+
+def _attached(monkeypatch, capture):
+    """A stand-in trainer with cuda_graphs.attach applied (BATCH_SIZE 4 x MAX_SEQ_LENGTH 256), `capture` in place of
+    capture_layers; returns the trainer and the callback attach added."""
+    import types
+
+    from job.speedups import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "capture_layers", capture)
+    callbacks = []
+    pad = types.SimpleNamespace(pad_token_id=7)
+    trainer = types.SimpleNamespace(data_collator="TRL's", processing_class=pad, add_callback=callbacks.append)
+    cuda_graphs.attach(trainer, load_settings({"BATCH_SIZE": "4", "MAX_SEQ_LENGTH": "256"}, env_file=None))
+    (callback,) = callbacks
+    return trainer, callback
 
 
 def test_a_failed_capture_stops_the_job_with_the_way_out(monkeypatch):
     import types
 
-    from job import graphs, train
     from job.errors import BUG, JobError
 
     def fail(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(graphs, "capture_layers", fail)
-    callback = train._graphs_callback(types.SimpleNamespace(tokens=8, max_length=4, slots=3), "bf16")
+    _, callback = _attached(monkeypatch, fail)
     with pytest.raises(JobError, match="CUDA_GRAPHS=false") as caught:
         callback.on_train_begin(types.SimpleNamespace(bf16=True, fp16=False), None, None, model=None)
     assert "stream is capturing" in str(caught.value) and caught.value.exit_code == BUG
+
+
+def test_the_trainer_pads_to_the_captured_shape_and_captures_in_its_precision(monkeypatch):
+    """attach: the trainer's collator padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens, and a callback that captures the
+    layers when training begins, under the Trainer's mixed precision (bf16 or fp16 autocast, or none)."""
+    import types
+
+    captured = []
+    trainer, callback = _attached(monkeypatch, lambda *a, **k: captured.append((a, k)))
+    fixed = trainer.data_collator
+    assert isinstance(fixed, FixedShape) and fixed.inner == "TRL's"
+    assert (fixed.tokens, fixed.max_length, fixed.slots, fixed.pad_id) == (1024, 256, slots_for(1024, 256), 7)
+    precisions = ((True, False, torch.bfloat16), (False, True, torch.float16), (False, False, torch.float32))
+    for bf16, fp16, dtype in precisions:
+        callback.on_train_begin(types.SimpleNamespace(bf16=bf16, fp16=fp16), None, None, model="model")
+        args, kwargs = captured.pop()
+        assert args == ("model", 1024, 256, fixed.slots, dtype) and kwargs == {"autocast": bf16 or fp16}
 
 
 def _tiny_gemma3(tiny_model_dir, out):
@@ -148,7 +181,7 @@ def test_graphed_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_pa
     backward is not deterministic, so two eager steps set the noise floor."""
     import torch.distributed as dist
 
-    from job.graphs import capture_layers
+    from job.speedups.cuda_graphs import capture_layers
 
     if family == "gemma3":
         tiny_model_dir = _tiny_gemma3(tiny_model_dir, tmp_path / "gemma3")

@@ -1,14 +1,14 @@
 """CUDA graphs for training: each decoder layer's forward and backward captured once, then replayed.
 
 Why: an eager QLoRA step launches ~2,600 small kernels through PEFT, Liger and Transformers, and on an H200
-the host takes longer to launch them than the GPU takes to run them (bench.py's profile). A replayed graph
+the host takes longer to launch them than the GPU takes to run them (make bench's profile). A replayed graph
 launches a layer's kernels in one call. We capture per layer, as PyTorch's `make_graphed_callables` does (so
 the embedding, the loss and the optimizer stay eager; `_chain` says why not that function itself), rather than
 use `torch.compile`, whose compile costs a minute per process: capturing costs a few steps.
 
 A graph replays fixed shapes, so each packed micro-batch is padded to BATCH_SIZE x MAX_SEQ_LENGTH tokens
 (FixedShape below): the padding is conversations of its own, attended only by themselves and masked from the
-loss, so the loss and the gradients are those of the unpadded batch (tests/test_graphs.py). A micro-batch
+loss, so the loss and the gradients are those of the unpadded batch (tests/test_cuda_graphs.py). A micro-batch
 that does not fit the captured shape runs the eager layers.
 """
 
@@ -17,11 +17,74 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import time
 from typing import Any
 
+from job import attention
+from job.config import Settings
+from job.errors import JobError
 from job.model import decoder_layers
 
 log = logging.getLogger(__name__)
+
+
+def use_graphs(cfg: Settings, compiled: bool, attn: str | None = None) -> bool:
+    """CUDA_GRAPHS where the step can be captured: packed rows through job/attention.py's varlen kernel (the
+    graph passes conversation boundaries, no mask) on a GPU that has the flash kernel, no compile, no gradient
+    checkpointing. `attn`: the attention the model was loaded with, when it is not ATTN_IMPLEMENTATION
+    (job/attention.py attention_for)."""
+    import torch
+
+    return (
+        cfg.CUDA_GRAPHS
+        and torch.cuda.is_available()
+        and attention.flash_varlen()
+        and cfg.PACKING
+        and (attn or cfg.ATTN_IMPLEMENTATION) == attention.NAME
+        and not compiled
+        and not cfg.GRADIENT_CHECKPOINTING
+    )
+
+
+def attach(trainer: Any, cfg: Settings) -> None:
+    """Pad the trainer's packed micro-batches to BATCH_SIZE x MAX_SEQ_LENGTH tokens, capture its decoder layers when
+    training begins (after the Trainer has applied Liger, whose kernels the graphs must hold) and give them back
+    when it ends. A capture that fails stops the job with the way out: after a failed capture CUDA's random-number
+    state is unusable, so training cannot go on eager."""
+    import torch
+    from transformers import TrainerCallback
+
+    tokens = cfg.BATCH_SIZE * cfg.MAX_SEQ_LENGTH
+    slots = slots_for(tokens, cfg.MAX_SEQ_LENGTH)
+    fixed = FixedShape(trainer.data_collator, tokens, cfg.MAX_SEQ_LENGTH, slots, trainer.processing_class.pad_token_id)
+
+    class Graphs(TrainerCallback):
+        release = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            t0 = time.perf_counter()
+            # the Trainer's mixed precision, which the capture repeats
+            dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+            try:
+                self.release = capture_layers(
+                    model, tokens, cfg.MAX_SEQ_LENGTH, slots, dtype, autocast=args.bf16 or args.fp16
+                )
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # a kernel or library that a CUDA graph cannot hold
+                raise JobError(
+                    f"capturing the decoder layers as CUDA graphs failed ({type(e).__name__}: {str(e)[:300]}). "
+                    "Set CUDA_GRAPHS=false to train without them (slower, same results)."
+                ) from None
+            log.info("CUDA graphs: decoder layers captured in %.1f s", time.perf_counter() - t0)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.release:
+                self.release()
+                log.info("CUDA graphs: decoder layer calls %s", self.release.calls)
+
+    trainer.data_collator = fixed
+    trainer.add_callback(Graphs())
 
 
 class FixedShape:

@@ -1,0 +1,79 @@
+"""job/speedups/nf4_base.py: DEQUANTIZE_BASE where the GPU has room; elsewhere the memory-lean path's split
+micro-batches make the same optimizer step. (The dequantized base's loss and gradients: tests/test_equivalence.py.)"""
+
+import torch
+
+from job.config import load_settings, with_overrides
+from job.model import load_model
+from job.speedups.nf4_base import dequantize_for_training, lean_micro_batches
+
+
+def _first_step_gradients(cfg, paths) -> torch.Tensor:
+    """The LoRA gradients that the first optimizer step applies (after accumulation and clipping)."""
+    from transformers import TrainerCallback
+
+    from job.train import build_trainer
+
+    seen = []
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            seen.append(torch.cat([p.grad.flatten().clone() for p in model.parameters() if p.requires_grad]))
+
+    trainer = build_trainer(cfg, paths, "fp32", max_steps=1, save_strategy="no", report_to=[], logging_steps=1)
+    trainer.add_callback(Grab())
+    trainer.train()
+    return seen[0]
+
+
+def test_lean_path_splits_micro_batches_into_the_same_optimizer_step(demo_run, tmp_path, monkeypatch):
+    """Where the base stays in 4 bits on a GPU, each micro-batch is split in two with GRAD_ACCUM doubled. The
+    first optimizer step then applies the gradients of the unsplit step: the same sequences, and the loss
+    normalised by the tokens of both micro-batches (TRL's num_items_in_batch). fp32 on CPU; a step over other
+    sequences (BATCH_SIZE=2 alone) is far from it, so the comparison can fail."""
+    from job.paths import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    paths.data.mkdir(parents=True)
+    paths.train_tokens.write_bytes(RunPaths(demo_run.run_dir).train_tokens.read_bytes())
+    env = {**demo_run.env, "LORA_DROPOUT": "0", "QUANTIZATION": "none", "GRAD_ACCUM": "1"}
+    whole = _first_step_gradients(load_settings(env, env_file=None), paths)
+    split = _first_step_gradients(load_settings({**env, "BATCH_SIZE": "2", "GRAD_ACCUM": "2"}, env_file=None), paths)
+    other = _first_step_gradients(load_settings({**env, "BATCH_SIZE": "2"}, env_file=None), paths)
+    assert whole.norm() > 0
+    # the same sums of fp32 products, in two parts instead of one
+    assert (split - whole).norm() <= 1e-5 * whole.norm()
+    assert (other - whole).norm() > 1e-2 * whole.norm()
+
+    # When it splits: 4-bit layers kept, on a GPU, an even BATCH_SIZE
+    nf4 = load_settings({**env, "QUANTIZATION": "nf4", "BATCH_SIZE": "4", "GRAD_ACCUM": "3"}, env_file=None)
+    four_bit, sixteen_bit = load_model(nf4, "fp32"), load_model(nf4, "fp32", quantization="none")
+    unchanged = lean_micro_batches(nf4, four_bit)  # CPU: memory is not short
+    assert (unchanged.BATCH_SIZE, unchanged.GRAD_ACCUM) == (4, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # after loading: it would place them on a GPU
+    lean = lean_micro_batches(nf4, four_bit)
+    assert (lean.BATCH_SIZE, lean.GRAD_ACCUM) == (2, 6)
+    assert lean_micro_batches(with_overrides(nf4, BATCH_SIZE=3), four_bit).BATCH_SIZE == 3
+    assert lean_micro_batches(nf4, sixteen_bit).BATCH_SIZE == 4
+
+
+def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch):
+    """auto: never on CPU; on a GPU only where the 16-bit copy takes at most a quarter of its memory."""
+    import types
+
+    env = {"BASE_MODEL": str(tiny_model_dir)}
+    auto = load_settings(env, env_file=None)
+    assert auto.DEQUANTIZE_BASE == "auto"
+    assert not dequantize_for_training(auto, load_model(auto, "fp32"))  # CPU
+    assert not dequantize_for_training(load_settings({**env, "DEQUANTIZE_BASE": "false"}, env_file=None), None)
+    assert not dequantize_for_training(load_settings({**env, "QUANTIZATION": "none"}, env_file=None), None)
+
+    model = load_model(auto, "fp32")
+    packed = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    size = sum(m.in_features * m.out_features for m in packed) * 4  # fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for total, expected in ((4 * size - 1, False), (4 * size, True)):
+        gpu = types.SimpleNamespace(total_memory=total)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, gpu=gpu: gpu)
+        assert dequantize_for_training(auto, model) is expected, total
+        assert any(type(m).__name__ == "Linear4bit" for m in model.modules()) is not expected
