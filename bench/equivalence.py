@@ -101,7 +101,8 @@ def check_equivalence(cfg) -> dict:
 
 def check_graphs(cfg) -> dict:
     """job/speedups/cuda_graphs.py's replayed layers against the eager ones: one padded micro-batch of `cfg` (the
-    bench's `job` recipe), dropout off, loss and LoRA gradients; two eager steps give the noise floor to compare with."""
+    bench's `job` recipe), dropout off, loss and LoRA gradients; two eager steps give the noise floor to compare
+    with."""
     import torch
 
     rcfg = with_overrides(cfg, LORA_DROPOUT=0.0)

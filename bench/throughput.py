@@ -177,7 +177,7 @@ def measure_training(name: str, cfg, args) -> dict:
         disable_tqdm=True,
         report_to=[],
     )
-    # the accumulation the trainer runs: the memory-lean path splits micro-batches (job/speedups/nf4_base.py lean_micro_batches)
+    # the accumulation the trainer runs: the memory-lean path splits micro-batches (speedups/nf4_base.py)
     grad_accum = trainer.args.gradient_accumulation_steps
     return {
         **timed_train(trainer, grad_accum, args, profile_to=Path(args.out) / f"profile-{name}.txt"),

@@ -78,7 +78,8 @@ def _equivalence(e: dict) -> str | None:
 def _graphs(c: dict) -> str | None:
     if "grad_cosine" in c:
         return (
-            f"CUDA graphs (job/speedups/cuda_graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout off, replayed "
+            f"CUDA graphs (job/speedups/cuda_graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout "
+            "off, replayed "
             f"layers vs eager: loss {c['loss_graph']:.5f} vs {c['loss_eager']:.5f} (rel. diff "
             f"{c['loss_rel_diff']:.1e}), LoRA gradient cosine {c['grad_cosine']:.5f}, rel. L2 {c['grad_rel_l2']:.1e} "
             f"(two eager steps: {c['grad_rel_l2_eager_twice']:.1e}; flash attention's backward is not deterministic); "
