@@ -16,7 +16,7 @@ reaches every later stage through that chain):
 The code that ran a stage (package version and git commit) is recorded beside its fingerprint, not in it: a
 new version of the job does not make finished work stale, and the record still names the code that made it.
 The pipeline (job/pipeline.py) compares these with the manifest's records, writes them there, and hands the
-train stage its fingerprint, which every checkpoint carries (job/train.py). `python -m job provenance` prints
+train stage its fingerprint, which every checkpoint carries (job/checkpoints.py). `python -m job provenance` prints
 them (`show`). This module imports nothing heavy: the CLI command must stay fast.
 """
 
@@ -340,7 +340,7 @@ def _now() -> str:
 
 
 def checkpoint_fingerprint(path: Path) -> str | None:
-    """The digest a checkpoint was trained under (job/train.py writes it before the marker); None if absent."""
+    """The digest a checkpoint was trained under (job/checkpoints.py writes it before the marker); None if absent."""
     try:
         digest = json.loads((Path(path) / "fingerprint.json").read_text(encoding="utf-8")).get("digest")
     except (OSError, ValueError, AttributeError):
