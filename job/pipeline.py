@@ -262,7 +262,7 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
             f"HUB_REPO_ID={cfg.HUB_REPO_ID!r} cannot be pushed to with HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set: "
             "unset it to push, or leave HUB_REPO_ID empty to stage the files in push/ without uploading"
         )
-    if "sample" in selected and sample.is_local_path(cfg.DATASET):
+    if "sample" in selected and provenance.is_local_path(cfg.DATASET):
         problems += _problems_of(sample.check_local_file, Path(cfg.DATASET).expanduser())
     if {"train", "evaluate", "push"} & selected:
         problems += _problems_of(resolve_precision, cfg) + _problems_of(check_quantization, cfg)

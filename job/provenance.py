@@ -154,11 +154,19 @@ def pinned(name: str, value: str) -> str | None:
     return pin.get("revision") if isinstance(pin, dict) and pin.get("id") == value else None
 
 
+# DATASET's local file types, by the `datasets` builder that reads each (job/sample.py)
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a DATASET or BASE_MODEL value names a local file or folder (or looks like one) rather than a Hub id."""
+    p = Path(name)
+    return p.suffix.lower() in LOCAL_SUFFIXES or p.exists() or name.startswith((".", "/", "~"))
+
+
 def is_hub_id(name: str, value: str) -> bool:
     """Whether DATASET or BASE_MODEL names a Hub repository rather than a local file or folder."""
     if name == "DATASET":
-        from job.sample import is_local_path
-
         local = is_local_path(value)
     else:
         local = Path(value).expanduser().exists() or value.startswith((".", "/", "~"))

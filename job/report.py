@@ -23,8 +23,7 @@ from job import benchmark
 from job.config import DEPENDS, SETTINGS, Settings, with_overrides
 from job.files import atomic_write_text, read_json, read_jsonl
 from job.paths import RunPaths
-from job.provenance import describe_code
-from job.sample import is_local_path
+from job.provenance import describe_code, is_local_path
 
 log = logging.getLogger(__name__)
 

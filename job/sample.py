@@ -29,11 +29,10 @@ from job.config import Settings
 from job.errors import ConfigError, classify
 from job.files import atomic_write_text, write_jsonl
 from job.paths import RunPaths
-from job.provenance import pinned
+from job.provenance import LOCAL_SUFFIXES, is_local_path, pinned
 
 log = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MIN_REPLY_CHARS = 20  # shorter "replies" are fragments like "Hi." left after boilerplate removal
 
 EXAMPLES_PER_RULE = 3  # before/after rows kept per rule in data/cleaning_examples.jsonl, for a reader to audit
@@ -58,11 +57,6 @@ def dedup_key(text: str) -> str:
 
 
 # --- loading ------------------------------------------------------------------------------------
-def is_local_path(name: str) -> bool:
-    p = Path(name)
-    return p.suffix.lower() in LOCAL_SUFFIXES or p.exists() or name.startswith((".", "/", "~"))
-
-
 def check_local_file(path: Path) -> None:
     suffix = path.suffix.lower()
     if not path.is_file():
