@@ -207,6 +207,7 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "base_weights": base_weights(cfg, trainer.model),
+        "turn_tokens": turn_tokens.trained(trainer.model, trainer.processing_class),  # TRAIN_TURN_TOKENS's choice
     }
     log.info(
         "training: %d %s of up to %d tokens, %d per optimizer step (batch %d x accum %d x %d GPU), "

@@ -123,3 +123,11 @@ def output_weight_follows_adapter(model: Any) -> bool:
     patched = {"weight": property(weight), "bias": property(bias)}
     head.__class__ = type("AdaptedWeightTrainableTokensWrapper", (type(head),), patched)
     return True
+
+
+def trained(model: Any, tokenizer) -> list[str]:
+    """The tokens whose rows train with `model`'s adapter (for the train log and the card)."""
+    config = next(iter(getattr(model, "peft_config", {}).values()), None)
+    indices = getattr(config, "trainable_token_indices", None) or {}
+    ids = sorted({i for rows in (indices.values() if isinstance(indices, dict) else [indices]) for i in rows})
+    return tokenizer.convert_ids_to_tokens(ids)

@@ -192,6 +192,8 @@ def test_model_card(demo_run):
         assert section in headings, f"model card lacks a '{section}' section; it has {headings}"
     assert HUB_REPO_ID in card  # the usage snippet loads the pushed repo
     assert "github.com" not in card  # no invented links
+    # the random tiny base cannot end a turn, so TRAIN_TURN_TOKENS=auto trained its template's turn tokens
+    assert re.search(r"turn tokens trained with the adapter \| <\|start_header_id\|>, <\|end_header_id\|>, <\|eot_id\|>", card)
     assert RunPaths(demo_run.run_dir).loss_plot.read_bytes()[:8] == PNG_MAGIC
 
 

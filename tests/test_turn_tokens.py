@@ -69,6 +69,7 @@ def test_trls_fused_head_scores_with_the_trained_rows_as_the_saved_adapter_does(
     cfg = load_settings({"BASE_MODEL": str(tiny_model_dir)}, env_file=None)
     peft = get_peft_model(model, lora_config(cfg, model, turn_tokens.peft_targets(model, ids)))
     assert turn_tokens.output_weight_follows_adapter(peft)
+    assert turn_tokens.trained(peft, tok) == tok.convert_ids_to_tokens(ids)  # what the train log and card name
     with torch.no_grad():  # trained rows far from the base's: the two paths would differ at those tokens
         for name, p in peft.named_parameters():
             if "trainable_tokens_delta" in name:
