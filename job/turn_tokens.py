@@ -16,6 +16,7 @@ import statistics
 from typing import Any
 
 from job.config import Settings
+from job.evaluate import unpack_cpu_layout
 from job.model import _PROBE, _PROBE_REPLY, end_of_turn_ids
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ def end_of_turn_probability(model: Any, rows: list[dict], stop: set[int], n: int
                 continue
             logits = model(input_ids=torch.tensor([ids[:at]], device=device), logits_to_keep=1).logits
             ps.append(logits[0, -1].float().softmax(-1)[ids[at]].item())
+    # A forward without gradients in eval mode repacks bitsandbytes' 4-bit weights on a CPU with AVX512-BF16 into
+    # an inference layout whose kernel has no backward: training would then get no gradient through the frozen
+    # layers (torch warns "bitsandbytes::gemv_4bit: an autograd kernel was not registered").
+    unpack_cpu_layout(model)
     return statistics.fmean(ps) if ps else None
 
 

@@ -88,3 +88,20 @@ def test_trls_fused_head_scores_with_the_trained_rows_as_the_saved_adapter_does(
     with torch.no_grad():
         again = loaded(input_ids=x).logits[0, :-1].float().log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
     assert again == pytest.approx(want, abs=1e-5)
+
+
+def test_measuring_leaves_the_4bit_weights_in_the_layout_training_differentiates(tiny_model_dir):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference on an eval-mode forward without
+    gradients; that layout's kernel has no backward. The measurement must leave none repacked."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from job.model import four_bit_layers
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end = turn_tokens.template_tokens(tok)[-1]
+    turn_tokens.end_of_turn_probability(model, [{"input_ids": [5, 6, 7, end], "completion_mask": [0, 0, 1, 1]}], {end})
+    assert four_bit_layers(model)
+    assert not [m for m in four_bit_layers(model) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
