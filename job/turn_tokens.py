@@ -28,14 +28,18 @@ PROBE_ROWS = 8  # training rows measured: enough to tell 0.0001 from 0.5, a seco
 
 
 def template_tokens(tokenizer) -> list[int]:
-    """The added tokens that the chat template writes around a turn (not the text's own: bos and pad are left
-    out unless they also end a turn), in id order."""
+    """The added tokens that the chat template writes around a turn, in id order. Not the text's own: bos and pad
+    (unless they also end a turn), nor whitespace that a tokenizer lists as added (Gemma's "\n"), which the base
+    has learned as text."""
     rendered = tokenizer.apply_chat_template(
         _PROBE + [{"role": "assistant", "content": _PROBE_REPLY}], tokenize=True, return_dict=True
     )
     ends = set(end_of_turn_ids(tokenizer))
     skip = {tokenizer.bos_token_id, tokenizer.pad_token_id} - ends
-    return sorted({t for t in rendered["input_ids"] if t in tokenizer.added_tokens_decoder and t not in skip})
+    added = tokenizer.added_tokens_decoder
+    return sorted(
+        {t for t in rendered["input_ids"] if t in added and t not in skip and (t in ends or added[t].content.strip())}
+    )
 
 
 def end_of_turn_probability(model: Any, rows: list[dict], stop: set[int], n: int = PROBE_ROWS) -> float | None:

@@ -28,6 +28,18 @@ def test_the_template_tokens_are_those_around_a_turn_and_include_its_end(tiny_mo
     assert tok.bos_token_id not in ids and all(t in tok.added_tokens_decoder for t in ids), names
 
 
+def test_whitespace_listed_as_an_added_token_is_text_not_a_turn_token(tiny_model_dir):
+    """Gemma's tokenizer lists "\n" among its added tokens, and its template writes one after each turn marker;
+    the base knows it as text, so its row is not trained."""
+    _, tok = _tiny(tiny_model_dir, tied=True)
+    tok.add_tokens(["\n"])
+    newline = tok.convert_tokens_to_ids("\n")
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, return_dict=True)
+    assert newline in rendered["input_ids"]  # the template does write it as that token
+    assert newline not in turn_tokens.template_tokens(tok)
+    assert turn_tokens.template_tokens(tok)  # the turn markers still are
+
+
 @pytest.mark.parametrize(
     ("setting", "p", "trained"),
     [("auto", 0.0001, True), ("auto", 0.4, False), ("true", 0.4, True), ("false", 0.0, False)],

@@ -190,7 +190,9 @@ def capture_layers(model: Any, tokens: int, max_length: int, slots: int, dtype, 
                 and torch.is_grad_enabled()
                 and not args
                 and h.shape == (1, tokens, hidden)
-                and h.requires_grad != _first  # the embeddings are frozen: only later layers' inputs carry grads
+                # captured with a frozen embedding: the first layer's input carries no gradient, later ones do;
+                # with trained turn-token rows (job/turn_tokens.py) the first layer runs eager, the rest replay
+                and h.requires_grad != _first
                 and cu_now is not None
                 and cu_now.shape == cu.shape
                 and emb is not None
