@@ -2,9 +2,9 @@
 mark the loss.
 
 We tokenize here rather than inside TRL so that the loss mask is ours to test and to count:
-`completion_mask` is 1 exactly on the assistant reply and its end-of-turn token, 0 on the
-system and user turns. The mask comes from rendering the prompt (with the generation prompt)
-and the whole conversation and checking the first is a prefix of the second; this works for
+`completion_mask` is 1 exactly on each assistant turn and its end-of-turn token, 0 on the
+system and user turns. The mask comes from rendering each turn's prompt (with the generation prompt)
+and the conversation up to that turn and checking both are prefixes of the whole; this works for
 any chat template, unlike `{% generation %}` markers, which Llama 3.2's template lacks. Text from the data
 never becomes a control token, and the template's date is TEMPLATE_DATE (job/chat_tokens.py).
 Writes the token files (TRL's pre-tokenized format) and their statistics (job/paths.py); for a GGUF base, also
@@ -25,7 +25,8 @@ from job.chat_tokens import encode, holds_special_text
 from job.config import Settings
 from job.errors import ConfigError
 from job.files import atomic_write_text, jsonl_line, read_jsonl, write_jsonl, write_lines
-from job.model import base_source, build_messages, end_of_turn_ids, load_tokenizer
+from job.formats import conversation
+from job.model import base_source, end_of_turn_ids, load_tokenizer
 from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -34,26 +35,35 @@ log = logging.getLogger(__name__)
 def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]:
     """Return ({input_ids, completion_mask}, status); status is ok, truncated or no_room.
 
+    The mask is 1 on every assistant turn and the end-of-turn token after it: from the end of the turn's prompt
+    (the conversation before it, with the generation prompt) to the end of the conversation up to that turn.
     Special-token strings in the row's text stay text (job/chat_tokens.py): only the template makes turns.
     """
-    prompt = build_messages(cfg, row["patient"], row.get("description", ""))
-    full = prompt + [{"role": "assistant", "content": row["doctor"]}]
-    split = holds_special_text(tokenizer, full)  # one way for both, so the prompt stays a prefix
-    prompt_ids = encode(tokenizer, prompt, add_generation_prompt=True, date_string=cfg.TEMPLATE_DATE, split=split)
-    full_ids = encode(tokenizer, full, add_generation_prompt=False, date_string=cfg.TEMPLATE_DATE, split=split)
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        what = f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}" if cfg.CHAT_TEMPLATE.strip() else f"BASE_MODEL={cfg.BASE_MODEL!r}"
-        raise ConfigError(
-            f"{what}: its chat template renders the prompt differently from the start "
-            "of the full conversation, so the reply cannot be located for the loss mask. Use a model whose "
-            "template is prefix-stable (Llama 3.x, Qwen, Mistral instruct models are)."
-        )
-    if len(prompt_ids) >= cfg.MAX_SEQ_LENGTH:
-        return None, "no_room"
+    messages = conversation(cfg, row)
+    split = holds_special_text(tokenizer, messages)  # one way for all, so each prompt stays a prefix
+    ids = functools.partial(encode, tokenizer, date_string=cfg.TEMPLATE_DATE, split=split)
+    full_ids = ids(messages, add_generation_prompt=False)
+    mask = [0] * len(full_ids)
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    for k in turns:
+        start = ids(messages[:k], add_generation_prompt=True)
+        end = ids(messages[: k + 1], add_generation_prompt=False) if k < len(messages) - 1 else full_ids
+        if full_ids[: len(start)] != start or full_ids[: len(end)] != end or len(start) > len(end):
+            what = (
+                f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}"
+                if cfg.CHAT_TEMPLATE.strip()
+                else f"BASE_MODEL={cfg.BASE_MODEL!r}"
+            )
+            raise ConfigError(
+                f"{what}: its chat template renders the prompt differently from the start "
+                "of the full conversation, so the reply cannot be located for the loss mask. Use a model whose "
+                "template is prefix-stable (Llama 3.x, Qwen, Mistral instruct models are)."
+            )
+        if k == turns[0] and len(start) >= cfg.MAX_SEQ_LENGTH:
+            return None, "no_room"
+        mask[len(start) : len(end)] = [1] * (len(end) - len(start))
     status = "truncated" if len(full_ids) > cfg.MAX_SEQ_LENGTH else "ok"
-    full_ids = full_ids[: cfg.MAX_SEQ_LENGTH]
-    mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
-    return {"input_ids": full_ids, "completion_mask": mask}, status
+    return {"input_ids": full_ids[: cfg.MAX_SEQ_LENGTH], "completion_mask": mask[: cfg.MAX_SEQ_LENGTH]}, status
 
 
 def tokenize_rows(cfg: Settings, tokenizer, rows: list[dict]) -> list[tuple[str | None, str, int, int]]:
