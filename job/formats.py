@@ -58,15 +58,20 @@ def fits(cfg, record: dict) -> list[str]:
 
 
 def where(dataset: str, index: int) -> str:
-    """A row as an error names it: its line in a local .jsonl file (the loader skips blank lines), else its index."""
+    """A row as an error names it: its line in a local .jsonl file (the loader skips blank lines), else its index;
+    after the DATASET value."""
+    return f"DATASET={dataset!r} {_line(dataset, index)}"
+
+
+def _line(dataset: str, index: int) -> str:
     path = Path(dataset).expanduser()
     if path.suffix.lower() == ".jsonl" and path.is_file():
         with path.open("rb") as f:
             lines = (n for n, text in enumerate(f, 1) if text.strip())
             line = next(itertools.islice(lines, index, None), None)
         if line is not None:
-            return f"DATASET={dataset!r} line {line}"
-    return f"DATASET={dataset!r} row {index} (counting from 0)"
+            return f"line {line}"
+    return f"row {index} (counting from 0)"
 
 
 # --- which format ----------------------------------------------------------------------------------------------------
@@ -88,7 +93,7 @@ def detect(cfg, ds) -> tuple[str, str]:
             first.setdefault(shape, j)
     if len(first) > 1:
         (a, i), (b, k) = sorted(first.items(), key=lambda item: item[1])[:2]
-        raise _mixed(cfg, k, b, a, f"{where(cfg.DATASET, i)} is")
+        raise _mixed(cfg, k, b, a, f"{_line(cfg.DATASET, i)} is")
     if not first:  # the columns format's own check names the columns missing (check_fields)
         return "columns", f"auto: none of the first {AUTO_ROWS} rows has the fields of another format"
     fmt = next(iter(first))
@@ -97,8 +102,8 @@ def detect(cfg, ds) -> tuple[str, str]:
 
 def _mixed(cfg, index: int, found: str, fmt: str, known: str) -> ConfigError:
     return ConfigError(
-        f"{where(cfg.DATASET, index)} is a {found} row, but {known} {fmt}: a dataset holds one format. Convert "
-        f"the {found} rows to {fmt} (or the other way round), or split the file in two."
+        f"{where(cfg.DATASET, index)} is a row of the {found} format, but {known} {fmt}: a dataset holds one "
+        f"format. Convert the {found} rows to {fmt} (or the other way round), or split the file in two."
     )
 
 
@@ -227,10 +232,10 @@ def _order(messages: list[dict]) -> str | None:
             "the conversation has no assistant turn: nothing in it would be trained. Add the reply or delete the row."
         )
     for k, role in enumerate(roles[start:], start):
-        expected = "user" if (k - start) % 2 == 0 else "assistant"
+        expected = ("user", "assistant")[(k - start) % 2]
         if role != expected:
             return (
-                f"turn {k} is a {role} turn where a {expected} turn belongs. A conversation is an optional system "
+                f"turn {k} is the {role}'s where the {expected}'s belongs. A conversation is an optional system "
                 "message, then user and assistant turns taking turns, from a user turn to an assistant turn."
             )
     if roles[-1] != "assistant":
