@@ -235,6 +235,13 @@ def _score(cfg: Settings, name: str, m: dict, answers, references, safety_prompt
     return results
 
 
+def held_out(cfg: Settings, rows: list[dict]) -> tuple[list[list[dict]], list[str]]:
+    """Each held-out conversation's prompt, all of it before its last turn, and that turn, the assistant's: the
+    reference answer."""
+    conversations = [conversation(cfg, r) for r in rows]
+    return [c[:-1] for c in conversations], [c[-1]["content"] for c in conversations]
+
+
 def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     import torch
 
@@ -242,9 +249,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     tokenizer = load_tokenizer(cfg, str(paths.adapter))
     model = load_tuned(cfg, paths.adapter, precision)
     token_rows = read_jsonl(paths.eval_tokens)
-    # A held-out conversation's prompt is all of it before its last turn, the assistant's: the reference answer.
-    held_out = [conversation(cfg, r) for r in read_jsonl(paths.eval_rows)[: cfg.EVAL_PROMPTS]]
-    prompts, references = [c[:-1] for c in held_out], [c[-1]["content"] for c in held_out]
+    prompts, references = held_out(cfg, read_jsonl(paths.eval_rows)[: cfg.EVAL_PROMPTS])
     safety_prompts = safety.prompts()
     metrics: dict[str, Any] = {"eval_rows": len(token_rows), "generations": len(prompts), "precision": precision}
     for name, enabled in (("base", False), ("tuned", True)):

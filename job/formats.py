@@ -46,9 +46,10 @@ def keys(cfg, fmt: str) -> tuple[str, ...]:
     }[fmt]
 
 
-def fields(cfg) -> tuple[str, ...]:
-    """Every field a row of any format is read from (the dataset's other columns are never read)."""
-    return (cfg.DESCRIPTION_COLUMN, cfg.PATIENT_COLUMN, cfg.DOCTOR_COLUMN, "messages", "conversations", *ALPACA)
+def fields(cfg, ds) -> list[str]:
+    """The dataset's fields that a row of any format is read from (its other columns are never read)."""
+    names = (cfg.DESCRIPTION_COLUMN, cfg.PATIENT_COLUMN, cfg.DOCTOR_COLUMN, "messages", "conversations", *ALPACA)
+    return [c for c in dict.fromkeys(names) if c in ds.column_names]
 
 
 def fits(cfg, record: dict) -> list[str]:

@@ -33,22 +33,30 @@ log = logging.getLogger(__name__)
 
 
 def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]:
-    """Return ({input_ids, completion_mask}, status); status is ok, truncated or no_room.
+    """Return ({input_ids, completion_mask}, status); status is ok, truncated or no_room (the first reply does not
+    start within MAX_SEQ_LENGTH). A longer conversation is cut at MAX_SEQ_LENGTH."""
+    ids, replies = reply_spans(cfg, tokenizer, conversation(cfg, row))
+    if replies[0][0] >= cfg.MAX_SEQ_LENGTH:
+        return None, "no_room"
+    mask = [0] * len(ids)
+    for start, end in replies:
+        mask[start:end] = [1] * (end - start)
+    status = "truncated" if len(ids) > cfg.MAX_SEQ_LENGTH else "ok"
+    return {"input_ids": ids[: cfg.MAX_SEQ_LENGTH], "completion_mask": mask[: cfg.MAX_SEQ_LENGTH]}, status
 
-    The mask is 1 on every assistant turn and the end-of-turn token after it: from the end of the turn's prompt
-    (the conversation before it, with the generation prompt) to the end of the conversation up to that turn.
-    Special-token strings in the row's text stay text (job/chat_tokens.py): only the template makes turns.
-    """
-    messages = conversation(cfg, row)
-    split = holds_special_text(tokenizer, messages)  # one way for all, so each prompt stays a prefix
+
+def reply_spans(cfg: Settings, tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The conversation's token ids, and where each assistant turn and the end-of-turn token after it lie: from the
+    end of its prompt (the conversation before it, with the generation prompt) to the end of the conversation up to
+    it. Special-token strings in the messages stay text (job/chat_tokens.py): only the template makes turns."""
+    split = holds_special_text(tokenizer, messages)  # one way for all, so each part stays a prefix of the whole
     ids = functools.partial(encode, tokenizer, date_string=cfg.TEMPLATE_DATE, split=split)
-    full_ids = ids(messages, add_generation_prompt=False)
-    mask = [0] * len(full_ids)
-    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    for k in turns:
+    full = ids(messages, add_generation_prompt=False)
+    spans = []
+    for k in (k for k, m in enumerate(messages) if m["role"] == "assistant"):
         start = ids(messages[:k], add_generation_prompt=True)
-        end = ids(messages[: k + 1], add_generation_prompt=False) if k < len(messages) - 1 else full_ids
-        if full_ids[: len(start)] != start or full_ids[: len(end)] != end or len(start) > len(end):
+        end = ids(messages[: k + 1], add_generation_prompt=False) if k < len(messages) - 1 else full
+        if full[: len(start)] != start or full[: len(end)] != end or len(start) > len(end):
             what = (
                 f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}"
                 if cfg.CHAT_TEMPLATE.strip()
@@ -59,11 +67,8 @@ def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]
                 "of the full conversation, so the reply cannot be located for the loss mask. Use a model whose "
                 "template is prefix-stable (Llama 3.x, Qwen, Mistral instruct models are)."
             )
-        if k == turns[0] and len(start) >= cfg.MAX_SEQ_LENGTH:
-            return None, "no_room"
-        mask[len(start) : len(end)] = [1] * (len(end) - len(start))
-    status = "truncated" if len(full_ids) > cfg.MAX_SEQ_LENGTH else "ok"
-    return {"input_ids": full_ids[: cfg.MAX_SEQ_LENGTH], "completion_mask": mask[: cfg.MAX_SEQ_LENGTH]}, status
+        spans.append((len(start), len(end)))
+    return full, spans
 
 
 def tokenize_rows(cfg: Settings, tokenizer, rows: list[dict]) -> list[tuple[str | None, str, int, int]]:

@@ -170,7 +170,7 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     # The rows are cleaned ahead, in order, on `workers` processes (job/parallel.py); what follows takes them in
     # one at a time, in the seeded order, exactly as one process would.
     reader = functools.partial(formats.read, cfg, fmt)
-    source = _raw_chunks(ds.select_columns([c for c in formats.fields(cfg) if c in ds.column_names]), order, reader)
+    source = _raw_chunks(ds.select_columns(formats.fields(cfg, ds)), order, reader)
     results = contextlib.closing(parallel.ordered_map(clean, source, workers, "sample", wanted=needed))
     with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar, results as chunks:
         for (idx, raws, error), cleaned in chunks:
@@ -286,16 +286,16 @@ def clean_row(raw: dict, decontaminate: bool) -> tuple[dict, tuple[str, ...], st
     own; a system message is kept as the data wrote it."""
     fired: Counter = Counter()
     row = {"description": clean_text(raw["description"], "description", fired)} if "description" in raw else {}
-    row["messages"] = [
-        {**m, "content": clean_text(m["content"], formats.CLEANED_AS[m["role"]], fired)}
-        if m["role"] in formats.CLEANED_AS
-        else m
-        for m in raw["messages"]
-    ]
+    row["messages"] = [_clean_turn(m, fired) for m in raw["messages"]]
     usable = _unusable(row) is None
     key = dedup_key("".join(m["content"] for m in row["messages"] if m["role"] == "user")) if usable else ""
     grams = array("q", benchmark.row_ngrams(row)) if decontaminate and usable else None
     return row, tuple(fired), key, grams
+
+
+def _clean_turn(message: dict, fired: Counter) -> dict:
+    field = formats.CLEANED_AS.get(message["role"])
+    return {**message, "content": clean_text(message["content"], field, fired)} if field else message
 
 
 def _clean_chunk(decontaminate: bool, chunk: tuple[list[int], list[dict], ConfigError | None]) -> list[tuple]:

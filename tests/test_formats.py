@@ -163,6 +163,26 @@ def test_auto_detection_of_a_file_and_of_a_dataset_in_memory(fmt):
         formats.check_fields(settings(), other, ds)
 
 
+def test_a_parquet_file_of_messages_is_sampled_like_its_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = read_jsonl(DATA / FILES["messages"])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "messages.parquet")
+    samples = [
+        sample(settings(DATASET=str(path)), load_rows(settings(DATASET=str(path))))
+        for path in (tmp_path / "messages.parquet", DATA / FILES["messages"])
+    ]
+    assert samples[0][:2] == samples[1][:2] and samples[0][2]["data_format"] == "messages"
+
+
+def test_an_error_names_the_line_of_a_jsonl_file_across_blank_lines(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text('{"a": 1}\n\n  \n{"a": 2}\n{"a": 3}\n')
+    assert formats.where(str(path), 2) == f"DATASET={str(path)!r} line 5"
+    assert formats.where("org/data", 2) == "DATASET='org/data' row 2 (counting from 0)"
+
+
 def test_cleaning_duplicates_and_held_out_overlap_work_on_whole_conversations():
     from datasets import Dataset
 
