@@ -80,7 +80,7 @@ def detect(cfg, ds) -> tuple[str, str]:
     """(format, why): DATA_FORMAT's, or for auto the one format the first AUTO_ROWS rows' fields fit."""
     if cfg.DATA_FORMAT != "auto":
         return cfg.DATA_FORMAT, "set by DATA_FORMAT"
-    head = ds[:AUTO_ROWS]
+    head = ds.select_columns(fields(cfg, ds))[:AUTO_ROWS]  # only the fields a format has: a Hub dataset may hold images
     first: dict[str, int] = {}  # format -> the first row that fits it
     for j, values in enumerate(zip(*head.values())):
         shapes = fits(cfg, dict(zip(head, values)))
