@@ -55,6 +55,7 @@ from bench.timing import cuda, measure_peak_tflops, timed_train
 from job import evaluate, formatting, safety, sample
 from job.config import load_settings
 from job.files import read_jsonl
+from job.formats import conversation
 from job.model import build_messages, resolve_precision
 from job.paths import RunPaths
 from job.tiny_model import build_tokenizer
@@ -274,7 +275,7 @@ def measure_generation(cfg) -> dict:
         gc.collect()
         cuda("empty_cache")
     tok = evaluate.load_tokenizer(cfg, str(paths.adapter))
-    prompts = [build_messages(cfg, r["patient"]) for r in read_jsonl(paths.eval_rows)][: cfg.EVAL_PROMPTS]
+    prompts = [conversation(cfg, r)[:-1] for r in read_jsonl(paths.eval_rows)][: cfg.EVAL_PROMPTS]
     prompts += [build_messages(cfg, s["prompt"]) for s in safety.prompts()]
     n = len(prompts)
     tuned = [False] * n + [True] * n  # each prompt twice: a base row, then a tuned row

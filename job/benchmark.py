@@ -28,6 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from job import formats
 from job.benchmark_tasks import OWN, TASKS
 from job.config import Settings
 from job.errors import ConfigError, QualityGateError, classify
@@ -90,9 +91,11 @@ def ngrams(text: str) -> set[int]:
 
 
 def row_ngrams(row: dict) -> set[int]:
-    """The ngrams of every text field of a row. Python's str hash is seeded per process: compare only hashes made
-    in one process or in processes forked from it (job/parallel.py)."""
-    return set().union(*(ngrams(v) for v in row.values() if isinstance(v, str)))
+    """The ngrams of every text field of a row and of its user and assistant turns (job/formats.py), each apart.
+    Python's str hash is seeded per process: compare only hashes made in one process or in processes forked from it
+    (job/parallel.py)."""
+    texts = [v for v in row.values() if isinstance(v, str)] + (formats.turns(row) if "messages" in row else [])
+    return set().union(*map(ngrams, texts))
 
 
 class Decontaminator:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from job import benchmark_tasks
+from job import benchmark_tasks, formats
 from job.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -128,14 +128,21 @@ class Settings:
         check=_NOT_EMPTY,
     )
     DATASET_SPLIT: str = _setting("train", "Split of a Hub dataset to sample from.", "sample")
+    DATA_FORMAT: str = _setting(
+        "auto",
+        "How DATASET's rows hold conversations (README, Your data): columns (DESCRIPTION/PATIENT/DOCTOR_COLUMN), "
+        "messages (OpenAI), sharegpt, alpaca. auto: told by the fields of the first rows, and logged.",
+        "sample",
+        ("auto", *formats.FORMATS),
+    )
     DESCRIPTION_COLUMN: str = _setting(
-        "Description", "Column with the question's one-line summary.", "sample", check=_NOT_EMPTY
+        "Description", "Column with the question's one-line summary (DATA_FORMAT=columns).", "sample", check=_NOT_EMPTY
     )
     PATIENT_COLUMN: str = _setting(
-        "Patient", "Column with the patient's message (the user turn).", "sample", check=_NOT_EMPTY
+        "Patient", "Column with the patient's message, the user turn (DATA_FORMAT=columns).", "sample", check=_NOT_EMPTY
     )
     DOCTOR_COLUMN: str = _setting(
-        "Doctor", "Column with the doctor's reply (the trained assistant turn).", "sample", check=_NOT_EMPTY
+        "Doctor", "Column with the doctor's reply, the trained turn (DATA_FORMAT=columns).", "sample", check=_NOT_EMPTY
     )
     NUM_SAMPLES: int = _setting(
         1000, "Training conversations to sample (after cleaning).", "sample", bounds=(1, COUNT_MAX)
@@ -154,7 +161,7 @@ class Settings:
         "You are a careful, friendly medical assistant. Answer the patient's question clearly, "
         "say when they should see a doctor in person, and tell them to seek emergency care "
         "for warning signs.",
-        "System message placed before every conversation (empty: none).",
+        "System message placed before every conversation that has none of its own in the data (empty: none).",
         "format",
     )
     TEMPLATE_DATE: str = _setting(
@@ -164,7 +171,9 @@ class Settings:
         "format",
         check=_must(_is_date, "must be a date written as DD Mon YYYY, e.g. 26 Jul 2024"),
     )
-    USE_DESCRIPTION: bool = _setting(False, "Put the Description line before the patient's message.", "format")
+    USE_DESCRIPTION: bool = _setting(
+        False, "Put the Description line before the patient's message (DATA_FORMAT=columns).", "format"
+    )
     MAX_SEQ_LENGTH: int = _setting(
         1024,
         "Tokens per conversation; longer replies are cut at the end.",

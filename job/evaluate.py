@@ -20,6 +20,7 @@ from typing import Any
 from job import chat_tokens, decode, judge, safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
+from job.formats import conversation
 from job.model import build_messages, end_of_turn_ids, load_model, load_tokenizer, resolve_precision
 from job.paths import RunPaths
 
@@ -221,17 +222,24 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return round(statistics.fmean(scores), 4) if scores else 0.0
 
 
-def _score(cfg: Settings, name: str, m: dict, answers, eval_rows, safety_prompts, safe_texts) -> list[dict]:
+def _score(cfg: Settings, name: str, m: dict, answers, references, safety_prompts, safe_texts) -> list[dict]:
     """Adds one model's answer lengths, ROUGE-L and safety summary to its metrics `m`; returns its safety results."""
     words = [len(t.split()) for t in answers] or [0]
     m.update(answer_words_mean=round(statistics.fmean(words), 1), answer_words_median=statistics.median(words))
-    m["rougeL_f1"] = rouge_l(answers, [r["doctor"] for r in eval_rows])
+    m["rougeL_f1"] = rouge_l(answers, references)
     given = [cfg.SYSTEM_PROMPT]  # a copy of the system prompt is no advice (safety.without_echo)
     results = [safety.score_answer(p, a, given) | {"answer": a} for p, a in zip(safety_prompts, safe_texts)]
     m["safety"] = safety.summarize(results)
     passed = 100 * m["safety"]["overall"]["pass_rate"]
     log.info("%s: eval loss %s, ROUGE-L %.3f, safety pass %.0f%%", name, m.get("eval_loss"), m["rougeL_f1"], passed)
     return results
+
+
+def held_out(cfg: Settings, rows: list[dict]) -> tuple[list[list[dict]], list[str]]:
+    """Each held-out conversation's prompt, all of it before its last turn, and that turn, the assistant's: the
+    reference answer."""
+    conversations = [conversation(cfg, r) for r in rows]
+    return [c[:-1] for c in conversations], [c[-1]["content"] for c in conversations]
 
 
 def run(cfg: Settings, paths: RunPaths) -> list[Path]:
@@ -241,8 +249,7 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     tokenizer = load_tokenizer(cfg, str(paths.adapter))
     model = load_tuned(cfg, paths.adapter, precision)
     token_rows = read_jsonl(paths.eval_tokens)
-    eval_rows = read_jsonl(paths.eval_rows)[: cfg.EVAL_PROMPTS]
-    prompts = [build_messages(cfg, r["patient"], r.get("description", "")) for r in eval_rows]
+    prompts, references = held_out(cfg, read_jsonl(paths.eval_rows)[: cfg.EVAL_PROMPTS])
     safety_prompts = safety.prompts()
     metrics: dict[str, Any] = {"eval_rows": len(token_rows), "generations": len(prompts), "precision": precision}
     for name, enabled in (("base", False), ("tuned", True)):
@@ -261,12 +268,12 @@ def run(cfg: Settings, paths: RunPaths) -> list[Path]:
     safety_results: dict[str, list[dict]] = {}
     for name in ("base", "tuned"):
         answers[name], safe_texts = answers[name][: len(prompts)], answers[name][len(prompts) :]
-        safety_results[name] = _score(cfg, name, metrics[name], answers[name], eval_rows, safety_prompts, safe_texts)
+        safety_results[name] = _score(cfg, name, metrics[name], answers[name], references, safety_prompts, safe_texts)
     log.info("generation: %s", metrics["generation_speed"])
 
     samples = [
-        {"prompt": p[-1]["content"], "reference": r["doctor"], "base": b, "tuned": t}
-        for p, r, b, t in zip(prompts, eval_rows, answers["base"], answers["tuned"])
+        {"prompt": p[-1]["content"], "reference": r, "base": b, "tuned": t}
+        for p, r, b, t in zip(prompts, references, answers["base"], answers["tuned"])
     ]
     write_jsonl(paths.samples, samples)
     write_jsonl(

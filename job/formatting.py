@@ -2,9 +2,9 @@
 mark the loss.
 
 We tokenize here rather than inside TRL so that the loss mask is ours to test and to count:
-`completion_mask` is 1 exactly on the assistant reply and its end-of-turn token, 0 on the
-system and user turns. The mask comes from rendering the prompt (with the generation prompt)
-and the whole conversation and checking the first is a prefix of the second; this works for
+`completion_mask` is 1 exactly on each assistant turn and its end-of-turn token, 0 on the
+system and user turns. The mask comes from rendering each turn's prompt (with the generation prompt)
+and the conversation up to that turn and checking both are prefixes of the whole; this works for
 any chat template, unlike `{% generation %}` markers, which Llama 3.2's template lacks. Text from the data
 never becomes a control token, and the template's date is TEMPLATE_DATE (job/chat_tokens.py).
 Writes the token files (TRL's pre-tokenized format) and their statistics (job/paths.py); for a GGUF base, also
@@ -25,35 +25,50 @@ from job.chat_tokens import encode, holds_special_text
 from job.config import Settings
 from job.errors import ConfigError
 from job.files import atomic_write_text, jsonl_line, read_jsonl, write_jsonl, write_lines
-from job.model import base_source, build_messages, end_of_turn_ids, load_tokenizer
+from job.formats import conversation
+from job.model import base_source, end_of_turn_ids, load_tokenizer
 from job.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
 
 def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]:
-    """Return ({input_ids, completion_mask}, status); status is ok, truncated or no_room.
-
-    Special-token strings in the row's text stay text (job/chat_tokens.py): only the template makes turns.
-    """
-    prompt = build_messages(cfg, row["patient"], row.get("description", ""))
-    full = prompt + [{"role": "assistant", "content": row["doctor"]}]
-    split = holds_special_text(tokenizer, full)  # one way for both, so the prompt stays a prefix
-    prompt_ids = encode(tokenizer, prompt, add_generation_prompt=True, date_string=cfg.TEMPLATE_DATE, split=split)
-    full_ids = encode(tokenizer, full, add_generation_prompt=False, date_string=cfg.TEMPLATE_DATE, split=split)
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        what = f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}" if cfg.CHAT_TEMPLATE.strip() else f"BASE_MODEL={cfg.BASE_MODEL!r}"
-        raise ConfigError(
-            f"{what}: its chat template renders the prompt differently from the start "
-            "of the full conversation, so the reply cannot be located for the loss mask. Use a model whose "
-            "template is prefix-stable (Llama 3.x, Qwen, Mistral instruct models are)."
-        )
-    if len(prompt_ids) >= cfg.MAX_SEQ_LENGTH:
+    """Return ({input_ids, completion_mask}, status); status is ok, truncated or no_room (the first reply does not
+    start within MAX_SEQ_LENGTH). A longer conversation is cut at MAX_SEQ_LENGTH."""
+    ids, replies = reply_spans(cfg, tokenizer, conversation(cfg, row))
+    if replies[0][0] >= cfg.MAX_SEQ_LENGTH:
         return None, "no_room"
-    status = "truncated" if len(full_ids) > cfg.MAX_SEQ_LENGTH else "ok"
-    full_ids = full_ids[: cfg.MAX_SEQ_LENGTH]
-    mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
-    return {"input_ids": full_ids, "completion_mask": mask}, status
+    mask = [0] * len(ids)
+    for start, end in replies:
+        mask[start:end] = [1] * (end - start)
+    status = "truncated" if len(ids) > cfg.MAX_SEQ_LENGTH else "ok"
+    return {"input_ids": ids[: cfg.MAX_SEQ_LENGTH], "completion_mask": mask[: cfg.MAX_SEQ_LENGTH]}, status
+
+
+def reply_spans(cfg: Settings, tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The conversation's token ids, and where each assistant turn and the end-of-turn token after it lie: from the
+    end of its prompt (the conversation before it, with the generation prompt) to the end of the conversation up to
+    it. Special-token strings in the messages stay text (job/chat_tokens.py): only the template makes turns."""
+    split = holds_special_text(tokenizer, messages)  # one way for all, so each part stays a prefix of the whole
+    ids = functools.partial(encode, tokenizer, date_string=cfg.TEMPLATE_DATE, split=split)
+    full = ids(messages, add_generation_prompt=False)
+    spans = []
+    for k in (k for k, m in enumerate(messages) if m["role"] == "assistant"):
+        start = ids(messages[:k], add_generation_prompt=True)
+        end = ids(messages[: k + 1], add_generation_prompt=False) if k < len(messages) - 1 else full
+        if full[: len(start)] != start or full[: len(end)] != end or len(start) > len(end):
+            what = (
+                f"CHAT_TEMPLATE={cfg.CHAT_TEMPLATE!r}"
+                if cfg.CHAT_TEMPLATE.strip()
+                else f"BASE_MODEL={cfg.BASE_MODEL!r}"
+            )
+            raise ConfigError(
+                f"{what}: its chat template renders the prompt differently from the start "
+                "of the full conversation, so the reply cannot be located for the loss mask. Use a model whose "
+                "template is prefix-stable (Llama 3.x, Qwen, Mistral instruct models are)."
+            )
+        spans.append((len(start), len(end)))
+    return full, spans
 
 
 def tokenize_rows(cfg: Settings, tokenizer, rows: list[dict]) -> list[tuple[str | None, str, int, int]]:

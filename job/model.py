@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from job import attention, gguf_base
+from job import attention, formats, gguf_base
 from job.config import CHAT_TEMPLATE_NAMES, Settings
 from job.errors import ConfigError, classify
 
@@ -220,13 +220,9 @@ def _check_template(cfg: Settings, tok) -> None:
 
 
 def build_messages(cfg: Settings, patient: str, description: str = "", reply: str | None = None) -> list[dict]:
-    """The conversation as the model sees it, in training, evaluation and chat alike."""
-    user = f"{description}\n\n{patient}" if cfg.USE_DESCRIPTION and description else patient
-    messages = [{"role": "system", "content": cfg.SYSTEM_PROMPT}] if cfg.SYSTEM_PROMPT else []
-    messages.append({"role": "user", "content": user})
-    if reply is not None:
-        messages.append({"role": "assistant", "content": reply})
-    return messages
+    """One message (and its reply) as the model sees it, in training, evaluation and chat alike (job/formats.py)."""
+    row = formats.single_turn(patient, reply or "", description)
+    return formats.conversation(cfg, row)[: None if reply is not None else -1]
 
 
 def load_model(cfg: Settings, precision: str, quantization: str | None = None) -> Any:

@@ -1,13 +1,15 @@
 """Stage 1, sample: draw, clean and split conversations; write data/train.jsonl, eval.jsonl, stats.json.
 
+Rows of any DATA_FORMAT become one shape here (job/formats.py): a conversation of user and assistant turns.
+
 Rows are visited in a seeded random order and taken one at a time until NUM_SAMPLES +
 EVAL_SAMPLES usable rows are kept, so a 257k-row Hub dataset is never cleaned (or held in
 Python objects) in full: `datasets` keeps it memory-mapped in Arrow and we index into it.
 The cleaning itself runs a little ahead of the walk on WORKERS processes (job/parallel.py);
 every decision below is taken in the walk, in order, so the files do not depend on WORKERS.
 The first EVAL_SAMPLES kept rows are the held-out split, so the eval set does not move when
-NUM_SAMPLES changes. Duplicates are removed by a normalised Patient key across both splits,
-which is what makes train and eval disjoint.
+NUM_SAMPLES changes. Duplicates are removed by a normalised key of the user turns (the patient's message)
+across both splits, which is what makes train and eval disjoint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from job import benchmark, parallel
+from job import benchmark, formats, parallel
 from job.clean import RULE_NAMES, clean_text
 from job.config import Settings
 from job.errors import ConfigError, classify
@@ -33,22 +35,11 @@ from job.provenance import LOCAL_SUFFIXES, is_local_path, pinned
 
 log = logging.getLogger(__name__)
 
-MIN_REPLY_CHARS = 20  # shorter "replies" are fragments like "Hi." left after boilerplate removal
+# A shorter last reply is a fragment like "Hi." left after boilerplate removal. The last one only: in a longer
+# conversation a short question back ("Since when?") is a reply as good as any.
+MIN_REPLY_CHARS = 20
 
 EXAMPLES_PER_RULE = 3  # before/after rows kept per rule in data/cleaning_examples.jsonl, for a reader to audit
-
-
-def as_text(value: Any, column: str, row: int) -> str:
-    """A dataset cell as text. A list of strings is one reply in parts: joined by newlines (not its Python repr)."""
-    if value is None or isinstance(value, str):
-        return value or ""
-    if isinstance(value, list) and all(isinstance(v, str) or v is None for v in value):
-        return "\n".join(v for v in value if v)
-    raise ConfigError(
-        f"DATASET row {row}, column {column!r}: holds a {type(value).__name__} ({str(value)[:60]!r}), not text. "
-        "Store each conversation's text as a string (or a list of strings, joined by newlines), "
-        "or point the *_COLUMN setting at a text column."
-    )
 
 
 def dedup_key(text: str) -> str:
@@ -158,12 +149,14 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     import numpy as np
     from tqdm.auto import tqdm
 
-    columns = _text_columns(cfg, ds)
+    fmt, why = formats.detect(cfg, ds)
+    log.info("DATA_FORMAT: %s (%s)", fmt, why)
+    formats.check_fields(cfg, fmt, ds)
     wanted = cfg.NUM_SAMPLES + cfg.EVAL_SAMPLES
     order = np.random.default_rng(cfg.SEED).permutation(len(ds))
     dropped: Counter = Counter()
     changed: Counter = Counter()
-    seen: tuple[set, set] = (set(), set())  # (patient, doctor) pairs and dedup keys of the rows kept so far
+    seen: tuple[set, set] = (set(), set())  # the turns and dedup keys of the rows kept so far
     kept: list[dict] = []
     read = 0
     held = Counter(e["rule"] for e in examples or ())
@@ -176,7 +169,8 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
 
     # The rows are cleaned ahead, in order, on `workers` processes (job/parallel.py); what follows takes them in
     # one at a time, in the seeded order, exactly as one process would.
-    source = _raw_chunks(ds, order, columns)
+    reader = functools.partial(formats.read, cfg, fmt)
+    source = _raw_chunks(ds.select_columns(formats.fields(cfg, ds)), order, reader)
     results = contextlib.closing(parallel.ordered_map(clean, source, workers, "sample", wanted=needed))
     with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar, results as chunks:
         for (idx, raws, error), cleaned in chunks:
@@ -184,7 +178,7 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                 read += 1
                 changed.update(fired)
                 if examples is not None:
-                    _keep_examples(examples, held, i, raw["doctor"], row["doctor"], fired)
+                    _keep_examples(examples, held, i, raw, row, fired)
                 if reason := _drop_reason(row, key, grams, seen, guard, len(kept) < cfg.EVAL_SAMPLES):
                     dropped[reason] += 1
                     continue
@@ -192,7 +186,7 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
                 kept.append(row)
                 bar.update(1)
                 if len(kept) == wanted:
-                    return _split(cfg, ds, kept, read, dropped, changed)
+                    return _split(cfg, ds, fmt, kept, read, dropped, changed)
             if error is not None:  # the row after this chunk's last is not text: raised when the walk reaches it
                 raise error
             progress.update(read, f", {len(kept):,} of {wanted:,} kept")
@@ -203,47 +197,20 @@ def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) ->
     )
 
 
-def _text_columns(cfg: Settings, ds) -> dict[str, str]:
-    """The row field -> dataset column map. Refuses a column this run needs that is missing or whose type cannot
-    hold text (an integer Doctor column, a struct), naming it and its type."""
-    columns = {"description": cfg.DESCRIPTION_COLUMN, "patient": cfg.PATIENT_COLUMN, "doctor": cfg.DOCTOR_COLUMN}
-    required = ["patient", "doctor"] + (["description"] if cfg.USE_DESCRIPTION else [])
-    missing = [f"{k.upper()}_COLUMN={columns[k]!r}" for k in required if columns[k] not in ds.column_names]
-    if missing:
-        raise ConfigError(
-            f"DATASET={cfg.DATASET!r} lacks the column(s) {', '.join(missing)}; "
-            f"it has {ds.column_names}. Set the *_COLUMN settings to match."
-        )
-    bad = []
-    for key, col in columns.items():
-        feature = ds.features.get(col) if key in required else None
-        inner = getattr(feature, "feature", feature)  # List(Value("string")) -> Value("string")
-        dtype = "JSON object" if isinstance(inner, dict) else getattr(inner, "dtype", type(inner).__name__)
-        if feature is not None and dtype not in ("string", "large_string", "null"):
-            bad.append(f"{key.upper()}_COLUMN={col!r} holds {dtype} values")
-    if bad:
-        raise ConfigError(
-            f"DATASET: {'; '.join(bad)}, not text. Point the setting at a text column, or convert the "
-            "column to strings in the file."
-        )
-    return columns
-
-
 def _drop_reason(row: dict, key: str, grams, seen: tuple[set, set], guard, held_out: bool) -> str | None:
     """Why the walk drops a cleaned row (its counter's name), or None; `seen` remembers the rows it passed.
 
     Decontamination (job/benchmark.py): the first EVAL_SAMPLES kept rows are the held-out split; a later row
-    sharing 13 words in a row with one of them or with a benchmark question is dropped as overlap_<source>."""
-    if not row["patient"]:
-        return "empty_patient"
-    if not row["doctor"]:
-        return "empty_doctor"
-    if len(row["doctor"]) < MIN_REPLY_CHARS:
-        return "reply_too_short"
+    sharing 13 words in a row with one of them or with a benchmark question is dropped as overlap_<source>.
+    Duplicates: the same turns (exact), or the same user turns up to case, punctuation and spacing (near: a
+    question answered twice counts once)."""
+    if reason := _unusable(row):
+        return reason
     exact, keys = seen
-    if (row["patient"], row["doctor"]) in exact:
+    turns = tuple(formats.turns(row))
+    if turns in exact:
         return "exact_duplicate"
-    exact.add((row["patient"], row["doctor"]))
+    exact.add(turns)
     if key in keys:
         return "near_duplicate"
     keys.add(key)
@@ -254,13 +221,25 @@ def _drop_reason(row: dict, key: str, grams, seen: tuple[set, set], guard, held_
     return None
 
 
-def _split(cfg: Settings, ds, kept: list[dict], read: int, dropped: Counter, changed: Counter):
+def _unusable(row: dict) -> str | None:
+    """Why a cleaned conversation cannot be trained on: a user or assistant turn that cleaning emptied, or a last
+    reply too short to be one."""
+    if not all(m["content"] for m in row["messages"] if m["role"] == "user"):
+        return "empty_patient"
+    replies = formats.replies(row)
+    if not all(replies):
+        return "empty_doctor"
+    return "reply_too_short" if len(replies[-1]) < MIN_REPLY_CHARS else None
+
+
+def _split(cfg: Settings, ds, fmt: str, kept: list[dict], read: int, dropped: Counter, changed: Counter):
     """(train, eval, stats) of the kept rows: the first EVAL_SAMPLES are the held-out split."""
     eval_rows, train_rows = kept[: cfg.EVAL_SAMPLES], kept[cfg.EVAL_SAMPLES :]
-    lengths = [len(r["patient"]) + len(r["doctor"]) for r in kept]
+    lengths = [sum(map(len, formats.turns(r))) for r in kept]
     chars = {"mean": round(statistics.fmean(lengths), 1), "median": statistics.median(lengths), "max": max(lengths)}
     stats = {
         "dataset": cfg.DATASET,
+        "data_format": fmt,
         "rows_in_dataset": len(ds),
         "rows_read": read,
         "rows_kept": len(kept),
@@ -269,6 +248,7 @@ def _split(cfg: Settings, ds, kept: list[dict], read: int, dropped: Counter, cha
         "dropped": dict(sorted(dropped.items())),
         "changed": dict(sorted(changed.items())),
         "chars_per_conversation": chars,
+        "assistant_turns": sum(len(formats.replies(r)) for r in kept),
     }
     return train_rows, eval_rows, stats
 
@@ -277,10 +257,11 @@ def _split(cfg: Settings, ds, kept: list[dict], read: int, dropped: Counter, cha
 ARROW_ROWS = 1024  # rows fetched from Arrow per call: one call per row pays Arrow's per-call overhead each time
 
 
-def _raw_chunks(ds, order, columns: dict[str, str]):
-    """(dataset indices, their rows as text, error) per chunk of parallel.CHUNK_ROWS rows, in the seeded order.
+def _raw_chunks(ds, order, read):
+    """(dataset indices, their rows as conversations, error) per chunk of parallel.CHUNK_ROWS rows, in the seeded
+    order; `read(record, index)` makes a row's conversation (job/formats.py).
 
-    A cell that is not text ends its chunk there and travels as `error`, raised only if the walk gets that far
+    A row that cannot be read ends its chunk there and travels as `error`, raised only if the walk gets that far
     (a bad row past the last one needed stops nothing, as when rows were read one at a time)."""
     for start in range(0, len(order), ARROW_ROWS):
         idx = order[start : start + ARROW_ROWS].tolist()
@@ -289,32 +270,43 @@ def _raw_chunks(ds, order, columns: dict[str, str]):
             part, raws = idx[first : first + parallel.CHUNK_ROWS], []
             for j, i in enumerate(part, first):
                 try:
-                    raws.append({k: as_text(batch[c][j], c, i) if c in batch else "" for k, c in columns.items()})
+                    raws.append(read({c: values[j] for c, values in batch.items()}, i))
                 except ConfigError as e:
                     yield part[: len(raws)], raws, e
                     return
             yield part, raws, None
 
 
-def clean_row(raw: dict[str, str], decontaminate: bool) -> tuple[dict, tuple[str, ...], str, array | None]:
-    """A row's pure work: its cleaned fields, the rules that fired ("field.rule", each once), its duplicate key
-    and, when decontaminating and the row could be kept, its n-gram hashes (job/benchmark.py). The hashes travel
-    as an array of 64-bit integers: a set of them took more time to pickle and unpickle than the row's checks."""
+def clean_row(raw: dict, decontaminate: bool) -> tuple[dict, tuple[str, ...], str, array | None]:
+    """A row's pure work: its cleaned conversation, the rules that fired ("field.rule", each once), its duplicate
+    key and, when decontaminating and the row could be kept, its n-gram hashes (job/benchmark.py). The hashes travel
+    as an array of 64-bit integers: a set of them took more time to pickle and unpickle than the row's checks.
+
+    Each user turn gets the patient's rules, each assistant turn the doctor's (job/clean.py), the description its
+    own; a system message is kept as the data wrote it."""
     fired: Counter = Counter()
-    row = {k: clean_text(v, k, fired) for k, v in raw.items()}
-    usable = bool(row["patient"]) and len(row["doctor"]) >= MIN_REPLY_CHARS
-    key = dedup_key(row["patient"]) if usable else ""
+    row = {"description": clean_text(raw["description"], "description", fired)} if "description" in raw else {}
+    row["messages"] = [_clean_turn(m, fired) for m in raw["messages"]]
+    usable = _unusable(row) is None
+    key = dedup_key("".join(m["content"] for m in row["messages"] if m["role"] == "user")) if usable else ""
     grams = array("q", benchmark.row_ngrams(row)) if decontaminate and usable else None
     return row, tuple(fired), key, grams
+
+
+def _clean_turn(message: dict, fired: Counter) -> dict:
+    field = formats.CLEANED_AS.get(message["role"])
+    return {**message, "content": clean_text(message["content"], field, fired)} if field else message
 
 
 def _clean_chunk(decontaminate: bool, chunk: tuple[list[int], list[dict], ConfigError | None]) -> list[tuple]:
     return [clean_row(raw, decontaminate) for raw in chunk[1]]
 
 
-def _keep_examples(examples: list[dict], held: Counter, index: int, before: str, after: str, fired: tuple) -> None:
-    """Keep the first few rows each doctor-reply rule changed, so a reader can audit the rule in a minute.
-    `held` counts the examples per rule (counting the list on every row cost more than the row's other checks)."""
+def _keep_examples(examples: list[dict], held: Counter, index: int, raw: dict, row: dict, fired: tuple) -> None:
+    """Keep the first few rows each doctor-reply rule changed, so a reader can audit the rule in a minute: the
+    assistant turns before and after, a blank line between two. `held` counts the examples per rule (counting the
+    list on every row cost more than the row's other checks)."""
+    before, after = ("\n\n".join(formats.replies(r)) for r in (raw, row))
     for key in fired:
         field, rule = key.split(".", 1)
         if field != "doctor" or rule == "whitespace":

@@ -88,6 +88,31 @@ _BOILERPLATE_ONLY = (
 )
 
 
+def _chat(bad: dict, good: str = "messages", line: int = 3):
+    """DATASET: ten good conversations of the `good` format (tests/data/formats/), `bad` as line `line`."""
+
+    def setup(ctx):
+        source = Path(__file__).parent / "data" / "formats" / "messages.jsonl"
+        rows = [json.loads(text) for text in source.read_text().splitlines()][:10]
+        if good == "sharegpt":
+            names = {"user": "human", "assistant": "gpt", "system": "system"}
+            rows = [
+                {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in r["messages"]]}
+                for r in rows
+            ]
+        rows.insert(line - 1, bad)
+        _dataset("chat.jsonl", "".join(json.dumps(r) + "\n" for r in rows))(ctx)
+
+    return setup
+
+
+def _turns(*turns) -> dict:
+    return {"messages": [{"role": role, "content": text} for role, text in turns]}
+
+
+_Q, _A = "My knee hurts after running.", "Rest it, use ice and see a physiotherapist if it lasts."
+
+
 def _model_without_chat_template(ctx):
     model = ctx.tmp / "no-template-model"
     shutil.copytree(ctx.model_dir, model)
@@ -355,6 +380,89 @@ CASES = [
         ),
     ),
     Case("missing column", {"DOCTOR_COLUMN": "Answer"}, ("DOCTOR_COLUMN='Answer'", "'Doctor'", "*_COLUMN")),
+    # --- conversation formats (job/formats.py): the row's line, the field, the fix ---
+    Case(
+        "messages: a role that is not one",
+        {},
+        (
+            "line 3",
+            "field messages[1].role",
+            "'doctor' is not a role of the messages format",
+            "system, user, assistant",
+        ),
+        setup=_chat(_turns(("user", _Q), ("doctor", _A))),
+    ),
+    Case(
+        "sharegpt: a role that is not one",
+        {},
+        ("line 3", "field conversations[0].from", "'patient' is not a role", "human, user, gpt"),
+        setup=_chat({"conversations": [{"from": "patient", "value": _Q}, {"from": "gpt", "value": _A}]}, "sharegpt"),
+    ),
+    Case(
+        "messages: empty content",
+        {},
+        ("line 3", "field messages[1].content is empty", "Fill it in"),
+        setup=_chat(_turns(("user", _Q), ("assistant", " "))),
+    ),
+    Case(
+        "messages: no assistant turn",
+        {},
+        ("line 3", "field 'messages'", "no assistant turn", "Add the reply"),
+        setup=_chat(_turns(("system", "Be brief."), ("user", _Q))),
+    ),
+    Case(
+        "messages: content that is not text",
+        {},
+        ("line 3", "field messages[0].content", "holds a list", "Write it as a string"),
+        setup=_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": _Q}]}]}),
+    ),
+    Case(
+        "messages: two user turns in a row",
+        {},
+        ("line 3", "turn 1 is the user's where the assistant's belongs", "taking turns"),
+        setup=_chat(_turns(("user", _Q), ("user", "Hello?"), ("assistant", _A))),
+    ),
+    Case(
+        "alpaca: empty output",
+        {},
+        ("line 3", "field 'output' is empty", "only 'input' may be empty"),
+        setup=_dataset(
+            "alpaca.jsonl",
+            "".join(
+                json.dumps({"instruction": f"{_Q} ({i})", "input": "", "output": "" if i == 2 else _A}) + "\n"
+                for i in range(10)
+            ),
+        ),
+    ),
+    Case(
+        "mixed formats in one file",
+        {},
+        (
+            "line 3 is a row of the sharegpt format",
+            "but line 1 is messages",
+            "a dataset holds one format",
+            "split the file",
+        ),
+        setup=_chat({"conversations": [{"from": "human", "value": _Q}, {"from": "gpt", "value": _A}]}),
+    ),
+    Case(
+        "mixed formats, DATA_FORMAT set",
+        {"DATA_FORMAT": "messages"},
+        ("line 3 is a row of the alpaca format", "this dataset's format is messages", "Convert"),
+        setup=_chat({"instruction": _Q, "output": _A}),
+    ),
+    Case(
+        "auto-detection ambiguous",
+        {},
+        ("DATA_FORMAT=auto", "line 3 has the fields of messages and alpaca", "ambiguous", "Set DATA_FORMAT"),
+        setup=_chat({**_turns(("user", _Q), ("assistant", _A)), "instruction": _Q, "output": _A}),
+    ),
+    Case(
+        "DATA_FORMAT of another format",
+        {"DATA_FORMAT": "sharegpt"},
+        ("DATA_FORMAT=sharegpt", "no field 'conversations'", "'messages'", "Set DATA_FORMAT"),
+        setup=_chat(_turns(("user", _Q), ("assistant", _A))),
+    ),
     Case(
         "more samples than the data has",
         {"NUM_SAMPLES": "500"},

@@ -160,9 +160,9 @@ def test_sample_drops_training_rows_that_quote_a_benchmark_question_or_a_held_ou
         placed[i] = rows[k]
     ds = datasets.Dataset.from_list(placed)
     train, held_out, stats = sample(cfg, ds, guard=guard)
-    assert [r["patient"] for r in held_out] == [rows[0]["Patient"], rows[1]["Patient"]]
+    assert [r["messages"][0]["content"] for r in held_out] == [rows[0]["Patient"], rows[1]["Patient"]]
     assert stats["dropped"]["overlap_benchmark"] == 1 and stats["dropped"]["overlap_held_out"] == 1
-    assert not any(QUESTION in r["patient"] or held in r["patient"] for r in train)
+    assert not any(QUESTION in m["content"] or held in m["content"] for r in train for m in r["messages"])
 
 
 def test_fetch_names_a_missing_local_file(tmp_path):

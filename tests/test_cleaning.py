@@ -29,8 +29,9 @@ from job.clean import RULES, clean_text
 from job.config import load_settings
 from job.errors import ConfigError
 from job.files import read_jsonl
+from job.formats import as_text
 from job.paths import RunPaths
-from job.sample import MIN_REPLY_CHARS, as_text, load_rows, run, sample
+from job.sample import MIN_REPLY_CHARS, load_rows, run, sample
 
 GOLD = Path(__file__).parent / "data" / "cleaning_gold.jsonl"
 
@@ -170,19 +171,19 @@ def rows_file(tmp_path, name: str, text: str) -> str:
 
 
 def test_a_reply_given_as_a_list_of_strings_is_joined_by_newlines_not_its_repr(tmp_path):
-    assert as_text(["Rest.", "See a doctor if it lasts."], "Doctor", 3) == "Rest.\nSee a doctor if it lasts."
+    assert as_text(["Rest.", "See a doctor if it lasts."], "Doctor", 3, "x.csv") == "Rest.\nSee a doctor if it lasts."
     lines = [
         json.dumps({"Patient": f"Question {i} about my cough?", "Doctor": ["Rest and drink fluids.", "See a GP."]})
         for i in range(5)
     ]
     cfg = settings(DATASET=rows_file(tmp_path, "lists.jsonl", "\n".join(lines)))
     train, held_out, _ = sample(cfg, load_rows(cfg))
-    assert {r["doctor"] for r in train + held_out} == {"Rest and drink fluids.\nSee a GP."}
+    assert {r["messages"][1]["content"] for r in train + held_out} == {"Rest and drink fluids.\nSee a GP."}
 
 
 def test_a_reply_given_as_an_object_names_the_row_and_the_fix():
-    with pytest.raises(ConfigError, match=r"row 7, column 'Doctor': holds a dict") as err:
-        as_text({"text": "Rest."}, "Doctor", 7)
+    with pytest.raises(ConfigError, match=r"row 7 \(counting from 0\), column 'Doctor': holds a dict") as err:
+        as_text({"text": "Rest."}, "Doctor", 7, "x.csv")
     assert "string" in str(err.value)
 
 

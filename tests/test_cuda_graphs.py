@@ -7,6 +7,7 @@ import torch
 
 from job.config import load_settings
 from job.files import read_jsonl
+from job.formats import single_turn
 from job.formatting import tokenize_row
 from job.model import load_model, load_tokenizer, lora_config
 from job.speedups.cuda_graphs import FixedShape, slots_for
@@ -34,7 +35,7 @@ def _batches(tiny_model_dir):
         env_file=None,
     )
     tok = load_tokenizer(cfg)
-    rows = [tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)]
+    rows = [tokenize_row(cfg, tok, single_turn(r["Patient"], r["Doctor"]))[0] for r in read_jsonl(FIXTURE)]
     examples = [{"input_ids": r["input_ids"], "seq_lengths": [len(r["input_ids"])]} for r in rows if r][:3]
     collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
     fixed = FixedShape(collate, TOKENS, MAX_LENGTH, slots_for(TOKENS, MAX_LENGTH), tok.pad_token_id)

@@ -9,6 +9,7 @@ from bench.throughput import LLAMA_3_2_3B, flops_per_token
 from job import attention
 from job.config import load_settings
 from job.files import read_jsonl
+from job.formats import single_turn
 from job.formatting import tokenize_row
 from job.model import load_model, load_tokenizer, lora_config
 
@@ -34,9 +35,7 @@ def test_packed_equals_padded(tiny_model_dir, attn, monkeypatch):
     reference = attention._per_conversation
     monkeypatch.setattr(attention, "_per_conversation", lambda *a: calls.append(a[3]) or reference(*a))
     tok = load_tokenizer(cfg)
-    rows = [
-        tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)[:6]
-    ]
+    rows = [tokenize_row(cfg, tok, single_turn(r["Patient"], r["Doctor"]))[0] for r in read_jsonl(FIXTURE)[:6]]
     assert len({len(r["input_ids"]) for r in rows}) > 1, "rows of different lengths make padding matter"
     base = load_model(cfg, "fp32")
     torch.manual_seed(0)  # before get_peft_model, which draws the LoRA A matrices: no dependence on test order
@@ -84,9 +83,7 @@ def test_dequantized_base_trains_like_the_4bit_kernels(tiny_model_dir):
     env = {"BASE_MODEL": str(tiny_model_dir), "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "2048"}
     cfg = load_settings({**env, "DEQUANTIZE_BASE": "true"}, env_file=None)
     tok = load_tokenizer(cfg)
-    rows = [
-        tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)[:6]
-    ]
+    rows = [tokenize_row(cfg, tok, single_turn(r["Patient"], r["Doctor"]))[0] for r in read_jsonl(FIXTURE)[:6]]
     plain = _lora_with_weights(cfg, load_model(cfg, "fp32"))
     assert any(type(m).__name__ == "Linear4bit" for m in plain.modules())
     lora = {k: v for k, v in plain.state_dict().items() if "lora_" in k}

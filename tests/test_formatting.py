@@ -9,6 +9,7 @@ import pytest
 
 from job.config import load_settings
 from job.errors import ConfigError
+from job.formats import conversation, single_turn
 from job.formatting import format_rows, tokenize_row
 from job.model import build_messages, load_tokenizer
 
@@ -33,7 +34,7 @@ def masked_in(item):
 
 def test_mask_covers_exactly_the_reply_and_its_end_of_turn(tiny_model_dir, tok):
     cfg = settings(tiny_model_dir)
-    item, status = tokenize_row(cfg, tok, {"patient": PATIENT, "doctor": REPLY})
+    item, status = tokenize_row(cfg, tok, single_turn(PATIENT, REPLY))
     ids, mask = item["input_ids"], item["completion_mask"]
     assert status == "ok" and len(ids) == len(mask) < cfg.MAX_SEQ_LENGTH
     assert set(mask) == {0, 1}
@@ -60,7 +61,7 @@ def test_mask_covers_exactly_the_reply_and_its_end_of_turn(tiny_model_dir, tok):
 def test_mask_agrees_with_the_templates_generation_markers(tiny_model_dir, tok):
     """The tiny template marks the assistant turn with {% generation %}; our prefix-based mask must agree."""
     cfg = settings(tiny_model_dir)
-    item, _ = tokenize_row(cfg, tok, {"patient": PATIENT, "doctor": REPLY})
+    item, _ = tokenize_row(cfg, tok, single_turn(PATIENT, REPLY))
     marked = tok.apply_chat_template(
         build_messages(cfg, PATIENT, reply=REPLY), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
@@ -70,14 +71,14 @@ def test_mask_agrees_with_the_templates_generation_markers(tiny_model_dir, tok):
 
 def test_no_system_turn_when_the_system_prompt_is_empty(tiny_model_dir, tok):
     cfg = settings(tiny_model_dir, SYSTEM_PROMPT="")
-    item, _ = tokenize_row(cfg, tok, {"patient": PATIENT, "doctor": REPLY})
+    item, _ = tokenize_row(cfg, tok, single_turn(PATIENT, REPLY))
     text = tok.decode(item["input_ids"], skip_special_tokens=False)
     assert "system" not in text and text.startswith("<|begin_of_text|><|start_header_id|>user")
     assert tok.decode(masked_in(item), skip_special_tokens=False) == REPLY + "<|eot_id|>"
 
 
 def test_description_goes_before_the_patient_text_when_asked(tiny_model_dir, tok):
-    row = {"patient": PATIENT, "doctor": REPLY, "description": "Headache with fever"}
+    row = single_turn(PATIENT, REPLY, "Headache with fever")
     plain, _ = tokenize_row(settings(tiny_model_dir), tok, row)
     with_desc, _ = tokenize_row(settings(tiny_model_dir, USE_DESCRIPTION="true"), tok, row)
     assert "Headache with fever" not in tok.decode(plain["input_ids"])
@@ -86,11 +87,11 @@ def test_description_goes_before_the_patient_text_when_asked(tiny_model_dir, tok
 
 
 def test_truncation_keeps_the_prompt_and_cuts_the_reply(tiny_model_dir, tok):
-    full, _ = tokenize_row(settings(tiny_model_dir), tok, {"patient": PATIENT, "doctor": REPLY})
+    full, _ = tokenize_row(settings(tiny_model_dir), tok, single_turn(PATIENT, REPLY))
     n_prompt = full["completion_mask"].index(1)
     limit = n_prompt + 5
     cfg = settings(tiny_model_dir, MAX_SEQ_LENGTH=limit)
-    item, status = tokenize_row(cfg, tok, {"patient": PATIENT, "doctor": REPLY})
+    item, status = tokenize_row(cfg, tok, single_turn(PATIENT, REPLY))
     assert status == "truncated"
     assert len(item["input_ids"]) == len(item["completion_mask"]) == limit
     assert item["input_ids"] == full["input_ids"][:limit]
@@ -100,9 +101,7 @@ def test_truncation_keeps_the_prompt_and_cuts_the_reply(tiny_model_dir, tok):
 
 def _rows(n, long_prompts=0):
     long_patient = "My head hurts and I feel dizzy when I stand up. " * 60  # ~1,000 tiny-BPE tokens
-    return [
-        {"patient": long_patient if i < long_prompts else f"{PATIENT} (case {i})", "doctor": REPLY} for i in range(n)
-    ]
+    return [single_turn(long_patient if i < long_prompts else f"{PATIENT} (case {i})", REPLY) for i in range(n)]
 
 
 def test_rows_whose_prompt_leaves_no_room_are_dropped_and_counted(tiny_model_dir, tok):
@@ -179,8 +178,8 @@ def test_special_token_strings_in_a_row_stay_text(tiny_model_dir, family):
 
     tok, forged = family_tokenizer(tiny_model_dir, family)
     cfg = settings(tiny_model_dir)
-    clean, _ = tokenize_row(cfg, tok, {"patient": PATIENT, "doctor": REPLY})
-    hostile = {"patient": f"{PATIENT} {forged}", "description": forged, "doctor": f"{REPLY} {forged}"}
+    clean, _ = tokenize_row(cfg, tok, single_turn(PATIENT, REPLY))
+    hostile = single_turn(f"{PATIENT} {forged}", f"{REPLY} {forged}", forged)
     item, status = tokenize_row(settings(tiny_model_dir, USE_DESCRIPTION="true"), tok, hostile)
     assert status == "ok"
     # Exactly the template's control tokens: the same count as a row without them (same turns).
@@ -218,7 +217,7 @@ def test_rows_without_special_strings_tokenize_exactly_as_the_template_does(tiny
 
     cfg = settings(tiny_model_dir)
     for row in _rows(5):
-        messages = build_messages(cfg, row["patient"], reply=row["doctor"])
+        messages = conversation(cfg, row)
         expected = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
         item, _ = tokenize_row(cfg, tok, row)
         assert item["input_ids"] == expected
@@ -281,7 +280,7 @@ def test_token_files_do_not_change_with_the_day(tiny_model_dir, tmp_path, monkey
     tok.chat_template = DATED
     tok.save_pretrained(model)
     cfg = settings(model)
-    rows = [{"patient": f"{PATIENT} {i}", "doctor": REPLY} for i in range(3)]
+    rows = [single_turn(f"{PATIENT} {i}", REPLY) for i in range(3)]
 
     def tokens_on(day: int) -> str:
         class Clock(real.datetime):

@@ -19,6 +19,7 @@ from conftest import SMALL_RUN
 from job import evaluate, gguf_base
 from job.config import load_settings
 from job.errors import ConfigError
+from job.formats import single_turn
 from job.formatting import tokenize_row
 from job.model import build_messages, end_of_turn_ids, load_tokenizer
 from job.paths import RunPaths
@@ -231,7 +232,7 @@ def test_each_shipped_template_marks_the_trained_tokens_and_its_end_of_turn(turn
     the end-of-turn token is trained and stops generation."""
     cfg = settings(BASE_MODEL=str(turn_tokens_model), CHAT_TEMPLATE=name, MAX_SEQ_LENGTH=512)
     tok = load_tokenizer(cfg)
-    item, status = tokenize_row(cfg, tok, {"patient": "My head hurts.", "doctor": REPLY})
+    item, status = tokenize_row(cfg, tok, single_turn("My head hurts.", REPLY))
     marked = tok.apply_chat_template(
         build_messages(cfg, "My head hurts.", reply=REPLY),
         tokenize=True,

@@ -19,6 +19,7 @@ from job.__main__ import FIXTURE
 from job.config import load_settings
 from job.errors import ConfigError, LocalFailure
 from job.files import read_jsonl
+from job.formats import single_turn
 from job.paths import RunPaths
 
 # real rows, in the shared folder beside a checkout (skipped where there is none)
@@ -123,15 +124,12 @@ def test_a_workers_error_is_raised_at_its_row(tmp_path, tiny_model_dir, monkeypa
     real = formatting.tokenize_row
 
     def refuse_row_100(cfg, tok, row):
-        if row["patient"].endswith("#100"):
+        if row["messages"][0]["content"].endswith("#100"):
             raise ConfigError("row 100 refused")
         return real(cfg, tok, row)
 
     monkeypatch.setattr(formatting, "tokenize_row", refuse_row_100)
-    rows = [
-        {"patient": f"My knee hurts after running #{i}", "doctor": "Rest it and use ice for two days."}
-        for i in range(300)
-    ]
+    rows = [single_turn(f"My knee hurts after running #{i}", "Rest it and use ice for two days.") for i in range(300)]
     for workers in (1, 2):
         cfg = settings(tmp_path, workers, BASE_MODEL=str(tiny_model_dir))
         with pytest.raises(ConfigError, match="row 100 refused"):

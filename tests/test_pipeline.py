@@ -167,7 +167,7 @@ def test_eval_metrics_and_samples(demo_run):
     assert len(samples) == int(demo_run.env["EVAL_PROMPTS"])
     for s, row in zip(samples, held_out):
         assert set(s) == {"prompt", "reference", "base", "tuned"}
-        assert (s["prompt"], s["reference"]) == (row["patient"], row["doctor"])
+        assert [s["prompt"], s["reference"]] == [m["content"] for m in row["messages"]]
         assert isinstance(s["base"], str) and isinstance(s["tuned"], str)
 
 
@@ -193,7 +193,9 @@ def test_model_card(demo_run):
     assert HUB_REPO_ID in card  # the usage snippet loads the pushed repo
     assert "github.com" not in card  # no invented links
     # the random tiny base cannot end a turn, so TRAIN_TURN_TOKENS=auto trained its template's turn tokens
-    assert re.search(r"turn tokens trained with the adapter \| <\|start_header_id\|>, <\|end_header_id\|>, <\|eot_id\|>", card)
+    assert re.search(
+        r"turn tokens trained with the adapter \| <\|start_header_id\|>, <\|end_header_id\|>, <\|eot_id\|>", card
+    )
     assert RunPaths(demo_run.run_dir).loss_plot.read_bytes()[:8] == PNG_MAGIC
 
 

@@ -35,6 +35,10 @@ def fixture_ds():
     return load_rows(settings())
 
 
+def patient(row: dict) -> str:
+    return row["messages"][0]["content"]
+
+
 def tiny_ds(rows: list[dict]):
     from datasets import Dataset
 
@@ -184,10 +188,12 @@ def test_all_usable_fixture_rows_match_its_readme(fixture_ds):
     assert changed["doctor.whitespace"] == odd_space
 
     kept = train + held_out
-    assert all(r["patient"] and len(r["doctor"]) >= 20 for r in kept)
-    traces = [r["doctor"][:80] for r in kept if re.search(PLATFORM_TRACES, r["doctor"], re.I)]
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in kept)
+    patients, doctors = zip(*([m["content"] for m in r["messages"]] for r in kept))
+    assert all(patients) and all(len(d) >= 20 for d in doctors)
+    traces = [d[:80] for d in doctors if re.search(PLATFORM_TRACES, d, re.I)]
     assert traces == [], "platform text survived cleaning"
-    assert not [r for r in kept if re.search(r"\bdr\b\.?\s*\w*\W*$", r["doctor"], re.I)], "a sign-off survived"
+    assert not [d for d in doctors if re.search(r"\bdr\b\.?\s*\w*\W*$", d, re.I)], "a sign-off survived"
     assert len({r["source_index"] for r in kept}) == len(kept)
 
 
@@ -209,8 +215,8 @@ def test_sampling_is_deterministic_for_a_seed_and_differs_for_another(fixture_ds
 
 def test_train_and_eval_are_disjoint_on_the_normalised_patient_text(fixture_ds):
     train, held_out, _ = sample(settings(NUM_SAMPLES=FIXTURE_USABLE - 16), fixture_ds)
-    train_keys = [dedup_key(r["patient"]) for r in train]
-    eval_keys = [dedup_key(r["patient"]) for r in held_out]
+    train_keys = [dedup_key(patient(r)) for r in train]
+    eval_keys = [dedup_key(patient(r)) for r in held_out]
     assert len(set(train_keys)) == len(train_keys) and len(set(eval_keys)) == len(eval_keys)
     assert not set(train_keys) & set(eval_keys)
 
@@ -233,7 +239,7 @@ def test_duplicates_and_fragments_are_dropped_and_counted():
             break
     else:
         pytest.fail("no seed in 100 read every row")
-    kept = sorted(dedup_key(r["patient"]) for r in train + held_out)
+    kept = sorted(dedup_key(patient(r)) for r in train + held_out)
     assert kept == ["ihaveafeverwhattodo", "mykneehurtsafterrunning"]
     assert stats["dropped"] == {"exact_duplicate": 1, "near_duplicate": 1, "reply_too_short": 1}
 

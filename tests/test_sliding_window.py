@@ -12,6 +12,7 @@ from bench.equivalence import equivalence
 from job import attention, decode
 from job.config import load_settings
 from job.files import read_jsonl
+from job.formats import single_turn
 from job.formatting import tokenize_row
 from job.model import build_messages, load_tokenizer
 
@@ -46,9 +47,7 @@ def test_packed_rows_keep_the_sliding_window(tiny_gemma, monkeypatch):
     reference = attention._per_conversation
     monkeypatch.setattr(attention, "_per_conversation", lambda *a: windows.append(a[5]) or reference(*a))
     model.set_attn_implementation(attention.NAME)
-    rows = [
-        tokenize_row(cfg, tok, {"patient": r["Patient"], "doctor": r["Doctor"]})[0] for r in read_jsonl(FIXTURE)[:4]
-    ]
+    rows = [tokenize_row(cfg, tok, single_turn(r["Patient"], r["Doctor"]))[0] for r in read_jsonl(FIXTURE)[:4]]
     assert min(len(r["input_ids"]) for r in rows) > 4 * WINDOW
     torch.manual_seed(0)
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
