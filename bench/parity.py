@@ -481,10 +481,10 @@ def generation_probe(model, tokenizer, conversations: list[list[dict]], stop: tu
 def eval_conversations(rows_file: Path, settings: dict[str, str]) -> tuple[list[list[dict]], int]:
     """The held-out rows as the job renders them (its system prompt, description setting), and MAX_SEQ_LENGTH."""
     from job.config import load_settings
-    from job.model import build_messages
+    from job.formats import conversation
 
     cfg = load_settings({**settings, "BASE_MODEL": settings.get("BASE_MODEL", "unused")}, env_file=None)
-    convs = [build_messages(cfg, r["patient"], r.get("description", ""), r["doctor"]) for r in read_jsonl(rows_file)]
+    convs = [conversation(cfg, r) for r in read_jsonl(rows_file)]  # scored on its last reply
     return convs, cfg.MAX_SEQ_LENGTH
 
 
