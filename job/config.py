@@ -81,6 +81,9 @@ def _must(ok: Callable[[Any], Any], why: str) -> Callable[[Any], str | None]:
     return lambda value: None if ok(value) else why
 
 
+ALL_LINEAR = "all-linear"
+
+
 def _names(text: str) -> list[str]:
     """The names of a comma list, spaces and empty entries dropped."""
     return [n.strip() for n in text.split(",") if n.strip()]
@@ -247,9 +250,10 @@ class Settings:
     LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train", bounds=(0, 1))
     LORA_TARGET_MODULES: str = _setting(
         "q_proj,v_proj",
-        "Comma-separated module names that get adapters.",
+        "Comma-separated module names that get adapters, or all-linear: every linear layer but the output one "
+        "(PEFT's choice; for fused layouts such as Phi-3's qkv_proj too).",
         "train",
-        check=_must(_names, "name at least one module, e.g. q_proj,v_proj"),
+        check=_must(_names, "name at least one module, e.g. q_proj,v_proj, or all-linear"),
     )
     TRAIN_TURN_TOKENS: str = _setting(
         "auto",
@@ -564,8 +568,10 @@ class Settings:
         return _names(self.BENCHMARK_TASKS)
 
     @property
-    def target_modules(self) -> list[str]:
-        return _names(self.LORA_TARGET_MODULES)
+    def target_modules(self) -> list[str] | str:
+        """The names, or PEFT's "all-linear" (a string: PEFT reads it as every linear layer but the output one)."""
+        names = _names(self.LORA_TARGET_MODULES)
+        return ALL_LINEAR if names == [ALL_LINEAR] else names
 
     def masked(self) -> dict[str, Any]:
         """All settings with secrets replaced by '***' (or '' when unset)."""

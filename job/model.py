@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from job import attention, formats, gguf_base
-from job.config import CHAT_TEMPLATE_NAMES, Settings
+from job.config import ALL_LINEAR, CHAT_TEMPLATE_NAMES, Settings
 from job.errors import ConfigError, classify
 
 log = logging.getLogger(__name__)
@@ -303,6 +303,8 @@ def four_bit_layers(model: Any) -> list:
 
 
 def _check_targets(cfg: Settings, model: Any) -> None:
+    if cfg.target_modules == ALL_LINEAR:  # PEFT finds them; every causal LM has some
+        return
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     absent = [m for m in cfg.target_modules if m not in present]
     if absent:
