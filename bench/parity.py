@@ -524,42 +524,78 @@ def derive(seed_result: dict) -> None:
 
 
 def markdown(result: dict) -> str:
-    s = result["setup"]
+    """The README section: what ran and how it was scored, the per-seed table, the summary across seeds, the
+    greedy probe's table (when it ran), and the variants' settings."""
     seeds = result["seeds"]
+    variants = "; ".join(
+        f"`{n}`: {', '.join(f'{k}={v}' for k, v in vs.items()) or 'the defaults'}"
+        for n, vs in result["variants"].items()
+    )
+    names = list(result["variants"])
+    parts = [_intro(result), _seed_table(seeds, names), _summary_table(seeds, names), _probe_table(seeds)]
+    return "\n\n".join([p for p in parts if p] + [f"Variants: {variants}."]) + "\n"
+
+
+def _intro(result: dict) -> str:
+    s, seeds = result["setup"], result["seeds"]
+    settings = ", ".join(f"{k}={v}" for k, v in s["shared_settings"].items() if k not in ("BASE_MODEL", "DATASET"))
+    first = next((r["losses"] for r in seeds.values() if "losses" in r), None)
+    scored = (
+        f"Held-out loss: {first['rows']} conversations, {first['reply_tokens']:,} reply tokens (first seed), scored "
+        f"by bench/parity.py on the base loaded as {first['weights']}, adapters through PEFT. "
+        if first
+        else "Not scored yet. "
+    )
+    return (
+        f"Device: {s['device']}. Base: {s['base_model']}. Data: {s['data']}; {settings}; seeds {', '.join(seeds)} "
+        f"(each seed draws other rows and another held-out split). {scored}"
+        f"Train tokens/s: the formatted rows' tokens over the trainer's own runtime (graph capture included). "
+        f"{s['versions']}."
+    )
+
+
+def _seed_table(seeds: dict, names: list[str]) -> str:
     head = (
         "variant|seed|optimizer steps|conversations per step|train tokens/s|held-out loss (nats/token)|"
         "improvement over base|share of plain's improvement|vs plain|vs trl-seed|p(end of turn)"
     ).split("|")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    names = list(result["variants"])
     for seed, r in seeds.items():
-        base = r.get("losses", {}).get("base", {}).get("loss")
-        eot = r.get("losses", {}).get("base", {}).get("end_of_turn_p")
-        rows.append(f"| base | {seed} | – | – | – | {_num(base, '.4f')} | – | – | – | – | {_num(eot, '.3f')} |")
-        bare = r.get("losses", {}).get("base_without_peft", {}).get("loss")
+        losses = r.get("losses", {})
+        base = losses.get("base", {})
+        rows.append(
+            f"| base | {seed} | – | – | – | {_num(base.get('loss'), '.4f')} | – | – | – | – | "
+            f"{_num(base.get('end_of_turn_p'), '.3f')} |"
+        )
+        bare = losses.get("base_without_peft", {}).get("loss")
         if bare is not None:  # the check: the same base without PEFT's wrapper
             rows.append(f"| base, no PEFT wrapper | {seed} | – | – | – | {bare:.4f} | – | – | – | – | – |")
-        for name in names:
-            v = r["variants"].get(name, {})
-            if "loss" not in v:
-                why = v.get("skipped") or (f"failed: {v['failed'][:120]}" if "failed" in v else "not run")
-                rows.append(f"| {name} | {seed} | {why.replace('|', '/').replace(chr(10), ' ')} |" + " |" * 8)
-                continue
-            cells = [
-                name,
-                seed,
-                str(v["steps"]),
-                _num(v["conversations_per_step"], ".1f"),
-                _num(v["train_tokens_per_s"], ",.0f"),
-                f"{v['loss']:.4f}",
-                f"{v['improvement']:.4f}",
-                _pct(v["share_of_plain_improvement"], 0, sign=False),
-                _pct(v["rel_diff_to_plain"], 2),
-                _pct(v["rel_diff_to_trl_seed"], 2),
-                _num(r["losses"][name].get("end_of_turn_p"), ".3f"),
-            ]
-            rows.append("| " + " | ".join(cells) + " |")
-    summary = [
+        rows += [_variant_row(name, seed, r["variants"].get(name, {}), losses.get(name, {})) for name in names]
+    return "\n".join(rows)
+
+
+def _variant_row(name: str, seed: str, v: dict, scored: dict) -> str:
+    if "loss" not in v:
+        why = v.get("skipped") or (f"failed: {v['failed'][:120]}" if "failed" in v else "not run")
+        return f"| {name} | {seed} | {why.replace('|', '/').replace(chr(10), ' ')} |" + " |" * 8
+    cells = [
+        name,
+        seed,
+        str(v["steps"]),
+        _num(v["conversations_per_step"], ".1f"),
+        _num(v["train_tokens_per_s"], ",.0f"),
+        f"{v['loss']:.4f}",
+        f"{v['improvement']:.4f}",
+        _pct(v["share_of_plain_improvement"], 0, sign=False),
+        _pct(v["rel_diff_to_plain"], 2),
+        _pct(v["rel_diff_to_trl_seed"], 2),
+        _num(scored.get("end_of_turn_p"), ".3f"),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _summary_table(seeds: dict, names: list[str]) -> str:
+    rows = [
         "| variant | seeds | held-out loss, mean (min–max) | share of plain's improvement, mean (min–max) | "
         "vs plain, mean | vs trl-seed, mean | train tokens/s, mean |",
         "|---|---|---|---|---|---|---|",
@@ -569,41 +605,30 @@ def markdown(result: dict) -> str:
         if not ran:
             continue
 
-        def spread(key, fmt, ran=ran):
-            xs = [v[key] for v in ran if v.get(key) is not None]
+        def values(key, ran=ran):
+            return [v[key] for v in ran if v.get(key) is not None]
+
+        def spread(key, fmt):
+            xs = values(key)
             if not xs:
                 return "–"
             return f"{fmt(statistics.fmean(xs))} ({fmt(min(xs))}–{fmt(max(xs))})" if len(xs) > 1 else fmt(xs[0])
 
-        def mean(key, fmt, ran=ran):
-            xs = [v[key] for v in ran if v.get(key) is not None]
+        def mean(key, fmt):
+            xs = values(key)
             return fmt(statistics.fmean(xs)) if xs else "–"
 
-        summary.append(
+        rows.append(
             f"| {name} | {len(ran)} | {spread('loss', lambda x: f'{x:.4f}')} | "
             f"{spread('share_of_plain_improvement', lambda x: f'{100 * x:.0f}%')} | "
             f"{mean('rel_diff_to_plain', lambda x: f'{100 * x:+.2f}%')} | "
             f"{mean('rel_diff_to_trl_seed', lambda x: f'{100 * x:+.2f}%')} | "
             f"{mean('train_tokens_per_s', lambda x: f'{x:,.0f}')} |"
         )
-    settings = ", ".join(f"{k}={v}" for k, v in s["shared_settings"].items() if k not in ("BASE_MODEL", "DATASET"))
-    variants = "; ".join(
-        f"`{n}`: {', '.join(f'{k}={v}' for k, v in vs.items()) or 'the defaults'}"
-        for n, vs in result["variants"].items()
-    )
-    first = next((r["losses"] for r in seeds.values() if "losses" in r), None)
-    scored = (
-        f"Held-out loss: {first['rows']} conversations, {first['reply_tokens']:,} reply tokens (first seed), scored "
-        f"by bench/parity.py on the base loaded as {first['weights']}, adapters through PEFT. "
-        if first
-        else "Not scored yet. "
-    )
-    intro = (
-        f"Device: {s['device']}. Base: {s['base_model']}. Data: {s['data']}; {settings}; seeds {', '.join(seeds)} "
-        f"(each seed draws other rows and another held-out split). {scored}"
-        f"Train tokens/s: the formatted rows' tokens over the trainer's own runtime (graph capture included). "
-        f"{s['versions']}."
-    )
+    return "\n".join(rows)
+
+
+def _probe_table(seeds: dict) -> str:
     probes = [
         f"| {name} | {seed} | {how} | {100 * g['ended']:.0f}% | {g['new_tokens_mean']:.0f} | "
         f"{g['loop_share_mean']:.2f} |"
@@ -612,14 +637,10 @@ def markdown(result: dict) -> str:
         if isinstance(scored, dict) and "probe" in scored
         for how, g in scored["probe"].items()
     ]
-    if probes:
-        probes[:0] = [
-            "| model | seed | decoding (256 new tokens at most) | ended its turn | new tokens, mean | "
-            "repeated 4-grams |",
-            "|---|---|---|---|---|---|",
-        ]
-    parts = [intro, "\n".join(rows), "\n".join(summary), "\n".join(probes), f"Variants: {variants}."]
-    return "\n\n".join(p for p in parts if p) + "\n"
+    if not probes:
+        return ""
+    head = "| model | seed | decoding (256 new tokens at most) | ended its turn | new tokens, mean | repeated 4-grams |"
+    return "\n".join([head, "|---|---|---|---|---|---|", *probes])
 
 
 def write_report(result: dict, out: Path, readme: Path | None) -> str:
