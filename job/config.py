@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from job import benchmark_tasks, formats
+from job import benchmark_tasks, formats, mixture
 from job.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,10 @@ class Settings:
     # --- data (sample stage) ---------------------------------------------------------------
     DATASET: str = _setting(
         "ruslanmv/ai-medical-chatbot",
-        "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file.",
+        "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file; or a mixture, source:weight,source:weight "
+        "(README, Your data).",
         "sample",
-        check=_NOT_EMPTY,
+        check=lambda v: _NOT_EMPTY(v) or mixture.problem(v),
     )
     DATASET_SPLIT: str = _setting("train", "Split of a Hub dataset to sample from.", "sample")
     DATA_FORMAT: str = _setting(

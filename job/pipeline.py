@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from job import benchmark, errors, evaluate, formatting, provenance, push, report, sample, stop, train
+from job import benchmark, errors, evaluate, formatting, mixture, provenance, push, report, sample, stop, train
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError
 from job.files import atomic_write_text
@@ -262,8 +262,9 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
             f"HUB_REPO_ID={cfg.HUB_REPO_ID!r} cannot be pushed to with HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set: "
             "unset it to push, or leave HUB_REPO_ID empty to stage the files in push/ without uploading"
         )
-    if "sample" in selected and provenance.is_local_path(cfg.DATASET):
-        problems += _problems_of(sample.check_local_file, Path(cfg.DATASET).expanduser())
+    for _, source in mixture.input_names(cfg.DATASET) if "sample" in selected else ():
+        if provenance.is_local_path(source):
+            problems += _problems_of(sample.check_local_file, Path(source).expanduser())
     if {"train", "evaluate", "push"} & selected:
         problems += _problems_of(resolve_precision, cfg) + _problems_of(check_quantization, cfg)
     if "train" in selected:

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from job import mixture
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError, classify
 from job.files import atomic_write_text
@@ -212,9 +213,9 @@ def resolve_pins(cfg: Settings, pins: dict | None) -> dict:
     """The manifest's pins, with every Hub input of these settings pinned: an input pinned for the same id keeps
     its revision (resumed runs, other machines); one not pinned yet, or whose id changed, is resolved now."""
     out = {k: v for k, v in (pins or {}).items() if isinstance(v, dict)}
-    for name, repo_type in (("DATASET", "dataset"), ("BASE_MODEL", "model")):
-        value = getattr(cfg, name)
-        if not is_hub_id(name, value):
+    named = [(key, value, "dataset") for key, value in mixture.input_names(cfg.DATASET)]
+    for name, value, repo_type in [*named, ("BASE_MODEL", cfg.BASE_MODEL, "model")]:
+        if not is_hub_id(name.partition("[")[0], value):
             continue
         if out.get(name, {}).get("id") == value and out[name].get("revision"):
             continue
@@ -252,7 +253,8 @@ def files_input(label: str, folder: Path, names: list[str], hashes: Hashes) -> d
 
 
 def _hub_input(name: str, value: str) -> dict | None:
-    return {"id": value, "revision": pinned(name, value)} if is_hub_id(name, value) else None
+    """A Hub input's id and pinned revision; `name` is its setting, or DATASET[source] for a mixture's source."""
+    return {"id": value, "revision": pinned(name, value)} if is_hub_id(name.partition("[")[0], value) else None
 
 
 def base_model_input(cfg: Settings, hashes: Hashes) -> dict:
@@ -279,7 +281,8 @@ def stage_inputs(cfg: Settings, paths, stage: str, hashes: Hashes) -> dict[str, 
     inputs: dict[str, dict] = {}
     tasks = [f"{t}.jsonl" for t in cfg.benchmark_tasks]
     if stage == "sample":
-        inputs["DATASET"] = _hub_input("DATASET", cfg.DATASET) or file_input(Path(cfg.DATASET), hashes)
+        for key, value in mixture.input_names(cfg.DATASET):  # each source of a mixture on its own
+            inputs[key] = _hub_input(key, value) or file_input(Path(value), hashes)
         if tasks and cfg.BENCHMARK_DATA:
             inputs["BENCHMARK_DATA"] = files_input(cfg.BENCHMARK_DATA, Path(cfg.BENCHMARK_DATA), tasks, hashes)
     if stage in ("format", "train", "evaluate", "benchmark") or (stage == "push" and cfg.PUSH_MERGED):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from job import benchmark
+from job import benchmark, mixture
 from job.config import DEPENDS, SETTINGS, Settings, with_overrides
 from job.files import atomic_write_text, read_json, read_jsonl
 from job.paths import RunPaths
@@ -87,7 +87,7 @@ def card_data(cfg: Settings, gguf: dict | None = None) -> ModelCardData:
         base_model = None if is_local_path(cfg.BASE_MODEL) else cfg.BASE_MODEL
     return ModelCardData(
         base_model=base_model,
-        datasets=None if is_local_path(cfg.DATASET) else [cfg.DATASET],
+        datasets=[name for _, name in mixture.input_names(cfg.DATASET) if not is_local_path(name)] or None,
         library_name="peft",
         license=cfg.MODEL_LICENSE,
         language=["en"],
@@ -124,9 +124,10 @@ def provenance_rows(manifest: dict | None) -> list[tuple[str, str]]:
     stages = (manifest or {}).get("stages", {})
     train = stages.get("train", {}) if isinstance(stages.get("train"), dict) else {}
     sample = stages.get("sample", {}) if isinstance(stages.get("sample"), dict) else {}
-    data = (sample.get("inputs") or {}).get("DATASET")
+    inputs = sample.get("inputs") or {}
+    data = [(k, v) for k, v in inputs.items() if k.startswith("DATASET[")] or [("DATASET", inputs.get("DATASET"))]
     rows = [
-        ("training data", _input_text(data)),
+        *(("training data", _input_text(v)) for _, v in data),  # one row per source of a mixture
         ("base model", _input_text((train.get("inputs") or {}).get("BASE_MODEL"))),
     ]
     questions = (sample.get("inputs") or {}).get("BENCHMARK_DATA")

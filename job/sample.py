@@ -25,9 +25,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from job import benchmark, formats, parallel
+from job import benchmark, formats, mixture, parallel
 from job.clean import RULE_NAMES, clean_text
-from job.config import Settings
+from job.config import Settings, with_overrides
 from job.errors import ConfigError, classify
 from job.files import atomic_write_text, write_jsonl
 from job.paths import RunPaths
@@ -114,8 +114,9 @@ def _check_json_file(path: Path) -> None:
             )
 
 
-def load_rows(cfg: Settings):
-    """Return the dataset as a memory-mapped `datasets.Dataset` (Hub id or local file)."""
+def load_rows(cfg: Settings, pin: str = "DATASET"):
+    """Return the dataset as a memory-mapped `datasets.Dataset` (Hub id or local file); `pin` names the revision
+    pinned for it (job/mixture.py's input_names)."""
     import datasets
 
     name = cfg.DATASET
@@ -126,7 +127,7 @@ def load_rows(cfg: Settings):
             builder = LOCAL_SUFFIXES[path.suffix.lower()]
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         # The commit this run pinned the Hub dataset to (job/provenance.py): a resumed run reads the same rows.
-        revision = pinned("DATASET", name)
+        revision = pinned(pin, name)
         extra = {"revision": revision} if revision else {}
         return datasets.load_dataset(name, split=cfg.DATASET_SPLIT, token=cfg.HF_TOKEN or None, **extra)
     except ConfigError:
@@ -139,62 +140,115 @@ def load_rows(cfg: Settings):
 
 
 # --- the stage ----------------------------------------------------------------------------------
+def load_sources(cfg: Settings) -> list[tuple[Settings, Any, float]]:
+    """(the settings naming one source as DATASET, its rows, its share) per source of DATASET (job/mixture.py)."""
+    pairs = mixture.sources(cfg.DATASET)
+    if len(pairs) == 1:
+        return [(cfg, load_rows(cfg), 1.0)]
+    subs = [with_overrides(cfg, DATASET=name) for name, _ in pairs]
+    return [
+        (sub, load_rows(sub, pin), share)
+        for sub, (pin, _), (_, share) in zip(subs, mixture.input_names(cfg.DATASET), pairs)
+    ]
+
+
 def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) -> tuple[list[dict], list[dict], dict]:
-    """Walk `ds` in seeded random order; return (train, eval, stats).
+    """Walk `ds` in seeded random order; return (train, eval, stats). `ds` is a dataset, or load_sources' list.
 
     `examples`, when given, receives up to EXAMPLES_PER_RULE before/after rows per doctor-reply rule;
     `guard` (a job.benchmark.Decontaminator) drops training rows that share 13 words with a benchmark
-    question or a held-out row.
-    """
-    import numpy as np
-    from tqdm.auto import tqdm
+    question or a held-out row. A mixture's sources are each walked in their own seeded order: first each
+    source's share of EVAL_SAMPLES, then its share of NUM_SAMPLES, so every held-out row of every source is
+    known before a training row is checked against them; duplicates are found across sources."""
+    sources = ds if isinstance(ds, list) else [(cfg, ds, 1.0)]
+    shares = [share for _, _, share in sources]
+    held, trained = mixture.quotas(cfg.EVAL_SAMPLES, shares), mixture.quotas(cfg.NUM_SAMPLES, shares)
+    mixed = len(sources) > 1
+    walks = [_Walk(sub, rows, h + t, mixed, examples, guard) for (sub, rows, _), h, t in zip(sources, held, trained)]
+    seen: tuple[set, set] = (set(), set())  # the turns and dedup keys of the rows kept so far, across sources
+    try:
+        for held_out, counts in ((True, held), (False, trained)):
+            for walk, count in zip(walks, counts):
+                walk.take(count, held_out, seen)
+    finally:
+        for walk in walks:
+            walk.rows.close()  # stops its worker processes
+    return _mix(cfg, walks, shares) if mixed else _split(cfg, walks[0])
 
-    fmt, why = formats.detect(cfg, ds)
-    log.info("DATA_FORMAT: %s (%s)", fmt, why)
-    formats.check_fields(cfg, fmt, ds)
-    wanted = cfg.NUM_SAMPLES + cfg.EVAL_SAMPLES
-    order = np.random.default_rng(cfg.SEED).permutation(len(ds))
-    dropped: Counter = Counter()
-    changed: Counter = Counter()
-    seen: tuple[set, set] = (set(), set())  # the turns and dedup keys of the rows kept so far
-    kept: list[dict] = []
-    read = 0
-    held = Counter(e["rule"] for e in examples or ())
-    workers = parallel.resolve_workers(cfg.WORKERS, len(ds))
-    clean = functools.partial(_clean_chunk, guard is not None)
-    progress = parallel.Progress("sample", workers)
 
-    def needed() -> int:  # chunks still needed if every row were kept, plus one: few are cleaned for nothing
-        return -(-(wanted - len(kept)) // parallel.CHUNK_ROWS) + 1
+class _Walk:
+    """One source's rows in its seeded order, cleaned ahead on WORKERS processes (job/parallel.py); `take` keeps
+    them one at a time, in that order, exactly as one process would."""
 
-    # The rows are cleaned ahead, in order, on `workers` processes (job/parallel.py); what follows takes them in
-    # one at a time, in the seeded order, exactly as one process would.
-    reader = functools.partial(formats.read, cfg, fmt)
-    source = _raw_chunks(ds.select_columns(formats.fields(cfg, ds)), order, reader)
-    results = contextlib.closing(parallel.ordered_map(clean, source, workers, "sample", wanted=needed))
-    with tqdm(total=wanted, desc="sample", unit="row", disable=None) as bar, results as chunks:
-        for (idx, raws, error), cleaned in chunks:
-            for i, raw, (row, fired, key, grams) in zip(idx, raws, cleaned):
-                read += 1
-                changed.update(fired)
-                if examples is not None:
-                    _keep_examples(examples, held, i, raw, row, fired)
-                if reason := _drop_reason(row, key, grams, seen, guard, len(kept) < cfg.EVAL_SAMPLES):
-                    dropped[reason] += 1
+    def __init__(self, cfg: Settings, ds, wanted: int, mixed: bool, examples: list[dict] | None, guard):
+        import numpy as np
+
+        self.cfg, self.ds, self.wanted, self.mixed, self.examples, self.guard = cfg, ds, wanted, mixed, examples, guard
+        self.fmt, why = formats.detect(cfg, ds)
+        log.info("DATA_FORMAT: %s (%s)%s", self.fmt, why, f" for DATASET source {cfg.DATASET!r}" if mixed else "")
+        formats.check_fields(cfg, self.fmt, ds)
+        self.kept: tuple[list[dict], list[dict]] = ([], [])  # (held out, train)
+        self.read = 0
+        self.dropped: Counter = Counter()
+        self.changed: Counter = Counter()
+        self.held = Counter(e["rule"] for e in examples or ())
+        order = np.random.default_rng(cfg.SEED).permutation(len(ds))
+        self.rows = self._rows(order)
+
+    def _rows(self, order):
+        workers = parallel.resolve_workers(self.cfg.WORKERS, len(self.ds))
+        clean = functools.partial(_clean_chunk, self.guard is not None)
+        reader = functools.partial(formats.read, self.cfg, self.fmt)
+        source = _raw_chunks(self.ds.select_columns(formats.fields(self.cfg, self.ds)), order, reader)
+        progress = parallel.Progress("sample", workers)
+
+        def needed() -> int:  # chunks still needed if every row were kept, plus one: few are cleaned for nothing
+            return -(-(self.wanted - sum(map(len, self.kept))) // parallel.CHUNK_ROWS) + 1
+
+        with contextlib.closing(parallel.ordered_map(clean, source, workers, "sample", wanted=needed)) as chunks:
+            for (idx, raws, error), cleaned in chunks:
+                yield from zip(idx, raws, cleaned)
+                if error is not None:  # the row after this chunk's last is not text: raised when the walk reaches it
+                    raise error
+                progress.update(self.read, f", {sum(map(len, self.kept)):,} of {self.wanted:,} kept")
+
+    def take(self, count: int, held_out: bool, seen: tuple[set, set]) -> None:
+        """Keep the next `count` usable rows (held out or train)."""
+        from tqdm.auto import tqdm
+
+        if not count:
+            return
+        kept = self.kept[0 if held_out else 1]
+        goal = len(kept) + count
+        with tqdm(total=count, desc="sample", unit="row", disable=None) as bar:
+            for i, raw, (row, fired, key, grams) in self.rows:
+                self.read += 1
+                self.changed.update(fired)
+                if self.examples is not None:
+                    _keep_examples(self.examples, self.held, i, raw, row, fired)
+                if reason := _drop_reason(row, key, grams, seen, self.guard, held_out):
+                    self.dropped[reason] += 1
                     continue
                 row["source_index"] = int(i)
                 kept.append(row)
                 bar.update(1)
-                if len(kept) == wanted:
-                    return _split(cfg, ds, fmt, kept, read, dropped, changed)
-            if error is not None:  # the row after this chunk's last is not text: raised when the walk reaches it
-                raise error
-            progress.update(read, f", {len(kept):,} of {wanted:,} kept")
-    raise ConfigError(
-        f"NUM_SAMPLES={cfg.NUM_SAMPLES} + EVAL_SAMPLES={cfg.EVAL_SAMPLES} need {wanted} usable rows, but "
-        f"DATASET={cfg.DATASET!r} has only {len(kept)} after cleaning ({read} read; dropped: "
-        f"{dict(dropped) or 'none'}). Lower NUM_SAMPLES or EVAL_SAMPLES."
-    )
+                if len(kept) == goal:
+                    return
+            raise self._too_few()
+
+    def _too_few(self) -> ConfigError:
+        cfg, kept = self.cfg, sum(map(len, self.kept))
+        counts = f"only {kept} after cleaning ({self.read} read; dropped: {dict(self.dropped) or 'none'})"
+        if not self.mixed:
+            return ConfigError(
+                f"NUM_SAMPLES={cfg.NUM_SAMPLES} + EVAL_SAMPLES={cfg.EVAL_SAMPLES} need {self.wanted} usable rows, but "
+                f"DATASET={cfg.DATASET!r} has {counts}. Lower NUM_SAMPLES or EVAL_SAMPLES."
+            )
+        return ConfigError(
+            f"DATASET={self.name!r}: its share of NUM_SAMPLES + EVAL_SAMPLES needs {self.wanted} usable rows, "
+            f"but it has {counts}. Lower its weight or NUM_SAMPLES, or add rows to it: a mixture never fills one "
+            "source's share from another."
+        )
 
 
 def _drop_reason(row: dict, key: str, grams, seen: tuple[set, set], guard, held_out: bool) -> str | None:
@@ -232,25 +286,59 @@ def _unusable(row: dict) -> str | None:
     return "reply_too_short" if len(replies[-1]) < MIN_REPLY_CHARS else None
 
 
-def _split(cfg: Settings, ds, fmt: str, kept: list[dict], read: int, dropped: Counter, changed: Counter):
-    """(train, eval, stats) of the kept rows: the first EVAL_SAMPLES are the held-out split."""
-    eval_rows, train_rows = kept[: cfg.EVAL_SAMPLES], kept[cfg.EVAL_SAMPLES :]
-    lengths = [sum(map(len, formats.turns(r))) for r in kept]
+def _split(cfg: Settings, walk: _Walk) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval, stats) of one source's kept rows."""
+    eval_rows, train_rows = walk.kept
+    lengths = [sum(map(len, formats.turns(r))) for r in eval_rows + train_rows]
     chars = {"mean": round(statistics.fmean(lengths), 1), "median": statistics.median(lengths), "max": max(lengths)}
     stats = {
         "dataset": cfg.DATASET,
-        "data_format": fmt,
-        "rows_in_dataset": len(ds),
-        "rows_read": read,
-        "rows_kept": len(kept),
+        "data_format": walk.fmt,
+        "rows_in_dataset": len(walk.ds),
+        "rows_read": walk.read,
+        "rows_kept": len(lengths),
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
-        "dropped": dict(sorted(dropped.items())),
-        "changed": dict(sorted(changed.items())),
+        "dropped": dict(sorted(walk.dropped.items())),
+        "changed": dict(sorted(walk.changed.items())),
         "chars_per_conversation": chars,
-        "assistant_turns": sum(len(formats.replies(r)) for r in kept),
+        "assistant_turns": sum(len(formats.replies(r)) for r in eval_rows + train_rows),
     }
     return train_rows, eval_rows, stats
+
+
+def _mix(cfg: Settings, walks: list[_Walk], shares: list[float]) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval, stats) of a mixture: each split's rows interleaved to the sources' shares, so that any first
+    rows of it (EVAL_PROMPTS of the held-out ones, say) hold the mixture too; stats per source under "sources"."""
+    parts = [_split(walk.cfg, walk) for walk in walks]
+    for walk, (train_rows, eval_rows, _) in zip(walks, parts):
+        for row in eval_rows + train_rows:
+            row["source"] = walk.cfg.DATASET
+    train_rows, eval_rows = (_interleave([p[k] for p in parts]) for k in (0, 1))
+    _, _, stats = _split(cfg, _Merged(walks, eval_rows, train_rows))
+    stats["data_format"] = ",".join(dict.fromkeys(walk.fmt for walk in walks))
+    stats["sources"] = [
+        {"dataset": walk.cfg.DATASET, "weight": round(share, 6), **{k: v for k, v in st.items() if k != "dataset"}}
+        for walk, share, (_, _, st) in zip(walks, shares, parts)
+    ]
+    return train_rows, eval_rows, stats
+
+
+def _interleave(lists: list[list[dict]]) -> list[dict]:
+    """The lists' rows merged evenly: the k-th of n rows of a list goes at (k + 0.5) / n (ties: the first list)."""
+    placed = [((k + 0.5) / len(rows), s, k) for s, rows in enumerate(lists) for k in range(len(rows))]
+    return [lists[s][k] for _, s, k in sorted(placed)]
+
+
+class _Merged:
+    """The walks of a mixture's sources, summed as _split reads one walk."""
+
+    def __init__(self, walks: list[_Walk], eval_rows: list[dict], train_rows: list[dict]):
+        self.kept, self.fmt = (eval_rows, train_rows), walks[0].fmt
+        self.ds = range(sum(len(w.ds) for w in walks))
+        self.read = sum(w.read for w in walks)
+        self.dropped = sum((w.dropped for w in walks), Counter())
+        self.changed = sum((w.changed for w in walks), Counter())
 
 
 # --- the per-row work, done ahead on the worker processes -----------------------------------------------------------
@@ -317,7 +405,7 @@ def _keep_examples(examples: list[dict], held: Counter, index: int, raw: dict, r
 
 
 def run(cfg: Settings, paths: RunPaths) -> list[Path]:
-    ds = load_rows(cfg)
+    ds = load_sources(cfg)
     examples: list[dict] = []
     # The benchmark's questions (BENCHMARK_TASKS), fetched here for the benchmark stage and decontamination.
     guard = benchmark.fetch(cfg, paths.benchmark_data)
