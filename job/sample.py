@@ -245,7 +245,7 @@ class _Walk:
                 f"DATASET={cfg.DATASET!r} has {counts}. Lower NUM_SAMPLES or EVAL_SAMPLES."
             )
         return ConfigError(
-            f"DATASET={self.name!r}: its share of NUM_SAMPLES + EVAL_SAMPLES needs {self.wanted} usable rows, "
+            f"DATASET={cfg.DATASET!r}: its share of NUM_SAMPLES + EVAL_SAMPLES needs {self.wanted} usable rows, "
             f"but it has {counts}. Lower its weight or NUM_SAMPLES, or add rows to it: a mixture never fills one "
             "source's share from another."
         )

@@ -328,6 +328,16 @@ CASES = [
     # --- data ---
     Case("dataset file missing", {"DATASET": "/nonexistent/dialogues.jsonl"}, ("DATASET=", "no such file")),
     Case("dataset file empty", {}, ("DATASET=", "empty"), setup=_dataset("empty.jsonl", b"")),
+    # mixtures (job/mixture.py, tests/test_mixture.py)
+    Case("mixture weight zero", {"DATASET": "a.jsonl:0,b.jsonl:1"}, ("DATASET=", "'a.jsonl' is 0", "above 0")),
+    Case("mixture weight negative", {"DATASET": "a.jsonl:-1,b.jsonl"}, ("DATASET=", "is -1", "above 0")),
+    Case("mixture empty source", {"DATASET": "a.jsonl:1,,b.jsonl"}, ("DATASET=", "empty source", "source:weight")),
+    Case("weight of one source", {"DATASET": "a.jsonl:0.5"}, ("DATASET=", "one source", "drop ':0.5'")),
+    Case(
+        "mixture source missing",
+        {"DATASET": "/nonexistent/general.jsonl:0.2,/nonexistent/medical.jsonl:0.8"},
+        ("DATASET='/nonexistent/general.jsonl'", "no such file"),
+    ),
     Case(
         "dataset not UTF-8",
         {},

@@ -1,0 +1,170 @@
+"""DATASET as a mixture (job/mixture.py): sources with weights through the sample stage, provenance and the card.
+
+The sources are small files written here: conversations in OpenAI messages (.jsonl) and in Alpaca (.csv). Bad
+mixture settings are in tests/test_bad_inputs.py's catalog.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from job import mixture, provenance, report
+from job.config import load_settings
+from job.errors import ConfigError
+from job.files import atomic_write_text
+from job.paths import RunPaths
+from job.sample import load_sources, sample
+
+SMALL = {"NUM_SAMPLES": "10", "EVAL_SAMPLES": "5", "EVAL_PROMPTS": "2", "WORKERS": "1", "BENCHMARK_TASKS": ""}
+SHARED = ("Is it safe to take ibuprofen with paracetamol?", "Yes, the two can be taken together at normal doses.")
+
+
+def _messages(path: Path, n: int) -> Path:
+    rows = [
+        (f"My knee {i} hurts after running {i} km.", f"Rest the knee {i} days, then run {i} km slowly.")
+        for i in range(n)
+    ]
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        for q, a in [*rows, SHARED]
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _alpaca(path: Path, n: int) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "input", "output"])
+        w.writerows(
+            [f"Name the capital of country number {i}.", "", f"The capital of country {i} is city {i}."]
+            for i in range(n)
+        )
+        w.writerow([SHARED[0], "", SHARED[1]])
+    return path
+
+
+@pytest.fixture
+def sources(tmp_path) -> tuple[Path, Path]:
+    return _messages(tmp_path / "medical.jsonl", 30), _alpaca(tmp_path / "general.csv", 30)
+
+
+def settings(dataset: str, **env) -> object:
+    return load_settings(environ={**SMALL, "DATASET": dataset, **env}, env_file=None)
+
+
+def test_the_syntax_weights_are_shares_and_a_single_dataset_is_itself():
+    assert mixture.sources("a/b:0.8,c:d.jsonl:0.2") == [("a/b", 0.8), ("c:d.jsonl", pytest.approx(0.2))]
+    assert mixture.sources("x.jsonl:4, y.jsonl") == [("x.jsonl", 0.8), ("y.jsonl", 0.2)]  # no weight weighs 1
+    assert mixture.sources("ruslanmv/ai-medical-chatbot") == [("ruslanmv/ai-medical-chatbot", 1.0)]
+    assert mixture.sources("c:d.jsonl") == [("c:d.jsonl", 1.0)]  # a ":" not followed by a number is the path's
+    assert mixture.input_names("a/b") == [("DATASET", "a/b")]
+    assert mixture.input_names("a/b:1,c.csv:1") == [("DATASET[a/b]", "a/b"), ("DATASET[c.csv]", "c.csv")]
+    assert mixture.quotas(5, [0.8, 0.2]) == [4, 1]
+    assert mixture.quotas(4, [0.8, 0.2]) == [3, 1]  # 3.2 and 0.8: the larger remainder gets the row left over
+    assert sum(mixture.quotas(7, [1 / 3] * 3)) == 7
+
+
+@pytest.mark.parametrize(
+    "value, expect",
+    [
+        ("a.jsonl:0,b.jsonl", "above 0"),
+        ("a.jsonl:nan,b.jsonl", "above 0"),
+        ("a.jsonl,,b.jsonl", "empty source"),
+        ("a.jsonl:1,a.jsonl:2", "listed twice"),
+        ("a.jsonl:3", "one source"),
+    ],
+)
+def test_a_bad_mixture_is_refused_naming_dataset(value, expect):
+    with pytest.raises(ConfigError, match=f"DATASET={value!r}: .*{expect}"):
+        settings(value)
+
+
+def test_two_sources_are_drawn_to_their_weights_each_in_its_own_format(sources):
+    medical, general = sources
+    cfg = settings(f"{medical}:0.8,{general}:0.2")
+    train, held_out, stats = sample(cfg, load_sources(cfg))
+    by_source = lambda rows, s: sum(r["source"] == str(s) for r in rows)  # noqa: E731
+    assert [by_source(train, medical), by_source(train, general)] == [8, 2]
+    assert [by_source(held_out, medical), by_source(held_out, general)] == [4, 1]
+    assert held_out[0]["source"] == str(medical) and [r["source"] for r in train[:5]].count(str(general)) == 1  # mixed
+    assert [s["data_format"] for s in stats["sources"]] == ["messages", "alpaca"]
+    assert [s["weight"] for s in stats["sources"]] == [0.8, 0.2]
+    assert stats["data_format"] == "messages,alpaca" and stats["rows_kept"] == 15
+    assert stats["rows_in_dataset"] == 62 and stats["sources"][0]["rows_in_dataset"] == 31
+    alpaca_user = next(r for r in train if r["source"] == str(general))["messages"][0]
+    assert alpaca_user["role"] == "user" and alpaca_user["content"].startswith("Name the capital")
+
+
+def test_the_draw_is_seeded_and_duplicates_are_found_across_sources(sources):
+    medical, general = sources
+    cfg = settings(f"{medical}:0.5,{general}:0.5", NUM_SAMPLES="50", EVAL_SAMPLES="10")
+    first = sample(cfg, load_sources(cfg))
+    assert first == sample(cfg, load_sources(cfg))  # the same rows, in the same order
+    other = settings(cfg.DATASET, NUM_SAMPLES="50", EVAL_SAMPLES="10", SEED="7")
+    assert first[:2] != sample(other, load_sources(other))[:2]
+    train, held_out, stats = first
+    # Both files end with the same question: all 60 others are kept, that one once, the other copy dropped.
+    assert sum(r["messages"][0]["content"] == SHARED[0] for r in train + held_out) == 1
+    assert stats["dropped"] == {"near_duplicate": 1} or stats["dropped"] == {"exact_duplicate": 1}
+
+
+def test_a_source_with_too_few_rows_for_its_share_is_named(sources):
+    medical, general = sources
+    cfg = settings(f"{medical}:0.1,{general}:0.9", NUM_SAMPLES="40", EVAL_SAMPLES="5")
+    with pytest.raises(
+        ConfigError, match=f"DATASET='{general}': its share .* needs 40 usable rows, but it has only 30 "
+    ):
+        sample(cfg, load_sources(cfg))
+
+
+def test_provenance_hashes_each_source_and_sees_an_edited_one(sources, tmp_path):
+    medical, general = sources
+    cfg = settings(f"{medical}:0.8,{general}:0.2")
+    paths = RunPaths(tmp_path / "run")
+
+    def inputs() -> dict:
+        return provenance.stage_inputs(cfg, paths, "sample", provenance.Hashes(None))
+
+    before = inputs()
+    assert set(before) == {f"DATASET[{medical}]", f"DATASET[{general}]"}
+    assert all(len(v["sha256"]) == 64 for v in before.values())
+    with general.open("a") as f:
+        f.write("Give one more answer.,,Here is one more answer for the file.\n")
+    changed, gone = provenance.changed_inputs(before, inputs())
+    assert gone == [] and len(changed) == 1 and changed[0].startswith(f"input DATASET[{general}] {general} changed")
+
+
+def test_hub_sources_are_pinned_each_and_loaded_at_their_pin(sources, monkeypatch):
+    medical, _ = sources
+    monkeypatch.setattr(provenance, "hub_revision", lambda name, repo, kind, token: f"sha-of-{repo}")
+    cfg = settings(f"org/general-chat:0.3,{medical}:0.7")
+    pins = provenance.resolve_pins(cfg, None)
+    assert {k for k in pins if k.startswith("DATASET")} == {"DATASET[org/general-chat]"} and pins[
+        "DATASET[org/general-chat]"
+    ]["revision"] == "sha-of-org/general-chat"
+    provenance.use_pins(pins)
+    try:
+        assert provenance.pinned("DATASET[org/general-chat]", "org/general-chat") == "sha-of-org/general-chat"
+        assert report.card_data(cfg).datasets == ["org/general-chat"]  # the Hub takes Hub ids only
+    finally:
+        provenance.use_pins(None)
+
+
+def test_the_card_lists_each_source_with_its_rows_and_hash(demo_run_copy, sources):
+    medical, general = sources
+    cfg = load_settings({**demo_run_copy.env, "DATASET": f"{medical}:0.8,{general}:0.2"}, env_file=None)
+    small = settings(cfg.DATASET)
+    _, _, stats = sample(small, load_sources(small))
+    paths = demo_run_copy.paths
+    atomic_write_text(paths.sample_stats, json.dumps(stats))
+    inputs = provenance.stage_inputs(cfg, paths, "sample", provenance.Hashes(None))
+    card = report.model_card(cfg, paths, {"stages": {"sample": {"inputs": inputs}}})
+    for source in (medical, general):
+        digest = inputs[f"DATASET[{source}]"]["sha256"]
+        assert f"| training data | `{source.name}`, sha256 `{digest}` |" in card
+    assert f"| `{medical}` | 0.8 | messages | 31 | " in card and f"| `{general}` | 0.2 | alpaca | 31 | " in card
