@@ -10,7 +10,9 @@ import csv
 import json
 from pathlib import Path
 
+import datasets
 import pytest
+from datasets import Dataset
 
 from job import mixture, provenance, report
 from job.config import load_settings
@@ -144,12 +146,19 @@ def test_hub_sources_are_pinned_each_and_loaded_at_their_pin(sources, monkeypatc
     monkeypatch.setattr(provenance, "hub_revision", lambda name, repo, kind, token: f"sha-of-{repo}")
     cfg = settings(f"org/general-chat:0.3,{medical}:0.7")
     pins = provenance.resolve_pins(cfg, None)
-    assert {k for k in pins if k.startswith("DATASET")} == {"DATASET[org/general-chat]"} and pins[
-        "DATASET[org/general-chat]"
-    ]["revision"] == "sha-of-org/general-chat"
+    assert {k for k in pins if k.startswith("DATASET")} == {"DATASET[org/general-chat]"}
+    assert pins["DATASET[org/general-chat]"]["revision"] == "sha-of-org/general-chat"
+    loaded = {}
+
+    def load_dataset(name, *args, revision=None, **kwargs):
+        loaded[name] = revision
+        return Dataset.from_list([{"instruction": "Say hello to the patient.", "output": "Hello, how can I help?"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     provenance.use_pins(pins)
     try:
-        assert provenance.pinned("DATASET[org/general-chat]", "org/general-chat") == "sha-of-org/general-chat"
+        assert [share for _, _, share in load_sources(cfg)] == [pytest.approx(0.3), pytest.approx(0.7)]
+        assert loaded["org/general-chat"] == "sha-of-org/general-chat"  # the pinned revision, not main
         assert report.card_data(cfg).datasets == ["org/general-chat"]  # the Hub takes Hub ids only
     finally:
         provenance.use_pins(None)
