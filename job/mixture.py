@@ -34,12 +34,17 @@ def problem(value: str) -> str | None:
     if "" in entries:
         return "an empty source between commas; write DATASET=source:weight,source:weight (README, Your data)"
     names = [_split(e)[0].strip() for e in entries]
-    for entry in entries:
-        name, weight = _split(entry)
-        if weight is not None and not (math.isfinite(float(weight)) and float(weight) > 0):
-            return f"the weight of {name.strip()!r} is {weight}: a weight must be a number above 0 (shares: 0.8,0.2)"
+    if bad := _bad_weight(entries):
+        return bad
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         return f"{', '.join(map(repr, dupes))} is listed twice; list each source once, with the sum of its weights"
+    return None
+
+
+def _bad_weight(entries: list[str]) -> str | None:
+    for name, weight in map(_split, entries):
+        if weight is not None and not 0 < float(weight) < math.inf:  # nan, inf, 0 and below
+            return f"the weight of {name.strip()!r} is {weight}: a weight must be a number above 0 (shares: 0.8,0.2)"
     return None
 
 
@@ -50,10 +55,6 @@ def sources(value: str) -> list[tuple[str, float]]:
         return [(value, 1.0)]
     weights = [float(w) if w is not None else 1.0 for _, w in entries]
     return [(name.strip(), w / sum(weights)) for (name, _), w in zip(entries, weights)]
-
-
-def is_mixture(value: str) -> bool:
-    return len(sources(value)) > 1
 
 
 def input_names(value: str) -> list[tuple[str, str]]:
