@@ -8,10 +8,11 @@
             line when there is one, is the user's turn; the output is the reply
 
 `auto` reads the keys of the first AUTO_ROWS rows. After the sample stage every row has one shape:
-{"messages": [...], "source_index": i}, and "description" for the columns format (the format stage puts it before
-the patient's message when USE_DESCRIPTION is on). Its messages are user and assistant turns taking turns, from a
-user's turn to an assistant's, with a system message first only where the data has one; the format stage puts
-SYSTEM_PROMPT first where a row has none (`conversation`): a dataset's own system messages win over the setting.
+{"messages": [...], "source_index": i} ("source" too in a mixture), and "description" for the columns format
+(the format stage puts it before the patient's message when USE_DESCRIPTION is on). Its messages are user and
+assistant turns taking turns, from a user's turn to an assistant's, with a system message first only where the
+data has one; the format stage puts SYSTEM_PROMPT first where a row has none (`conversation`): a dataset's own
+system messages win over the setting.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ The cleaning itself runs a little ahead of the walk on WORKERS processes (job/pa
 every decision below is taken in the walk, in order, so the files do not depend on WORKERS.
 The first EVAL_SAMPLES kept rows are the held-out split, so the eval set does not move when
 NUM_SAMPLES changes. Duplicates are removed by a normalised key of the user turns (the patient's message)
-across both splits, which is what makes train and eval disjoint.
+across both splits, which is what makes train and eval disjoint. A mixture (DATASET=source:weight,...,
+job/mixture.py) walks each source so, to its share of both splits, its rows marked with their "source".
 """
 
 from __future__ import annotations
