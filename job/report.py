@@ -119,18 +119,22 @@ def _input_text(inp: dict | None) -> str:
     return f"`{inp.get('id')}` (missing when recorded)"
 
 
+def _data_inputs(inputs: dict) -> list:
+    """DATASET's input, or each source's of a mixture (DATASET[source], job/mixture.py)."""
+    return [v for k, v in inputs.items() if k.startswith("DATASET[")] or [inputs.get("DATASET")]
+
+
 def provenance_rows(manifest: dict | None) -> list[tuple[str, str]]:
     """What made the adapter, from the manifest's records of the stages that made it."""
     stages = (manifest or {}).get("stages", {})
     train = stages.get("train", {}) if isinstance(stages.get("train"), dict) else {}
     sample = stages.get("sample", {}) if isinstance(stages.get("sample"), dict) else {}
     inputs = sample.get("inputs") or {}
-    data = [(k, v) for k, v in inputs.items() if k.startswith("DATASET[")] or [("DATASET", inputs.get("DATASET"))]
     rows = [
-        *(("training data", _input_text(v)) for _, v in data),  # one row per source of a mixture
+        *(("training data", _input_text(inp)) for inp in _data_inputs(inputs)),
         ("base model", _input_text((train.get("inputs") or {}).get("BASE_MODEL"))),
     ]
-    questions = (sample.get("inputs") or {}).get("BENCHMARK_DATA")
+    questions = inputs.get("BENCHMARK_DATA")
     if questions:
         rows.append(("benchmark questions (decontamination)", _input_text(questions)))
     rows += [
