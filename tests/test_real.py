@@ -25,6 +25,7 @@ import pytest
 from conftest import REPO, job_process
 from judge_server import JudgeServer
 
+from bench.parity import repeated_share
 from job.files import read_json, read_jsonl
 from job.paths import RunPaths
 
@@ -169,16 +170,6 @@ def test_answers_hold_no_template_text(real_run):
         a for a in _answers(paths) if any(s in a for s in specials) or (role_line is not None and role_line.search(a))
     ]
     assert bad == [], f"answers with template text ({sorted(roles)} or special tokens): {bad[:3]}"
-
-
-def repeated_share(text: str, n: int = 4) -> float:
-    """Share of the text's word n-grams that repeat an earlier one (near 1.0: one passage over and over).
-
-    Not the most frequent n-gram's share: a loop of a 9-word sentence spreads over 9 n-grams of about 1/9 each
-    (the tuned Gemma 3 270M's answers, 2026-12-07, passed that measure while repeating one sentence)."""
-    words = text.lower().split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def test_repeated_share_tells_a_loop_from_prose():
