@@ -56,7 +56,7 @@ from job import evaluate, formatting, safety, sample
 from job.config import load_settings
 from job.files import read_jsonl
 from job.formats import conversation
-from job.model import build_messages, resolve_precision
+from job.model import build_messages, lora_targets, resolve_precision
 from job.paths import RunPaths
 from job.tiny_model import build_tokenizer
 from job.train import build_trainer
@@ -235,7 +235,7 @@ def unsloth_trainer(cfg, train_tokens, **sft_args):
         r=cfg.LORA_R,
         lora_alpha=cfg.LORA_ALPHA,
         lora_dropout=0,
-        target_modules=cfg.target_modules,
+        target_modules=lora_targets(cfg, model),
         bias="none",
         use_gradient_checkpointing=False,
         random_state=cfg.SEED,

@@ -82,6 +82,7 @@ def _must(ok: Callable[[Any], Any], why: str) -> Callable[[Any], str | None]:
 
 
 ALL_LINEAR = "all-linear"
+AUTO_TARGETS = "auto"
 
 
 def _names(text: str) -> list[str]:
@@ -250,11 +251,12 @@ class Settings:
     LORA_ALPHA: int = _setting(16, "LoRA scaling numerator (scale = alpha / r).", "train", bounds=(1, WIDTH_MAX))
     LORA_DROPOUT: float = _setting(0.05, "Dropout on the LoRA input.", "train", bounds=(0, 1))
     LORA_TARGET_MODULES: str = _setting(
-        "q_proj,v_proj",
-        "Comma-separated module names that get adapters, or all-linear: every linear layer but the output one "
-        "(PEFT's choice; for fused layouts such as Phi-3's qkv_proj too).",
+        AUTO_TARGETS,
+        "Modules that get adapters. auto: q_proj,v_proj (Llama, Qwen, Mistral, Gemma), or qkv_proj where the base "
+        "fuses its attention projections (Phi-3); or comma-separated module names; or all-linear: every linear "
+        "layer but the output one (PEFT's choice). The card names the modules used.",
         "train",
-        check=_must(_names, "name at least one module, e.g. q_proj,v_proj, or all-linear"),
+        check=_must(_names, "name at least one module, e.g. q_proj,v_proj, or auto, or all-linear"),
     )
     TRAIN_TURN_TOKENS: str = _setting(
         "auto",
@@ -570,9 +572,10 @@ class Settings:
 
     @property
     def target_modules(self) -> list[str] | str:
-        """The names, or PEFT's "all-linear" (a string: PEFT reads it as every linear layer but the output one)."""
+        """The names, or "auto" (job.model.lora_targets picks them for the base), or PEFT's "all-linear" (a string:
+        PEFT reads it as every linear layer but the output one)."""
         names = _names(self.LORA_TARGET_MODULES)
-        return ALL_LINEAR if names == [ALL_LINEAR] else names
+        return names[0] if names in ([ALL_LINEAR], [AUTO_TARGETS]) else names
 
     def masked(self) -> dict[str, Any]:
         """All settings with secrets replaced by '***' (or '' when unset)."""

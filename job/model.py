@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from job import attention, formats, gguf_base
-from job.config import ALL_LINEAR, CHAT_TEMPLATE_NAMES, Settings
+from job.config import ALL_LINEAR, AUTO_TARGETS, CHAT_TEMPLATE_NAMES, Settings
 from job.errors import ConfigError, classify
 
 log = logging.getLogger(__name__)
@@ -228,12 +228,19 @@ def build_messages(cfg: Settings, patient: str, description: str = "", reply: st
 def load_model(cfg: Settings, precision: str, quantization: str | None = None) -> Any:
     """The frozen base model on this process's device, 4-bit NF4 when QUANTIZATION=nf4."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     attention.register()  # ATTN_IMPLEMENTATION="sdpa_varlen"
     quantization = quantization or cfg.QUANTIZATION
     dtype = torch_dtype(precision)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.ATTN_IMPLEMENTATION}
+    source = base_source(cfg, precision)
+    hub = {"token": cfg.HF_TOKEN or None, **_revision(cfg.BASE_MODEL)}
+    # Chosen from config.json before the weights load: Transformers refuses sdpa for some models (Gemma 2) at load
+    config = _hub_call(f"BASE_MODEL={cfg.BASE_MODEL!r}", AutoConfig.from_pretrained, source, **hub)
+    implementation, why = attention.attention_for(config, cfg.ATTN_IMPLEMENTATION)
+    if why:
+        log.info("ATTN_IMPLEMENTATION: %s", why)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": implementation}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": local_rank()}  # under DDP each rank holds a whole copy
     if quantization == "nf4":
@@ -244,21 +251,10 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
             bnb_4bit_use_double_quant=True,  # quantizes the scales too: ~0.4 bit/param saved
             bnb_4bit_compute_dtype=dtype,
         )
-    model = _hub_call(
-        f"BASE_MODEL={cfg.BASE_MODEL!r}",
-        AutoModelForCausalLM.from_pretrained,
-        base_source(cfg, precision),
-        token=cfg.HF_TOKEN or None,
-        **_revision(cfg.BASE_MODEL),
-        **kwargs,
-    )
+    model = _hub_call(f"BASE_MODEL={cfg.BASE_MODEL!r}", AutoModelForCausalLM.from_pretrained, source, **hub, **kwargs)
     if gguf_base.is_gguf(cfg):  # what PEFT records as the adapter's base: the GGUF, not this machine's cache
         model.name_or_path = gguf_base.hub_repo(cfg) or cfg.BASE_MODEL
     model.config.use_cache = False
-    implementation, why = attention.attention_for(model.config, cfg.ATTN_IMPLEMENTATION)
-    if why:
-        log.info("ATTN_IMPLEMENTATION: %s", why)
-        model.set_attn_implementation(implementation)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -302,17 +298,33 @@ def four_bit_layers(model: Any) -> list:
     return [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
 
 
-def _check_targets(cfg: Settings, model: Any) -> None:
-    if cfg.target_modules == ALL_LINEAR:  # PEFT finds them; every causal LM has some
-        return
+# LORA_TARGET_MODULES=auto, first match: the seed recipe's q_proj,v_proj, or the fused q/k/v projection (Phi-3)
+AUTO_CHOICES = (["q_proj", "v_proj"], ["qkv_proj"])
+
+
+def lora_targets(cfg: Settings, model: Any) -> list[str] | str:
+    """The modules of `model` that get adapters: the LORA_TARGET_MODULES names, auto's choice (the first of
+    AUTO_CHOICES that `model` has all of), or "all-linear". Refused, naming the base's linear modules, when it
+    lacks one."""
+    wanted = cfg.target_modules
+    if wanted == ALL_LINEAR:  # PEFT finds them; every causal LM has some
+        return wanted
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    absent = [m for m in cfg.target_modules if m not in present]
-    if absent:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if "Linear" in type(mod).__name__})
+    if wanted == AUTO_TARGETS:
+        chosen = next((names for names in AUTO_CHOICES if set(names) <= present), None)
+        missing = None if chosen else "neither " + " nor ".join(",".join(names) for names in AUTO_CHOICES) + " is"
+    else:
+        chosen = wanted
+        absent = [m for m in wanted if m not in present]
+        missing = f"{', '.join(absent)} not" if absent else None
+    if missing:
+        kinds = ("Linear", "Conv1D")  # torch's and bitsandbytes' Linear*, GPT-2's Conv1D: PEFT adapts each
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith(kinds)})
         raise ConfigError(
-            f"LORA_TARGET_MODULES={cfg.LORA_TARGET_MODULES!r}: {', '.join(absent)} not found in BASE_MODEL. "
-            f"Its linear modules are: {', '.join(linear)}."
+            f"LORA_TARGET_MODULES={cfg.LORA_TARGET_MODULES!r}: {missing} found in BASE_MODEL. Its linear modules "
+            f"are: {', '.join(linear)}. Name the ones to adapt, or set LORA_TARGET_MODULES=all-linear."
         )
+    return chosen
 
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -351,20 +363,19 @@ def check_base_model(cfg: Settings, lora: bool) -> None:
             **_revision(source),
         )
         with torch.device("meta"):
-            _check_targets(cfg, AutoModelForCausalLM.from_config(config))
+            lora_targets(cfg, AutoModelForCausalLM.from_config(config))
 
 
 def lora_config(cfg: Settings, model: Any, trainable_tokens: dict[str, list[int]] | None = None):
     """`trainable_tokens`: embedding rows that train with the adapter (job/turn_tokens.py)."""
     from peft import LoraConfig
 
-    _check_targets(cfg, model)
     return LoraConfig(
         trainable_token_indices=trainable_tokens,
         r=cfg.LORA_R,
         lora_alpha=cfg.LORA_ALPHA,
         lora_dropout=cfg.LORA_DROPOUT,
-        target_modules=cfg.target_modules,
+        target_modules=lora_targets(cfg, model),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -203,6 +203,10 @@ def model_card(cfg: Settings, paths: RunPaths, manifest: dict | None = None) -> 
             ("precision", metrics.get("precision")),
             ("base weights in training", train_log.get("train", {}).get("base_weights", "not recorded")),
             (
+                "modules with adapters",
+                ", ".join(train_log.get("train", {}).get("lora_target_modules", [])) or "not recorded",
+            ),
+            (
                 "turn tokens trained with the adapter",
                 ", ".join(train_log.get("train", {}).get("turn_tokens", [])) or "none",
             ),

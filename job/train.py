@@ -208,6 +208,8 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
         "total_params": total,
         "base_weights": base_weights(cfg, trainer.model),
         "turn_tokens": turn_tokens.trained(trainer.model, trainer.processing_class),  # TRAIN_TURN_TOKENS's choice
+        # LORA_TARGET_MODULES as PEFT resolved it on this base (auto, all-linear): the card names these
+        "lora_target_modules": sorted(trainer.model.peft_config["default"].target_modules),
     }
     log.info(
         "training: %d %s of up to %d tokens, %d per optimizer step (batch %d x accum %d x %d GPU), "

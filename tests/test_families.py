@@ -1,0 +1,135 @@
+"""Model families beyond Llama (issue 28): Qwen 2.5, Qwen 3, Mistral, Phi-3 and Gemma 2, each as a tiny random model
+with the tiny tokenizer, loaded by the job's own code. Each takes the packed training path and gets the plain
+padded path's loss and LoRA gradients (the check Llama and Gemma 3 pass in test_equivalence.py and
+test_sliding_window.py), with the LoRA targets the job picks for it by default, or falls back with the reason
+logged (Gemma 2's capped attention logits need eager attention). Each then trains a few steps through the train
+stage's own trainer on its NF4 base."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from bench.equivalence import equivalence
+from job import attention
+from job.config import load_settings
+from job.files import read_jsonl
+from job.formats import single_turn
+from job.formatting import tokenize_row
+from job.model import load_model, load_tokenizer, lora_config, lora_targets
+
+WINDOW = 16  # Mistral's sliding window here: shorter than every fixture conversation, so the window matters
+
+# Each family's config class, its fields beyond the shared tiny shape, and the LoRA targets it gets by default.
+FAMILIES = {
+    "qwen2": ("Qwen2Config", {}, ["q_proj", "v_proj"]),  # biased q/k/v projections
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, ["q_proj", "v_proj"]),  # RMSNorm on q and k per head
+    "mistral": ("MistralConfig", {"sliding_window": WINDOW, "head_dim": 16}, ["q_proj", "v_proj"]),
+    "phi3": ("Phi3Config", {}, ["qkv_proj"]),  # q, k and v in one fused projection
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": WINDOW}, ["q_proj", "v_proj"]),  # capped logits
+}
+
+
+def _build(family: str, tok, out):
+    import transformers
+
+    name, extra, _ = FAMILIES[family]
+    config = getattr(transformers, name)(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for p in model.parameters():  # larger weights than the init's: attention patterns that differ per token
+        if p.ndim == 2:
+            p.data.normal_(0, 0.3)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    root = tmp_path_factory.mktemp("families")
+    return {family: _build(family, tok, root / family) for family in FAMILIES}
+
+
+def _rows(cfg, tok, n):
+    from job.__main__ import FIXTURE
+
+    return [tokenize_row(cfg, tok, single_turn(r["Patient"], r["Doctor"]))[0] for r in read_jsonl(FIXTURE)[:n]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_packs_like_the_padded_path(family_dirs, family, monkeypatch, caplog):
+    from peft import get_peft_model
+
+    cfg = load_settings(
+        {"BASE_MODEL": str(family_dirs[family]), "QUANTIZATION": "none", "LORA_DROPOUT": "0", "MAX_SEQ_LENGTH": "2048"},
+        env_file=None,
+    )
+    calls = []
+    reference = attention._per_conversation
+    monkeypatch.setattr(attention, "_per_conversation", lambda *a: calls.append(a[5]) or reference(*a))
+    tok = load_tokenizer(cfg)
+    rows = _rows(cfg, tok, 6)
+    with caplog.at_level(logging.INFO, logger="job.model"):
+        base = load_model(cfg, "fp32")
+    assert lora_targets(cfg, base) == FAMILIES[family][2]
+    torch.manual_seed(0)  # before get_peft_model, which draws the LoRA A matrices
+    model = get_peft_model(base, lora_config(cfg, base))
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(FAMILIES[family][2])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make it non-zero so A gets gradients too
+            p.data.normal_(0, 0.02)
+    e = equivalence(model, rows, tok.pad_token_id)
+    if family == "gemma2":  # eager attention, and one line that says why
+        assert base.config._attn_implementation == "eager" and not calls
+        assert any("attn_logit_softcapping" in r.getMessage() for r in caplog.records)
+    else:  # the packed rows went through the job's varlen path, each layer with its window (Mistral's)
+        assert base.config._attn_implementation == attention.NAME
+        assert len(calls) == base.config.num_hidden_layers
+        assert set(calls) == ({WINDOW} if family == "mistral" else {None}), calls
+    # fp32 throughout: the two paths differ only in summation order (a mean over ~2k tokens)
+    assert e["loss_rel_diff"] < 1e-5, e
+    assert e["grad_cosine"] > 0.99999, e
+    assert e["grad_rel_l2"] < 1e-3, e
+    # and the check can fail: other rows give another loss
+    assert abs(equivalence(model, rows[:3], tok.pad_token_id)["loss_padded"] - e["loss_padded"]) > 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
+def test_each_family_trains_on_its_nf4_base(family_dirs, family, tmp_path):
+    """A few optimizer steps through the train stage's own trainer (NF4 base, packing, the job's trainer class,
+    turn tokens by default): the adapter moves and the loss stays finite."""
+    from job.paths import RunPaths
+    from job.train import build_trainer
+
+    paths = RunPaths(tmp_path / "run")
+    paths.data.mkdir(parents=True)
+    cfg = load_settings({"BASE_MODEL": str(family_dirs[family]), "MAX_SEQ_LENGTH": "512"}, env_file=None)
+    rows = _rows(cfg, load_tokenizer(cfg), 8)
+    paths.train_tokens.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    trainer = build_trainer(cfg, paths, "fp32", max_steps=3, save_strategy="no", logging_steps=1, report_to=[])
+    assert any(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    moved = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in moved)
