@@ -10,6 +10,7 @@ from conftest import job_process
 
 from job.config import SECRET_NAMES, SETTINGS, STAGES, Settings, load_settings
 from job.errors import ConfigError
+from job.model import lora_targets
 
 CANARY = "hf_canary_config_0c1d2e"
 
@@ -24,13 +25,22 @@ def problems(**env) -> str:
     return str(err.value)
 
 
+def _meta_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):  # the module names only: no memory
+        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, vocab_size=64))
+
+
 def test_defaults_are_the_seed_recipe():
     s = load()
     assert s == Settings()
     assert s.BASE_MODEL == "meta-llama/Llama-3.2-3B-Instruct"
     assert s.DATASET == "ruslanmv/ai-medical-chatbot"
     assert s.QUANTIZATION == "nf4"
-    assert (s.LORA_R, s.LORA_ALPHA, s.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    assert (s.LORA_R, s.LORA_ALPHA, s.LORA_TARGET_MODULES) == (8, 16, "auto")
+    assert lora_targets(s, _meta_llama()) == ["q_proj", "v_proj"]  # auto, on a Llama
     assert (s.LEARNING_RATE, s.EPOCHS, s.NUM_SAMPLES) == (2e-4, 1.0, 1000)
     assert s.PRECISION == "auto" and s.stages == STAGES
     assert s.HF_TOKEN == "" and s.WANDB_API_KEY == ""
