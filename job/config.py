@@ -127,8 +127,8 @@ class Settings:
     # --- data (sample stage) ---------------------------------------------------------------
     DATASET: str = _setting(
         "ruslanmv/ai-medical-chatbot",
-        "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file; or a mixture, source:weight,source:weight "
-        "(README, Your data).",
+        "Hub dataset id, or a local .jsonl/.json/.csv/.parquet file; or a mixture, source:weight,source:weight, or "
+        "a mixture file (.yaml) that gives each source its own format and columns (README, Your data).",
         "sample",
         check=lambda v: _NOT_EMPTY(v) or mixture.problem(v),
     )

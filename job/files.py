@@ -52,3 +52,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# DATASET's local file types, by the `datasets` builder that reads each (job/sample.py)
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a DATASET or BASE_MODEL value names a local file or folder (or looks like one) rather than a Hub id."""
+    p = Path(name)
+    return p.suffix.lower() in LOCAL_SUFFIXES or p.exists() or name.startswith((".", "/", "~"))

@@ -30,7 +30,7 @@ from typing import Any
 from job import benchmark, errors, evaluate, formatting, mixture, provenance, push, report, sample, stop, train
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError
-from job.files import atomic_write_text
+from job.files import atomic_write_text, is_local_path
 from job.lock import RunLock
 from job.model import (
     check_base_model,
@@ -262,9 +262,12 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
             f"HUB_REPO_ID={cfg.HUB_REPO_ID!r} cannot be pushed to with HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set: "
             "unset it to push, or leave HUB_REPO_ID empty to stage the files in push/ without uploading"
         )
-    for _, source in mixture.input_names(cfg.DATASET) if "sample" in selected else ():
-        if provenance.is_local_path(source):
-            problems += _problems_of(sample.check_local_file, Path(source).expanduser())
+    if "sample" in selected:
+        named: list[tuple[str, str]] = []
+        problems += _problems_of(lambda: named.extend(mixture.input_names(cfg.DATASET)))  # reads a mixture file
+        for _, source in named:
+            if is_local_path(source):
+                problems += _problems_of(sample.check_local_file, Path(source).expanduser())
     if {"train", "evaluate", "push"} & selected:
         problems += _problems_of(resolve_precision, cfg) + _problems_of(check_quantization, cfg)
     if "train" in selected:

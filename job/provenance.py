@@ -35,7 +35,7 @@ from typing import Any
 from job import mixture
 from job.config import DEPENDS, STAGES, Settings
 from job.errors import ConfigError, classify
-from job.files import atomic_write_text
+from job.files import atomic_write_text, is_local_path
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,6 @@ def pinned(name: str, value: str) -> str | None:
     return pin.get("revision") if isinstance(pin, dict) and pin.get("id") == value else None
 
 
-# DATASET's local file types, by the `datasets` builder that reads each (job/sample.py)
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def is_local_path(name: str) -> bool:
-    """Whether a DATASET or BASE_MODEL value names a local file or folder (or looks like one) rather than a Hub id."""
-    p = Path(name)
-    return p.suffix.lower() in LOCAL_SUFFIXES or p.exists() or name.startswith((".", "/", "~"))
-
-
 def is_hub_id(name: str, value: str) -> bool:
     """Whether DATASET or BASE_MODEL names a Hub repository rather than a local file or folder."""
     if name == "DATASET":
@@ -281,6 +271,8 @@ def stage_inputs(cfg: Settings, paths, stage: str, hashes: Hashes) -> dict[str, 
     inputs: dict[str, dict] = {}
     tasks = [f"{t}.jsonl" for t in cfg.benchmark_tasks]
     if stage == "sample":
+        if mixture.is_file(cfg.DATASET):  # the file's text decides each source's format and columns
+            inputs["DATASET"] = file_input(Path(cfg.DATASET.strip()), hashes)
         for key, value in mixture.input_names(cfg.DATASET):  # each source of a mixture on its own
             inputs[key] = _hub_input(key, value) or file_input(Path(value), hashes)
         if tasks and cfg.BENCHMARK_DATA:

@@ -21,9 +21,9 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from job import benchmark, mixture
 from job.config import DEPENDS, SETTINGS, Settings, with_overrides
-from job.files import atomic_write_text, read_json, read_jsonl
+from job.files import atomic_write_text, is_local_path, read_json, read_jsonl
 from job.paths import RunPaths
-from job.provenance import describe_code, is_local_path
+from job.provenance import describe_code
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,13 @@ def _input_text(inp: dict | None) -> str:
     return f"`{inp.get('id')}` (missing when recorded)"
 
 
-def _data_inputs(inputs: dict) -> list:
-    """DATASET's input, or each source's of a mixture (DATASET[source], job/mixture.py)."""
-    return [v for k, v in inputs.items() if k.startswith("DATASET[")] or [inputs.get("DATASET")]
+def _data_rows(inputs: dict) -> list[tuple[str, str]]:
+    """DATASET's input, or each source's of a mixture (DATASET[source], job/mixture.py) after its mixture file's."""
+    sources = [v for k, v in inputs.items() if k.startswith("DATASET[")]
+    if not sources:
+        return [("training data", _input_text(inputs.get("DATASET")))]
+    file = [("mixture file", _input_text(inputs["DATASET"]))] if "DATASET" in inputs else []
+    return file + [("training data", _input_text(inp)) for inp in sources]
 
 
 def provenance_rows(manifest: dict | None) -> list[tuple[str, str]]:
@@ -131,7 +135,7 @@ def provenance_rows(manifest: dict | None) -> list[tuple[str, str]]:
     sample = stages.get("sample", {}) if isinstance(stages.get("sample"), dict) else {}
     inputs = sample.get("inputs") or {}
     rows = [
-        *(("training data", _input_text(inp)) for inp in _data_inputs(inputs)),
+        *_data_rows(inputs),
         ("base model", _input_text((train.get("inputs") or {}).get("BASE_MODEL"))),
     ]
     questions = inputs.get("BENCHMARK_DATA")

@@ -30,9 +30,9 @@ from job import benchmark, formats, mixture, parallel
 from job.clean import RULE_NAMES, clean_text
 from job.config import Settings, with_overrides
 from job.errors import ConfigError, classify
-from job.files import atomic_write_text, write_jsonl
+from job.files import LOCAL_SUFFIXES, atomic_write_text, is_local_path, write_jsonl
 from job.paths import RunPaths
-from job.provenance import LOCAL_SUFFIXES, is_local_path, pinned
+from job.provenance import pinned
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,12 @@ def load_rows(cfg: Settings, pin: str = "DATASET"):
 # --- the stage ----------------------------------------------------------------------------------
 def load_sources(cfg: Settings) -> list[tuple[Settings, Any, float]]:
     """(the settings naming one source as DATASET, its rows, its share) per source of DATASET (job/mixture.py)."""
-    pairs = mixture.sources(cfg.DATASET)
-    if len(pairs) == 1:
+    found = mixture.entries(cfg.DATASET)
+    if len(found) == 1 and not mixture.is_file(cfg.DATASET):
         return [(cfg, load_rows(cfg), 1.0)]
-    subs = [with_overrides(cfg, DATASET=name) for name, _ in pairs]
+    subs = [with_overrides(cfg, DATASET=s.name, **s.settings) for s in found]  # a file's source sets its own
     return [
-        (sub, load_rows(sub, pin), share)
-        for sub, (pin, _), (_, share) in zip(subs, mixture.input_names(cfg.DATASET), pairs)
+        (sub, load_rows(sub, pin), s.share) for sub, (pin, _), s in zip(subs, mixture.input_names(cfg.DATASET), found)
     ]
 
 

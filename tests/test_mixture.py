@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -177,3 +178,123 @@ def test_the_card_lists_each_source_with_its_rows_and_hash(demo_run_copy, source
         digest = inputs[f"DATASET[{source}]"]["sha256"]
         assert f"| training data | `{source.name}`, sha256 `{digest}` |" in card
     assert f"| `{medical}` | 0.8 | messages | 31 | " in card and f"| `{general}` | 0.2 | alpaca | 31 | " in card
+
+
+def _faq(path: Path, n: int) -> Path:
+    """A clinic's export with its own column names: topic, question, answer."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["topic", "question", "answer"])
+        w.writerows(
+            [f"Topic {i}", f"How long does bruise {i} last?", f"Bruise {i} fades in about {i} days."] for i in range(n)
+        )
+    return path
+
+
+def _mixture_file(folder: Path, text: str) -> Path:
+    path = folder / "mix.yaml"
+    path.write_text(text)
+    return path
+
+
+MIX = """\
+sources:
+  - dataset: medical.jsonl
+    weight: 0.6
+  - dataset: faq.csv
+    weight: 0.4
+    format: columns
+    description_column: topic
+    patient_column: question
+    doctor_column: answer
+"""
+
+
+def test_a_mixture_file_gives_each_source_its_own_format_and_columns(sources, tmp_path, monkeypatch):
+    """Relative paths are read from the file's folder, whatever the working directory; the columns source reads
+    its own column names while the run's (Patient, Doctor) stay for any other."""
+    medical, _ = sources
+    faq = _faq(tmp_path / "faq.csv", 30)
+    path = _mixture_file(tmp_path, MIX)
+    monkeypatch.chdir(tmp_path.parent)
+    cfg = settings(str(path))
+    assert mixture.entries(cfg.DATASET) == [
+        mixture.Source(str(medical), pytest.approx(0.6)),
+        mixture.Source(
+            str(faq),
+            pytest.approx(0.4),
+            {
+                "DATA_FORMAT": "columns",
+                "DESCRIPTION_COLUMN": "topic",
+                "PATIENT_COLUMN": "question",
+                "DOCTOR_COLUMN": "answer",
+            },
+        ),
+    ]
+    train, held_out, stats = sample(cfg, load_sources(cfg))
+    assert [sum(r["source"] == str(faq) for r in rows) for rows in (train, held_out)] == [4, 2]
+    faq_row = next(r for r in train if r["source"] == str(faq))["messages"]
+    assert faq_row[0]["content"].startswith("How long does bruise") and faq_row[1]["content"].startswith("Bruise")
+    assert [s["data_format"] for s in stats["sources"]] == ["messages", "columns"]
+    assert mixture.input_names(cfg.DATASET) == [(f"DATASET[{medical}]", str(medical)), (f"DATASET[{faq}]", str(faq))]
+
+
+def test_an_edited_mixture_file_is_a_new_sample(sources, tmp_path):
+    """The file decides which columns are read: an edit to it changes the sample stage's inputs, as an edit to a
+    source does."""
+    _faq(tmp_path / "faq.csv", 30)
+    path = _mixture_file(tmp_path, MIX)
+    cfg = settings(str(path))
+    paths = RunPaths(tmp_path / "run")
+
+    def inputs() -> dict:
+        return provenance.stage_inputs(cfg, paths, "sample", provenance.Hashes(None))
+
+    before = inputs()
+    assert set(before) == {"DATASET", f"DATASET[{tmp_path / 'medical.jsonl'}]", f"DATASET[{tmp_path / 'faq.csv'}]"}
+    path.write_text(MIX.replace("    description_column: topic\n", ""))
+    changed, gone = provenance.changed_inputs(before, inputs())
+    assert gone == [] and len(changed) == 1 and changed[0].startswith(f"input DATASET {path} changed")
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ("sources: []\n", "one key, sources: a list of sources"),
+        ("source:\n  - dataset: a.jsonl\n", "one key, sources"),
+        ("sources:\n  - weight: 1\n", "source 1: give each source its dataset"),
+        ("sources:\n  - dataset: a.jsonl\n  - dataset: b.jsonl\n    colums: x\n", "source 2: unknown key 'colums'"),
+        ("sources:\n  - dataset: a.jsonl\n    weight: 0\n", "source 1: weight 0; a weight must be a number above 0"),
+        ("sources:\n  - dataset: a.jsonl\n    weight: '1'\n", "weight '1'; a weight must be a number"),
+        ("sources:\n  - dataset: a.jsonl\n    format: csv\n", "format 'csv'; use one of auto, columns"),
+        ("sources:\n  - dataset: a.jsonl\n    patient_column: 3\n", "patient_column must be a non-empty text"),
+        ("sources:\n  - dataset: a.jsonl\n  - dataset: ./a.jsonl\n", "is listed twice"),
+        ("sources: [\n", "not a YAML file"),
+    ],
+)
+def test_a_bad_mixture_file_is_refused_naming_the_file_the_source_and_the_key(tmp_path, text, expect):
+    path = _mixture_file(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(f"DATASET={str(path)!r}") + ".*" + re.escape(expect)):
+        mixture.entries(str(path))
+
+
+def test_a_mixture_file_is_the_whole_dataset_and_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="'mix.yaml' is a mixture file: give it alone as DATASET"):
+        settings("mix.yaml:0.5,a.jsonl:0.5")
+    with pytest.raises(ConfigError, match="the mixture file cannot be read"):
+        mixture.entries(str(tmp_path / "absent.yaml"))
+
+
+def test_the_card_names_the_mixture_file_and_each_source(demo_run_copy, sources, tmp_path):
+    faq = _faq(tmp_path / "faq.csv", 30)
+    path = _mixture_file(tmp_path, MIX)
+    cfg = load_settings({**demo_run_copy.env, "DATASET": str(path)}, env_file=None)
+    small = settings(cfg.DATASET)
+    _, _, stats = sample(small, load_sources(small))
+    paths = demo_run_copy.paths
+    atomic_write_text(paths.sample_stats, json.dumps(stats))
+    inputs = provenance.stage_inputs(cfg, paths, "sample", provenance.Hashes(None))
+    card = report.model_card(cfg, paths, {"stages": {"sample": {"inputs": inputs}}})
+    assert f"| mixture file | `mix.yaml`, sha256 `{inputs['DATASET']['sha256']}` |" in card
+    assert f"| training data | `faq.csv`, sha256 `{inputs[f'DATASET[{faq}]']['sha256']}` |" in card
+    assert f"| `{faq}` | 0.4 | columns | 30 | " in card
