@@ -225,7 +225,8 @@ class Settings:
         "auto",
         "With QUANTIZATION=nf4: train on the NF4-rounded base weights held in 16-bit instead of packed in 4 bits "
         "(same weights, loss and gradients; faster, 2 bytes per base weight). auto: on a GPU where that copy takes "
-        "at most a quarter of its memory; false on a small GPU. Where the base stays in 4 bits on a GPU, each "
+        "at most a quarter of the memory this process may use (the card's, or its set_per_process_memory_fraction "
+        "share), and the log says why; false on a small GPU. Where the base stays in 4 bits on a GPU, each "
         "micro-batch is also split in two, GRAD_ACCUM doubled (the same sequences per optimizer step).",
         "train",
         ("auto", "true", "false"),

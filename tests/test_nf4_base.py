@@ -57,8 +57,10 @@ def test_lean_path_splits_micro_batches_into_the_same_optimizer_step(demo_run, t
     assert lean_micro_batches(nf4, sixteen_bit).BATCH_SIZE == 4
 
 
-def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch):
-    """auto: never on CPU; on a GPU only where the 16-bit copy takes at most a quarter of its memory."""
+def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch, caplog):
+    """auto: never on CPU; on a GPU only where the 16-bit copy takes at most a quarter of the memory this process may
+    use: the card's, or the share torch.cuda.set_per_process_memory_fraction leaves it (a capped card acts as a
+    small one), and the log says which it chose and why."""
     import types
 
     env = {"BASE_MODEL": str(tiny_model_dir)}
@@ -72,8 +74,15 @@ def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch)
     packed = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     size = sum(m.in_features * m.out_features for m in packed) * 4  # fp32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for total, expected in ((4 * size - 1, False), (4 * size, True)):
-        gpu = types.SimpleNamespace(total_memory=total)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, gpu=gpu: gpu)
-        assert dequantize_for_training(auto, model) is expected, total
+    # 8x the copy's size, capped to a share of 0.5 or just under: 4x the copy, or just short of it
+    gpu = types.SimpleNamespace(total_memory=8 * size)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpu)
+    for share, expected in ((0.5 - 1e-6, False), (0.5, True)):
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i, share=share: share)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="job.speedups.nf4_base"):
+            assert dequantize_for_training(auto, model) is expected, share
         assert any(type(m).__name__ == "Linear4bit" for m in model.modules()) is not expected
+        said = caplog.records[-1].getMessage()  # (the tiny model's sizes print as 0.0 GiB)
+        assert said.startswith("base weights: NF4-rounded" if expected else "keeping the base weights packed"), said
+        assert "quarter of the 0.0 GiB of GPU memory this process may use" in said, said

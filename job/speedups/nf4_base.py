@@ -24,31 +24,43 @@ def dequantize_for_training(cfg: Settings, model: Any) -> bool:
     weight, so "auto" does it only where the 16-bit copy takes at most a quarter of the GPU (a 24 GB card
     for 3B, not for 8B).
     """
-    import torch
-
     if cfg.QUANTIZATION != "nf4" or cfg.DEQUANTIZE_BASE == "false":
         return False
     size = sum(m.in_features * m.out_features for m in four_bit_layers(model)) * model.dtype.itemsize
+    room = usable_gpu_memory() if cfg.DEQUANTIZE_BASE == "auto" else None
     if cfg.DEQUANTIZE_BASE == "auto":
-        if not torch.cuda.is_available():
+        if room is None:
             return False
-        total = torch.cuda.get_device_properties(local_rank()).total_memory
-        if size > total / 4:
+        if size > room / 4:
             log.info(
                 "keeping the base weights packed in 4 bits: a 16-bit copy (%.1f GiB) would take more than a "
-                "quarter of the GPU's %.0f GiB (DEQUANTIZE_BASE=auto)",
+                "quarter of the %.1f GiB of GPU memory this process may use (DEQUANTIZE_BASE=auto)",
                 size / 2**30,
-                total / 2**30,
+                room / 2**30,
             )
             return False
     model.dequantize(dtype=model.dtype)
     log.info(
-        "base weights: NF4-rounded, held in %s for training (+%.1f GiB; DEQUANTIZE_BASE=%s)",
+        "base weights: NF4-rounded, held in %s for training (+%.1f GiB; DEQUANTIZE_BASE=%s%s)",
         str(model.dtype).removeprefix("torch."),
         size / 2**30,
         cfg.DEQUANTIZE_BASE,
+        f": at most a quarter of the {room / 2**30:.1f} GiB of GPU memory this process may use" if room else "",
     )
     return True
+
+
+def usable_gpu_memory() -> int | None:
+    """Bytes of GPU memory this process may use (None without a GPU): the card's, times the share that
+    torch.cuda.set_per_process_memory_fraction allows, which is how a bench makes an 80 GB card act as a 24 GB
+    one (issue 30's small cards); under DDP each rank has a card of its own."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = local_rank()
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(total * torch.cuda.get_per_process_memory_fraction(device))
 
 
 def lean_micro_batches(cfg: Settings, model: Any) -> Settings:
