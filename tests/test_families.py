@@ -19,6 +19,7 @@ from job.files import read_jsonl
 from job.formats import single_turn
 from job.formatting import tokenize_row
 from job.model import load_model, load_tokenizer, lora_config, lora_targets
+from job.tiny_model import TINY
 
 WINDOW = 16  # Mistral's sliding window here: shorter than every fixture conversation, so the window matters
 
@@ -37,13 +38,8 @@ def _build(family: str, tok, out):
 
     name, extra, _ = FAMILIES[family]
     config = getattr(transformers, name)(
+        **TINY,  # the tiny Llama's shape
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

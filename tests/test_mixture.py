@@ -165,15 +165,19 @@ def test_hub_sources_are_pinned_each_and_loaded_at_their_pin(sources, monkeypatc
         provenance.use_pins(None)
 
 
-def test_the_card_lists_each_source_with_its_rows_and_hash(demo_run_copy, sources):
-    medical, general = sources
-    cfg = load_settings({**demo_run_copy.env, "DATASET": f"{medical}:0.8,{general}:0.2"}, env_file=None)
+def _card(run, dataset: str) -> tuple[str, dict]:
+    """The card of `run` (a demo_run_copy) with a small sample of `dataset` as its data; and the sample's inputs."""
+    cfg = load_settings({**run.env, "DATASET": dataset}, env_file=None)
     small = settings(cfg.DATASET)
     _, _, stats = sample(small, load_sources(small))
-    paths = demo_run_copy.paths
-    atomic_write_text(paths.sample_stats, json.dumps(stats))
-    inputs = provenance.stage_inputs(cfg, paths, "sample", provenance.Hashes(None))
-    card = report.model_card(cfg, paths, {"stages": {"sample": {"inputs": inputs}}})
+    atomic_write_text(run.paths.sample_stats, json.dumps(stats))
+    inputs = provenance.stage_inputs(cfg, run.paths, "sample", provenance.Hashes(None))
+    return report.model_card(cfg, run.paths, {"stages": {"sample": {"inputs": inputs}}}), inputs
+
+
+def test_the_card_lists_each_source_with_its_rows_and_hash(demo_run_copy, sources):
+    medical, general = sources
+    card, inputs = _card(demo_run_copy, f"{medical}:0.8,{general}:0.2")
     for source in (medical, general):
         digest = inputs[f"DATASET[{source}]"]["sha256"]
         assert f"| training data | `{source.name}`, sha256 `{digest}` |" in card
@@ -287,14 +291,7 @@ def test_a_mixture_file_is_the_whole_dataset_and_must_exist(tmp_path):
 
 def test_the_card_names_the_mixture_file_and_each_source(demo_run_copy, sources, tmp_path):
     faq = _faq(tmp_path / "faq.csv", 30)
-    path = _mixture_file(tmp_path, MIX)
-    cfg = load_settings({**demo_run_copy.env, "DATASET": str(path)}, env_file=None)
-    small = settings(cfg.DATASET)
-    _, _, stats = sample(small, load_sources(small))
-    paths = demo_run_copy.paths
-    atomic_write_text(paths.sample_stats, json.dumps(stats))
-    inputs = provenance.stage_inputs(cfg, paths, "sample", provenance.Hashes(None))
-    card = report.model_card(cfg, paths, {"stages": {"sample": {"inputs": inputs}}})
+    card, inputs = _card(demo_run_copy, str(_mixture_file(tmp_path, MIX)))
     assert f"| mixture file | `mix.yaml`, sha256 `{inputs['DATASET']['sha256']}` |" in card
     assert f"| training data | `faq.csv`, sha256 `{inputs[f'DATASET[{faq}]']['sha256']}` |" in card
     assert f"| `{faq}` | 0.4 | columns | 30 | " in card
