@@ -1,8 +1,8 @@
 """`make bench` / `python -m bench.throughput`: training and generation throughput, side by side, on one GPU.
 
-Runs the job's own data, training and generation code on the Llama-3.2-3B shape (random weights
-built locally: the compute per token equals the real model's) on the first `--rows` conversations of
-the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
+Runs the job's own data, training and generation code on the Llama-3.2-3B shape, or another of
+bench/shapes.py's (`--shape`; random weights built locally: the compute per token equals the real model's), on
+the first `--rows` conversations of the data file at MAX_SEQ_LENGTH=512, and compares these training recipes:
   seed         the seed recipe as published: batch 1 x accumulation 2, paged AdamW 32-bit,
                gradient checkpointing, no packing, bitsandbytes' 4-bit layers
   trl          plain TRL: packing + Liger kernels, batch 8, TRL's defaults otherwise (which include
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.equivalence import check_equivalence, check_graphs, compare_decoders, liger_modules, trained_adapter
+from bench.shapes import SHAPES, build_random
 from bench.throughput_report import CHECKS, FULL_DATASET_ROWS, UNSLOTH, write_report
 from bench.timing import cuda, measure_peak_tflops, timed_train
 from job import evaluate, formatting, safety, sample
@@ -119,29 +120,6 @@ DEFAULT_PARTS = [
     *("job-noliger", "job-sdpa", "job-compile"),
     *("job-accum2", "job-ddp2"),
 ]
-
-
-# Llama-3.2-3B's exact shape (DESIGN.md, "Reference facts"): random weights with the real model's compute per token.
-LLAMA_3_2_3B = dict(
-    vocab_size=128256,
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=28,
-    num_attention_heads=24,
-    num_key_value_heads=8,
-    head_dim=128,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    tie_word_embeddings=True,
-    max_position_embeddings=131072,
-    rope_scaling={
-        "rope_type": "llama3",
-        "factor": 32.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-)
 
 
 # --- what the figures are (pure functions, tested on CPU) --------------------------------------
@@ -301,30 +279,16 @@ def measure_generation(cfg) -> dict:
     }
 
 
-def build_random_3b(out: Path, texts: list[str]) -> None:
-    """Random weights in Llama-3.2-3B's shape, bf16, drawn on the GPU (slow on a CPU), and a 32k-token BPE trained
-    on `texts` (job/tiny_model.py's, with its chat template), so tokens per conversation are close to Llama 3's."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer(texts, vocab_size=32000)
-    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_3_2_3B, **ids)).to(torch.bfloat16)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
 def prepare(cfg, args) -> dict:
     """The random-weight model (once), the rows, and the card's measured matmul peak."""
     import torch
 
     model_dir = Path(cfg.BASE_MODEL)
     if not (model_dir / "config.json").exists():
-        build_random_3b(model_dir, [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)])
+        # a 32k-token BPE trained on the data (job/tiny_model.py's, with its chat template): tokens per conversation
+        # close to Llama 3's
+        texts = [v for r in read_jsonl(Path(args.data)) for v in r.values() if isinstance(v, str)]
+        build_random(args.shape, model_dir, build_tokenizer(texts, vocab_size=32000))
     paths = RunPaths(cfg.run_dir)
     sample.run(cfg, paths)
     formatting.run(cfg, paths)
@@ -411,7 +375,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shared = REPO.parent / "shared" / "data" / "medical_dialogues_sample.jsonl"
     fixture = REPO / "job" / "fixtures" / "dialogues.jsonl"
     p = argparse.ArgumentParser(description="Side-by-side GPU benchmark of the training recipes.")
-    p.add_argument("--model-dir", default="/tmp/llama-3.2-3b-random")
+    p.add_argument("--shape", default="llama-3.2-3b", choices=SHAPES, help="the model shape (bench/shapes.py)")
+    p.add_argument("--model-dir", default=None, help="where its random weights are kept (default /tmp/SHAPE-random)")
     p.add_argument("--data", default=str(shared if shared.exists() else fixture))
     p.add_argument("--rows", type=int, default=1000, help="conversations of the data file to train on")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per recipe, after warm-up")
@@ -437,7 +402,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--update-readme", type=Path, default=None, help="rewrite this README's bench section")
     p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: measure one part in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.model_dir = args.model_dir or f"/tmp/{args.shape}-random"
+    return args
 
 
 def bench_settings(args):

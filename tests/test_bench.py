@@ -2,7 +2,10 @@
 the median and spread are, and the README section it rewrites."""
 
 import pytest
+import torch
 
+from bench.shapes import SHAPES, model_config
+from bench.throughput import flops_per_token
 from bench.throughput_report import CHECKS, README_END, README_START, UNSLOTH, markdown, replace_readme_section
 from bench.timing import spread, stable_start, timed_window
 from job.paths import RunPaths
@@ -132,3 +135,16 @@ def test_a_recipe_warms_up_then_times_the_steps_asked_for(tiny_model_dir, tmp_pa
     assert all(t > 0 for t in r["step_tokens"]) and r["tokens_per_s"]["median"] > 0
     assert r["lora_params"] > 0
     assert "Self CPU" in (tmp_path / "profile-job.txt").read_text()  # torch.profiler's table
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_each_shape_has_its_published_parameter_count(name):
+    """Built on the meta device (no memory): a shape that lost a layer, a head or its tied embeddings is off by far
+    more than the 0.5% that the published counts' rounding allows."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(name))
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions == pytest.approx(SHAPES[name].params, rel=5e-3)
+    assert flops_per_token(model.config, mean_seq_len=300, lora_params=0) > 4e9 * SHAPES[name].params * 0.9

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bench.equivalence import equivalence
-from bench.throughput import LLAMA_3_2_3B, flops_per_token
+from bench.shapes import model_config
+from bench.throughput import flops_per_token
 from job import attention
 from job.config import load_settings
 from job.files import read_jsonl
@@ -17,7 +18,6 @@ from job.model import load_model, load_tokenizer, lora_config
 @pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa"])
 def test_packed_equals_padded(tiny_model_dir, attn, monkeypatch):
     from peft import get_peft_model
-    from transformers import LlamaConfig
 
     from job.__main__ import FIXTURE
 
@@ -56,7 +56,7 @@ def test_packed_equals_padded(tiny_model_dir, attn, monkeypatch):
     assert abs(other["loss_padded"] - e["loss_padded"]) > 1e-4
 
     # DESIGN.md: about 13.3 GFLOP per trained token for Llama-3.2-3B
-    f = flops_per_token(LlamaConfig(**LLAMA_3_2_3B), mean_seq_len=300, lora_params=2_293_760)
+    f = flops_per_token(model_config("llama-3.2-3b"), mean_seq_len=300, lora_params=2_293_760)
     assert 12.8e9 < f < 13.8e9, f
 
 
