@@ -10,7 +10,7 @@ import dataclasses
 import sys
 
 from job import chat_tokens
-from job.config import load_settings
+from job.config import Settings, load_settings
 from job.errors import ConfigError
 from job.model import build_messages, end_of_turn_ids, load_model, load_tokenizer, resolve_precision
 from job.paths import RunPaths
@@ -32,20 +32,22 @@ def load(adapter: str, cfg):
     return model, tokenizer
 
 
-def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, date_string: str, stream: bool = True) -> str:
+def reply(model, tokenizer, messages: list[dict], cfg: Settings, stream: bool = True) -> str:
+    """The model's greedy answer to `messages` (MAX_NEW_TOKENS, REPETITION_PENALTY, TEMPLATE_DATE of `cfg`)."""
     import torch
     from transformers import TextStreamer
 
     # The prompt is built as training built it: typed text never becomes a control token (job/chat_tokens.py).
-    ids = chat_tokens.encode(tokenizer, messages, add_generation_prompt=True, date_string=date_string)
+    ids = chat_tokens.encode(tokenizer, messages, add_generation_prompt=True, date_string=cfg.TEMPLATE_DATE)
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=cfg.MAX_NEW_TOKENS,
             do_sample=False,
+            repetition_penalty=cfg.REPETITION_PENALTY,
             streamer=streamer,
             eos_token_id=end_of_turn_ids(tokenizer),  # stop at the template's end of turn, not only at eos
             pad_token_id=tokenizer.pad_token_id,
@@ -59,7 +61,7 @@ def main(args) -> int:
     model, tokenizer = load(adapter, cfg)
     if args.prompt is not None:
         messages = build_messages(cfg, args.prompt)
-        print(reply(model, tokenizer, messages, cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE, stream=False))
+        print(reply(model, tokenizer, messages, cfg, stream=False))
         return 0
     print("Not medical advice. In an emergency call your local emergency number. Ctrl-D to quit.", file=sys.stderr)
     history = build_messages(cfg, "")[:-1]  # the system prompt only
@@ -72,5 +74,5 @@ def main(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        answer = reply(model, tokenizer, history, cfg.MAX_NEW_TOKENS, cfg.TEMPLATE_DATE)
+        answer = reply(model, tokenizer, history, cfg)
         history.append({"role": "assistant", "content": answer})

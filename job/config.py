@@ -368,6 +368,16 @@ class Settings:
     MAX_NEW_TOKENS: int = _setting(
         256, "Longest generated answer in evaluation, in tokens.", "evaluate", bounds=(1, TOKENS_MAX)
     )
+    REPETITION_PENALTY: float = _setting(
+        1.0,
+        "Greedy answers (evaluation, chat) with every token already in the conversation made less likely: its "
+        "score divided by this where positive, multiplied where negative (Transformers' repetition_penalty). "
+        "1.0: plain greedy. On Gemma 3 270M tuned by the job, 1.15 let 79-96% of greedy answers end, against 17-29% "
+        "without (README, Same model?); it also discourages repeating the patient's own words, such as a drug's "
+        "name.",
+        "evaluate",
+        bounds=(1.0, 2.0),
+    )
     EVAL_BATCH_SIZE: int = _setting(
         192,
         "Rows per generation batch (each prompt is two rows: base and tuned answer) and per eval-loss batch. "

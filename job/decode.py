@@ -30,12 +30,15 @@ def greedy(
     eos_id: int | list[int],
     pad_id: int,
     graph: bool | None = None,
+    repetition_penalty: float = 1.0,
 ):
     """New tokens (rows, up to max_new_tokens) for left-padded `input_ids`; pad_id after a row's end token.
 
     eos_id: the token or tokens that end a row (job/model.py end_of_turn_ids: eos and the chat template's
     end-of-turn token, which a chat model writes instead of eos). graph: capture the step as a CUDA graph
-    (default: when the model is on CUDA).
+    (default: when the model is on CUDA). repetition_penalty: as Transformers' (RepetitionPenaltyLogitsProcessor):
+    each token already in the row, prompt and padding included, has its score divided by it where positive and
+    multiplied where negative.
     """
     import torch
     from transformers import StaticCache
@@ -46,7 +49,7 @@ def greedy(
     length = prompt + max_new_tokens
     window = sliding_window(lm.config)
     if window is not None and length > window:
-        return _generate(lm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, window)
+        return _generate(lm, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, window, repetition_penalty)
     cache = StaticCache(config=lm.config, max_cache_len=length)
     # Transformers 5.x renames past_key_values to cache (the old name is deprecated, then removed).
     cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
@@ -65,10 +68,12 @@ def greedy(
     def additive(allowed):
         return torch.zeros(allowed.shape, dtype=lm.dtype, device=device).masked_fill_(~allowed, blocked)
 
+    penalty = _Penalty(repetition_penalty, input_ids)
+
     def forward(ids, mask, pos):
         out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                  **{cache_arg: cache})  # fmt: skip
-        return out.logits[:, -1].argmax(-1)
+        return penalty(out.logits[:, -1]).argmax(-1)
 
     eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     new = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -77,6 +82,7 @@ def greedy(
             end = min(start + PREFILL_TOKENS, prompt)
             first = forward(input_ids[:, start:end], additive(prefill_mask[:, :, start:end]), positions[:, start:end])
         new[:, 0] = first
+        penalty.add(first)
         done = torch.isin(first, eos)
         token = first[:, None].clone()
         pos = positions[:, -1:] + 1
@@ -88,6 +94,7 @@ def greedy(
             nxt = torch.where(done, pad_id, forward(token, mask, pos))
             new.index_copy_(1, step - prompt + 1, nxt[:, None])
             done.logical_or_(torch.isin(nxt, eos))
+            penalty.add(nxt)
             token.copy_(nxt[:, None])
             pos.add_(1)
             step.add_(1)
@@ -115,6 +122,31 @@ def greedy(
     return new
 
 
+class _Penalty:
+    """Transformers' repetition penalty (RepetitionPenaltyLogitsProcessor) on the loop's scores: each token a row
+    holds, prompt and padding included, scores / penalty where positive, x penalty where not. Its flags, one per
+    row and token of the vocabulary, are made at the first forward (the prefill, before any graph capture) and
+    updated in place, so a captured step reads and writes the same tensor."""
+
+    def __init__(self, value: float, input_ids):
+        self.value, self.input_ids, self.seen = value, input_ids, None
+
+    def __call__(self, scores):
+        import torch
+
+        if self.value == 1.0:
+            return scores
+        if self.seen is None:
+            self.seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+            self.seen.scatter_(1, self.input_ids, True)
+        scores = scores.float()  # as Transformers' processors see them
+        return torch.where(self.seen, torch.where(scores > 0, scores / self.value, scores * self.value), scores)
+
+    def add(self, tokens) -> None:
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+
+
 def sliding_window(config) -> int | None:
     """The span of the model's sliding-window layers (Gemma 2 and 3, Mistral), or None when it has none."""
     text = config.get_text_config(decoder=True)
@@ -123,7 +155,7 @@ def sliding_window(config) -> int | None:
     return window if window and (types is None or "sliding_attention" in types) else None
 
 
-def _generate(lm, input_ids, attention_mask, max_new_tokens: int, eos_id, pad_id: int, window: int):
+def _generate(lm, input_ids, attention_mask, max_new_tokens: int, eos_id, pad_id: int, window: int, penalty: float):
     """Transformers' greedy `generate`, padded to max_new_tokens as greedy() pads: for rows longer than a sliding
     window. greedy()'s masks cover every cached position, while a sliding-window layer's static cache keeps only
     its last `window` positions, and its queries must not see past them; Transformers builds those masks itself."""
@@ -142,6 +174,7 @@ def _generate(lm, input_ids, attention_mask, max_new_tokens: int, eos_id, pad_id
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            repetition_penalty=penalty,
             eos_token_id=stops,
             pad_token_id=pad_id,
         )[:, input_ids.shape[1] :]

@@ -200,7 +200,15 @@ def generate(model, tokenizer, conversations: list[list[dict]], cfg: Settings, t
         rows = nullcontext() if tuned_rows is None else per_row_adapter(model, [tuned_rows[i] for i in idx])
         with decoding_kernels(), rows:
             ids, mask = enc["input_ids"], enc["attention_mask"]
-            out = decode.greedy(model, ids, mask, cfg.MAX_NEW_TOKENS, eos_id=stop, pad_id=tokenizer.pad_token_id)
+            out = decode.greedy(
+                model,
+                ids,
+                mask,
+                cfg.MAX_NEW_TOKENS,
+                eos_id=stop,
+                pad_id=tokenizer.pad_token_id,
+                repetition_penalty=cfg.REPETITION_PENALTY,
+            )
         for i, row in zip(idx, out):
             row = row[row != tokenizer.pad_token_id]
             new_tokens += len(row)

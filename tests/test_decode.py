@@ -94,3 +94,19 @@ def test_bench_compares_the_decoders_on_the_same_rows(model_and_batch):
     assert set(out) == {"eager_loop", "transformers_generate"}
     assert out["transformers_generate"]["rows_equal_to_eager_loop"] == f"{len(PROMPTS)}/{len(PROMPTS)}"
     assert out["eager_loop"]["new_tokens"] == out["transformers_generate"]["new_tokens"] > 0
+
+
+@pytest.mark.parametrize("penalty", [1.15, 1.5])
+def test_the_repetition_penalty_gives_transformers_tokens(model_and_batch, penalty):
+    """REPETITION_PENALTY: the loop's penalised greedy tokens are Transformers' generate(repetition_penalty=...)'s,
+    prompt and padding counted as Transformers counts them; and the penalty changes the answers (1.0 would not)."""
+    model, tok, batch = model_and_batch
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=20, do_sample=False, repetition_penalty=penalty,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    expected = expected[:, ids.shape[1] :]
+    ours = greedy(model, ids, mask, 20, tok.eos_token_id, tok.pad_token_id, repetition_penalty=penalty)
+    assert ours[:, : expected.shape[1]].tolist() == expected.tolist()
+    plain = greedy(model, ids, mask, 20, tok.eos_token_id, tok.pad_token_id)
+    assert plain.tolist() != ours.tolist()

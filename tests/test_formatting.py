@@ -248,7 +248,7 @@ def test_evaluation_and_chat_prompts_keep_special_strings_as_text(tiny_model_dir
             seen["ids"] = input_ids[0].tolist()
             return input_ids
 
-    chat.reply(Model(), tok, hostile, 4, cfg.TEMPLATE_DATE, stream=False)
+    chat.reply(Model(), tok, hostile, cfg, stream=False)
     assert seen["ids"] == rows[1]
 
 

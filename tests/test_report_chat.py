@@ -100,3 +100,13 @@ def test_html_from_the_data_is_text_in_the_card(demo_run_copy):
     assert "My rash &lt;script&gt;alert('x')&lt;/script&gt; itches &lt;!-- hidden" in card
     assert "Rest &amp; drink &lt;b&gt;water&lt;/b&gt;." in card
     assert card.count("- *Doctor (reference):*") == 5  # the layout around the answers is unchanged
+
+
+def test_the_card_says_when_answers_were_decoded_with_a_repetition_penalty(demo_run):
+    from job import report
+
+    paths = RunPaths(demo_run.run_dir)
+    plain = report.model_card(load_settings(demo_run.env, env_file=None), paths)
+    penalised = report.model_card(load_settings({**demo_run.env, "REPETITION_PENALTY": "1.15"}, env_file=None), paths)
+    assert "Answers are greedy, at most" in plain and "repetition penalty" not in plain.split("## Training")[0]
+    assert "Answers are greedy\nwith a repetition penalty of 1.15 (Transformers' `repetition_penalty`" in penalised
