@@ -215,6 +215,10 @@ def _turn(fmt: str, turn: Any, at: str) -> dict | str:
             f"{at}: holds a {type(turn).__name__}, not a turn. Write each as {{{role_key!r}: ..., {text_key!r}: ...}}."
         )
     role, text = ROLES[fmt].get(turn.get(role_key)), turn.get(text_key)
+    if fmt == "messages" and isinstance(text, list):  # OpenAI's content parts
+        text, problem = _text_parts(text)
+        if problem:
+            return f"{at}.{text_key}{problem}"
     if role is None:
         names = ", ".join(ROLES[fmt])
         return f"{at}.{role_key}: {turn.get(role_key)!r} is not a role of the {fmt} format. Use one of {names}."
@@ -223,6 +227,21 @@ def _turn(fmt: str, turn: Any, at: str) -> dict | str:
     if not text.strip():
         return f"{at}.{text_key} is empty. Fill it in, or delete the turn with the reply or question that goes with it."
     return {"role": role, "content": text}
+
+
+def _text_parts(parts: list) -> tuple[str, str | None]:
+    """OpenAI's content parts ([{"type": "text", "text": ...}, ...]) as one text, the parts joined by newlines, and
+    what is wrong with them (None), from the part's index on. The job trains on text, so an image or audio part is
+    refused rather than silently left out of a conversation that may refer to it."""
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a {kind!r} part" if kind else f"{str(part)[:60]!r}"
+            return "", (
+                f"[{k}]: {what}, where only text parts ({{'type': 'text', 'text': ...}}) can be trained on. "
+                "Remove the conversations with other parts, or write their content as a string."
+            )
+    return "\n".join(p["text"] for p in parts), None
 
 
 def _order(messages: list[dict]) -> str | None:

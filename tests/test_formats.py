@@ -262,3 +262,21 @@ def test_cleaning_duplicates_and_held_out_overlap_work_on_whole_conversations():
     )
     assert {"patient.urls", "doctor.welcome", "doctor.signoff"} <= set(stats["changed"])
     assert stats["assistant_turns"] == 4
+
+
+def test_openai_content_parts_are_their_texts_and_other_parts_are_refused():
+    """OpenAI's messages may hold a turn's content as parts: text parts are the turn's text, joined by newlines; an
+    image part is refused naming the row and the part, not dropped from a conversation that may refer to it."""
+    cfg = settings(DATASET="org/data")
+    parts = [{"type": "text", "text": "My knee hurts."}, {"type": "text", "text": "Since Monday."}]
+    record = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "Rest it."}]}
+    assert formats.read(cfg, "messages", record, 0)["messages"][0] == {
+        "role": "user",
+        "content": "My knee hurts.\nSince Monday.",
+    }
+    parts.append({"type": "image_url", "image_url": {"url": "https://example.org/knee.png"}})
+    with pytest.raises(ConfigError) as e:
+        formats.read(cfg, "messages", record, 3)
+    assert str(e.value).startswith(
+        "DATASET='org/data' row 3 (counting from 0), field messages[0].content[2]: a 'image_url' part, where only text"
+    )
