@@ -58,9 +58,13 @@ def check_local_file(path: Path) -> None:
     if path.stat().st_size == 0:
         raise ConfigError(f"DATASET={str(path)!r}: the file is empty.")
     if suffix != ".parquet":
+        blank = True
         with path.open("rb") as f:
             for lineno, line in enumerate(f, 1):
                 _check_line(path, lineno, line, suffix == ".jsonl")
+                blank = blank and not line.strip()
+        if blank:
+            raise ConfigError(f"DATASET={str(path)!r}: the file holds only blank lines, no rows.")
     if suffix == ".json":
         _check_json_file(path)
 
@@ -137,7 +141,15 @@ def load_rows(cfg: Settings, pin: str = "DATASET"):
         err = classify(e, f"DATASET={name!r}")
         if err is not None:
             raise err from None
-        raise ConfigError(f"DATASET={name!r}: could not be loaded: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"DATASET={name!r}: could not be loaded: {_root_cause(e)}") from None
+
+
+def _root_cause(e: BaseException) -> str:
+    """The error that started it: `datasets` wraps a parser's own (pandas' "EOF inside string starting at row 1",
+    Arrow's "The surrogate pair in string is invalid") in a DatasetGenerationError that names neither."""
+    while e.__cause__ is not None:  # `raise ... from`: the wrapped error (not one raised while handling it)
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
 
 
 # --- the stage ----------------------------------------------------------------------------------

@@ -201,9 +201,11 @@ class JobResult:
 
     @property
     def message(self) -> str:
-        """The job's error message: from 'error: ' up to the exit-code line."""
-        assert "error: " in self.stderr, self.output[-2000:]
-        return self.stderr[self.stderr.rindex("error: ") + len("error: ") :].split("\n(exit ")[0].strip()
+        """The job's error message: from the last line that starts with 'error: ' up to the exit-code line (a
+        message may quote a library's own "C error: ...")."""
+        text = "\n" + self.stderr
+        assert "\nerror: " in text, self.output[-2000:]
+        return text[text.rindex("\nerror: ") + len("\nerror: ") :].split("\n(exit ")[0].strip()
 
 
 class _Tee(io.StringIO):

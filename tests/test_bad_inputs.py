@@ -328,6 +328,19 @@ CASES = [
     # --- data ---
     Case("dataset file missing", {"DATASET": "/nonexistent/dialogues.jsonl"}, ("DATASET=", "no such file")),
     Case("dataset file empty", {}, ("DATASET=", "empty"), setup=_dataset("empty.jsonl", b"")),
+    Case("dataset of blank lines", {}, ("DATASET=", "only blank lines, no rows"), setup=_dataset("b.jsonl", "\n \n")),
+    Case(
+        "csv with an open quote",
+        {},
+        ("DATASET=", "could not be loaded: ParserError", "EOF inside string starting at row 1"),
+        setup=_dataset("quote.csv", 'Description,Patient,Doctor\n"unterminated,quote\n'),
+    ),
+    Case(
+        "mixture file with an unknown key",
+        {},
+        ("DATASET=", "mix.yaml', source 1: unknown key 'colums'", "a source's keys are dataset, weight"),
+        setup=_dataset("mix.yaml", "sources:\n  - dataset: a.jsonl\n    colums: x\n"),
+    ),
     # mixtures (job/mixture.py, tests/test_mixture.py)
     Case("mixture weight zero", {"DATASET": "a.jsonl:0,b.jsonl:1"}, ("DATASET=", "'a.jsonl' is 0", "above 0")),
     Case("mixture weight negative", {"DATASET": "a.jsonl:-1,b.jsonl"}, ("DATASET=", "is -1", "above 0")),
@@ -423,8 +436,21 @@ CASES = [
     Case(
         "messages: content that is not text",
         {},
-        ("line 3", "field messages[0].content", "holds a list", "Write it as a string"),
-        setup=_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": _Q}]}]}),
+        ("line 3", "field messages[0].content", "holds a int", "Write it as a string"),
+        setup=_chat({"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": _Q}]}),
+    ),
+    Case(
+        "messages: an image among the content parts",
+        {},
+        ("line 3", "field messages[0].content[1]: a 'image_url' part", "only text parts", "as a string"),
+        setup=_chat(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": _Q}, {"type": "image_url", "image_url": {}}]},
+                    {"role": "assistant", "content": _Q},
+                ]
+            }
+        ),
     ),
     Case(
         "messages: two user turns in a row",
