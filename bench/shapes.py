@@ -178,18 +178,81 @@ def model_config(name: str, **ids: int):
     return getattr(transformers, shape.config)(**shape.fields, **ids)
 
 
-def build_random(name: str, out: Path, tokenizer) -> None:
-    """Random weights of shape `name` in bf16, drawn on the GPU (slow on a CPU), saved with `tokenizer` to `out`."""
+# A shape whose 16-bit weights take more than this is built packed in NF4 (build_random's nf4): 70B's 141 GB fit
+# neither one 80 GB card nor the lent machine's 64 GiB disk; packed, about 39 GB.
+NF4_ABOVE_BILLIONS = 20
+
+
+def build_random(name: str, out: Path, tokenizer, device: str = "cuda", config=None) -> None:
+    """Random weights of shape `name` (or `config`) drawn on `device` (a GPU: slow on a CPU) and saved with
+    `tokenizer` to `out`: in bf16, or for a shape above NF4_ABOVE_BILLIONS already packed in NF4, as
+    Transformers saves a bitsandbytes model, so the job loads it like any pre-quantized checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
-    config = model_config(name, **ids)
-    config.vocab_size = max(config.vocab_size, len(tokenizer))  # the bench's tokenizer is smaller: keep the shape's
+    if config is None:
+        ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+        config = model_config(name, **ids)
+        config.vocab_size = max(config.vocab_size, len(tokenizer))  # keep the shape's vocabulary
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if name in SHAPES and SHAPES[name].params <= NF4_ABOVE_BILLIONS:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    else:
+        model = random_nf4(config, device)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def random_nf4(config, device: str):
+    """The model of `config` with random weights, its decoder's linear layers packed in NF4 one at a time (the 16-bit
+    weights of the whole model never exist), the rest in bf16: what from_pretrained with the job's
+    BitsAndBytesConfig makes of a checkpoint (double quantization, bf16 compute; lm_head kept 16-bit)."""
+    import bitsandbytes as bnb
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device; buffers (rotary, scales) real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    for module in model.modules():
+        module._buffers = {k: v if v is None else v.to(device) for k, v in module._buffers.items()}
+    head, std = model.get_output_embeddings(), config.initializer_range
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                weight = torch.empty(child.out_features, child.in_features, dtype=torch.bfloat16, device=device)
+                packed = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                packed.weight = bnb.nn.Params4bit(
+                    weight.normal_(0, std), requires_grad=False, compress_statistics=True, quant_type="nf4"
+                ).to(device)  # packs it
+                if child.bias is not None:
+                    packed.bias = torch.nn.Parameter(torch.zeros_like(child.bias, device=device), requires_grad=False)
+                setattr(module, child_name, packed)
+    for name, param in list(model.named_parameters()):
+        if param.is_meta:  # embeddings, norms (1 + weight for Gemma's: zeros), lm_head
+            value = torch.empty(param.shape, dtype=torch.bfloat16, device=device)
+            if "norm" in name:  # Gemma's norms scale by 1 + weight
+                value.fill_(0.0 if config.model_type.startswith("gemma") else 1.0)
+            else:
+                value.normal_(0, std)
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, torch.nn.Parameter(value, requires_grad=False))
+    model.tie_weights()  # a tied output layer takes the embeddings just drawn
+    model.config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return model

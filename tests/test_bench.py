@@ -148,3 +148,36 @@ def test_each_shape_has_its_published_parameter_count(name):
     billions = sum(p.numel() for p in model.parameters()) / 1e9
     assert billions == pytest.approx(SHAPES[name].params, rel=5e-3)
     assert flops_per_token(model.config, mean_seq_len=300, lora_params=0) > 4e9 * SHAPES[name].params * 0.9
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2", "gemma2"])
+def test_a_shape_too_big_for_16_bits_is_built_packed_and_loads_as_the_job_loads_it(tiny_model_dir, tmp_path, family):
+    """The 70B shape is drawn one linear layer at a time straight into NF4 (bench/shapes.py): here a tiny model of
+    three families (tied embeddings, biased projections, Gemma's 1 + weight norms) built so on the CPU, saved, and
+    loaded by the job's load_model gives the same 4-bit weights and the same logits."""
+    import bitsandbytes.functional as F
+    import transformers
+    from transformers import AutoTokenizer
+
+    from bench.shapes import build_random, random_nf4
+    from job.config import load_settings
+    from job.model import load_model
+    from job.tiny_model import TINY
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    kind = {"llama-tied": "LlamaConfig", "qwen2": "Qwen2Config", "gemma2": "Gemma2Config"}[family]
+    config = getattr(transformers, kind)(**{**TINY, "head_dim": 16}, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    build_random("tiny", tmp_path / "nf4", tok, device="cpu", config=config)
+    torch.manual_seed(0)  # as build_random seeds: the same draw again, in memory
+    built = random_nf4(config, "cpu")
+    loaded = load_model(load_settings({"BASE_MODEL": str(tmp_path / "nf4")}, env_file=None), "bf16")
+    layer = lambda m: m.model.layers[1].mlp.down_proj  # noqa: E731
+    assert type(layer(loaded)).__name__ == "Linear4bit"
+    weights = [F.dequantize_4bit(layer(m).weight.data, layer(m).weight.quant_state) for m in (built, loaded)]
+    assert torch.equal(*weights) and weights[0].float().std() > 0
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    built.eval()
+    loaded.set_attn_implementation(built.config._attn_implementation)  # the job loads it with its varlen attention
+    with torch.no_grad():
+        logits = [m(ids).logits.float() for m in (built, loaded)]
+    assert torch.equal(*logits) and logits[0].std() > 0
