@@ -85,6 +85,16 @@ ALL_LINEAR = "all-linear"
 AUTO_TARGETS = "auto"
 
 
+def _targets_problem(value: str) -> str | None:
+    """What is wrong with LORA_TARGET_MODULES as text (job/model.py lora_targets checks the names on the base)."""
+    names = _names(value)
+    if not names:
+        return "name at least one module, e.g. q_proj,v_proj, or auto, or all-linear"
+    if len(names) > 1 and (alone := {AUTO_TARGETS, ALL_LINEAR} & set(names)):
+        return f"{alone.pop()} stands alone: give it by itself, or list module names only"
+    return None
+
+
 def _names(text: str) -> list[str]:
     """The names of a comma list, spaces and empty entries dropped."""
     return [n.strip() for n in text.split(",") if n.strip()]
@@ -257,7 +267,7 @@ class Settings:
         "fuses its attention projections (Phi-3); or comma-separated module names; or all-linear: every linear "
         "layer but the output one (PEFT's choice). The card names the modules used.",
         "train",
-        check=_must(_names, "name at least one module, e.g. q_proj,v_proj, or auto, or all-linear"),
+        check=_targets_problem,
     )
     TRAIN_TURN_TOKENS: str = _setting(
         "auto",

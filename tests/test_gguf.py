@@ -280,7 +280,8 @@ def test_evaluation_stops_at_the_templates_end_of_turn_not_only_eos(turn_tokens_
     tok = load_tokenizer(cfg)
     given = []
 
-    def fake_greedy(model, ids, mask, new_tokens, eos_id, pad_id):
+    def fake_greedy(model, ids, mask, new_tokens, eos_id, pad_id, repetition_penalty):
+        assert repetition_penalty == cfg.REPETITION_PENALTY == 1.0  # plain greedy unless REPETITION_PENALTY is set
         given.append(eos_id)
         return torch.full((ids.shape[0], new_tokens), pad_id)
 
