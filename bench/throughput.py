@@ -361,6 +361,21 @@ def in_own_process(name: str, args, argv: list[str]) -> dict:
     return {**json.loads(result.read_text()), "process_wall_s": time.perf_counter() - t0}
 
 
+def cap_gpu_memory(gib: float | None) -> None:
+    """Let this process use at most `gib` GiB of its GPU (all of it when None), before anything is allocated: the
+    caching allocator then fails past the cap as a card of that size would, and the job's DEQUANTIZE_BASE=auto
+    weighs the same budget (job/speedups/nf4_base.py usable_gpu_memory)."""
+    import torch
+
+    if gib is None or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    if gib * 2**30 > total:
+        raise SystemExit(f"--gpu-memory {gib:g} GiB is more than this GPU's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, 0)
+    log.info("GPU memory capped to %.1f of %.1f GiB for this process", gib, total / 2**30)
+
+
 def add_derived(r: dict, setup: dict, model_config) -> None:
     """MFU and projected hours from a recipe's figures."""
     f = flops_per_token(model_config, setup["mean_tokens_per_row"], r["lora_params"])
@@ -377,6 +392,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Side-by-side GPU benchmark of the training recipes.")
     p.add_argument("--shape", default="llama-3.2-3b", choices=SHAPES, help="the model shape (bench/shapes.py)")
     p.add_argument("--model-dir", default=None, help="where its random weights are kept (default /tmp/SHAPE-random)")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        help="GiB of the GPU each recipe's process may use (torch's per-process memory fraction): a 24 or 16 GB "
+        "card's budget on a larger card; DEQUANTIZE_BASE=auto chooses by it",
+    )
     p.add_argument("--data", default=str(shared if shared.exists() else fixture))
     p.add_argument("--rows", type=int, default=1000, help="conversations of the data file to train on")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per recipe, after warm-up")
@@ -477,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.recipe_only:  # a child: one measurement
+        cap_gpu_memory(args.gpu_memory)
         cfg = bench_settings(args)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         measured = run_part(args.recipe_only, cfg, args)

@@ -134,12 +134,16 @@ def _checks(checks: dict) -> list[str]:
 
 def markdown(r: dict) -> str:
     """The README's bench section: the setup, a table row per recipe and round, a paragraph per comparison."""
-    setup, rounds = r["setup"], r["rounds"]
+    setup, rounds, args = r["setup"], r["rounds"], r.get("args", {})
+    cap = args.get("gpu_memory")
     paragraphs = [
-        f"Device: {setup['device']}, bf16 matmul peak measured {setup['peak_tflops']['median']:.0f} TFLOP/s; "
-        f"precision {setup['precision']}; {setup['rows']} conversations, mean {setup['mean_tokens_per_row']:.0f} "
-        f"tokens, max length 512. {_listed(setup.get('versions', {}))}.",
-        _table(rounds, r.get("args", {}).get("usd_per_hour")),
+        f"Device: {setup['device']}"
+        + (f", each recipe's process capped to {cap:g} GiB of its memory (a smaller card's)" if cap else "")
+        + f", bf16 matmul peak measured {setup['peak_tflops']['median']:.0f} TFLOP/s; "
+        f"model shape {args.get('shape', 'llama-3.2-3b')}; precision {setup['precision']}; {setup['rows']} "
+        f"conversations, mean {setup['mean_tokens_per_row']:.0f} tokens, max length 512. "
+        f"{_listed(setup.get('versions', {}))}.",
+        _table(rounds, args.get("usd_per_hour")),
     ]
     uv = next((rnd[UNSLOTH]["versions"] for rnd in rounds if "versions" in rnd.get(UNSLOTH, {})), None)
     if uv:

@@ -109,6 +109,26 @@ def test_markdown_ratios_and_flags():
     assert "generation failed: OutOfMemory: boom" in md
     md2 = markdown({**results, "rounds": [rnd, rnd]})
     assert "| job (round 1) |" in md2 and "| job (round 2) |" in md2
+    assert "Device: GPU, bf16 matmul peak measured 790 TFLOP/s; model shape llama-3.2-3b;" in md
+    capped = markdown({**results, "args": {"gpu_memory": 24.0, "shape": "llama-3.1-8b"}})
+    assert "Device: GPU, each recipe's process capped to 24 GiB of its memory (a smaller card's)" in capped
+    assert "model shape llama-3.1-8b;" in capped
+
+
+def test_a_capped_recipe_process_asks_torch_for_that_share_of_the_card(monkeypatch):
+    import types
+
+    from bench.throughput import cap_gpu_memory
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: asked.append((f, d)))
+    cap_gpu_memory(None)
+    cap_gpu_memory(16)
+    assert asked == [(0.2, 0)]
+    with pytest.raises(SystemExit, match="more than this GPU's 80.0 GiB"):
+        cap_gpu_memory(96)
 
 
 def test_a_recipe_warms_up_then_times_the_steps_asked_for(tiny_model_dir, tmp_path, monkeypatch):
