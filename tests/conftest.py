@@ -406,6 +406,44 @@ def demo_run_copy(demo_run, tmp_path, fake_hub) -> DemoRun:
     return replace(demo_run, run_dir=out / env["RUN_NAME"], env=env, hub=fake_hub, output="")
 
 
+# Model families beyond Llama (tests/test_families.py, tests/test_cuda_graphs.py): each one's config class, its
+# fields beyond the tiny shape, and the LoRA targets LORA_TARGET_MODULES=auto gives it.
+WINDOW = 16  # the tiny families' sliding window (Mistral's, Gemma 2's): shorter than every fixture conversation
+FAMILIES = {
+    "qwen2": ("Qwen2Config", {}, ["q_proj", "v_proj"]),  # biased q/k/v projections
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, ["q_proj", "v_proj"]),  # RMSNorm on q and k per head
+    "mistral": ("MistralConfig", {"sliding_window": WINDOW, "head_dim": 16}, ["q_proj", "v_proj"]),
+    "phi3": ("Phi3Config", {}, ["qkv_proj"]),  # q, k and v in one fused projection
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": WINDOW}, ["q_proj", "v_proj"]),  # capped logits
+}
+
+
+def tiny_family(family: str, tok, out: Path) -> Path:
+    """A 2-layer random model of `family` (FAMILIES) in the tiny Llama's shape, saved with `tok` to `out`."""
+    import torch
+    import transformers
+
+    from job.tiny_model import TINY
+
+    name, extra, _ = FAMILIES[family]
+    config = getattr(transformers, name)(
+        **TINY,  # the tiny Llama's shape
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for p in model.parameters():  # larger weights than the init's: attention patterns that differ per token
+        if p.ndim == 2:
+            p.data.normal_(0, 0.3)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def tiny_gemma3_config(tok, window: int):
     """A 2-layer Gemma 3 text config for the tiny tokenizer: one sliding-window layer of `window` tokens and one
     global layer, each with its own rotary base, as the real Gemma 3 has."""

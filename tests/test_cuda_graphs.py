@@ -4,6 +4,7 @@ steps there.)"""
 
 import pytest
 import torch
+from conftest import tiny_family
 
 from job.config import load_settings
 from job.files import read_jsonl
@@ -173,12 +174,16 @@ def _tiny_gemma3(tiny_model_dir, out):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
 @pytest.mark.parametrize(
-    "ddp,family", [(False, "llama"), (True, "llama"), (False, "gemma3")], ids=["one-process", "ddp", "gemma3"]
+    "ddp,family",
+    [(False, "llama"), (True, "llama"), (False, "gemma3"), (False, "qwen2"), (False, "qwen3"), (False, "mistral")]
+    + [(False, "phi3")],
+    ids=["one-process", "ddp", "gemma3", "qwen2", "qwen3", "mistral", "phi3"],
 )
 def test_graphed_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_path, ddp, family):
     """The captured layers replay the eager step, also inside DDP (which once invalidated the capture: its
     gradient accumulators belong to the default stream), and for Gemma 3 (sliding-window layers, a rotary base
-    per layer type). bf16 with fp32 LoRA weights under autocast, as the Trainer trains; flash attention's
+    per layer type), and for the other families that take the packed path (conftest.FAMILIES; Gemma 2 trains eager,
+    without graphs). bf16 with fp32 LoRA weights under autocast, as the Trainer trains; flash attention's
     backward is not deterministic, so two eager steps set the noise floor."""
     import torch.distributed as dist
 
@@ -186,6 +191,10 @@ def test_graphed_layers_give_the_eager_loss_and_gradients(tiny_model_dir, tmp_pa
 
     if family == "gemma3":
         tiny_model_dir = _tiny_gemma3(tiny_model_dir, tmp_path / "gemma3")
+    elif family != "llama":
+        from transformers import AutoTokenizer
+
+        tiny_model_dir = tiny_family(family, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / family)
     cfg, _, _, examples, fixed = _batches(tiny_model_dir)
     tokens, max_length = TOKENS, MAX_LENGTH
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in fixed(examples).items()}

@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+from conftest import FAMILIES, WINDOW, tiny_family
 
 from bench.equivalence import equivalence
 from job import attention
@@ -19,40 +20,6 @@ from job.files import read_jsonl
 from job.formats import single_turn
 from job.formatting import tokenize_row
 from job.model import load_model, load_tokenizer, lora_config, lora_targets
-from job.tiny_model import TINY
-
-WINDOW = 16  # Mistral's sliding window here: shorter than every fixture conversation, so the window matters
-
-# Each family's config class, its fields beyond the shared tiny shape, and the LoRA targets it gets by default.
-FAMILIES = {
-    "qwen2": ("Qwen2Config", {}, ["q_proj", "v_proj"]),  # biased q/k/v projections
-    "qwen3": ("Qwen3Config", {"head_dim": 16}, ["q_proj", "v_proj"]),  # RMSNorm on q and k per head
-    "mistral": ("MistralConfig", {"sliding_window": WINDOW, "head_dim": 16}, ["q_proj", "v_proj"]),
-    "phi3": ("Phi3Config", {}, ["qkv_proj"]),  # q, k and v in one fused projection
-    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": WINDOW}, ["q_proj", "v_proj"]),  # capped logits
-}
-
-
-def _build(family: str, tok, out):
-    import transformers
-
-    name, extra, _ = FAMILIES[family]
-    config = getattr(transformers, name)(
-        **TINY,  # the tiny Llama's shape
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **extra,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    for p in model.parameters():  # larger weights than the init's: attention patterns that differ per token
-        if p.ndim == 2:
-            p.data.normal_(0, 0.3)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +28,7 @@ def family_dirs(tiny_model_dir, tmp_path_factory):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     root = tmp_path_factory.mktemp("families")
-    return {family: _build(family, tok, root / family) for family in FAMILIES}
+    return {family: tiny_family(family, tok, root / family) for family in FAMILIES}
 
 
 def _rows(cfg, tok, n):
