@@ -96,3 +96,18 @@ def test_each_family_trains_on_its_nf4_base(family_dirs, family, tmp_path):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     moved = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("lora_B" in n for n in moved)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
+def test_the_whole_job_runs_on_each_family(family_dirs, family, demo_env, run_job, tmp_path):
+    """Sample to push on the family's tiny model (NF4, the job's defaults): evaluation decodes with it, the benchmark
+    scores it, and the card names the modules that got adapters (Phi-3's fused qkv_proj) and Gemma 2's eager
+    attention stays the log's reason, not a failure."""
+    env = demo_env(tmp_path / "outputs", BASE_MODEL=str(family_dirs[family]), NUM_SAMPLES="24", EVAL_SAMPLES="6")
+    env |= {"EVAL_PROMPTS": "4", "BENCHMARK_TASKS": "mmlu_anatomy", "HUB_REPO_ID": ""}  # files staged in push/
+    result = run_job(env)
+    assert result.exit_code == 0, result.output[-3000:]
+    card = (tmp_path / "outputs" / env["RUN_NAME"] / "report" / "README.md").read_text()
+    assert f"| modules with adapters | {', '.join(FAMILIES[family][2])} |" in card
+    assert "| **mean of" in card  # the benchmark ran on it
+    assert ("using eager instead of sdpa_varlen" in result.output) is (family == "gemma2")
