@@ -2,8 +2,7 @@
 with the tiny tokenizer, loaded by the job's own code. Each takes the packed training path and gets the plain
 padded path's loss and LoRA gradients (the check Llama and Gemma 3 pass in test_equivalence.py and
 test_sliding_window.py), with the LoRA targets the job picks for it by default, or falls back with the reason
-logged (Gemma 2's capped attention logits need eager attention). Each then trains a few steps through the train
-stage's own trainer on its NF4 base."""
+logged (Gemma 2's capped attention logits need eager attention). Three of them then run the whole job."""
 
 from __future__ import annotations
 
@@ -74,28 +73,6 @@ def test_each_family_packs_like_the_padded_path(family_dirs, family, monkeypatch
     assert e["grad_rel_l2"] < 1e-3, e
     # and the check can fail: other rows give another loss
     assert abs(equivalence(model, rows[:3], tok.pad_token_id)["loss_padded"] - e["loss_padded"]) > 1e-4
-
-
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
-def test_each_family_trains_on_its_nf4_base(family_dirs, family, tmp_path):
-    """A few optimizer steps through the train stage's own trainer (NF4 base, packing, the job's trainer class,
-    turn tokens by default): the adapter moves and the loss stays finite."""
-    from job.paths import RunPaths
-    from job.train import build_trainer
-
-    paths = RunPaths(tmp_path / "run")
-    paths.data.mkdir(parents=True)
-    cfg = load_settings({"BASE_MODEL": str(family_dirs[family]), "MAX_SEQ_LENGTH": "512"}, env_file=None)
-    rows = _rows(cfg, load_tokenizer(cfg), 8)
-    paths.train_tokens.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
-    trainer = build_trainer(cfg, paths, "fp32", max_steps=3, save_strategy="no", logging_steps=1, report_to=[])
-    assert any(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    moved = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert any("lora_B" in n for n in moved)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
