@@ -28,7 +28,8 @@ AUTO_ROWS = 100  # rows whose keys tell the format: a file's first rows, before 
 # Turn-based formats: (the field holding the turns, a turn's role key, its text key) and the role names each takes.
 TURNS = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
 ROLES = {
-    "messages": {"system": "system", "user": "user", "assistant": "assistant"},
+    # "developer": OpenAI's newer name for the system message
+    "messages": {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"},
     "sharegpt": {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"},
 }
 ALPACA = ("instruction", "input", "output")
@@ -226,6 +227,12 @@ def _turn(fmt: str, turn: Any, at: str) -> dict | str:
         return f"{at}.{text_key}: holds a {type(text).__name__} ({str(text)[:60]!r}), not text. Write it as a string."
     if not text.strip():
         return f"{at}.{text_key} is empty. Fill it in, or delete the turn with the reply or question that goes with it."
+    if "weight" in turn and fmt == "messages":  # OpenAI's fine-tuning format: weight 0, an assistant turn not trained
+        weight = turn["weight"]
+        if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+            return f"{at}.weight: {weight!r}; a weight is 0 (not trained on) or 1, and only on an assistant turn."
+        if weight == 0:
+            return {"role": role, "content": text, "weight": 0}
     return {"role": role, "content": text}
 
 
@@ -285,3 +292,8 @@ def turns(row: dict) -> list[str]:
 
 def replies(row: dict) -> list[str]:
     return [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+
+
+def trained(message: dict) -> bool:
+    """Whether the loss covers this turn: every assistant turn but one the data gave weight 0 (OpenAI's format)."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0

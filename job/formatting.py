@@ -25,7 +25,7 @@ from job.chat_tokens import encode, holds_special_text
 from job.config import Settings
 from job.errors import ConfigError
 from job.files import atomic_write_text, jsonl_line, read_jsonl, write_jsonl, write_lines
-from job.formats import conversation
+from job.formats import conversation, trained
 from job.model import base_source, end_of_turn_ids, load_tokenizer
 from job.paths import RunPaths
 
@@ -46,14 +46,15 @@ def tokenize_row(cfg: Settings, tokenizer, row: dict) -> tuple[dict | None, str]
 
 
 def reply_spans(cfg: Settings, tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
-    """The conversation's token ids, and where each assistant turn and the end-of-turn token after it lie: from the
-    end of its prompt (the conversation before it, with the generation prompt) to the end of the conversation up to
-    it. Special-token strings in the messages stay text (job/chat_tokens.py): only the template makes turns."""
+    """The conversation's token ids, and where each trained assistant turn (formats.trained: not one the data gave
+    weight 0) and the end-of-turn token after it lie: from the end of its prompt (the conversation before it, with
+    the generation prompt) to the end of the conversation up to it. Special-token strings in the messages stay text
+    (job/chat_tokens.py): only the template makes turns."""
     split = holds_special_text(tokenizer, messages)  # one way for all, so each part stays a prefix of the whole
     ids = functools.partial(encode, tokenizer, date_string=cfg.TEMPLATE_DATE, split=split)
     full = ids(messages, add_generation_prompt=False)
     spans = []
-    for k in (k for k, m in enumerate(messages) if m["role"] == "assistant"):
+    for k in (k for k, m in enumerate(messages) if trained(m)):
         start = ids(messages[:k], add_generation_prompt=True)
         end = ids(messages[: k + 1], add_generation_prompt=False) if k < len(messages) - 1 else full
         if full[: len(start)] != start or full[: len(end)] != end or len(start) > len(end):

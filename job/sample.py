@@ -295,6 +295,8 @@ def _unusable(row: dict) -> str | None:
     replies = formats.replies(row)
     if not all(replies):
         return "empty_doctor"
+    if not any(map(formats.trained, row["messages"])):
+        return "no_trained_reply"  # every assistant turn has weight 0 (OpenAI's format): nothing to learn from
     return "reply_too_short" if len(replies[-1]) < MIN_REPLY_CHARS else None
 
 

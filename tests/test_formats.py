@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from job import benchmark, formats
+from job import sample as sample_module
 from job.config import load_settings
 from job.errors import ConfigError
 from job.files import read_json, read_jsonl, write_jsonl, write_lines
@@ -280,3 +281,33 @@ def test_openai_content_parts_are_their_texts_and_other_parts_are_refused():
     assert str(e.value).startswith(
         "DATASET='org/data' row 3 (counting from 0), field messages[0].content[2]: a 'image_url' part, where only text"
     )
+
+
+def test_an_assistant_turn_of_weight_0_is_read_but_not_trained_on(tiny_model_dir, tok):
+    """OpenAI's fine-tuning format: "weight": 0 on an assistant turn keeps it in the conversation, out of the loss.
+    Its "developer" role is the system message. A weight elsewhere, or another value, is refused naming the turn."""
+    cfg = settings(BASE_MODEL=str(tiny_model_dir), MAX_SEQ_LENGTH=512, DATASET="org/data")
+    record = {
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "My ear hurts."},
+            {"role": "assistant", "content": "Since when?", "weight": 0},
+            {"role": "user", "content": "Two days, with fever."},
+            {"role": "assistant", "content": "See a GP today.", "weight": 1},
+        ]
+    }
+    row = formats.read(cfg, "messages", record, 0)
+    assert row["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert row["messages"][2] == {"role": "assistant", "content": "Since when?", "weight": 0}
+    assert "weight" not in row["messages"][4]  # weight 1 is every turn's: rows without weights stay as they were
+    item, status = tokenize_row(cfg, tok, row)
+    assert status == "ok" and trained_spans(tok, item) == ["See a GP today." + EOT]
+    assert "Since when?" in tok.decode(item["input_ids"])  # still in the conversation the reply answers
+    # every reply weighted 0: nothing to learn from, so the sample stage drops the row
+    silent = {"messages": [{**m, "weight": 0} if m["role"] == "assistant" else m for m in row["messages"]]}
+    assert sample_module._unusable(silent) == "no_trained_reply"
+    for bad, at in (({**record["messages"][1], "weight": 0}, 1), ({**record["messages"][4], "weight": 0.5}, 4)):
+        messages = [*record["messages"]]
+        messages[at] = bad
+        with pytest.raises(ConfigError, match=rf"field messages\[{at}\]\.weight: .*only on an assistant turn"):
+            formats.read(cfg, "messages", {"messages": messages}, 0)
