@@ -227,10 +227,12 @@ def _turn(fmt: str, turn: Any, at: str) -> dict | str:
         return f"{at}.{text_key}: holds a {type(text).__name__} ({str(text)[:60]!r}), not text. Write it as a string."
     if not text.strip():
         return f"{at}.{text_key} is empty. Fill it in, or delete the turn with the reply or question that goes with it."
-    if "weight" in turn and fmt == "messages":  # OpenAI's fine-tuning format: weight 0, an assistant turn not trained
+    # OpenAI's fine-tuning format (and ShareGPT files that copy it): an assistant turn of weight 0 is not trained on.
+    # Elsewhere a weight changes nothing (user and system text is never trained on), so it is left alone.
+    if "weight" in turn and role == "assistant":
         weight = turn["weight"]
-        if role != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
-            return f"{at}.weight: {weight!r}; a weight is 0 (not trained on) or 1, and only on an assistant turn."
+        if weight not in (0, 1) or isinstance(weight, bool):
+            return f"{at}.weight: {weight!r}; an assistant turn's weight is 0 (not trained on) or 1."
         if weight == 0:
             return {"role": role, "content": text, "weight": 0}
     return {"role": role, "content": text}

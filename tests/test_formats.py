@@ -285,7 +285,8 @@ def test_openai_content_parts_are_their_texts_and_other_parts_are_refused():
 
 def test_an_assistant_turn_of_weight_0_is_read_but_not_trained_on(tiny_model_dir, tok):
     """OpenAI's fine-tuning format: "weight": 0 on an assistant turn keeps it in the conversation, out of the loss.
-    Its "developer" role is the system message. A weight elsewhere, or another value, is refused naming the turn."""
+    Its "developer" role is the system message. Another value is refused naming the turn; a weight on a user turn
+    changes nothing (user text is never trained on) and is left alone."""
     cfg = settings(BASE_MODEL=str(tiny_model_dir), MAX_SEQ_LENGTH=512, DATASET="org/data")
     record = {
         "messages": [
@@ -306,8 +307,23 @@ def test_an_assistant_turn_of_weight_0_is_read_but_not_trained_on(tiny_model_dir
     # every reply weighted 0: nothing to learn from, so the sample stage drops the row
     silent = {"messages": [{**m, "weight": 0} if m["role"] == "assistant" else m for m in row["messages"]]}
     assert sample_module._unusable(silent) == "no_trained_reply"
-    for bad, at in (({**record["messages"][1], "weight": 0}, 1), ({**record["messages"][4], "weight": 0.5}, 4)):
-        messages = [*record["messages"]]
-        messages[at] = bad
-        with pytest.raises(ConfigError, match=rf"field messages\[{at}\]\.weight: .*only on an assistant turn"):
+    user_weighted = [m if m["role"] != "user" else {**m, "weight": 0} for m in record["messages"]]
+    assert formats.read(cfg, "messages", {"messages": user_weighted}, 0) == row
+    for weight in (0.5, True, "0"):
+        messages = [*record["messages"][:4], {**record["messages"][4], "weight": weight}]
+        with pytest.raises(ConfigError, match=r"field messages\[4\]\.weight: .*weight is 0 \(not trained on\) or 1"):
             formats.read(cfg, "messages", {"messages": messages}, 0)
+
+
+def test_a_sharegpt_turn_of_weight_0_is_not_trained_on_either(tiny_model_dir, tok):
+    cfg = settings(BASE_MODEL=str(tiny_model_dir), MAX_SEQ_LENGTH=512, DATASET="org/data")
+    record = {
+        "conversations": [
+            {"from": "human", "value": "My ear hurts."},
+            {"from": "gpt", "value": "Since when?", "weight": 0},
+            {"from": "human", "value": "Two days, with fever."},
+            {"from": "gpt", "value": "See a GP today.", "weight": 1},
+        ]
+    }
+    item, _ = tokenize_row(cfg, tok, formats.read(cfg, "sharegpt", record, 0))
+    assert trained_spans(tok, item) == ["See a GP today." + EOT]
