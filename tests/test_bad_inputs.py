@@ -411,7 +411,7 @@ CASES = [
             "line 3",
             "field messages[1].role",
             "'doctor' is not a role of the messages format",
-            "system, user, assistant",
+            "system, developer, user, assistant",
         ),
         setup=_chat(_turns(("user", _Q), ("doctor", _A))),
     ),
