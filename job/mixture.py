@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job.errors import ConfigError
-from job.files import LOCAL_SUFFIXES
+from job.files import is_local_path
 from job.formats import FORMATS
 
 SEP = ","
@@ -166,7 +166,7 @@ def _resolve(name: str, folder: Path) -> str:
     path = Path(name).expanduser()
     if path.is_absolute():
         return str(path)
-    local = path.suffix.lower() in LOCAL_SUFFIXES or name.startswith(".") or (folder / path).exists()
+    local = is_local_path(name) or (folder / path).exists()  # a file's type, a "./", or a file beside the mixture
     return str((folder / path).resolve()) if local else name
 
 

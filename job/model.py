@@ -251,7 +251,9 @@ def load_model(cfg: Settings, precision: str, quantization: str | None = None) -
             bnb_4bit_use_double_quant=True,  # quantizes the scales too: ~0.4 bit/param saved
             bnb_4bit_compute_dtype=dtype,
         )
-    model = _hub_call(f"BASE_MODEL={cfg.BASE_MODEL!r}", AutoModelForCausalLM.from_pretrained, source, **hub, **kwargs)
+    model = _hub_call(
+        f"BASE_MODEL={cfg.BASE_MODEL!r}", AutoModelForCausalLM.from_pretrained, source, config=config, **hub, **kwargs
+    )  # the config read above, not read again
     if gguf_base.is_gguf(cfg):  # what PEFT records as the adapter's base: the GGUF, not this machine's cache
         model.name_or_path = gguf_base.hub_repo(cfg) or cfg.BASE_MODEL
     model.config.use_cache = False

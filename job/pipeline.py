@@ -263,8 +263,10 @@ def preflight(cfg: Settings, paths: RunPaths) -> list[str]:
             "unset it to push, or leave HUB_REPO_ID empty to stage the files in push/ without uploading"
         )
     if "sample" in selected:
-        named: list[tuple[str, str]] = []
-        problems += _problems_of(lambda: named.extend(mixture.input_names(cfg.DATASET)))  # reads a mixture file
+        try:
+            named = mixture.input_names(cfg.DATASET)  # reads a mixture file, which may be the problem
+        except ConfigError as e:
+            named, problems = [], [*problems, str(e)]
         for _, source in named:
             if is_local_path(source):
                 problems += _problems_of(sample.check_local_file, Path(source).expanduser())

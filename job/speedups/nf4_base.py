@@ -27,25 +27,25 @@ def dequantize_for_training(cfg: Settings, model: Any) -> bool:
     if cfg.QUANTIZATION != "nf4" or cfg.DEQUANTIZE_BASE == "false":
         return False
     size = sum(m.in_features * m.out_features for m in four_bit_layers(model)) * model.dtype.itemsize
-    room = usable_gpu_memory() if cfg.DEQUANTIZE_BASE == "auto" else None
-    if cfg.DEQUANTIZE_BASE == "auto":
-        if room is None:
-            return False
-        if size > room / 4:
-            log.info(
-                "keeping the base weights packed in 4 bits: a 16-bit copy (%.1f GiB) would take more than a "
-                "quarter of the %.1f GiB of GPU memory this process may use (DEQUANTIZE_BASE=auto)",
-                size / 2**30,
-                room / 2**30,
-            )
-            return False
+    auto, room = cfg.DEQUANTIZE_BASE == "auto", usable_gpu_memory()  # room: None without a GPU
+    if auto and room is None:
+        return False
+    quarter = f"a quarter of the {room / 2**30:.1f} GiB of GPU memory this process may use" if auto else ""
+    if auto and size > room / 4:
+        log.info(
+            "keeping the base weights packed in 4 bits: a 16-bit copy (%.1f GiB) would take more than %s "
+            "(DEQUANTIZE_BASE=auto)",
+            size / 2**30,
+            quarter,
+        )
+        return False
     model.dequantize(dtype=model.dtype)
     log.info(
         "base weights: NF4-rounded, held in %s for training (+%.1f GiB; DEQUANTIZE_BASE=%s%s)",
         str(model.dtype).removeprefix("torch."),
         size / 2**30,
         cfg.DEQUANTIZE_BASE,
-        f": at most a quarter of the {room / 2**30:.1f} GiB of GPU memory this process may use" if room else "",
+        f": at most {quarter}" if auto else "",
     )
     return True
 
