@@ -110,6 +110,9 @@ def check_graphs(cfg) -> dict:
     dtype = torch_dtype(precision)
     trainer = build_trainer(rcfg, RunPaths(rcfg.run_dir), precision, max_steps=1, save_strategy="no", report_to=[])
     fixed, model = trainer.data_collator, trainer.model
+    if not isinstance(fixed, cuda_graphs.FixedShape):  # the job did not take the graphs on this model: nothing to check
+        attn = model.config._attn_implementation
+        return {"skipped": cuda_graphs.why_not(rcfg, compiled=False, attn=attn) or "the job runs these layers eager"}
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model.train()
 

@@ -9,6 +9,7 @@ the first `--rows` conversations of the data file at MAX_SEQ_LENGTH=512, and com
                gradient checkpointing), 4-bit layers
   trl-nogc     trl without gradient checkpointing
   job          this job's defaults (job/config.py) at the peers' batch of 8 (BATCH_SIZE=8; the default is 4)
+  plain        the job with every lever off (padded rows, sdpa, 4-bit layers, no graphs, Liger or compile)
   job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept, micro-batches split in two)
   job-nographs, job-nf4-nographs   job and job-nf4 without CUDA graphs
   job-noliger, job-sdpa, job-compile, job-compile-nf4, job-b16, job-compile-b16
@@ -51,7 +52,7 @@ from typing import Any
 
 from bench.equivalence import check_equivalence, check_graphs, compare_decoders, liger_modules, trained_adapter
 from bench.shapes import SHAPES, build_random
-from bench.throughput_report import CHECKS, FULL_DATASET_ROWS, UNSLOTH, write_report
+from bench.throughput_report import CHECK_PARTS, CHECKS, FULL_DATASET_ROWS, UNSLOTH, write_report
 from bench.timing import cuda, measure_peak_tflops, timed_train
 from job import evaluate, formatting, safety, sample
 from job.config import load_settings
@@ -88,6 +89,18 @@ RECIPES: dict[str, dict[str, str]] = {
     "trl": {**_BASELINE, "BATCH_SIZE": "8", "GRAD_ACCUM": "1", "GRADIENT_CHECKPOINTING": "true"},
     "trl-nogc": {**_BASELINE, "BATCH_SIZE": "8", "GRAD_ACCUM": "1", "GRADIENT_CHECKPOINTING": "false"},
     "job": {"BATCH_SIZE": "8"},
+    # The job with every lever off (bench/parity.py's `plain` variant): padded rows, stock sdpa, bitsandbytes'
+    # 4-bit layers, no CUDA graphs, no Liger, no compile; what `job` is measured against per model family. Its
+    # micro-batches of 8 are not split (not a job-* recipe: no lean economies), the stronger baseline.
+    "plain": {
+        "BATCH_SIZE": "8",
+        "PACKING": "false",
+        "ATTN_IMPLEMENTATION": "sdpa",
+        "DEQUANTIZE_BASE": "false",
+        "CUDA_GRAPHS": "false",
+        "LIGER_KERNEL": "false",
+        "TORCH_COMPILE": "false",
+    },
     "job-nf4": {"BATCH_SIZE": "8", "DEQUANTIZE_BASE": "false"},
     "job-nographs": {"BATCH_SIZE": "8", "CUDA_GRAPHS": "false"},
     "job-nf4-nographs": {"BATCH_SIZE": "8", "DEQUANTIZE_BASE": "false", "CUDA_GRAPHS": "false"},
@@ -323,8 +336,12 @@ def run_part(name: str, cfg, args) -> dict:
     elif name == CHECKS:
         out = {}
         job_recipe = _recipe_settings(cfg, RECIPES["job"])  # the CUDA graphs are checked on it
-        parts = (("equivalence", check_equivalence, cfg), ("graphs", check_graphs, job_recipe))
-        for part, measure, settings in (*parts, ("generation", measure_generation, cfg)):
+        parts = (
+            ("equivalence", check_equivalence, cfg),
+            ("graphs", check_graphs, job_recipe),
+            ("generation", measure_generation, cfg),
+        )
+        for part, measure, settings in [p for p in parts if p[0] in args.checks.split(",")]:
             try:
                 out[part] = measure(settings)
             except Exception as e:  # one failed check must not cost the other
@@ -412,6 +429,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--repeat", type=int, default=1, help="rounds; every other one runs the list in reverse, so order effects show"
+    )
+    p.add_argument(
+        "--checks",
+        default=",".join(CHECK_PARTS),
+        help="what the `checks` part runs, of " + ", ".join(CHECK_PARTS) + " (a family run needs no generation)",
     )
     p.add_argument("--gen-prompts", type=int, default=50, help="held-out prompts (plus the safety suite)")
     p.add_argument("--usd-per-hour", type=float, default=None, help="price of this GPU: adds a cost column")

@@ -12,9 +12,11 @@ from job.files import atomic_write_text
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FULL_DATASET_ROWS = 256_916  # ruslanmv/ai-medical-chatbot, train split
 UNSLOTH = "unsloth"  # each row's tokens/s is compared with this recipe's and with plain TRL's
+PLAIN = "plain"  # ... and with the job's own plain path, where a run has it (the model-family runs)
 CHECKS = "checks"  # the part that checks equivalence and times generation (bench/equivalence.py): no table row
 CHECK_PARTS = ("equivalence", "graphs", "generation")  # what that part's result holds
 COLUMNS = "recipe|tokens/s (median)|p10–p90|s/step|vs unsloth|vs trl|MFU|peak GiB|warm-up steps".split("|")
+PLAIN_COLUMN = 6  # where "vs plain" goes, after "vs trl", in a run that measured `plain`
 
 
 def _ratio(x: dict, ref: dict | None) -> str:
@@ -30,11 +32,12 @@ def _listed(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items())
 
 
-def _table_row(label: str, x: dict, rnd: dict, usd: float | None, width: int) -> str:
+def _table_row(label: str, x: dict, rnd: dict, usd: float | None, width: int, plain: bool) -> str:
     """One recipe of one round: its figures, or why it has none."""
     if "tokens_per_s" not in x:
         return _row([label, x.get("skipped") or f"failed: {x.get('failed')}"]) + " |" * (width - 2)
     t, ratios = x["tokens_per_s"], [_ratio(x, rnd.get(UNSLOTH)), _ratio(x, rnd.get("trl"))]
+    ratios += [_ratio(x, rnd.get(PLAIN))] if plain else []
     if x.get("gpus", 1) > 1:  # the peers ran on one GPU: say so where the ratio is read
         ratios = [q if q == "–" else f"{q} on {x['gpus']} GPUs" for q in ratios]
     warm = f"{x['warmup_steps']}" + ("" if x["stable"] else " (not stable: cap reached)")
@@ -45,11 +48,14 @@ def _table_row(label: str, x: dict, rnd: dict, usd: float | None, width: int) ->
 
 
 def _table(rounds: list[dict], usd: float | None) -> str:
-    head = [*COLUMNS, f"full dataset ({FULL_DATASET_ROWS / 1000:.0f}k rows)", *(["full dataset, USD"] if usd else [])]
+    plain = any(PLAIN in rnd for rnd in rounds)
+    columns = COLUMNS[:PLAIN_COLUMN] + ["vs plain"] + COLUMNS[PLAIN_COLUMN:] if plain else COLUMNS
+    head = [*columns, f"full dataset ({FULL_DATASET_ROWS / 1000:.0f}k rows)", *(["full dataset, USD"] if usd else [])]
     table = [_row(head), "|" + "---|" * len(head)]
     for i, rnd in enumerate(rounds):
         tag = f" (round {i + 1})" if len(rounds) > 1 else ""
-        table += [_table_row(name + tag, x, rnd, usd, len(head)) for name, x in rnd.items() if name != CHECKS]
+        rows = [_table_row(name + tag, x, rnd, usd, len(head), plain) for name, x in rnd.items() if name != CHECKS]
+        table += rows
     return "\n".join(table)
 
 
@@ -76,6 +82,8 @@ def _equivalence(e: dict) -> str | None:
 
 
 def _graphs(c: dict) -> str | None:
+    if "skipped" in c:  # the job runs this model's layers eager (bench/equivalence.py check_graphs)
+        return f"CUDA graphs: not used on this model ({c['skipped']}), so not checked."
     if "grad_cosine" in c:
         return (
             f"CUDA graphs (job/speedups/cuda_graphs.py): one padded micro-batch of {c['tokens']:,} tokens, dropout "

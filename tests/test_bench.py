@@ -113,6 +113,12 @@ def test_markdown_ratios_and_flags():
     capped = markdown({**results, "args": {"gpu_memory": 24.0, "shape": "llama-3.1-8b"}})
     assert "Device: GPU, each recipe's process capped to 24 GiB of its memory (a smaller card's)" in capped
     assert "model shape llama-3.1-8b;" in capped
+    assert "vs plain" not in md  # a column only where a round measured the plain path
+    eager = {"graphs": {"skipped": "the model attends with eager, not sdpa_varlen (packed rows need a mask)"}}
+    family = markdown({**results, "rounds": [{**rnd, "plain": _recipe(1000.0), "checks": eager}]})
+    assert "CUDA graphs: not used on this model (the model attends with eager, not sdpa_varlen" in family
+    assert "| vs unsloth | vs trl | vs plain | MFU |" in family
+    assert "| job | 4,000 | 3,680–4,320 | 0.200 | 0.44x | 2.00x | 4.00x | 30.0% |" in family
 
 
 def test_a_capped_recipe_process_asks_torch_for_that_share_of_the_card(monkeypatch):

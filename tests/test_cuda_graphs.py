@@ -88,7 +88,7 @@ def test_padding_to_the_captured_shape_changes_no_loss_or_gradient(tiny_model_di
 def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
     from job import attention
     from job.config import with_overrides
-    from job.speedups.cuda_graphs import use_graphs
+    from job.speedups.cuda_graphs import use_graphs, why_not
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention, "flash_varlen", lambda: True)
@@ -103,6 +103,9 @@ def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
         {"ATTN_IMPLEMENTATION": "sdpa"},  # would attend across the packed conversations without the varlen kernel
     ):
         assert not use_graphs(with_overrides(cfg, **change), compiled=False), change
+    assert not use_graphs(cfg, compiled=False, attn="eager")  # loaded eager (Gemma 2's logit soft-capping)
+    assert "the model attends with eager" in why_not(cfg, compiled=False, attn="eager")
+    assert why_not(with_overrides(cfg, PACKING=False), compiled=False).startswith("PACKING=false")
     monkeypatch.setenv("WORLD_SIZE", "2")  # each DDP rank captures its own layers (the GPU test below)
     assert use_graphs(cfg, compiled=False)
     monkeypatch.setattr(attention, "flash_varlen", lambda: False)  # a T4 or V100: packed rows take the host loop

@@ -44,16 +44,20 @@ def choose(cfg: Settings, model: Any, rows: list[dict], lean: bool = True) -> Sp
     """What speeds up training `rows` on the base `model`, decided before LoRA wraps it; DEQUANTIZE_BASE is done
     here. `lean`: the job's own economies (lean_micro_batches, lazy_metrics); the bench turns them off for the plain-TRL
     recipes it compares against."""
+    import torch
     from trl import SFTTrainer
 
     nf4_base.dequantize_for_training(cfg, model)
     if lean:
         cfg = nf4_base.lean_micro_batches(cfg, model)
     compiled = torch_compile.use_compile(cfg, rows, packed_base=bool(four_bit_layers(model)))
+    no_graphs = cuda_graphs.why_not(cfg, compiled, attn=model.config._attn_implementation)
+    if no_graphs and cfg.CUDA_GRAPHS and torch.cuda.is_available():  # asked for on a GPU, and not taken: say why
+        log.info("CUDA graphs: not used: %s; the layers run eager", no_graphs)
     return Speedups(
         cfg=cfg,
         trainer_class=lazy_metrics.trainer_class() if lean else SFTTrainer,
         liger=liger.use_liger(cfg, compiled),
         compiled=compiled,
-        graphs=cuda_graphs.use_graphs(cfg, compiled, attn=model.config._attn_implementation),
+        graphs=no_graphs is None,
     )

@@ -28,22 +28,28 @@ from job.model import decoder_layers
 log = logging.getLogger(__name__)
 
 
-def use_graphs(cfg: Settings, compiled: bool, attn: str | None = None) -> bool:
-    """CUDA_GRAPHS where the step can be captured: packed rows through job/attention.py's varlen kernel (the
-    graph passes conversation boundaries, no mask) on a GPU that has the flash kernel, no compile, no gradient
-    checkpointing. `attn`: the attention the model was loaded with, when it is not ATTN_IMPLEMENTATION
-    (job/attention.py attention_for)."""
+def why_not(cfg: Settings, compiled: bool, attn: str | None = None) -> str | None:
+    """Why the step cannot be captured, or None where CUDA_GRAPHS apply: packed rows through job/attention.py's
+    varlen kernel (the graph passes conversation boundaries, no mask) on a GPU that has the flash kernel, no
+    compile, no gradient checkpointing. `attn`: the attention the model was loaded with, when it is not
+    ATTN_IMPLEMENTATION (job/attention.py attention_for; Gemma 2 is loaded eager)."""
     import torch
 
-    return (
-        cfg.CUDA_GRAPHS
-        and torch.cuda.is_available()
-        and attention.flash_varlen()
-        and cfg.PACKING
-        and (attn or cfg.ATTN_IMPLEMENTATION) == attention.NAME
-        and not compiled
-        and not cfg.GRADIENT_CHECKPOINTING
+    attn = attn or cfg.ATTN_IMPLEMENTATION
+    reasons = (
+        (not cfg.CUDA_GRAPHS, "CUDA_GRAPHS=false"),
+        (not torch.cuda.is_available(), "no CUDA GPU"),
+        (not attention.flash_varlen(), "this GPU has no flash varlen kernel"),
+        (not cfg.PACKING, "PACKING=false (padded rows need a mask, which the graphs do not pass)"),
+        (attn != attention.NAME, f"the model attends with {attn}, not {attention.NAME} (packed rows need a mask)"),
+        (compiled, "the layers are compiled (TORCH_COMPILE)"),
+        (cfg.GRADIENT_CHECKPOINTING, "GRADIENT_CHECKPOINTING=true"),
     )
+    return next((why for failed, why in reasons if failed), None)
+
+
+def use_graphs(cfg: Settings, compiled: bool, attn: str | None = None) -> bool:
+    return why_not(cfg, compiled, attn) is None
 
 
 def attach(trainer: Any, cfg: Settings) -> None:
