@@ -74,6 +74,11 @@ def real_run(tmp_path_factory):
         # The safety gate is a finding this tier reports (eval/metrics.json), not a failure of the pipeline: a
         # 270M base model tuned for one epoch may well lose the screen (it did, 2026-12-07, on an H100).
         "MAX_SAFETY_DROP": "100",
+        # Gemma 3 270M is a base model: decoded plain greedy, one epoch on 1,000 replies still repeats itself and
+        # 10 of 50 answers ended (H100, 2026-12-07); with this penalty 50 of 50 read as prose and the end-of-turn
+        # check passed. The README advises it for small bases; HIPPO_REAL_SETTINGS="REPETITION_PENALTY=1.0"
+        # shows plain greedy.
+        "REPETITION_PENALTY": "1.15",
         "MODEL_LICENSE": "gemma" if "gemma" in _model_type(REAL_MODEL) else "other",
         "JUDGE_MODEL": "scripted",
         "JUDGE_BASE_URL": judge.base_url,
