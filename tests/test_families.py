@@ -88,3 +88,18 @@ def test_the_whole_job_runs_on_each_family(family_dirs, family, demo_env, run_jo
     assert f"| modules with adapters | {', '.join(FAMILIES[family][2])} |" in card
     assert "| **mean of" in card  # the benchmark ran on it
     assert ("using eager instead of sdpa_varlen" in result.output) is (family == "gemma2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_linear_puts_an_adapter_on_every_linear_layer_of_each_family(family_dirs, family):
+    """LORA_TARGET_MODULES=all-linear on each family: every linear layer but the output gets an adapter (Phi-3's
+    fused qkv_proj and gate_up_proj included), whatever the family names them."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_settings({"BASE_MODEL": str(family_dirs[family]), "LORA_TARGET_MODULES": "all-linear"}, env_file=None)
+    model = AutoModelForCausalLM.from_pretrained(family_dirs[family], dtype=torch.float32)
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"} - {"lm_head"}
+    peft = get_peft_model(model, lora_config(cfg, model))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft.named_parameters() if ".lora_A." in n}
+    assert adapted == linear and set(FAMILIES[family][2]) <= adapted, (sorted(adapted), sorted(linear))
