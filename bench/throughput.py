@@ -8,7 +8,7 @@ the first `--rows` conversations of the data file at MAX_SEQ_LENGTH=512, and com
   trl          plain TRL: packing + Liger kernels, batch 8, TRL's defaults otherwise (which include
                gradient checkpointing), 4-bit layers
   trl-nogc     trl without gradient checkpointing
-  job          this job's defaults (job/config.py) at the peers' batch of 8 (BATCH_SIZE=8; the default is 4)
+  job          this job's defaults (job/config.py) at the peers' batch of 8 (BATCH_SIZE=8; the default is 1)
   plain        the job with every lever off (padded rows, sdpa, 4-bit layers, no graphs, Liger or compile)
   job-nf4      the memory-lean path: DEQUANTIZE_BASE=false (4-bit layers kept, micro-batches split in two)
   job-nographs, job-nf4-nographs   job and job-nf4 without CUDA graphs
@@ -447,6 +447,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: measure one part in this process
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = set(args.checks.split(",")) - set(CHECK_PARTS)
+    if unknown:
+        p.error(f"--checks {','.join(sorted(unknown))}: choose from {', '.join(CHECK_PARTS)}")
     args.model_dir = args.model_dir or f"/tmp/{args.shape}-random"
     return args
 

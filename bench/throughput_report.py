@@ -54,8 +54,7 @@ def _table(rounds: list[dict], usd: float | None) -> str:
     table = [_row(head), "|" + "---|" * len(head)]
     for i, rnd in enumerate(rounds):
         tag = f" (round {i + 1})" if len(rounds) > 1 else ""
-        rows = [_table_row(name + tag, x, rnd, usd, len(head), plain) for name, x in rnd.items() if name != CHECKS]
-        table += rows
+        table += [_table_row(name + tag, x, rnd, usd, len(head), plain) for name, x in rnd.items() if name != CHECKS]
     return "\n".join(table)
 
 

@@ -207,3 +207,12 @@ def test_a_shape_too_big_for_16_bits_is_built_packed_and_loads_as_the_job_loads_
     with torch.no_grad():
         logits = [m(ids).logits.float() for m in (built, loaded)]
     assert torch.equal(*logits) and logits[0].std() > 0
+
+
+def test_checks_names_parts_of_the_checks_part():
+    from bench.throughput import parse_args
+
+    assert parse_args(["--checks", "equivalence,graphs"]).checks == "equivalence,graphs"
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--checks", "graph"])  # a misspelt part would otherwise check nothing, silently
+    assert e.value.code == 2
