@@ -106,17 +106,18 @@ def entries(value: str) -> list[Source]:
     return [Source(name.strip(), w / sum(weights)) for (name, _), w in zip(pairs, weights)]
 
 
-def sources(value: str) -> list[tuple[str, float]]:
-    """The (source, share) pairs of a valid DATASET (see entries)."""
-    return [(s.name, s.share) for s in entries(value)]
+def named(value: str) -> list[tuple[str, Source]]:
+    """Each source of a valid DATASET with the name provenance records it under: DATASET itself for one source
+    (as before mixtures), DATASET[source] for each source of a mixture or a mixture file; a Hub source's pin has
+    the same name. A mixture file is read once, here."""
+    found = entries(value)
+    one = len(found) == 1 and not is_file(value)
+    return [("DATASET" if one else f"DATASET[{s.name}]", s) for s in found]
 
 
 def input_names(value: str) -> list[tuple[str, str]]:
-    """(the name provenance records a source under, the source): DATASET itself for one source (as before
-    mixtures), DATASET[source] for each source of a mixture; a Hub source's pin has the same name."""
-    pairs = sources(value)
-    one = len(pairs) == 1 and not is_file(value)
-    return [("DATASET" if one else f"DATASET[{name}]", name) for name, _ in pairs]
+    """(the name provenance records a source under, the source) for each source of DATASET (see named)."""
+    return [(key, s.name) for key, s in named(value)]
 
 
 def read_file(path: Path) -> list[Source]:

@@ -155,13 +155,14 @@ def _root_cause(e: BaseException) -> str:
 # --- the stage ----------------------------------------------------------------------------------
 def load_sources(cfg: Settings) -> list[tuple[Settings, Any, float]]:
     """(the settings naming one source as DATASET, its rows, its share) per source of DATASET (job/mixture.py)."""
-    found = mixture.entries(cfg.DATASET)
-    if len(found) == 1 and not mixture.is_file(cfg.DATASET):
+    found = mixture.named(cfg.DATASET)
+    if [key for key, _ in found] == ["DATASET"]:  # one source, read as before mixtures
         return [(cfg, load_rows(cfg), 1.0)]
-    subs = [with_overrides(cfg, DATASET=s.name, **s.settings) for s in found]  # a file's source sets its own
-    return [
-        (sub, load_rows(sub, pin), s.share) for sub, (pin, _), s in zip(subs, mixture.input_names(cfg.DATASET), found)
-    ]
+    loaded = []
+    for key, source in found:
+        sub = with_overrides(cfg, DATASET=source.name, **source.settings)  # a mixture file's source sets its own
+        loaded.append((sub, load_rows(sub, key), source.share))
+    return loaded
 
 
 def sample(cfg: Settings, ds, examples: list[dict] | None = None, guard=None) -> tuple[list[dict], list[dict], dict]:

@@ -60,11 +60,15 @@ def settings(dataset: str, **env) -> object:
     return load_settings(environ={**SMALL, "DATASET": dataset, **env}, env_file=None)
 
 
+def _pairs(value: str) -> list[tuple[str, float]]:
+    return [(s.name, s.share) for s in mixture.entries(value)]
+
+
 def test_the_syntax_weights_are_shares_and_a_single_dataset_is_itself():
-    assert mixture.sources("a/b:0.8,c:d.jsonl:0.2") == [("a/b", 0.8), ("c:d.jsonl", pytest.approx(0.2))]
-    assert mixture.sources("x.jsonl:4, y.jsonl") == [("x.jsonl", 0.8), ("y.jsonl", 0.2)]  # no weight weighs 1
-    assert mixture.sources("ruslanmv/ai-medical-chatbot") == [("ruslanmv/ai-medical-chatbot", 1.0)]
-    assert mixture.sources("c:d.jsonl") == [("c:d.jsonl", 1.0)]  # a ":" not followed by a number is the path's
+    assert _pairs("a/b:0.8,c:d.jsonl:0.2") == [("a/b", 0.8), ("c:d.jsonl", pytest.approx(0.2))]
+    assert _pairs("x.jsonl:4, y.jsonl") == [("x.jsonl", 0.8), ("y.jsonl", 0.2)]  # no weight weighs 1
+    assert _pairs("ruslanmv/ai-medical-chatbot") == [("ruslanmv/ai-medical-chatbot", 1.0)]
+    assert _pairs("c:d.jsonl") == [("c:d.jsonl", 1.0)]  # a ":" not followed by a number is the path's
     assert mixture.input_names("a/b") == [("DATASET", "a/b")]
     assert mixture.input_names("a/b:1,c.csv:1") == [("DATASET[a/b]", "a/b"), ("DATASET[c.csv]", "c.csv")]
     assert mixture.quotas(5, [0.8, 0.2]) == [4, 1]
