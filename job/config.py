@@ -237,7 +237,9 @@ class Settings:
         "(same weights, loss and gradients; faster, 2 bytes per base weight). auto: on a GPU where that copy takes "
         "at most a quarter of the memory this process may use (the card's, or its set_per_process_memory_fraction "
         "share), and the log says why; false on a small GPU. Where the base stays in 4 bits on a GPU, each "
-        "micro-batch is also split in two, GRAD_ACCUM doubled (the same sequences per optimizer step).",
+        "micro-batch is also split, GRAD_ACCUM multiplied alike (the same sequences per optimizer step): in two, "
+        "or further until its estimated activations fit the memory left, with GRADIENT_CHECKPOINTING turned on "
+        "where one sequence's would not; the log gives the estimate.",
         "train",
         ("auto", "true", "false"),
         output=False,

@@ -54,7 +54,7 @@ def build_trainer(
     model = load_model(cfg, precision)  # frozen, NF4 4-bit with QUANTIZATION=nf4
     speed = speedups.choose(cfg, model, rows, lean)  # on the base before LoRA wraps its layers
     turn_ids = turn_tokens.choose(cfg, model, tokenizer, rows)  # TRAIN_TURN_TOKENS: a base that cannot end a turn
-    if cfg.GRADIENT_CHECKPOINTING:
+    if speed.cfg.GRADIENT_CHECKPOINTING:  # asked for, or turned on by the memory-lean path
         model.enable_input_require_grads()  # frozen embeddings: let the checkpointed blocks get gradients
     # We wrap with PEFT ourselves rather than passing peft_config to TRL, so the LoRA weights are
     # created in fp32 whatever the base dtype (see job/model.py on fp16).
@@ -204,6 +204,8 @@ def describe(cfg: Settings, trainer: Any, precision: str, why: str) -> dict:
         "world_size": world,
         "sequences": n_seq,
         "sequences_per_step": per_step,
+        "micro_batch": batch,  # the memory-lean path may split BATCH_SIZE (job/speedups/nf4_base.py)
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "trainable_params": trainable,
         "total_params": total,
         "base_weights": base_weights(cfg, trainer.model),

@@ -5,7 +5,7 @@ import torch
 
 from job.config import load_settings, with_overrides
 from job.model import load_model
-from job.speedups.nf4_base import dequantize_for_training, lean_micro_batches
+from job.speedups.nf4_base import RESERVE, activation_bytes, dequantize_for_training, lean_micro_batches
 
 
 def _first_step_gradients(cfg, paths) -> torch.Tensor:
@@ -51,10 +51,39 @@ def test_lean_path_splits_micro_batches_into_the_same_optimizer_step(demo_run, t
     unchanged = lean_micro_batches(nf4, four_bit)  # CPU: memory is not short
     assert (unchanged.BATCH_SIZE, unchanged.GRAD_ACCUM) == (4, 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # after loading: it would place them on a GPU
-    lean = lean_micro_batches(nf4, four_bit)
-    assert (lean.BATCH_SIZE, lean.GRAD_ACCUM) == (2, 6)
-    assert lean_micro_batches(with_overrides(nf4, BATCH_SIZE=3), four_bit).BATCH_SIZE == 3
-    assert lean_micro_batches(nf4, sixteen_bit).BATCH_SIZE == 4
+    plenty = RESERVE + activation_bytes(nf4, four_bit.config, 4)  # bytes free: room for the whole micro-batch
+    lean = lean_micro_batches(nf4, four_bit, free=plenty)
+    assert (lean.BATCH_SIZE, lean.GRAD_ACCUM, lean.GRADIENT_CHECKPOINTING) == (2, 6, False)
+    assert lean_micro_batches(with_overrides(nf4, BATCH_SIZE=3), four_bit, free=plenty).BATCH_SIZE == 3
+    assert lean_micro_batches(nf4, sixteen_bit, free=plenty).BATCH_SIZE == 4
+
+    # Short of memory, it splits further, to what fits, then recomputes activations (a 70B base on one card)
+    one = activation_bytes(nf4, four_bit.config, 1)
+    assert activation_bytes(nf4, four_bit.config, 2) == 2 * one  # linear in the tokens of a micro-batch
+    assert activation_bytes(nf4, four_bit.config, 1, checkpointing=True) < one
+    tight = lean_micro_batches(nf4, four_bit, free=RESERVE + one)
+    assert (tight.BATCH_SIZE, tight.GRAD_ACCUM, tight.GRADIENT_CHECKPOINTING) == (1, 12, False)
+    three = with_overrides(nf4, BATCH_SIZE=3)  # odd: no halving, straight to what fits
+    assert lean_micro_batches(three, four_bit, free=RESERVE + one).BATCH_SIZE == 1
+    short = lean_micro_batches(nf4, four_bit, free=RESERVE + one - 1)
+    assert (short.BATCH_SIZE, short.GRAD_ACCUM, short.GRADIENT_CHECKPOINTING) == (1, 12, True)
+
+
+def test_activation_estimate_matches_the_measured_peaks():
+    """ACT_HIDDEN and ACT_MLP were fitted to two measured peaks of the 4-bit path (micro-batches of 2,048 tokens on
+    an H100: Llama-3.2-3B ~4.9 GiB and Llama-3.1-8B ~8.4 GiB above the weights); the estimate stays within 15% of
+    both, and gives Llama-3.1-70B on one 80 GB card micro-batches of 1,024 tokens (issue 30): its NF4 weights
+    take ~37 GiB, so 2,048 tokens' ~45 GiB cannot fit."""
+    from bench.shapes import model_config
+
+    settings = load_settings({"MAX_SEQ_LENGTH": "512"}, env_file=None)
+    for shape, measured in (("llama-3.2-3b", 4.9), ("llama-3.1-8b", 8.4)):
+        estimate = activation_bytes(settings, model_config(shape), 4) / 2**30
+        assert abs(estimate - measured) <= 0.15 * measured, (shape, estimate)
+    big = model_config("llama-3.1-70b")
+    assert activation_bytes(settings, big, 4) > (79 - 37) * 2**30 - RESERVE > activation_bytes(settings, big, 2)
+    # recomputed, each of its 80 layers keeps its input: a tenth of the memory
+    assert activation_bytes(settings, big, 1, checkpointing=True) < activation_bytes(settings, big, 1) / 10
 
 
 def test_dequantize_base_auto_needs_a_gpu_with_room(tiny_model_dir, monkeypatch, caplog):

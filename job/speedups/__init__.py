@@ -3,7 +3,7 @@
 Each changes how a step is computed, not what it trains, and its test compares it with the plain step:
 
   nf4_base.py        DEQUANTIZE_BASE: the NF4 base held in 16-bit, no 4-bit kernels in the step; where it stays
-                     in 4 bits on a GPU, micro-batches split in two (the same optimizer step, less memory)
+                     in 4 bits on a GPU, micro-batches split to fit (the same optimizer step, less memory)
   torch_compile.py   TORCH_COMPILE: regional compilation of the decoder layers
   liger.py           LIGER_KERNEL: Liger's fused kernels, applied by the Trainer
   cuda_graphs.py     CUDA_GRAPHS: each decoder layer's forward and backward replayed as CUDA graphs

@@ -1,5 +1,6 @@
 """The NF4 base: held in 16-bit for training where the GPU has room (DEQUANTIZE_BASE), else kept in 4 bits with
-its micro-batches split in two (the memory-lean path). Either way a step trains what the 4-bit base trains."""
+its micro-batches split to fit the memory left (the memory-lean path). Either way a step trains what the 4-bit base
+trains."""
 
 from __future__ import annotations
 
@@ -63,23 +64,77 @@ def usable_gpu_memory() -> int | None:
     return int(total * torch.cuda.get_per_process_memory_fraction(device))
 
 
-def lean_micro_batches(cfg: Settings, model: Any) -> Settings:
-    """Where the base stays packed in 4 bits on a GPU (DEQUANTIZE_BASE, a card short of memory), each micro-batch
-    is split in two, GRAD_ACCUM doubled. An optimizer step then takes the same
-    sequences in the same order, and its loss is normalised by the tokens of all its micro-batches (TRL's
-    num_items_in_batch), so training is the same; the activations kept for backward, most of the step's memory
-    on a 3B model, halve. Smaller micro-batches cost some speed (make bench: job-nf4)."""
+# Activation memory kept for backward, per token and decoder layer, in 2-byte values of the layer's widths: fitted
+# to the bench's measured peaks on the 4-bit path with Liger (README, "Model families, bigger models and smaller
+# cards"): Llama-3.2-3B (hidden 3,072, MLP 8,192, 28 layers) kept ~4.9 GiB and Llama-3.1-8B (4,096, 14,336, 32)
+# ~8.4 GiB above their weights for micro-batches of 2,048 tokens: about 11 hidden-wide and 2 MLP-wide values.
+ACT_HIDDEN, ACT_MLP = 11, 2
+# Left free beside the activations (bytes): LoRA weights, their gradients and AdamW state, the loss's logit chunks,
+# the allocator's fragmentation.
+RESERVE = 1 << 30
+
+
+def activation_bytes(cfg: Settings, config: Any, sequences: int, checkpointing: bool = False) -> int:
+    """Estimated bytes kept for backward by a micro-batch of `sequences` rows of MAX_SEQ_LENGTH tokens of the model
+    with `config` (a Transformers config). With `checkpointing`, each layer keeps only its input and one layer's
+    activations exist at a time (recomputed in backward)."""
+    text = getattr(config, "text_config", None) or config
+    hidden, mlp, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    per_layer = 2 * (ACT_HIDDEN * hidden + ACT_MLP * mlp)
+    if getattr(text, "_attn_implementation", None) == "eager":  # eager attention keeps its probabilities: L keys/head
+        per_layer += 2 * text.num_attention_heads * cfg.MAX_SEQ_LENGTH
+    per_token = (2 * hidden * layers + per_layer) if checkpointing else per_layer * layers
+    if not cfg.LIGER_KERNEL:  # the output layer's logits, bf16 and the loss's fp32 copy and gradient
+        per_token += 10 * text.vocab_size
+    return per_token * sequences * cfg.MAX_SEQ_LENGTH
+
+
+def free_gpu_memory() -> int:
+    """Bytes this process may still allocate on its GPU: its share (usable_gpu_memory) less what is allocated."""
     import torch
 
-    if not (torch.cuda.is_available() and four_bit_layers(model) and cfg.BATCH_SIZE % 2 == 0):
+    return usable_gpu_memory() - torch.cuda.memory_allocated(local_rank())
+
+
+def lean_micro_batches(cfg: Settings, model: Any, free: int | None = None) -> Settings:
+    """Where the base stays packed in 4 bits on a GPU (DEQUANTIZE_BASE, a card short of memory), each micro-batch
+    is split, GRAD_ACCUM multiplied alike: in two, or further until a micro-batch's estimated activations
+    (activation_bytes) fit the memory left after loading the model (`free`, bytes; measured when None), and where
+    even one sequence would not fit, GRADIENT_CHECKPOINTING is turned on. An optimizer step then takes the same
+    sequences in the same order, and its loss is normalised by the tokens of all its micro-batches (TRL's
+    num_items_in_batch), so training is the same; the activations kept for backward, most of the step's memory
+    on a 3B model, shrink. Smaller micro-batches cost some speed (make bench: job-nf4). The log gives the figures."""
+    import torch
+
+    if not (torch.cuda.is_available() and four_bit_layers(model)):
         return cfg
-    lean = with_overrides(cfg, BATCH_SIZE=cfg.BATCH_SIZE // 2, GRAD_ACCUM=cfg.GRAD_ACCUM * 2)
+    free = free_gpu_memory() if free is None else free
+    room = free - RESERVE
+    batch = cfg.BATCH_SIZE
+    sizes = [d for d in range(batch, 0, -1) if batch % d == 0]  # micro-batch sizes that split it evenly
+    if batch % 2 == 0:
+        sizes = sizes[1:]  # at least in two: measured faster than one whole micro-batch with the 4-bit kernels
+    micro = next((d for d in sizes if activation_bytes(cfg, model.config, d) <= room), 1)
+    checkpointing = cfg.GRADIENT_CHECKPOINTING or activation_bytes(cfg, model.config, 1) > room
+    need = activation_bytes(cfg, model.config, micro, checkpointing)
+    lean = with_overrides(
+        cfg, BATCH_SIZE=micro, GRAD_ACCUM=cfg.GRAD_ACCUM * (batch // micro), GRADIENT_CHECKPOINTING=checkpointing
+    )
+    if lean == cfg:
+        return cfg
     log.info(
-        "base in 4 bits, so memory is short: micro-batches of %d sequences, %d per optimizer step "
-        "(BATCH_SIZE=%d x GRAD_ACCUM=%d split in two; the same sequences per step)",
+        "base in 4 bits, so memory is short: micro-batches of %d sequences, %d per optimizer step (BATCH_SIZE=%d "
+        "x GRAD_ACCUM=%d split; the same sequences per step)%s: an estimated %.1f GiB of activations per "
+        "micro-batch of %d tokens, %.1f GiB free after loading the model",
         lean.BATCH_SIZE,
         lean.GRAD_ACCUM,
         cfg.BATCH_SIZE,
         cfg.GRAD_ACCUM,
+        ", gradient checkpointing on (one sequence's activations would not fit)"
+        if checkpointing and not cfg.GRADIENT_CHECKPOINTING
+        else "",
+        need / 2**30,
+        micro * cfg.MAX_SEQ_LENGTH,
+        free / 2**30,
     )
     return lean
