@@ -133,10 +133,16 @@ def main(argv: list[str] | None = None) -> int:
                 "sample_cpu_s": [round(b - a, 1) for a, b in zip(c0, c1)],
                 "format_cpu_s": [round(b - a, 1) for a, b in zip(c1, c2)],
                 "same_files_as_first": digests == first,
+                # to compare with a run on another machine (same --source, --rows and tokenizer)
+                "sha256": {name: d[:16] for name, d in digests.items()},
             }
         )
         print(json.dumps(results[-1]), flush=True)
-    print(f"\n{args.rows:,} rows from {args.source}; tokenizer {env['BASE_MODEL']}; {parallel.cpus()} CPUs usable\n")
+    tok_digest = hashlib.sha256(Path(env["BASE_MODEL"], "tokenizer.json").read_bytes()).hexdigest()[:16]
+    print(
+        f"\n{args.rows:,} rows from {args.source}; tokenizer {env['BASE_MODEL']} (tokenizer.json sha256 "
+        f"{tok_digest}); {parallel.cpus()} CPUs usable\n"
+    )
     print(
         "| WORKERS | processes | sample: rows read | s | rows/s | CPU s (job, workers) | format: rows | s | rows/s "
         "| CPU s (job, workers) | total s | same files |"

@@ -171,9 +171,12 @@ def timed_train(trainer, grad_accum: int, args, profile_to: Path | None = None) 
             tokens.append(_over_ranks(step_tokens, "sum"))  # under DDP: every GPU's tokens
             if profiler is not None and len(seconds) == profile_at + 2:
                 profiler.stop()
-                avg, profiler = profiler.key_averages(), None
+                avg = profiler.key_averages()
                 sorts = ("cuda_time_total", "self_cpu_time_total", "cpu_time_total")
                 profile_to.write_text("\n\n".join(avg.table(sort_by=k, row_limit=30) for k in sorts))
+                if os.environ.get("BENCH_PROFILE_TRACE"):  # the timeline too, for host gaps the tables hide
+                    profiler.export_chrome_trace(str(profile_to.with_suffix(".trace.json.gz")))
+                profiler = None
             if start is None:
                 start = stable_start([t / s for t, s in zip(tokens, seconds)], args.stable_window, args.tolerance)
             # Under DDP rank 0 decides, so every rank stops at the same step (or the collectives hang).
