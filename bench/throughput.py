@@ -21,6 +21,9 @@ the first `--rows` conversations of the data file at MAX_SEQ_LENGTH=512, and com
                of this project): 4-bit base, LoRA r8 on q_proj,v_proj, padded batches of 8 with its
                per-block compilation, its own SFTTrainer patches; `unsloth-pf` (not in the default
                list) the same with its padding-free batches
+  axolotl      Axolotl's fastest QLoRA path, when Axolotl imports in its process (`--axolotl-site`; not in the
+               default list): 4-bit base, the job's LoRA, multipack packing (8 rows of 512) with torch's varlen
+               flash kernel, its LoRA kernels, the Liger plugin (bench/axolotl_recipe.py)
 Every measurement runs in a process of its own (Liger patches Transformers process-wide; compiled code,
 autotuning and allocator state must not carry over), and the parent process never touches the GPU.
 
@@ -50,9 +53,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.axolotl_recipe import measure_axolotl
 from bench.equivalence import check_equivalence, check_graphs, compare_decoders, liger_modules, trained_adapter
 from bench.shapes import SHAPES, build_random
-from bench.throughput_report import CHECK_PARTS, CHECKS, FULL_DATASET_ROWS, UNSLOTH, write_report
+from bench.throughput_report import AXOLOTL, CHECK_PARTS, CHECKS, FULL_DATASET_ROWS, UNSLOTH, write_report
 from bench.timing import cuda, measure_peak_tflops, timed_train
 from job import evaluate, formatting, safety, sample
 from job.config import load_settings
@@ -125,7 +129,7 @@ GPUS = {"job-ddp2": 2, "job-compile-ddp2": 2}
 # path on an H200 (issue 18), so `unsloth` forces them and `unsloth-pf` measures the other.
 UNSLOTH_PADDING = {UNSLOTH: "padded", "unsloth-pf": "padding_free"}
 # Everything --recipes can name.
-PARTS = [*RECIPES, *UNSLOTH_PADDING, CHECKS]
+PARTS = [*RECIPES, *UNSLOTH_PADDING, AXOLOTL, CHECKS]
 # The order of a default run: the figures the issue's targets compare first, so a run cut short keeps them.
 DEFAULT_PARTS = [
     *("job", UNSLOTH, "job-nf4", "trl", "trl-nogc", "seed", "job-nographs", "job-nf4-nographs"),
@@ -319,7 +323,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger-kernel", "datasets", "unsloth"):
+    names = ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger-kernel", "datasets", "unsloth", "axolotl")
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -333,6 +338,8 @@ def run_part(name: str, cfg, args) -> dict:
         out = prepare(cfg, args)
     elif name in UNSLOTH_PADDING:
         out = measure_unsloth(cfg, args, UNSLOTH_PADDING[name])
+    elif name == AXOLOTL:
+        out = measure_axolotl(cfg, args)
     elif name == CHECKS:
         out = {}
         job_recipe = _recipe_settings(cfg, RECIPES["job"])  # the CUDA graphs are checked on it
@@ -363,6 +370,8 @@ def in_own_process(name: str, args, argv: list[str]) -> dict:
         # Unsloth's own stack in place of this process's path (it pins an older Transformers than the job);
         # the repository root so that `-m bench.throughput` imports.
         env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, str(REPO)])
+    if name == AXOLOTL and args.axolotl_site:  # the same for Axolotl's stack (it pins Transformers 5.16)
+        env["PYTHONPATH"] = os.pathsep.join([args.axolotl_site, str(REPO)])
     launcher = [sys.executable]
     if name in GPUS:  # torchrun: one process per GPU; rank 0 writes the result
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={GPUS[name]}"]
@@ -425,7 +434,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--recipes",
         default=",".join(DEFAULT_PARTS),
-        help="what to measure, in this order: " + ", ".join(PARTS),
+        help="what to measure, in this order: " + ", ".join(PARTS) + f" (default: all but unsloth-pf, {AXOLOTL})",
     )
     p.add_argument(
         "--repeat", type=int, default=1, help="rounds; every other one runs the list in reverse, so order effects show"
@@ -442,6 +451,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="PYTHONPATH of the unsloth process (its own stack: it pins an older Transformers)",
     )
+    p.add_argument("--axolotl-site", default="", help="PYTHONPATH of the axolotl process (its own pinned stack)")
     p.add_argument("--out", default="bench-results", help="folder for bench.json, bench.md and the parts' results")
     p.add_argument("--update-readme", type=Path, default=None, help="rewrite this README's bench section")
     p.add_argument("--recipe-only", help=argparse.SUPPRESS)  # internal: measure one part in this process

@@ -12,6 +12,7 @@ from job.files import atomic_write_text
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FULL_DATASET_ROWS = 256_916  # ruslanmv/ai-medical-chatbot, train split
 UNSLOTH = "unsloth"  # each row's tokens/s is compared with this recipe's and with plain TRL's
+AXOLOTL = "axolotl"  # Axolotl's fastest path (bench/axolotl_recipe.py): like unsloth, a process with its own stack
 PLAIN = "plain"  # ... and with the job's own plain path, where a run has it (the model-family runs)
 CHECKS = "checks"  # the part that checks equivalence and times generation (bench/equivalence.py): no table row
 CHECK_PARTS = ("equivalence", "graphs", "generation")  # what that part's result holds
@@ -152,9 +153,10 @@ def markdown(r: dict) -> str:
         f"{_listed(setup.get('versions', {}))}.",
         _table(rounds, args.get("usd_per_hour")),
     ]
-    uv = next((rnd[UNSLOTH]["versions"] for rnd in rounds if "versions" in rnd.get(UNSLOTH, {})), None)
-    if uv:
-        paragraphs.append(f"The unsloth process: {_listed(uv)}.")
+    for peer in (UNSLOTH, AXOLOTL):  # their processes' own stacks
+        pv = next((rnd[peer]["versions"] for rnd in rounds if "versions" in rnd.get(peer, {})), None)
+        if pv:
+            paragraphs.append(f"The {peer} process: {_listed(pv)}.")
     paragraphs += [_ddp(rnd) for rnd in rounds]
     paragraphs += _checks(next((rnd[CHECKS] for rnd in rounds if CHECKS in rnd), {}))
     return "\n\n".join(p for p in paragraphs if p) + "\n"

@@ -216,3 +216,73 @@ def test_checks_names_parts_of_the_checks_part():
     with pytest.raises(SystemExit) as e:
         parse_args(["--checks", "graph"])  # a misspelt part would otherwise check nothing, silently
     assert e.value.code == 2
+
+
+def test_the_axolotl_recipe_is_axolotls_fast_qlora_path_on_the_jobs_settings(tmp_path):
+    """bench/axolotl_recipe.py's config for Axolotl (not installed here): 4-bit NF4 QLoRA with the job's r, alpha and
+    targets and no dropout, multipack packing of 8 rows of MAX_SEQ_LENGTH (the job recipe's tokens per step), torch's
+    varlen attention, the LoRA kernels and Liger, no gradient checkpointing, the job's optimizer, schedule and seed,
+    the loss on the replies; without CUDA the GPU-only parts off."""
+    from bench.axolotl_recipe import LIGER_FLAGS, LORA_KERNELS, MICRO_BATCH, axolotl_config
+    from job.config import load_settings
+
+    env = {"BASE_MODEL": "/models/m", "LORA_R": "16", "LORA_ALPHA": "32", "MAX_SEQ_LENGTH": "512"}
+    cfg = load_settings({**env, "OUTPUT_DIR": str(tmp_path)}, env_file=None)
+    gpu = axolotl_config(cfg, ["q_proj", "v_proj"], tmp_path / "train.jsonl", tmp_path / "ax", 90, cuda=True)
+    assert (gpu["adapter"], gpu["load_in_4bit"], gpu["bf16"]) == ("qlora", True, True)
+    assert gpu["bnb_config_kwargs"] == {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+    assert [gpu[k] for k in lora] == [16, 32, 0.0, ["q_proj", "v_proj"]]
+    assert gpu["sample_packing"] and gpu["gradient_accumulation_steps"] == 1 and not gpu["gradient_checkpointing"]
+    assert MICRO_BATCH == gpu["micro_batch_size"] == 8 and gpu["sequence_len"] == 512
+    assert (gpu["attn_implementation"], gpu["sdpa_varlen"]) == ("sdpa", True)
+    assert all(gpu[k] for k in (*LORA_KERNELS, *LIGER_FLAGS)) and gpu["plugins"] == [
+        "axolotl.integrations.liger.LigerPlugin"
+    ]
+    schedule = ("learning_rate", "lr_scheduler", "warmup_ratio", "optimizer", "seed", "max_steps")
+    assert [gpu[k] for k in schedule] == [cfg.LEARNING_RATE, cfg.LR_SCHEDULER, cfg.WARMUP_RATIO, cfg.OPTIMIZER, 42, 90]
+    [data] = gpu["datasets"]
+    assert (data["path"], data["type"], data["roles_to_train"], data["train_on_eos"]) == (
+        str(tmp_path / "train.jsonl"),
+        "chat_template",
+        ["assistant"],
+        "turn",
+    )
+    assert gpu["chat_template"] == "tokenizer_default" and gpu["dataset_prepared_path"].startswith(str(tmp_path))
+    cpu = axolotl_config(cfg, "all-linear", tmp_path / "train.jsonl", tmp_path / "ax", 8, cuda=False)
+    assert cpu["lora_target_linear"] and "lora_target_modules" not in cpu
+    assert not any(cpu[k] for k in (*LORA_KERNELS, "sdpa_varlen", "bf16")) and "plugins" not in cpu
+    assert not set(LIGER_FLAGS) & set(cpu)
+
+
+def test_axolotl_batches_count_their_real_tokens_and_reach_the_model_unchanged():
+    """timed_train counts what the collator returns: Axolotl's packed rows are padded and carry no 0/1 mask, so the
+    recipe's wrapper hands the counter a mask of the real tokens and takes it off again (or puts Axolotl's own back)."""
+    from bench.axolotl_recipe import _RealTokens
+    from bench.timing import _CountingCollator
+
+    class Packed:  # Axolotl's collator in small: each row's conversations end to end, right-padded to 6
+        padding_side = "right"
+
+        def __init__(self, numbered: bool):
+            self.tokenizer, self.numbered = self, numbered
+
+        def __call__(self, rows):
+            ids = [sum((f["input_ids"] for f in row), []) for row in rows]
+            batch = {"input_ids": torch.tensor([r + [0] * (6 - len(r)) for r in ids])}
+            if self.numbered:  # varlen backends' mask: 1, 2, ... per conversation, 0 on padding
+                docs = [sum(([i + 1] * len(f["input_ids"]) for i, f in enumerate(row)), []) for row in rows]
+                batch["attention_mask"] = torch.tensor([d + [0] * (6 - len(d)) for d in docs])
+            return batch
+
+    rows = [[{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}], [{"input_ids": [4]}]]
+    for numbered in (False, True):
+        outer = _RealTokens(Packed(numbered))
+        counter = _CountingCollator(outer.inner)
+        outer.inner = counter  # as timed_train puts its counter in
+        batch = outer(rows)
+        assert list(counter.tokens) == [6]  # 5 + 1 real tokens of 12 slots
+        if numbered:
+            assert batch["attention_mask"].tolist() == [[1, 1, 1, 2, 2, 0], [1, 0, 0, 0, 0, 0]]
+        else:
+            assert set(batch) == {"input_ids"}
