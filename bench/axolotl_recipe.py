@@ -152,8 +152,11 @@ def measure_axolotl(cfg, args) -> dict:
     config = axolotl_config(cfg, targets, data_file, out_dir, args.warmup_cap + args.steps, cuda)
     acfg = load_cfg(DictDefault(config))  # validated and normalized as the CLI does it
     trainer, model, *_ = setup_model_and_trainer(acfg, load_datasets(cfg=acfg))
-    trainer.data_collator = _RealTokens(trainer.data_collator)
-    out = timed_train(trainer, 1, args)
+    trainer.data_collator = collator = _RealTokens(trainer.data_collator)
+    try:
+        out = timed_train(trainer, 1, args)
+    finally:
+        collator.close()
     from axolotl.monkeypatch.attention import sdpa_varlen
 
     return {
@@ -228,6 +231,12 @@ class _RealTokens:
             self._manager = self._manager or multiprocessing.Manager()
             counter.tokens = self._manager.list(counter.tokens)
         self._inner = counter
+
+    def close(self) -> None:
+        """Stop the manager's process (left running, it outlives the recipe in a test process)."""
+        if self._manager is not None:
+            self._manager.shutdown()
+            self._manager = None
 
     def __getstate__(self):  # a worker gets the counter (its list a proxy), not the manager
         return {**self.__dict__, "_manager": None}

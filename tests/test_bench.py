@@ -280,8 +280,11 @@ def test_axolotl_batches_count_their_real_tokens_and_reach_the_model_unchanged()
         outer = _RealTokens(Packed(numbered))
         counter = _CountingCollator(outer.inner)
         outer.inner = counter  # as timed_train puts its counter in
-        batch = outer(rows)
-        assert list(counter.tokens) == [6]  # 5 + 1 real tokens of 12 slots
+        try:
+            batch = outer(rows)
+            assert list(counter.tokens) == [6]  # 5 + 1 real tokens of 12 slots
+        finally:
+            outer.close()
         if numbered:
             assert batch["attention_mask"].tolist() == [[1, 1, 1, 2, 2, 0], [1, 0, 0, 0, 0, 0]]
         else:
