@@ -82,6 +82,12 @@ def test_activation_estimate_matches_the_measured_peaks():
         assert abs(estimate - measured) <= 0.15 * measured, (shape, estimate)
     big = model_config("llama-3.1-70b")
     assert activation_bytes(settings, big, 4) > (79 - 37) * 2**30 - RESERVE > activation_bytes(settings, big, 2)
+    # Gemma 2 attends eager: a packed micro-batch is one flat row, whose scores grow with the square of its tokens
+    gemma = model_config("gemma-2-2b")
+    gemma._attn_implementation = "eager"
+    assert activation_bytes(settings, gemma, 8) - 2 * activation_bytes(settings, gemma, 4) > 0
+    padded = load_settings({"MAX_SEQ_LENGTH": "512", "PACKING": "false"}, env_file=None)
+    assert activation_bytes(padded, gemma, 8) == 2 * activation_bytes(padded, gemma, 4)
     # recomputed, each of its 80 layers keeps its input: a tenth of the memory
     assert activation_bytes(settings, big, 1, checkpointing=True) < activation_bytes(settings, big, 1) / 10
 

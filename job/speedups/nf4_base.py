@@ -81,8 +81,10 @@ def activation_bytes(cfg: Settings, config: Any, sequences: int, checkpointing: 
     text = getattr(config, "text_config", None) or config
     hidden, mlp, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     per_layer = 2 * (ACT_HIDDEN * hidden + ACT_MLP * mlp)
-    if getattr(text, "_attn_implementation", None) == "eager":  # eager attention keeps its probabilities: L keys/head
-        per_layer += 2 * text.num_attention_heads * cfg.MAX_SEQ_LENGTH
+    if getattr(text, "_attn_implementation", None) == "eager":  # eager attention keeps its probabilities per head,
+        # over every key of a row; packed rows reach it as one flat row of the whole micro-batch (Gemma 2)
+        keys = cfg.MAX_SEQ_LENGTH * (sequences if cfg.PACKING else 1)
+        per_layer += 2 * text.num_attention_heads * keys
     per_token = (2 * hidden * layers + per_layer) if checkpointing else per_layer * layers
     if not cfg.LIGER_KERNEL:  # the output layer's logits, bf16 and the loss's fp32 copy and gradient
         per_token += 10 * text.vocab_size
