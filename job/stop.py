@@ -52,7 +52,8 @@ def handling_sigterm():
     """Within this block SIGTERM stops the job as described above (main thread only, as Python requires).
 
     Blocks nest. Without install() (the job called in-process, by the tests) the outermost block installs the
-    handler, forgets an earlier run's request, and puts the previous handler back when it ends."""
+    handler, forgets an earlier run's request, and when it ends puts the previous handler back and forgets its
+    own request (else training called later in the same process, outside any block, would stop after a step)."""
     global _active
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -71,6 +72,7 @@ def handling_sigterm():
         _active -= 1
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+            _requested.clear()
 
 
 def requested() -> bool:

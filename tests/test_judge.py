@@ -283,6 +283,7 @@ def test_a_signal_while_judging_stops_at_once_and_keeps_every_verdict(serve, pat
     finally:
         signal.signal(signal.SIGINT, previous)
     seconds = time.monotonic() - t0
+    assert not stop.requested()  # the block's request ends with it: a later training in this process would stop
     kept = [json.loads(line) for line in _lines(paths.judge)]
     time.sleep(0.5)  # a call in flight at the stop may reach the server after it; no queued call may follow
     assert len(server.requests) <= len(kept) + 2, "more calls were made than were kept plus the two in flight"
