@@ -10,6 +10,14 @@ package, which has no wheels for our torch. PyTorch ships the same FlashAttentio
 ATTN_IMPLEMENTATION="sdpa_varlen". Everything that is not a packed row (padded batches, generation
 with a KV cache) goes to Transformers' own sdpa, with the mask sdpa builds; on CPU, packed rows take
 a per-conversation sdpa loop. bench/throughput.py measures it against sdpa (recipe job-sdpa).
+
+Models that cap their attention logits (Gemma 2's attn_logit_softcapping) compute correctly only with
+Transformers' eager attention, which neither kernel above replaces. Given a packed row, eager attention
+computes and keeps for backward dense scores over the whole row: 8 x 512 tokens squared per head, 8 times
+what the same conversations padded need (the bench measured Gemma 2's packed step at 2.3x the padded
+path's peak memory). ATTN_IMPLEMENTATION="sdpa_varlen" therefore loads such a model with EAGER_NAME:
+the model's own eager function, called on each conversation of a packed row with that conversation's
+causal (or sliding-window) mask, and as it is on everything else.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from __future__ import annotations
 import inspect
 
 NAME = "sdpa_varlen"
+# Packed rows of a model that caps its attention logits: its own eager attention, one conversation at a time.
+EAGER_NAME = "eager_varlen"
 # torch's varlen flash kernel and the keyword names this torch version takes; set by register(),
 # outside any compiled region (torch.compile traces the forward below, not this lookup).
 _FLASH = None
@@ -40,6 +50,31 @@ def flash_varlen() -> bool:
     return _flash_varlen() is not None
 
 
+# The last packed row's conversation bounds, read once on the host: every layer of a forward gets the same
+# cu_seq_lens tensor, and reading a GPU tensor waits for the GPU (one wait per forward instead of one per layer).
+_BOUNDS: tuple = (None, [])
+
+
+def _bounds(cu) -> list[tuple[int, int]]:
+    """(start, end) of each conversation of a packed row, from its cumulative lengths `cu` (a tensor)."""
+    global _BOUNDS
+    if _BOUNDS[0] is not cu:  # held, so no other tensor can take its identity while cached
+        edges = cu.tolist()
+        _BOUNDS = (cu, list(zip(edges[:-1], edges[1:])))
+    return _BOUNDS[1]
+
+
+def _is_packed(module, query, key, cu_seq_lens_q, dropout: float) -> bool:
+    """Whether this call attends a packed row: one row with conversation bounds, no KV cache (training or a single
+    prefill); `dropout`: whether dropout is applied here (the kernels of varlen_attention_forward have none)."""
+    return (
+        cu_seq_lens_q is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+        and not (dropout and module.training)
+    )
+
+
 def _per_conversation(q, k, v, cu, scale, window: int | None = None):
     """Reference path (CPU, or a torch without varlen_attn): causal sdpa on each conversation.
 
@@ -53,8 +88,7 @@ def _per_conversation(q, k, v, cu, scale, window: int | None = None):
 
     groups = q.shape[1] // k.shape[1]
     out = []
-    bounds = cu.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in _bounds(cu):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
@@ -85,24 +119,17 @@ def varlen_attention_forward(
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    packed = (
-        cu_seq_lens_q is not None
-        and query.shape[0] == 1
-        and query.shape[2] == key.shape[2]  # no KV cache: training or a single prefill
-        and not (dropout and module.training)  # the kernels below do no attention dropout
-    )
-    if not packed:
+    if not _is_packed(module, query, key, cu_seq_lens_q, dropout):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if kwargs.get("softcap") is not None:  # neither kernel below caps the attention logits
         raise ValueError(
             f"{NAME} does not cap attention logits ({type(module).__name__} asks for softcap="
-            f"{kwargs['softcap']}); load the model with attention_for(config) (job/model.py does)"
+            f"{kwargs['softcap']}); load the model with attention_for(config) (job/model.py does: {EAGER_NAME})"
         )
-    window = kwargs.get("sliding_window")  # set on the sliding-window layers of Gemma 2/3 and Mistral
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
-    cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    cu = cu_seq_lens_q
     # Gemma's, Mistral's ... sliding-window layers pass their span: a query sees itself and window - 1 tokens
     # back (Transformers' sliding_window_overlay), flash's window_size=(window - 1, 0).
     window = kwargs.get("sliding_window")
@@ -120,34 +147,81 @@ def varlen_attention_forward(
                 k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         # TRL passes the longest conversation as a Python int; under torch.compile it stays symbolic
         max_len = max_length_q if max_length_q is not None else int(cu.diff().max())
+        cu = cu.to(device=q.device, dtype=torch.int32)
         out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal)
     else:
         out = _per_conversation(q, k, v, cu, scaling, window)
     return out.unsqueeze(0), None
 
 
+def _causal_mask(length: int, window: int | None, dtype, device):
+    """Additive mask (1, 1, length, length) as eager attention takes it: 0 where a token may attend (itself and
+    the tokens before it, at most `window` - 1 back on a sliding-window layer), the dtype's lowest value elsewhere
+    (Transformers' eager_mask)."""
+    import torch
+
+    i = torch.arange(length, device=device)
+    seen = i[:, None] >= i[None, :]
+    if window is not None:
+        seen &= i[:, None] - i[None, :] < window
+    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)[
+        None, None
+    ]
+
+
+def eager_varlen_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+):
+    """Transformers attention interface (shapes as varlen_attention_forward's): the model's own eager attention
+    (the `eager_attention_forward` of its modeling module, which caps the logits), on each conversation of a packed
+    row with its own causal mask; anything else straight to it, with the mask Transformers built for eager. Returns
+    no attention weights for a packed row (the row's are not one matrix)."""
+    import sys
+
+    import torch
+
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"{EAGER_NAME}: {type(module).__module__} has no eager_attention_forward to call")
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    if not _is_packed(module, query, key, cu, dropout=0.0):  # eager applies dropout itself
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    window = kwargs.get("sliding_window")  # the eager function reads the window from the mask alone
+    out = []
+    for start, end in _bounds(cu):
+        mask = _causal_mask(end - start, window, query.dtype, query.device)
+        q, k, v = (t[:, :, start:end] for t in (query, key, value))
+        out.append(eager(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0])
+    return torch.cat(out, 1), None  # (1, tokens, heads, dim)
+
+
 def attention_for(config, wanted: str) -> tuple[str, str | None]:
     """The attention implementation to load a model with, and why it differs from `wanted` (None: it does not).
 
     Gemma 2 caps its attention logits (attn_logit_softcapping), which neither sdpa nor the varlen kernel does:
-    Transformers' eager attention is the one that computes that model as it was trained.
+    Transformers' eager attention is the one that computes that model as it was trained; asked for NAME (packed
+    rows), it gets EAGER_NAME, the same eager attention one conversation at a time.
     """
     text = getattr(config, "text_config", None) or config
-    if getattr(text, "attn_logit_softcapping", None) is not None and wanted != "eager":
-        return "eager", (
+    if getattr(text, "attn_logit_softcapping", None) is not None and wanted not in ("eager", EAGER_NAME):
+        instead = EAGER_NAME if wanted == NAME else "eager"
+        return instead, (
             f"{type(config).__name__} caps its attention logits (attn_logit_softcapping="
-            f"{text.attn_logit_softcapping}), which only eager attention computes: using eager instead of {wanted}"
+            f"{text.attn_logit_softcapping}), which only eager attention computes: using {instead} instead of "
+            f"{wanted}" + (" (eager attention on each conversation of a packed row)" if instead == EAGER_NAME else "")
         )
     return wanted, None
 
 
 def register() -> None:
-    """Make ATTN_IMPLEMENTATION='sdpa_varlen' known to Transformers (idempotent)."""
+    """Make ATTN_IMPLEMENTATION='sdpa_varlen' and EAGER_NAME known to Transformers (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
     global _FLASH
     _FLASH = _flash_varlen()
     AttentionInterface.register(NAME, varlen_attention_forward)
     # Same masks as sdpa: the fallback needs them; the packed path ignores them.
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    AttentionInterface.register(EAGER_NAME, eager_varlen_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(EAGER_NAME, eager_mask)  # for what is not a packed row

@@ -254,7 +254,8 @@ class Settings:
     ATTN_IMPLEMENTATION: str = _setting(
         "sdpa_varlen",
         "Attention kernel. sdpa_varlen: packed rows through PyTorch's varlen flash kernel, all else through sdpa "
-        "(job/attention.py); or one of Transformers' own.",
+        "(job/attention.py; a model that caps its attention logits, Gemma 2, gets its own eager attention on each "
+        "conversation of a packed row: eager_varlen); or one of Transformers' own.",
         "train",
         ("sdpa_varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3"),
         output=False,

@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from job import chat_tokens, decode, judge, safety
+from job import attention, chat_tokens, decode, judge, safety
 from job.config import Settings
 from job.files import atomic_write_text, read_jsonl, write_jsonl
 from job.formats import conversation
@@ -54,7 +54,9 @@ def base_for_generation(model):
     if getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None):
         unpack_cpu_layout(base)
         base = base.dequantize()
-    if base.config._attn_implementation not in ("sdpa", "eager"):
+    if base.config._attn_implementation == attention.EAGER_NAME:  # capped attention logits (Gemma 2)
+        base.set_attn_implementation("eager")  # the same attention: decoding has no packed rows
+    elif base.config._attn_implementation not in ("sdpa", "eager"):
         base.set_attn_implementation("sdpa")  # decoding has no packed rows, and job/decode.py passes 4D masks
     return base.eval()
 

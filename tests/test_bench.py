@@ -289,3 +289,19 @@ def test_axolotl_batches_count_their_real_tokens_and_reach_the_model_unchanged()
             assert batch["attention_mask"].tolist() == [[1, 1, 1, 2, 2, 0], [1, 0, 0, 0, 0, 0]]
         else:
             assert set(batch) == {"input_ids"}
+
+
+def test_kept_compares_the_jobs_packed_attention_with_padded_rows_and_for_gemma_2_the_whole_row(capsys):
+    """bench/kept.py: the variants each shape is measured in, and a run of the real Gemma 2 width cut to one layer
+    and tiny rows, whose packed and padded paths keep the same bytes (rows of equal length: no padding) and whose
+    whole-row eager attention keeps more."""
+    from bench import kept
+
+    assert [v[1:] for v in kept.variants(model_config("llama-3.2-3b"))] == [("sdpa_varlen", True), ("sdpa", False)]
+    gemma = [v[1:] for v in kept.variants(model_config("gemma-2-2b"))]
+    assert gemma == [("eager_varlen", True), ("eager", False), ("eager", True)]
+    assert kept.main(["--shape", "gemma-2-2b", "--layers", "1", "--rows", "4x128", "--vocab", "256"]) == 0
+    out = capsys.readouterr().out
+    kept_gib = [float(line.split(": ")[2].split(" GiB")[0]) for line in out.splitlines() if " GiB kept" in line]
+    assert len(kept_gib) == 3 and kept_gib[2] > kept_gib[0], out
+    assert abs(kept_gib[1] - kept_gib[0]) <= 0.01 * kept_gib[0], out

@@ -105,6 +105,7 @@ def test_graphs_only_where_the_step_can_be_captured(monkeypatch):
         assert not use_graphs(with_overrides(cfg, **change), compiled=False), change
     assert not use_graphs(cfg, compiled=False, attn="eager")  # loaded eager (Gemma 2's logit soft-capping)
     assert "the model attends with eager" in why_not(cfg, compiled=False, attn="eager")
+    assert "reads their bounds on the host" in why_not(cfg, compiled=False, attn="eager_varlen")  # Gemma 2 packed
     assert why_not(with_overrides(cfg, PACKING=False), compiled=False).startswith("PACKING=false")
     monkeypatch.setenv("WORLD_SIZE", "2")  # each DDP rank captures its own layers (the GPU test below)
     assert use_graphs(cfg, compiled=False)

@@ -158,9 +158,13 @@ def test_packed_rows_take_the_flash_kernel_only_on_a_gpu_that_has_it(monkeypatch
 
 
 def test_models_that_cap_attention_logits_load_with_eager_attention():
+    """Packed rows (sdpa_varlen) get eager attention per conversation; any other non-eager choice plain eager."""
     from transformers import Gemma2Config, LlamaConfig
 
     assert attention.attention_for(LlamaConfig(), "sdpa_varlen") == ("sdpa_varlen", None)
-    chosen, why = attention.attention_for(Gemma2Config(attn_logit_softcapping=50.0), "sdpa_varlen")
-    assert chosen == "eager" and "attn_logit_softcapping=50.0" in why
+    capped = Gemma2Config(attn_logit_softcapping=50.0)
+    chosen, why = attention.attention_for(capped, "sdpa_varlen")
+    assert chosen == attention.EAGER_NAME and "attn_logit_softcapping=50.0" in why
+    assert attention.attention_for(capped, "sdpa")[0] == "eager"
+    assert attention.attention_for(capped, "eager") == ("eager", None)
     assert attention.attention_for(Gemma2Config(attn_logit_softcapping=None), "sdpa")[0] == "sdpa"

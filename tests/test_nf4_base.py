@@ -82,12 +82,17 @@ def test_activation_estimate_matches_the_measured_peaks():
         assert abs(estimate - measured) <= 0.15 * measured, (shape, estimate)
     big = model_config("llama-3.1-70b")
     assert activation_bytes(settings, big, 4) > (79 - 37) * 2**30 - RESERVE > activation_bytes(settings, big, 2)
-    # Gemma 2 attends eager: a packed micro-batch is one flat row, whose scores grow with the square of its tokens
+    # Gemma 2 attends eager: a packed micro-batch given whole is one flat row, whose scores grow with the square of
+    # its tokens; given one conversation at a time (eager_varlen, the job's choice), as padded rows do, linearly
     gemma = model_config("gemma-2-2b")
     gemma._attn_implementation = "eager"
     assert activation_bytes(settings, gemma, 8) - 2 * activation_bytes(settings, gemma, 4) > 0
     padded = load_settings({"MAX_SEQ_LENGTH": "512", "PACKING": "false"}, env_file=None)
     assert activation_bytes(padded, gemma, 8) == 2 * activation_bytes(padded, gemma, 4)
+    whole_row = activation_bytes(settings, gemma, 8)
+    gemma._attn_implementation = "eager_varlen"
+    assert activation_bytes(settings, gemma, 8) == 2 * activation_bytes(settings, gemma, 4)
+    assert activation_bytes(settings, gemma, 8) == activation_bytes(padded, gemma, 8) < whole_row
     # recomputed, each of its 80 layers keeps its input: a tenth of the memory
     assert activation_bytes(settings, big, 1, checkpointing=True) < activation_bytes(settings, big, 1) / 10
 

@@ -32,7 +32,7 @@ def why_not(cfg: Settings, compiled: bool, attn: str | None = None) -> str | Non
     """Why the step cannot be captured, or None where CUDA_GRAPHS apply: packed rows through job/attention.py's
     varlen kernel (the graph passes conversation boundaries, no mask) on a GPU that has the flash kernel, no
     compile, no gradient checkpointing. `attn`: the attention the model was loaded with, when it is not
-    ATTN_IMPLEMENTATION (job/attention.py attention_for; Gemma 2 is loaded eager)."""
+    ATTN_IMPLEMENTATION (job/attention.py attention_for; Gemma 2 is loaded eager_varlen)."""
     import torch
 
     attn = attn or cfg.ATTN_IMPLEMENTATION
@@ -41,7 +41,15 @@ def why_not(cfg: Settings, compiled: bool, attn: str | None = None) -> str | Non
         (not torch.cuda.is_available(), "no CUDA GPU"),
         (not attention.flash_varlen(), "this GPU has no flash varlen kernel"),
         (not cfg.PACKING, "PACKING=false (padded rows need a mask, which the graphs do not pass)"),
-        (attn != attention.NAME, f"the model attends with {attn}, not {attention.NAME} (packed rows need a mask)"),
+        (
+            attn != attention.NAME,
+            f"the model attends with {attn}, not {attention.NAME} ("
+            + (
+                "its loop over the conversations reads their bounds on the host)"
+                if attn == attention.EAGER_NAME
+                else "packed rows need a mask)"
+            ),
+        ),
         (compiled, "the layers are compiled (TORCH_COMPILE)"),
         (cfg.GRADIENT_CHECKPOINTING, "GRADIENT_CHECKPOINTING=true"),
     )

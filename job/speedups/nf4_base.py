@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from job import attention
 from job.config import Settings, with_overrides
 from job.model import four_bit_layers, local_rank
 
@@ -81,9 +82,11 @@ def activation_bytes(cfg: Settings, config: Any, sequences: int, checkpointing: 
     text = getattr(config, "text_config", None) or config
     hidden, mlp, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     per_layer = 2 * (ACT_HIDDEN * hidden + ACT_MLP * mlp)
-    if getattr(text, "_attn_implementation", None) == "eager":  # eager attention keeps its probabilities per head,
-        # over every key of a row; packed rows reach it as one flat row of the whole micro-batch (Gemma 2)
-        keys = cfg.MAX_SEQ_LENGTH * (sequences if cfg.PACKING else 1)
+    attn = getattr(text, "_attn_implementation", None)
+    if attn in ("eager", attention.EAGER_NAME):  # eager attention keeps its probabilities per head, over every key
+        # of a row: at most MAX_SEQ_LENGTH of them, one conversation at a time (EAGER_NAME), but packed rows reach
+        # plain eager attention as one flat row of the whole micro-batch
+        keys = cfg.MAX_SEQ_LENGTH * (sequences if cfg.PACKING and attn == "eager" else 1)
         per_layer += 2 * text.num_attention_heads * keys
     per_token = (2 * hidden * layers + per_layer) if checkpointing else per_layer * layers
     if not cfg.LIGER_KERNEL:  # the output layer's logits, bf16 and the loss's fp32 copy and gradient
