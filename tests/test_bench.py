@@ -305,3 +305,53 @@ def test_kept_compares_the_jobs_packed_attention_with_padded_rows_and_for_gemma_
     kept_gib = [float(line.split(": ")[2].split(" GiB")[0]) for line in out.splitlines() if " GiB kept" in line]
     assert len(kept_gib) == 3 and kept_gib[2] > kept_gib[0], out
     assert abs(kept_gib[1] - kept_gib[0]) <= 0.01 * kept_gib[0], out
+
+
+def test_gpu_site_trims_what_no_gpu_run_reads_and_packs_parts_a_call_can_carry(tmp_path):
+    """bench/gpu_site.py: bitsandbytes keeps its CPU and CUDA 13.0 libraries, lm-eval the job's task folders (and
+    the folders above them), no package its tests; every top-level entry lands in exactly one part, each part
+    within the limit."""
+    import os
+    import tarfile
+
+    from bench import gpu_site
+
+    site = tmp_path / "site"
+    for f in ("bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so",
+              "bitsandbytes/libbitsandbytes_cuda126.so", "bitsandbytes/libbitsandbytes_rocm64.so",
+              "bitsandbytes/__init__.py", "lm_eval/tasks/__init__.py", "lm_eval/tasks/mmlu/default/a.yaml",
+              "lm_eval/tasks/mmlu/other/b.yaml", "lm_eval/tasks/medqa/c.yaml", "lm_eval/tasks/arc/d.yaml",
+              "pandas/tests/t.py", "pandas/core.py"):  # fmt: skip
+        (site / f).parent.mkdir(parents=True, exist_ok=True)
+        (site / f).write_bytes(os.urandom(30_000))  # random: xz cannot shrink it, so the sizes are known
+    gpu_site.trim(site, {"mmlu/default", "medqa"})
+    left = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
+    assert left == [
+        "bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so",
+        "lm_eval/tasks/__init__.py", "lm_eval/tasks/medqa/c.yaml", "lm_eval/tasks/mmlu/default/a.yaml",
+        "pandas/core.py",
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    parts = gpu_site.pack(site, out, max_bytes=100_000)  # bitsandbytes and lm_eval ~90 kB each: a part each
+    assert len(parts) == 3 and min(len(list(p.iterdir())) for p in parts) == 1
+    assert all(sum(f.stat().st_size for f in p.iterdir()) <= 100_000 for p in parts)
+    packed = set()
+    for archive in out.glob("part*/*.tar.xz"):
+        with tarfile.open(archive) as tar:
+            packed |= {m.name for m in tar.getmembers() if m.isfile()}
+    assert packed == set(left)
+
+
+def test_gpu_site_resolves_a_stack_without_the_machines_torch_or_cuda(tmp_path):
+    """The closure is pip's own resolution for the machine's Python against stand-in torch and triton wheels: TRL's
+    needs come along, torch, triton and CUDA's libraries do not."""
+    from bench import gpu_site
+
+    links = tmp_path / "links"
+    links.mkdir()
+    gpu_site.stand_in("torch", gpu_site.MACHINE_TORCH, links)
+    gpu_site.stand_in("triton", gpu_site.MACHINE_TRITON, links)
+    names = {n.lower() for n, _ in gpu_site.closure(["trl==1.16.0"], links, tmp_path)}
+    assert {"trl", "transformers", "accelerate", "datasets"} <= names
+    assert not names & {"torch", "triton"} and not any(n.startswith("nvidia-") for n in names), names
