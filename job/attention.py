@@ -164,9 +164,8 @@ def _causal_mask(length: int, window: int | None, dtype, device):
     seen = i[:, None] >= i[None, :]
     if window is not None:
         seen &= i[:, None] - i[None, :] < window
-    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)[
-        None, None
-    ]
+    mask = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
 def eager_varlen_forward(
@@ -189,6 +188,8 @@ def eager_varlen_forward(
     window = kwargs.get("sliding_window")  # the eager function reads the window from the mask alone
     out = []
     for start, end in _bounds(cu):
+        if end == start:  # an empty conversation (padding to a fixed shape) has nothing to attend
+            continue
         mask = _causal_mask(end - start, window, query.dtype, query.device)
         q, k, v = (t[:, :, start:end] for t in (query, key, value))
         out.append(eager(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0])
