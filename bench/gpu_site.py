@@ -172,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists():
             shutil.rmtree(args.out)
         args.out.mkdir(parents=True)
-        archives = pack(site, args.out, int(args.max_mb * 1e6))
+        parts = pack(site, args.out, int(args.max_mb * 1e6))
     manifest = [f"{args.stack} stack for Python 3.12, manylinux x86-64; torch {MACHINE_TORCH} and triton "
                 f"{MACHINE_TRITON} and {', '.join(sorted(have)) or 'nothing else'} from the machine"]  # fmt: skip
     manifest += [f"{n}=={v}" for n, v in needed]
     (args.out / "MANIFEST.txt").write_text("\n".join(manifest) + "\n")
-    for part in archives:
+    for part in parts:
         files = list(part.iterdir())
         print(f"{part}: {sum(f.stat().st_size for f in files) / 1e6:.1f} MB in {len(files)} archives")
     print(f"{len(needed)} packages; unpack every part's archives into one folder, first on PYTHONPATH")

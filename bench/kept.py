@@ -40,14 +40,8 @@ def variants(config) -> list[tuple[str, str, bool]]:
     from job import attention
 
     chosen, _ = attention.attention_for(config, attention.NAME)
-    out = [
-        (f"packed, {chosen}", chosen, True),
-        (
-            "padded, eager" if chosen != attention.NAME else "padded, sdpa",
-            "eager" if chosen != attention.NAME else "sdpa",
-            False,
-        ),
-    ]
+    padded = attention.unpacked(chosen)
+    out = [(f"packed, {chosen}", chosen, True), (f"padded, {padded}", padded, False)]
     if chosen == attention.EAGER_NAME:
         out.append(("packed, eager (one flat row)", "eager", True))
     return out

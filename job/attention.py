@@ -196,6 +196,15 @@ def eager_varlen_forward(
     return torch.cat(out, 1), None  # (1, tokens, heads, dim)
 
 
+def unpacked(implementation: str) -> str:
+    """The attention for rows that are never packed (decoding, padded batches) of a model loaded with
+    `implementation`: Transformers' eager for EAGER_NAME (the same capped attention), sdpa for anything else that
+    is not one of those two (decoding passes 4D masks, which both take as they are)."""
+    if implementation == EAGER_NAME:
+        return "eager"
+    return implementation if implementation in ("sdpa", "eager") else "sdpa"
+
+
 def attention_for(config, wanted: str) -> tuple[str, str | None]:
     """The attention implementation to load a model with, and why it differs from `wanted` (None: it does not).
 

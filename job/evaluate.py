@@ -54,10 +54,9 @@ def base_for_generation(model):
     if getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None):
         unpack_cpu_layout(base)
         base = base.dequantize()
-    if base.config._attn_implementation == attention.EAGER_NAME:  # capped attention logits (Gemma 2)
-        base.set_attn_implementation("eager")  # the same attention: decoding has no packed rows
-    elif base.config._attn_implementation not in ("sdpa", "eager"):
-        base.set_attn_implementation("sdpa")  # decoding has no packed rows, and job/decode.py passes 4D masks
+    decoding = attention.unpacked(base.config._attn_implementation)  # decoding has no packed rows
+    if decoding != base.config._attn_implementation:
+        base.set_attn_implementation(decoding)
     return base.eval()
 
 

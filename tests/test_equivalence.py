@@ -168,3 +168,6 @@ def test_models_that_cap_attention_logits_load_with_eager_attention():
     assert attention.attention_for(capped, "sdpa")[0] == "eager"
     assert attention.attention_for(capped, "eager") == ("eager", None)
     assert attention.attention_for(Gemma2Config(attn_logit_softcapping=None), "sdpa")[0] == "sdpa"
+    # rows never packed (decoding, padded batches): the same capped eager attention; sdpa for the varlen kernels
+    unpacked = {name: attention.unpacked(name) for name in ("eager_varlen", "eager", "sdpa_varlen", "sdpa")}
+    assert unpacked == {"eager_varlen": "eager", "eager": "eager", "sdpa_varlen": "sdpa", "sdpa": "sdpa"}

@@ -36,20 +36,17 @@ def why_not(cfg: Settings, compiled: bool, attn: str | None = None) -> str | Non
     import torch
 
     attn = attn or cfg.ATTN_IMPLEMENTATION
+    unmasked = (  # why only NAME's packed rows can be captured
+        "its loop over the conversations reads their bounds on the host"
+        if attn == attention.EAGER_NAME
+        else "packed rows need a mask"
+    )
     reasons = (
         (not cfg.CUDA_GRAPHS, "CUDA_GRAPHS=false"),
         (not torch.cuda.is_available(), "no CUDA GPU"),
         (not attention.flash_varlen(), "this GPU has no flash varlen kernel"),
         (not cfg.PACKING, "PACKING=false (padded rows need a mask, which the graphs do not pass)"),
-        (
-            attn != attention.NAME,
-            f"the model attends with {attn}, not {attention.NAME} ("
-            + (
-                "its loop over the conversations reads their bounds on the host)"
-                if attn == attention.EAGER_NAME
-                else "packed rows need a mask)"
-            ),
-        ),
+        (attn != attention.NAME, f"the model attends with {attn}, not {attention.NAME} ({unmasked})"),
         (compiled, "the layers are compiled (TORCH_COMPILE)"),
         (cfg.GRADIENT_CHECKPOINTING, "GRADIENT_CHECKPOINTING=true"),
     )
